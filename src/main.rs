@@ -1,1 +1,162 @@
-fn main() {}
+//! The `farm` binary: flags in, library calls out. `main` is the one place errors become exit codes.
+
+mod cli;
+mod config;
+mod output;
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use cli::{AgentArgs, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let quiet = matches!(cli.command, Command::Agents(_) | Command::Ca(_));
+    init_logging(if quiet { "warn" } else { "info" });
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FARM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn dispatch(command: Command) -> Result<()> {
+    match command {
+        Command::Ca(CaCommand::Init { dir, sans }) => ca_init(dir.unwrap_or_else(default_ca_dir), &sans),
+        Command::Ca(CaCommand::Issue { dir, role, name, force }) => {
+            let dir = dir.unwrap_or_else(default_ca_dir);
+            let role = role.parse().map_err(anyhow::Error::msg)?;
+            let issued = shared::tls::issue(&dir, role, &name, force)?;
+            println!("issued {role} certificate for {name:?}: {} (key {})", issued.cert.display(), issued.key.display());
+            Ok(())
+        }
+        Command::Coordinator(args) => coordinator(args).await,
+        Command::Agent(args) => agent(args).await,
+        Command::Agents(args) => {
+            let client = connect(&args.client).await?;
+            let resp = client.request(&shared::proto::Request::ListAgents).await?;
+            client.close();
+            let shared::proto::Response::Agents(agents) = resp else { bail!("unexpected answer from the coordinator: {resp:?}") };
+            print!("{}", output::agents(&agents, args.format, coordinator::driver::now_ms())?);
+            Ok(())
+        }
+    }
+}
+
+fn default_ca_dir() -> std::path::PathBuf {
+    config::config_home()
+}
+
+fn ca_init(dir: std::path::PathBuf, sans: &[String]) -> Result<()> {
+    let init = shared::tls::init_ca(&dir, sans)?;
+    let admin = shared::tls::issue(&dir, shared::tls::Role::Admin, "admin", false)?;
+    println!("created farm CA in {} (fingerprint {})", dir.display(), init.fingerprint);
+    println!("coordinator certificate: {} for {}", init.coordinator_cert.display(), init.sans.join(", "));
+    println!("admin client certificate: {}", admin.cert.display());
+    println!("next: `farm ca issue --dir {} --role agent --name NAME` for each agent", dir.display());
+    Ok(())
+}
+
+async fn coordinator(args: CoordinatorArgs) -> Result<()> {
+    let file = config::load(args.config.config.as_deref(), false)?;
+    let ca_dir = args.ca_dir.or(file.ca_dir).unwrap_or_else(default_ca_dir);
+    let state_dir = args.state_dir.or(file.state_dir).unwrap_or_else(|| config::state_home().join("coordinator"));
+    let mut cfg = coordinator::Config::new(ca_dir, state_dir);
+    if let Some(listen) = args.listen.or(file.listen) {
+        cfg.listen = listen.parse().with_context(|| format!("--listen {listen:?} is not an IP:PORT address (e.g. 0.0.0.0:3276)"))?;
+    }
+    if let Some(secs) = args.heartbeat_timeout.or(file.heartbeat_timeout_secs) {
+        cfg.heartbeat_timeout = positive_secs(secs, "heartbeat timeout")?;
+    }
+    if let Some(max) = file.max_frame_bytes {
+        cfg.max_frame_bytes = max;
+    }
+    if let Some(t) = file.transport {
+        cfg.transport = t;
+    }
+    let server = coordinator::Coordinator::bind(cfg).context("cannot start the coordinator")?;
+    server.run(shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn agent(args: AgentArgs) -> Result<()> {
+    let file = config::load(args.config.config.as_deref(), false)?;
+    let name = match args.name.or(file.name) {
+        Some(n) => n,
+        None => hostname::get()?.to_string_lossy().to_lowercase(),
+    };
+    let coordinator = args.coordinator.or(file.coordinator).unwrap_or_else(default_coordinator);
+    let ca_dir = args.ca_dir.or(file.ca_dir).unwrap_or_else(default_ca_dir);
+    let work_dir = args.work_dir.or(file.work_dir).unwrap_or_else(|| config::state_home().join("agent"));
+    let mut cfg = agent::Config::new(coordinator, ca_dir, name, work_dir);
+    cfg.labels = config::labels(&file.labels, &args.labels)?;
+    cfg.capacity = args.capacity.or(file.capacity).unwrap_or(1);
+    let pf = file.platforms;
+    cfg.platforms = agent::PlatformConfig {
+        native: config::platforms(&args.native)?.or(pf.native.as_deref().map(config::parse_all).transpose()?),
+        emulated: config::platforms(&args.emulated)?.or(pf.emulated.as_deref().map(config::parse_all).transpose()?),
+        extra_native: config::parse_all(&pf.extra_native)?,
+        extra_emulated: config::parse_all(&pf.extra_emulated)?,
+    };
+    if let Some(dir) = args.binfmt_dir.or(pf.binfmt_dir) {
+        cfg.binfmt_dir = dir;
+    }
+    if let Some(max) = file.max_frame_bytes {
+        cfg.max_frame_bytes = max;
+    }
+    if let Some(t) = file.transport {
+        cfg.transport = t;
+    }
+    agent::run(cfg, shutdown_signal()).await.context("agent stopped")?;
+    Ok(())
+}
+
+fn default_coordinator() -> String {
+    format!("127.0.0.1:{}", coordinator::DEFAULT_PORT)
+}
+
+/// Connects as a client, with identity and address from flags, environment or the user's config.
+async fn connect(args: &ClientArgs) -> Result<shared::client::Client> {
+    let file = config::load(args.config.config.as_deref(), true)?;
+    let target = args.coordinator.clone().or(file.coordinator).unwrap_or_else(default_coordinator);
+    let ca_dir = args.ca_dir.clone().or(file.ca_dir).unwrap_or_else(default_ca_dir);
+    let name = args.name.clone().or(file.name).unwrap_or_else(|| "admin".into());
+    let creds = shared::tls::load_credentials(&ca_dir, &name)?;
+    let limits = file.transport.unwrap_or_default();
+    let max = file.max_frame_bytes.unwrap_or(shared::proto::DEFAULT_MAX_FRAME);
+    Ok(shared::client::Client::connect(&target, &creds, &limits, max).await?)
+}
+
+fn positive_secs(secs: f64, what: &str) -> Result<Duration> {
+    if !(secs.is_finite() && secs > 0.0) {
+        bail!("{what} must be a positive number of seconds, got {secs}");
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Resolves on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

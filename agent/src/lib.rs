@@ -1,1 +1,110 @@
-//! placeholder
+//! The agent: one per build machine. It tells the coordinator what it can build (its native
+//! platforms first, then what QEMU lets it emulate), keeps that registration alive with
+//! heartbeats, and comes back by itself whenever the coordinator or the network does.
+//!
+//! - [`session`]: pure pieces: the registration an agent sends, reconnect backoff;
+//! - [`builder`]: the builder this agent drives (buildah), behind a small interface;
+//! - [`net`]: the connection loop over QUIC.
+//!
+//! Entry point: [`run`] with a shutdown future, used alike by the binary, tests and the
+//! embedded single-machine mode.
+
+pub mod builder;
+pub mod net;
+pub mod session;
+
+use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
+
+use shared::quic::TransportLimits;
+use shared::tls::{self, Role, TlsError};
+use shared::Platform;
+
+/// Platforms as configured, on top of (or instead of) what the host detects. For hosts where
+/// detection is wrong: a board whose kernel hides AArch32 support, a binfmt_misc mounted
+/// elsewhere, an agent that should not offer emulation at all.
+#[derive(Debug, Clone, Default)]
+pub struct PlatformConfig {
+    /// Replaces the detected native platforms.
+    pub native: Option<Vec<Platform>>,
+    /// Replaces the detected emulated platforms (an empty list: emulate nothing).
+    pub emulated: Option<Vec<Platform>>,
+    pub extra_native: Vec<Platform>,
+    pub extra_emulated: Vec<Platform>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `HOST:PORT` of the coordinator.
+    pub coordinator: String,
+    pub ca_dir: PathBuf,
+    pub name: String,
+    pub work_dir: PathBuf,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: u32,
+    pub platforms: PlatformConfig,
+    pub binfmt_dir: PathBuf,
+    pub reconnect_max: Duration,
+    pub max_frame_bytes: usize,
+    pub transport: TransportLimits,
+}
+
+impl Config {
+    pub fn new(coordinator: String, ca_dir: PathBuf, name: String, work_dir: PathBuf) -> Self {
+        Self {
+            coordinator,
+            ca_dir,
+            name,
+            work_dir,
+            labels: BTreeMap::new(),
+            capacity: 1,
+            platforms: PlatformConfig::default(),
+            binfmt_dir: shared::host::DEFAULT_BINFMT_DIR.into(),
+            reconnect_max: Duration::from_secs(10),
+            max_frame_bytes: shared::proto::DEFAULT_MAX_FRAME,
+            transport: TransportLimits::default(),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(
+        "the certificate for {name:?} has role {role}, but agents need role agent; issue one with \
+         `farm ca issue --role agent --name {name}`"
+    )]
+    WrongRole { name: String, role: Role },
+    #[error("cannot create work directory {path}: {source}")]
+    WorkDir { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Builder(#[from] builder::BuilderError),
+    #[error("agent {name:?} can build no platform: nothing native detected or configured")]
+    NoPlatforms { name: String },
+}
+
+/// Runs the agent until `shutdown` resolves. Connection failures are retried forever with capped
+/// backoff; only local misconfiguration (no certificate, no builder) is an error.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+    let creds = tls::load_credentials(&config.ca_dir, &config.name)?;
+    if creds.identity.role != Role::Agent {
+        return Err(AgentError::WrongRole { name: config.name.clone(), role: creds.identity.role });
+    }
+    std::fs::create_dir_all(&config.work_dir)
+        .map_err(|source| AgentError::WorkDir { path: config.work_dir.clone(), source })?;
+    let builder = builder::detect()?;
+    let host = shared::host::detect(&config.binfmt_dir);
+    let info = session::agent_info(&config, host, &builder);
+    if info.native.is_empty() && info.emulated.is_empty() {
+        return Err(AgentError::NoPlatforms { name: config.name.clone() });
+    }
+    tracing::info!(
+        agent = %config.name,
+        native = %session::list(&info.native),
+        emulated = %session::list(&info.emulated),
+        builder = %format!("{} {}", info.builder, info.builder_version),
+        "agent starting"
+    );
+    net::run(&config, &creds, &info, shutdown).await;
+    Ok(())
+}

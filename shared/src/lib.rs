@@ -7,10 +7,12 @@
 //! - [`proto`]: the only types that cross the wire, their framing and the version handshake.
 //! - [`tls`]: the farm's certificate authority and the identities (name + role) it issues.
 //! - [`quic`]: the only place that builds quinn endpoints; transport limits live here.
+//! - [`client`]: the connecting side (handshake, one stream per request), for agents and the CLI.
 //!
 //! Architecture invariant: nothing in `platform`, `host` (parsers) or `proto` (framing) performs I/O;
 //! they are plain functions tested without sockets or processes.
 
+pub mod client;
 pub mod host;
 pub mod platform;
 pub mod proto;

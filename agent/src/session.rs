@@ -1,0 +1,136 @@
+//! The decisions an agent makes about its session, as plain functions: what it registers as and
+//! how long it waits before trying again.
+
+use std::time::Duration;
+
+use shared::host::HostPlatforms;
+use shared::proto::AgentInfo;
+use shared::Platform;
+
+use crate::builder::BuilderInfo;
+use crate::Config;
+
+/// The registration: detected platforms, corrected by configuration. A platform listed as native
+/// is never also offered as emulated.
+pub fn agent_info(config: &Config, host: HostPlatforms, builder: &BuilderInfo) -> AgentInfo {
+    let pc = &config.platforms;
+    let mut native = pc.native.clone().unwrap_or(host.native);
+    extend_unique(&mut native, &pc.extra_native);
+    let mut emulated = pc.emulated.clone().unwrap_or(host.emulated);
+    extend_unique(&mut emulated, &pc.extra_emulated);
+    emulated.retain(|p| !native.contains(p));
+    AgentInfo {
+        native,
+        emulated,
+        labels: config.labels.clone(),
+        capacity: config.capacity.max(1),
+        builder: builder.name.clone(),
+        builder_version: builder.version.clone(),
+        farm_version: shared::FARM_VERSION.to_string(),
+    }
+}
+
+fn extend_unique(list: &mut Vec<Platform>, more: &[Platform]) {
+    for p in more {
+        if !list.contains(p) {
+            list.push(p.clone());
+        }
+    }
+}
+
+pub fn list(ps: &[Platform]) -> String {
+    if ps.is_empty() {
+        return "-".into();
+    }
+    ps.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+}
+
+/// Capped exponential backoff with jitter, so that a farm of agents does not reconnect in one
+/// burst when its coordinator comes back.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Self { initial, max, attempt: 0 }
+    }
+
+    /// The next delay; `jitter` in [0, 1] picks a point in the upper half of the window.
+    pub fn next(&mut self, jitter: f64) -> Duration {
+        let exp = self.initial.saturating_mul(1u32 << self.attempt.min(20));
+        let ceiling = exp.min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Platform {
+        s.parse().unwrap()
+    }
+
+    fn host() -> HostPlatforms {
+        HostPlatforms {
+            native: vec![p("linux/amd64"), p("linux/386")],
+            emulated: vec![p("linux/arm64"), p("linux/arm/v7"), p("linux/arm/v6")],
+        }
+    }
+
+    fn builder() -> BuilderInfo {
+        BuilderInfo { name: "buildah".into(), version: "1.28.2".into() }
+    }
+
+    fn config() -> Config {
+        Config::new("127.0.0.1:1".into(), "/ca".into(), "a".into(), "/w".into())
+    }
+
+    #[test]
+    fn detected_platforms_pass_through() {
+        let info = agent_info(&config(), host(), &builder());
+        assert_eq!(info.native, host().native);
+        assert_eq!(info.emulated, host().emulated);
+        assert_eq!(info.builder_version, "1.28.2");
+    }
+
+    #[test]
+    fn configured_native_replaces_detection_and_wins_over_emulation() {
+        let mut c = config();
+        c.platforms.native = Some(vec![p("linux/arm64")]);
+        let info = agent_info(&c, host(), &builder());
+        assert_eq!(info.native, vec![p("linux/arm64")]);
+        assert_eq!(info.emulated, vec![p("linux/arm/v7"), p("linux/arm/v6")]);
+    }
+
+    #[test]
+    fn extras_add_and_empty_override_disables_emulation() {
+        let mut c = config();
+        c.platforms.extra_native = vec![p("linux/arm/v7"), p("linux/amd64")];
+        c.platforms.emulated = Some(vec![]);
+        let info = agent_info(&c, host(), &builder());
+        assert_eq!(info.native, vec![p("linux/amd64"), p("linux/386"), p("linux/arm/v7")]);
+        assert!(info.emulated.is_empty());
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
+        let full: Vec<_> = (0..6).map(|_| b.next(1.0)).collect();
+        assert_eq!(
+            full,
+            [200, 400, 800, 1600, 2000, 2000].map(Duration::from_millis).to_vec()
+        );
+        b.reset();
+        assert_eq!(b.next(0.0), Duration::from_millis(100));
+    }
+}

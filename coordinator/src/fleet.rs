@@ -1,0 +1,192 @@
+//! The coordinator's view of its agents, as a plain state machine.
+//!
+//! Time comes in as an argument (`now`, Unix milliseconds) and nothing here touches a socket, so
+//! heartbeat expiry is tested with a virtual clock. Each live agent is tied to the connection it
+//! registered on ([`ConnId`]): events from an older connection of the same agent are stale and
+//! ignored, so a slow disconnect can never take down the agent's newer session.
+
+use std::collections::BTreeMap;
+
+use shared::proto::{AgentInfo, AgentState, AgentView, Heartbeat};
+
+/// Identifies one accepted connection for the lifetime of the coordinator process.
+pub type ConnId = u64;
+
+#[derive(Debug)]
+struct Agent {
+    info: AgentInfo,
+    /// The connection the agent is registered on; `None` while offline.
+    conn: Option<ConnId>,
+    last_seen: u64,
+    busy: u32,
+    address: String,
+}
+
+#[derive(Debug)]
+pub struct Fleet {
+    agents: BTreeMap<String, Agent>,
+    timeout_ms: u64,
+}
+
+/// What registering an agent displaced.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Registered {
+    New,
+    Returned,
+    /// The same name was live on another connection, which must now be closed.
+    Replaced(ConnId),
+}
+
+impl Fleet {
+    pub fn new(timeout_ms: u64) -> Self {
+        Self { agents: BTreeMap::new(), timeout_ms }
+    }
+
+    /// How often agents should heartbeat: a few beats fit in one timeout, so one or two lost
+    /// beats never mark an agent offline.
+    pub fn heartbeat_interval_ms(&self) -> u64 {
+        (self.timeout_ms / 5).clamp(100, 5_000)
+    }
+
+    pub fn register(&mut self, now: u64, name: &str, conn: ConnId, address: String, info: AgentInfo) -> Registered {
+        let fresh = Agent { info, conn: Some(conn), last_seen: now, busy: 0, address };
+        match self.agents.insert(name.to_string(), fresh) {
+            None => Registered::New,
+            Some(Agent { conn: Some(old), .. }) if old != conn => Registered::Replaced(old),
+            Some(_) => Registered::Returned,
+        }
+    }
+
+    /// Records a heartbeat; `false` if it came from a connection the agent no longer uses.
+    pub fn heartbeat(&mut self, now: u64, name: &str, conn: ConnId, hb: &Heartbeat) -> bool {
+        match self.agents.get_mut(name) {
+            Some(a) if a.conn == Some(conn) => {
+                a.last_seen = now;
+                a.busy = hb.busy;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The agent's connection ended; `true` if that took the agent offline.
+    pub fn disconnect(&mut self, name: &str, conn: ConnId) -> bool {
+        match self.agents.get_mut(name) {
+            Some(a) if a.conn == Some(conn) => {
+                a.conn = None;
+                a.busy = 0;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Marks offline every agent silent for the timeout; returns them with the connection to close.
+    pub fn expire(&mut self, now: u64) -> Vec<(String, ConnId)> {
+        let mut lost = Vec::new();
+        for (name, a) in &mut self.agents {
+            if let Some(conn) = a.conn {
+                if now.saturating_sub(a.last_seen) >= self.timeout_ms {
+                    a.conn = None;
+                    a.busy = 0;
+                    lost.push((name.clone(), conn));
+                }
+            }
+        }
+        lost
+    }
+
+    /// When [`Fleet::expire`] next has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.agents.values().filter(|a| a.conn.is_some()).map(|a| a.last_seen + self.timeout_ms).min()
+    }
+
+    pub fn is_online(&self, name: &str) -> bool {
+        self.agents.get(name).is_some_and(|a| a.conn.is_some())
+    }
+
+    pub fn view(&self) -> Vec<AgentView> {
+        self.agents
+            .iter()
+            .map(|(name, a)| AgentView {
+                name: name.clone(),
+                state: if a.conn.is_some() { AgentState::Online } else { AgentState::Offline },
+                native: a.info.native.clone(),
+                emulated: a.info.emulated.clone(),
+                labels: a.info.labels.clone(),
+                capacity: a.info.capacity,
+                busy: a.busy,
+                last_seen_ms: a.last_seen,
+                address: a.address.clone(),
+                builder: a.info.builder.clone(),
+                builder_version: a.info.builder_version.clone(),
+                farm_version: a.info.farm_version.clone(),
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info() -> AgentInfo {
+        AgentInfo {
+            native: vec!["linux/amd64".parse().unwrap()],
+            emulated: vec![],
+            labels: Default::default(),
+            capacity: 1,
+            builder: "buildah".into(),
+            builder_version: "1.28".into(),
+            farm_version: "0.1.0".into(),
+        }
+    }
+
+    #[test]
+    fn silent_agent_goes_offline_at_the_timeout_not_before() {
+        let mut f = Fleet::new(15_000);
+        assert_eq!(f.register(1_000, "pi", 1, "a".into(), info()), Registered::New);
+        assert_eq!(f.next_deadline(), Some(16_000));
+        assert!(f.expire(15_999).is_empty());
+        assert!(f.is_online("pi"));
+        assert_eq!(f.expire(16_000), vec![("pi".to_string(), 1)]);
+        assert!(!f.is_online("pi"));
+        assert_eq!(f.next_deadline(), None);
+        assert_eq!(f.view()[0].state, AgentState::Offline);
+    }
+
+    #[test]
+    fn heartbeats_keep_an_agent_online_and_two_missed_beats_do_not_expire_it() {
+        let mut f = Fleet::new(15_000);
+        f.register(0, "pi", 1, "a".into(), info());
+        let beat = f.heartbeat_interval_ms();
+        assert_eq!(beat, 3_000);
+        // Beats at 3 s and 6 s arrive, the next two are lost; at 6 s + 3 beats it is still online.
+        assert!(f.heartbeat(3_000, "pi", 1, &Heartbeat { busy: 1 }));
+        assert!(f.heartbeat(6_000, "pi", 1, &Heartbeat { busy: 1 }));
+        assert!(f.expire(6_000 + 3 * beat).is_empty());
+        assert_eq!(f.view()[0].busy, 1);
+        assert_eq!(f.expire(21_000).len(), 1);
+    }
+
+    #[test]
+    fn stale_connection_cannot_touch_the_new_session() {
+        let mut f = Fleet::new(10_000);
+        f.register(0, "pi", 1, "a".into(), info());
+        assert_eq!(f.register(5, "pi", 2, "b".into(), info()), Registered::Replaced(1));
+        assert!(!f.heartbeat(6, "pi", 1, &Heartbeat { busy: 0 }));
+        assert!(!f.disconnect("pi", 1));
+        assert!(f.is_online("pi"));
+        assert!(f.disconnect("pi", 2));
+        assert!(!f.is_online("pi"));
+        assert_eq!(f.register(7, "pi", 3, "c".into(), info()), Registered::Returned);
+        assert_eq!(f.view()[0].address, "c");
+    }
+
+    #[test]
+    fn unknown_agent_heartbeat_ignored() {
+        let mut f = Fleet::new(10_000);
+        assert!(!f.heartbeat(0, "ghost", 9, &Heartbeat { busy: 0 }));
+        assert!(f.view().is_empty());
+    }
+}

@@ -1,0 +1,152 @@
+//! Flags, as clap structs. Every value that a config file can also set is an `Option` here, so
+//! that "given on the command line or in the environment" can win over the file.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "farm",
+    version,
+    about = "A distributed build farm for multi-architecture container images",
+    long_about = "farm builds one container image for many platforms by sending each platform's build to a \
+machine that runs it natively (x86_64 boxes, Raspberry Pis, Jetsons, Graviton), falling back to QEMU \
+emulation only where no native machine is connected, and stitches the results into one image index.\n\n\
+Peers talk QUIC with mutual TLS; every certificate comes from the farm's own CA (`farm ca`)."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Manage the farm's certificate authority and issue identities
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run the coordinator: accepts agents and clients, schedules builds
+    Coordinator(CoordinatorArgs),
+    /// Run an agent on this machine: registers its platforms and builds what it is given
+    Agent(AgentArgs),
+    /// List the agents the coordinator knows, with their platforms and state
+    Agents(AgentsArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCommand {
+    /// Create a new farm CA, the coordinator's certificate and an admin client identity
+    Init {
+        /// Directory to create the CA in (must not already hold one)
+        #[arg(long, env = "FARM_CA_DIR")]
+        dir: Option<PathBuf>,
+        /// Extra name or IP address the coordinator is reached at (repeatable); localhost,
+        /// 127.0.0.1, ::1 and this host's name are always included
+        #[arg(long = "san", value_name = "NAME")]
+        sans: Vec<String>,
+    },
+    /// Issue a certificate for an agent or a client, signed by the farm CA
+    Issue {
+        /// Directory holding the farm CA (ca.crt, ca.key)
+        #[arg(long, env = "FARM_CA_DIR")]
+        dir: Option<PathBuf>,
+        /// What the holder may do: agent (builds), client (submits builds), admin (client + administration)
+        #[arg(long)]
+        role: String,
+        /// The holder's name: lowercase letters, digits, '.', '_', '-'
+        #[arg(long)]
+        name: String,
+        /// Replace an existing certificate of that name
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// Where a config file is read from.
+#[derive(Args, Debug, Clone)]
+pub struct ConfigArg {
+    /// TOML config file; flags and FARM_* environment variables override it
+    #[arg(long, env = "FARM_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// UDP address to listen on [default: 127.0.0.1:3276]
+    #[arg(long, env = "FARM_LISTEN", value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Directory holding ca.crt and coordinator.crt/.key (from `farm ca init`)
+    #[arg(long, env = "FARM_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Directory for the coordinator's state
+    #[arg(long, env = "FARM_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Seconds without a heartbeat before an agent is offline [default: 15]
+    #[arg(long, env = "FARM_HEARTBEAT_TIMEOUT", value_name = "SECS")]
+    pub heartbeat_timeout: Option<f64>,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Coordinator address, HOST:PORT [default: 127.0.0.1:3276]
+    #[arg(long, env = "FARM_COORDINATOR", value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    /// Directory holding ca.crt and this agent's NAME.crt/.key
+    #[arg(long, env = "FARM_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// This agent's name, as in its certificate [default: the host name]
+    #[arg(long, env = "FARM_NAME")]
+    pub name: Option<String>,
+    /// Directory for contexts and builder storage
+    #[arg(long, env = "FARM_WORK_DIR", value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// A label KEY=VALUE that builds can require, e.g. gpu=nvidia or board=pi4 (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// Concurrent builds this agent accepts [default: 1]
+    #[arg(long)]
+    pub capacity: Option<u32>,
+    /// Native platform, replacing detection (repeatable or comma-separated); for hosts where detection is wrong
+    #[arg(long, value_name = "PLATFORM")]
+    pub native: Vec<String>,
+    /// Emulated platform, replacing detection (repeatable or comma-separated; `none` for no emulation)
+    #[arg(long, value_name = "PLATFORM")]
+    pub emulated: Vec<String>,
+    /// Where binfmt_misc is mounted [default: /proc/sys/fs/binfmt_misc]
+    #[arg(long, value_name = "DIR")]
+    pub binfmt_dir: Option<PathBuf>,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    #[command(flatten)]
+    pub config: ConfigArg,
+    /// Coordinator address, HOST:PORT [default: from ~/.config/farm/config.toml, else 127.0.0.1:3276]
+    #[arg(long, env = "FARM_COORDINATOR", value_name = "ADDR")]
+    pub coordinator: Option<String>,
+    /// Directory holding ca.crt and your NAME.crt/.key
+    #[arg(long, env = "FARM_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+    /// Your identity's name [default: admin]
+    #[arg(long, env = "FARM_NAME")]
+    pub name: Option<String>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Args, Debug)]
+pub struct AgentsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Output format: a table for people, json for scripts
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}

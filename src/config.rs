@@ -1,0 +1,111 @@
+//! Config files and defaults. Precedence: flags, then FARM_* environment variables (both via
+//! clap), then the TOML file, then defaults that work on one machine on loopback.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::Deserialize;
+
+/// Every key a farm config file may hold; each command reads the ones it needs. Unknown keys are
+/// an error, so that a typo does not silently fall back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub coordinator: Option<String>,
+    pub ca_dir: Option<PathBuf>,
+    pub name: Option<String>,
+    pub listen: Option<String>,
+    pub state_dir: Option<PathBuf>,
+    pub heartbeat_timeout_secs: Option<f64>,
+    pub max_frame_bytes: Option<usize>,
+    pub work_dir: Option<PathBuf>,
+    pub capacity: Option<u32>,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default)]
+    pub platforms: PlatformsFile,
+    pub transport: Option<shared::quic::TransportLimits>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlatformsFile {
+    pub native: Option<Vec<String>>,
+    pub emulated: Option<Vec<String>>,
+    #[serde(default)]
+    pub extra_native: Vec<String>,
+    #[serde(default)]
+    pub extra_emulated: Vec<String>,
+    pub binfmt_dir: Option<PathBuf>,
+}
+
+/// `$XDG_CONFIG_HOME/farm`, else `~/.config/farm`.
+pub fn config_home() -> PathBuf {
+    xdg("XDG_CONFIG_HOME", ".config").join("farm")
+}
+
+/// `$XDG_STATE_HOME/farm`, else `~/.local/state/farm`.
+pub fn state_home() -> PathBuf {
+    xdg("XDG_STATE_HOME", ".local/state").join("farm")
+}
+
+fn xdg(var: &str, fallback: &str) -> PathBuf {
+    match std::env::var_os(var) {
+        Some(v) if !v.is_empty() => PathBuf::from(v),
+        _ => std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root")).join(fallback),
+    }
+}
+
+/// Loads `explicit` (an error if missing) or, for the CLI, `~/.config/farm/config.toml` if present.
+pub fn load(explicit: Option<&Path>, user_default: bool) -> Result<FileConfig> {
+    let path = match explicit {
+        Some(p) => p.to_path_buf(),
+        None if user_default => {
+            let p = config_home().join("config.toml");
+            if !p.exists() {
+                return Ok(FileConfig::default());
+            }
+            p
+        }
+        None => return Ok(FileConfig::default()),
+    };
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
+}
+
+/// `KEY=VALUE` labels from flags, on top of the file's.
+pub fn labels(file: &BTreeMap<String, String>, flags: &[String]) -> Result<BTreeMap<String, String>> {
+    let mut out = file.clone();
+    for l in flags {
+        let (k, v) = l
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .with_context(|| format!("label {l:?} is not KEY=VALUE (e.g. --label gpu=nvidia)"))?;
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// Platforms from repeatable, comma-separated flags; `none` is the empty list.
+pub fn platforms(values: &[String]) -> Result<Option<Vec<shared::Platform>>> {
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for v in values {
+        if v.trim() == "none" {
+            continue;
+        }
+        for p in shared::Platform::parse_list(v)? {
+            if !out.contains(&p) {
+                out.push(p);
+            }
+        }
+    }
+    Ok(Some(out))
+}
+
+pub fn parse_all(values: &[String]) -> Result<Vec<shared::Platform>> {
+    Ok(platforms(values)?.unwrap_or_default())
+}

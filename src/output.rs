@@ -1,0 +1,77 @@
+//! What people and scripts see: tables and JSON.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use anyhow::Result;
+use shared::proto::AgentView;
+
+use crate::cli::Format;
+
+pub fn agents(agents: &[AgentView], format: Format, now_ms: u64) -> Result<String> {
+    if format == Format::Json {
+        let mut rows = Vec::new();
+        for a in agents {
+            let mut v = serde_json::to_value(a)?;
+            let at = UNIX_EPOCH + Duration::from_millis(a.last_seen_ms);
+            v["last_seen"] = humantime::format_rfc3339_seconds(at).to_string().into();
+            rows.push(v);
+        }
+        return Ok(serde_json::to_string_pretty(&rows)? + "\n");
+    }
+    let header = ["NAME", "STATE", "NATIVE", "EMULATED", "LABELS", "CAPACITY", "BUSY", "LAST SEEN"];
+    let rows: Vec<[String; 8]> = agents
+        .iter()
+        .map(|a| {
+            [
+                a.name.clone(),
+                a.state.to_string(),
+                list(a.native.iter().map(ToString::to_string)),
+                list(a.emulated.iter().map(ToString::to_string)),
+                list(a.labels.iter().map(|(k, v)| format!("{k}={v}"))),
+                a.capacity.to_string(),
+                a.busy.to_string(),
+                ago(now_ms.saturating_sub(a.last_seen_ms)),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        return Ok("no agents have registered yet\n".into());
+    }
+    Ok(table(&header, &rows))
+}
+
+fn list(items: impl Iterator<Item = String>) -> String {
+    let v: Vec<String> = items.collect();
+    if v.is_empty() {
+        "-".into()
+    } else {
+        v.join(",")
+    }
+}
+
+fn ago(ms: u64) -> String {
+    match ms / 1000 {
+        0 => "just now".into(),
+        s if s < 120 => format!("{s}s ago"),
+        s if s < 7200 => format!("{}m ago", s / 60),
+        s => format!("{}h ago", s / 3600),
+    }
+}
+
+fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
+    let mut width = header.map(str::len);
+    for r in rows {
+        for (w, c) in width.iter_mut().zip(r) {
+            *w = (*w).max(c.len());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let s: Vec<String> = cells.iter().zip(width).map(|(c, w)| format!("{c:<w$}")).collect();
+        s.join("  ").trim_end().to_string() + "\n"
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out += &line(r.iter().map(String::as_str).collect());
+    }
+    out
+}

@@ -1,0 +1,188 @@
+//! Helpers for end-to-end tests: real `farm` processes on loopback, each with its own temporary
+//! directory, killed and cleaned up on drop. Waiting is always "until a condition holds, or fail
+//! at a deadline", never a fixed sleep.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::UdpSocket;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub fn farm_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_farm")
+}
+
+/// A free UDP port on 127.0.0.1 (the coordinator listens on UDP).
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Runs `farm ARGS` to completion.
+pub fn farm(args: &[&str]) -> Output {
+    let out = Command::new(farm_bin()).args(args).env("FARM_LOG", "warn").output().expect("run farm");
+    out
+}
+
+/// Runs `farm ARGS`, which must succeed; returns stdout.
+pub fn farm_ok(args: &[&str]) -> String {
+    let out = farm(args);
+    assert!(
+        out.status.success(),
+        "farm {args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A tool the test needs. Missing tools fail the test loudly with the fix.
+pub fn require_tool(tool: &str) {
+    let found = Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().unwrap().status.success();
+    assert!(found, "{tool} is required by this test but not installed: run `deploy/install.sh` (as root)");
+}
+
+/// A running process whose stderr lines are kept and can be waited on.
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+    lines: Arc<Mutex<Vec<String>>>,
+    rx: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let keep = lines.clone();
+        let tag = name.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("FARM_TEST_ECHO").is_some() {
+                    eprintln!("[{tag}] {line}");
+                }
+                keep.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Proc { name: name.to_string(), child: Some(child), lines, rx }
+    }
+
+    /// Starts `farm ARGS` with logs at info level.
+    pub fn farm(name: &str, args: &[&str]) -> Proc {
+        let mut cmd = Command::new(farm_bin());
+        cmd.args(args).env("FARM_LOG", "info").env("NO_COLOR", "1");
+        Proc::spawn(name, &mut cmd)
+    }
+
+    /// Waits for a stderr line containing every one of `needles`; returns it.
+    pub fn wait_for_line(&self, needles: &[&str], timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout;
+        let matches = |l: &str| needles.iter().all(|n| l.contains(n));
+        if let Some(l) = self.lines.lock().unwrap().iter().find(|l| matches(l)) {
+            return l.clone();
+        }
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(l) if matches(&l) => return l,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "{}: no log line with {needles:?} within {timeout:?}; its log:\n{}",
+                    self.name,
+                    self.log()
+                ),
+            }
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.lines.lock().unwrap().join("\n")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let st = Command::new("kill").args([&format!("-{sig}"), &self.pid().to_string()]).status().unwrap();
+        assert!(st.success());
+    }
+
+    /// SIGKILL and reap.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| c.try_wait().unwrap().is_none())
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Re-evaluates `probe` until it returns `Some`, or panics at the deadline with `what`.
+/// The short pause between probes is a poll interval, not a synchronisation: the condition decides.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A farm CA in a temporary directory, with identities issued on demand.
+pub struct Ca {
+    pub dir: PathBuf,
+}
+
+impl Ca {
+    pub fn init(root: &Path) -> Ca {
+        let dir = root.join("ca");
+        farm_ok(&["ca", "init", "--dir", dir.to_str().unwrap()]);
+        Ca { dir }
+    }
+
+    pub fn issue(&self, role: &str, name: &str) {
+        farm_ok(&["ca", "issue", "--dir", self.dir.to_str().unwrap(), "--role", role, "--name", name]);
+    }
+
+    pub fn path(&self) -> &str {
+        self.dir.to_str().unwrap()
+    }
+}
+
+/// `farm agents --format json` as parsed JSON.
+pub fn agents_json(addr: &str, ca: &Ca) -> serde_json::Value {
+    let out = farm_ok(&["agents", "--coordinator", addr, "--ca-dir", ca.path(), "--name", "admin", "--format", "json"]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("farm agents printed invalid JSON ({e}): {out}"))
+}
+
+/// The agent named `name` in a `farm agents` listing, if present.
+pub fn agent<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    list.as_array().unwrap().iter().find(|a| a["name"] == name)
+}
+
+pub fn strings(v: &serde_json::Value) -> Vec<String> {
+    v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+}
