@@ -8,6 +8,7 @@ use std::time::Duration;
 use shared::client::{handshake, HandshakeError};
 use shared::proto::io::{expect_msg, read_msg, write_msg};
 use shared::proto::{AgentInfo, AgentMsg, CoordMsg, Heartbeat, ProtoError};
+use shared::quic::QuicError;
 use shared::tls::Credentials;
 
 use crate::session::Backoff;
@@ -23,8 +24,6 @@ pub enum SessionError {
     Proto(#[from] ProtoError),
     #[error("coordinator refused registration: {0}")]
     Refused(String),
-    #[error("connection lost: {0}")]
-    Lost(#[from] quinn::ConnectionError),
     #[error("coordinator closed the session")]
     Closed,
 }
@@ -49,11 +48,22 @@ pub async fn run(config: &Config, creds: &Credentials, info: &AgentInfo, shutdow
     }
 }
 
-/// One session; returns only with the reason it ended.
+/// One session; returns only with the reason it ended. When the connection itself was closed
+/// (a refused certificate, a coordinator going away), that reason is the one reported.
 async fn session(config: &Config, creds: &Credentials, info: &AgentInfo, backoff: &mut Backoff) -> Result<(), SessionError> {
-    let max = config.max_frame_bytes;
     let (_endpoint, conn) = shared::quic::connect(&config.coordinator, creds, &config.transport).await?;
-    let (mut send, mut recv) = handshake(&conn, max).await?;
+    let err = registered(config, info, backoff, &conn).await.unwrap_err();
+    Err(match conn.close_reason() {
+        Some(reason) if !matches!(err, SessionError::Refused(_)) => {
+            SessionError::Quic(QuicError::connection(config.coordinator.clone(), reason))
+        }
+        _ => err,
+    })
+}
+
+async fn registered(config: &Config, info: &AgentInfo, backoff: &mut Backoff, conn: &quinn::Connection) -> Result<(), SessionError> {
+    let max = config.max_frame_bytes;
+    let (mut send, mut recv) = handshake(conn, max).await?;
     write_msg(&mut send, &AgentMsg::Register(info.clone()), max).await?;
     let interval = match expect_msg(&mut recv, max, "a registration answer").await? {
         CoordMsg::Registered { heartbeat_interval_ms } => Duration::from_millis(heartbeat_interval_ms.max(50)),
@@ -71,7 +81,7 @@ async fn session(config: &Config, creds: &Credentials, info: &AgentInfo, backoff
             msg = read_msg::<CoordMsg, _>(&mut recv, max) => match msg? {
                 Some(CoordMsg::Refused { reason }) => return Err(SessionError::Refused(reason)),
                 Some(other) => tracing::debug!("ignoring {other:?}"),
-                None => return Err(conn.close_reason().map(SessionError::Lost).unwrap_or(SessionError::Closed)),
+                None => return Err(SessionError::Closed),
             },
         }
     }

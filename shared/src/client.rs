@@ -10,8 +10,6 @@ use crate::tls::Credentials;
 pub enum ClientError {
     #[error(transparent)]
     Quic(#[from] QuicError),
-    #[error("connection to the coordinator at {target} lost: {source}")]
-    Connection { target: String, source: quinn::ConnectionError },
     #[error("coordinator at {target}: {source}")]
     Proto { target: String, source: ProtoError },
     #[error("coordinator at {target} answered with an error: {message}")]
@@ -55,9 +53,9 @@ impl Client {
         max_frame: usize,
     ) -> Result<Self, ClientError> {
         let (endpoint, conn) = quic::connect(target, creds, limits).await?;
-        let (mut send, _recv) = handshake(&conn, max_frame).await.map_err(|e| match e {
-            HandshakeError::Connection(source) => ClientError::Connection { target: target.into(), source },
-            HandshakeError::Proto(source) => ClientError::Proto { target: target.into(), source },
+        let (mut send, _recv) = handshake(&conn, max_frame).await.map_err(|e| match (e, conn.close_reason()) {
+            (_, Some(reason)) | (HandshakeError::Connection(reason), None) => QuicError::connection(target, reason).into(),
+            (HandshakeError::Proto(source), None) => ClientError::Proto { target: target.into(), source },
         })?;
         let _ = send.finish();
         Ok(Self { target: target.into(), _endpoint: endpoint, conn, max_frame })
@@ -66,9 +64,13 @@ impl Client {
     /// Sends one request and waits for its single response; `Response::Error` becomes an error.
     pub async fn request(&self, req: &Request) -> Result<Response, ClientError> {
         let target = || self.target.clone();
-        let (mut send, mut recv) =
-            self.conn.open_bi().await.map_err(|source| ClientError::Connection { target: target(), source })?;
-        let proto = |source| ClientError::Proto { target: target(), source };
+        let lost = |source| ClientError::from(QuicError::connection(target(), source));
+        let (mut send, mut recv) = self.conn.open_bi().await.map_err(lost)?;
+        // A stream error is reported as the connection's, when the connection is what failed.
+        let proto = |source| match self.conn.close_reason() {
+            Some(reason) => lost(reason),
+            None => ClientError::Proto { target: target(), source },
+        };
         write_msg(&mut send, req, self.max_frame).await.map_err(proto)?;
         let _ = send.finish();
         match expect_msg(&mut recv, self.max_frame, "a response").await.map_err(proto)? {

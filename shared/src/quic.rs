@@ -150,7 +150,7 @@ impl QuicError {
                     let hint = if alert == Some(AlertDescription::CertificateExpired) {
                         "renew it with `farm ca issue --force`"
                     } else {
-                        "is it signed by this farm's CA? run `farm agent join`"
+                        "is it signed by this farm's CA? issue one with `farm ca issue`"
                     };
                     return QuicError::Refused {
                         target,
@@ -225,7 +225,28 @@ pub fn server_endpoint(
     config
         .transport_config(Arc::new(transport_config(limits)))
         .max_incoming(limits.max_incoming);
-    quinn::Endpoint::server(config, addr).map_err(|source| QuicError::Bind { addr, source })
+    let bind = |source| QuicError::Bind { addr, source };
+    let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
+    let runtime = quinn::default_runtime()
+        .ok_or_else(|| bind(std::io::Error::other("no async runtime is running")))?;
+    quinn::Endpoint::new(endpoint_config(creds), Some(config), socket, runtime).map_err(bind)
+}
+
+/// The endpoint's stateless-reset key, derived from the server's private key so that it is the
+/// same after a restart. A restarted coordinator then answers packets of connections it no
+/// longer knows with a valid reset, and agents reconnect at once instead of waiting out the idle
+/// timeout. (A random key per process, quinn's default, makes those resets unverifiable.) The
+/// connection-ID generator's key is derived likewise: quinn silently drops packets whose CID
+/// fails its check, so a new key would never even reach the reset.
+fn endpoint_config(creds: &Credentials) -> quinn::EndpointConfig {
+    use ring::hmac;
+    let derive = |label: &[u8]| hmac::sign(&hmac::Key::new(hmac::HMAC_SHA256, creds.key.secret_der()), label);
+    let reset = derive(b"farm/1 stateless reset key");
+    let cid = derive(b"farm/1 connection id key");
+    let cid_key = u64::from_le_bytes(cid.as_ref()[..8].try_into().expect("HMAC-SHA256 has 32 bytes"));
+    let mut config = quinn::EndpointConfig::new(Arc::new(hmac::Key::new(hmac::HMAC_SHA256, reset.as_ref())));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
 }
 
 /// Connects to `target` ("host:port", "1.2.3.4:port" or "[::1]:port") and verifies the server
@@ -494,7 +515,7 @@ mod tests {
             )),
             "{msg}"
         );
-        assert!(msg.contains("farm agent join"), "{msg}");
+        assert!(msg.contains("farm ca issue"), "{msg}");
         assert!(within(seen.recv()).await.unwrap().is_err());
 
         let agent = creds(farm.path(), "pi-4");
@@ -570,7 +591,7 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "the coordinator at 127.0.0.1:7000 refused this certificate (bad certificate): is it \
-             signed by this farm's CA? run `farm agent join`"
+             signed by this farm's CA? issue one with `farm ca issue`"
         );
         let err = QuicError::connection("h:1", close(AlertDescription::NoApplicationProtocol));
         assert!(matches!(err, QuicError::Connection { .. }), "{err:?}");

@@ -596,8 +596,7 @@ fn refusal_message(end_entity: &CertificateDer<'_>, err: &rustls::Error) -> Stri
         rustls::Error::InvalidCertificate(
             e @ (CertificateError::UnknownIssuer | CertificateError::BadSignature),
         ) => format!(
-            "certificate not signed by this farm's CA ({e:?}); issue one with `farm ca issue` \
-             or `farm agent join`"
+            "certificate not signed by this farm's CA ({e:?}); issue one with `farm ca issue`"
         ),
         err => err.to_string(),
     };
@@ -994,7 +993,7 @@ mod tests {
         assert_eq!(
             refusal_message(&cert, &err),
             "refused agent \"pi-4\": certificate not signed by this farm's CA (UnknownIssuer); \
-             issue one with `farm ca issue` or `farm agent join`"
+             issue one with `farm ca issue`"
         );
         let err = rustls::Error::InvalidCertificate(CertificateError::BadSignature);
         assert!(
