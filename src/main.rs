@@ -45,7 +45,11 @@ async fn dispatch(command: Command) -> Result<()> {
             let dir = dir.unwrap_or_else(default_ca_dir);
             let role = role.parse().map_err(anyhow::Error::msg)?;
             let issued = shared::tls::issue(&dir, role, &name, force)?;
-            println!("issued {role} certificate for {name:?}: {} (key {})", issued.cert.display(), issued.key.display());
+            println!(
+                "issued {role} certificate for {name:?}: {} (key {})",
+                issued.cert.display(),
+                issued.key.display()
+            );
             Ok(())
         }
         Command::Coordinator(args) => coordinator(args).await,
@@ -54,7 +58,9 @@ async fn dispatch(command: Command) -> Result<()> {
             let client = connect(&args.client).await?;
             let resp = client.request(&shared::proto::Request::ListAgents).await?;
             client.close();
-            let shared::proto::Response::Agents(agents) = resp else { bail!("unexpected answer from the coordinator: {resp:?}") };
+            let shared::proto::Response::Agents(agents) = resp else {
+                bail!("unexpected answer from the coordinator: {resp:?}")
+            };
             print!("{}", output::agents(&agents, args.format, coordinator::driver::now_ms())?);
             Ok(())
         }
@@ -81,7 +87,9 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     let state_dir = args.state_dir.or(file.state_dir).unwrap_or_else(|| config::state_home().join("coordinator"));
     let mut cfg = coordinator::Config::new(ca_dir, state_dir);
     if let Some(listen) = args.listen.or(file.listen) {
-        cfg.listen = listen.parse().with_context(|| format!("--listen {listen:?} is not an IP:PORT address (e.g. 0.0.0.0:3276)"))?;
+        cfg.listen = listen
+            .parse()
+            .with_context(|| format!("--listen {listen:?} is not an IP:PORT address (e.g. 0.0.0.0:3276)"))?;
     }
     if let Some(secs) = args.heartbeat_timeout.or(file.heartbeat_timeout_secs) {
         cfg.heartbeat_timeout = positive_secs(secs, "heartbeat timeout")?;

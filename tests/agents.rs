@@ -15,8 +15,15 @@ fn coordinator(ca: &Ca, port: u16, state: &std::path::Path) -> Proc {
     let p = Proc::farm(
         "coordinator",
         &[
-            "coordinator", "--listen", &listen, "--ca-dir", ca.path(),
-            "--state-dir", state.to_str().unwrap(), "--heartbeat-timeout", &TIMEOUT_SECS.to_string(),
+            "coordinator",
+            "--listen",
+            &listen,
+            "--ca-dir",
+            ca.path(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--heartbeat-timeout",
+            &TIMEOUT_SECS.to_string(),
         ],
     );
     p.wait_for_line(&["coordinator listening", &listen], Duration::from_secs(20));
@@ -40,7 +47,9 @@ fn assert_handlers_registered() {
         let path = format!("/proc/sys/fs/binfmt_misc/{h}");
         let text = std::fs::read_to_string(&path).unwrap_or_default();
         assert!(
-            text.starts_with("enabled") && text.contains("qemu-") && text.lines().any(|l| l.starts_with("flags:") && l.contains('F') && l.contains('P')),
+            text.starts_with("enabled")
+                && text.contains("qemu-")
+                && text.lines().any(|l| l.starts_with("flags:") && l.contains('F') && l.contains('P')),
             "{path} is not an enabled QEMU handler with flags F and P: run `deploy/install.sh binfmt` as root"
         );
     }
@@ -69,10 +78,18 @@ fn agents_register_go_offline_and_come_back_after_a_coordinator_restart() {
     // the handlers are absent.
     let w2 = tmp.path().join("w2");
     let mut cmd = Command::new("unshare");
-    cmd.args(["--mount", "--propagation", "private", "sh", "-c", "mount -t tmpfs none /proc/sys/fs/binfmt_misc && exec \"$@\"", "sh"])
-        .arg(farm_bin())
-        .args(agent_args(&addr, &ca, "no-qemu", w2.to_str().unwrap()))
-        .env("FARM_LOG", "info");
+    cmd.args([
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        "mount -t tmpfs none /proc/sys/fs/binfmt_misc && exec \"$@\"",
+        "sh",
+    ])
+    .arg(farm_bin())
+    .args(agent_args(&addr, &ca, "no-qemu", w2.to_str().unwrap()))
+    .env("FARM_LOG", "info");
     let mut a2 = Proc::spawn("agent no-qemu", &mut cmd);
 
     let one = wait_agent_state(&addr, &ca, "x86-box", "online", Duration::from_secs(20));
@@ -81,7 +98,10 @@ fn agents_register_go_offline_and_come_back_after_a_coordinator_restart() {
     for p in ["linux/arm64", "linux/arm/v7", "linux/arm/v6"] {
         assert!(emulated.iter().any(|e| e == p), "{p} missing from emulated {emulated:?}");
     }
-    assert!(!emulated.iter().any(|e| e == "linux/amd64" || e == "linux/386"), "native offered as emulated: {emulated:?}");
+    assert!(
+        !emulated.iter().any(|e| e == "linux/amd64" || e == "linux/386"),
+        "native offered as emulated: {emulated:?}"
+    );
     assert_eq!(one["labels"]["board"], "x86");
     assert_eq!(one["capacity"], 2);
     assert_eq!(one["builder"], "buildah");
@@ -92,7 +112,10 @@ fn agents_register_go_offline_and_come_back_after_a_coordinator_restart() {
     // The table for people names both.
     let table = farm_ok(&["agents", "--coordinator", &addr, "--ca-dir", ca.path(), "--name", "admin"]);
     assert!(table.starts_with("NAME"), "{table}");
-    assert!(table.lines().any(|l| l.starts_with("x86-box") && l.contains("online") && l.contains("linux/arm/v7")), "{table}");
+    assert!(
+        table.lines().any(|l| l.starts_with("x86-box") && l.contains("online") && l.contains("linux/arm/v7")),
+        "{table}"
+    );
 
     // An agent whose certificate comes from another CA is refused, and the coordinator goes on.
     let other = Ca::init(&tmp.path().join("other"));
@@ -105,7 +128,17 @@ fn agents_register_go_offline_and_come_back_after_a_coordinator_restart() {
     }
     let rogue = Proc::farm(
         "agent rogue",
-        &["agent", "--coordinator", &addr, "--ca-dir", rogue_dir.to_str().unwrap(), "--name", "rogue", "--work-dir", tmp.path().join("w3").to_str().unwrap()],
+        &[
+            "agent",
+            "--coordinator",
+            &addr,
+            "--ca-dir",
+            rogue_dir.to_str().unwrap(),
+            "--name",
+            "rogue",
+            "--work-dir",
+            tmp.path().join("w3").to_str().unwrap(),
+        ],
     );
     coord.wait_for_line(&["refused agent \"rogue\"", "not signed by this farm's CA"], Duration::from_secs(20));
     rogue.wait_for_line(&["refused this certificate", "farm ca issue"], Duration::from_secs(20));
@@ -138,7 +171,8 @@ fn cli_errors_name_the_problem_and_the_fix() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("refusing to overwrite"), "{out:?}");
     // An agent without a certificate says how to get one.
-    let out = farm(&["agent", "--ca-dir", ca.path(), "--name", "pi-4", "--work-dir", tmp.path().join("w").to_str().unwrap()]);
+    let out =
+        farm(&["agent", "--ca-dir", ca.path(), "--name", "pi-4", "--work-dir", tmp.path().join("w").to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("farm ca issue") && err.contains("pi-4"), "{err}");
@@ -150,6 +184,14 @@ fn cli_errors_name_the_problem_and_the_fix() {
     assert!(err.contains("linux/mips") && err.contains("linux/arm/v7"), "{err}");
     // A client certificate cannot run an agent.
     ca.issue("client", "alice");
-    let out = farm(&["agent", "--ca-dir", ca.path(), "--name", "alice", "--work-dir", tmp.path().join("w").to_str().unwrap()]);
+    let out = farm(&[
+        "agent",
+        "--ca-dir",
+        ca.path(),
+        "--name",
+        "alice",
+        "--work-dir",
+        tmp.path().join("w").to_str().unwrap(),
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("agents need role agent"), "{out:?}");
 }

@@ -50,7 +50,12 @@ pub async fn run(config: &Config, creds: &Credentials, info: &AgentInfo, shutdow
 
 /// One session; returns only with the reason it ended. When the connection itself was closed
 /// (a refused certificate, a coordinator going away), that reason is the one reported.
-async fn session(config: &Config, creds: &Credentials, info: &AgentInfo, backoff: &mut Backoff) -> Result<(), SessionError> {
+async fn session(
+    config: &Config,
+    creds: &Credentials,
+    info: &AgentInfo,
+    backoff: &mut Backoff,
+) -> Result<(), SessionError> {
     let (_endpoint, conn) = shared::quic::connect(&config.coordinator, creds, &config.transport).await?;
     let err = registered(config, info, backoff, &conn).await.unwrap_err();
     Err(match conn.close_reason() {
@@ -61,7 +66,12 @@ async fn session(config: &Config, creds: &Credentials, info: &AgentInfo, backoff
     })
 }
 
-async fn registered(config: &Config, info: &AgentInfo, backoff: &mut Backoff, conn: &quinn::Connection) -> Result<(), SessionError> {
+async fn registered(
+    config: &Config,
+    info: &AgentInfo,
+    backoff: &mut Backoff,
+    conn: &quinn::Connection,
+) -> Result<(), SessionError> {
     let max = config.max_frame_bytes;
     let (mut send, mut recv) = handshake(conn, max).await?;
     write_msg(&mut send, &AgentMsg::Register(info.clone()), max).await?;

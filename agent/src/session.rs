@@ -126,10 +126,7 @@ mod tests {
     fn backoff_doubles_up_to_the_cap() {
         let mut b = Backoff::new(Duration::from_millis(200), Duration::from_secs(2));
         let full: Vec<_> = (0..6).map(|_| b.next(1.0)).collect();
-        assert_eq!(
-            full,
-            [200, 400, 800, 1600, 2000, 2000].map(Duration::from_millis).to_vec()
-        );
+        assert_eq!(full, [200, 400, 800, 1600, 2000, 2000].map(Duration::from_millis).to_vec());
         b.reset();
         assert_eq!(b.next(0.0), Duration::from_millis(100));
     }

@@ -73,7 +73,10 @@ impl Peer {
             write_msg(&mut send, &reply, self.max_frame).await?;
             if !reply.accepted {
                 let _ = send.finish();
-                return Err(PeerError::Refused(format!("{} {:?} refused: {}", identity.role, identity.name, reply.message)));
+                return Err(PeerError::Refused(format!(
+                    "{} {:?} refused: {}",
+                    identity.role, identity.name, reply.message
+                )));
             }
             Ok::<_, PeerError>((send, recv))
         })
@@ -106,7 +109,10 @@ impl Peer {
         let info = match expect_msg(recv, self.max_frame, "a registration").await? {
             AgentMsg::Register(info) => info,
             other => {
-                return Err(PeerError::Proto(ProtoError::Unexpected { expected: "Register", got: format!("{other:?}") }));
+                return Err(PeerError::Proto(ProtoError::Unexpected {
+                    expected: "Register",
+                    got: format!("{other:?}"),
+                }));
             }
         };
         let (link, mut outbound) = mpsc::channel(64);
@@ -149,7 +155,9 @@ impl Peer {
         loop {
             let (mut send, mut recv) = match conn.accept_bi().await {
                 Ok(s) => s,
-                Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => return Ok(()),
+                Err(quinn::ConnectionError::ApplicationClosed(_) | quinn::ConnectionError::LocallyClosed) => {
+                    return Ok(())
+                }
                 Err(e) => return Err(e.into()),
             };
             let events = self.events.clone();

@@ -54,7 +54,9 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let (endpoint, conn) = quic::connect(target, creds, limits).await?;
         let (mut send, _recv) = handshake(&conn, max_frame).await.map_err(|e| match (e, conn.close_reason()) {
-            (_, Some(reason)) | (HandshakeError::Connection(reason), None) => QuicError::connection(target, reason).into(),
+            (_, Some(reason)) | (HandshakeError::Connection(reason), None) => {
+                QuicError::connection(target, reason).into()
+            }
             (HandshakeError::Proto(source), None) => ClientError::Proto { target: target.into(), source },
         })?;
         let _ = send.finish();

@@ -88,9 +88,7 @@ fn cpuinfo_arm_version(cpuinfo: &str) -> Option<u32> {
             return None;
         }
         let value = value.trim();
-        let digits = value
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(value.len());
+        let digits = value.find(|c: char| !c.is_ascii_digit()).unwrap_or(value.len());
         value[..digits].parse().ok()
     })
 }
@@ -98,11 +96,7 @@ fn cpuinfo_arm_version(cpuinfo: &str) -> Option<u32> {
 /// Platforms that enabled QEMU handlers let this host run, minus those it runs natively; sorted in
 /// [`SUPPORTED`] order, without duplicates.
 pub fn emulated_platforms(handlers: &[BinfmtHandler], native: &[Platform]) -> Vec<Platform> {
-    let qemu: Vec<&str> = handlers
-        .iter()
-        .filter(|h| h.enabled)
-        .filter_map(qemu_target)
-        .collect();
+    let qemu: Vec<&str> = handlers.iter().filter(|h| h.enabled).filter_map(qemu_target).collect();
     SUPPORTED
         .iter()
         .copied()
@@ -116,9 +110,7 @@ pub fn emulated_platforms(handlers: &[BinfmtHandler], native: &[Platform]) -> Ve
 fn qemu_target(h: &BinfmtHandler) -> Option<&str> {
     let base = Path::new(&h.interpreter).file_name()?.to_str()?;
     let base = base.strip_suffix("-static").unwrap_or(base);
-    base.strip_prefix("qemu-")
-        .or_else(|| base.strip_suffix("-binfmt-P"))
-        .or_else(|| h.name.strip_prefix("qemu-"))
+    base.strip_prefix("qemu-").or_else(|| base.strip_suffix("-binfmt-P")).or_else(|| h.name.strip_prefix("qemu-"))
 }
 
 /// Reads the real machine: libc::uname, /proc/cpuinfo, the AArch32 probe on aarch64, and every
@@ -160,12 +152,7 @@ fn uname_machine() -> Option<String> {
     if unsafe { libc::uname(&mut uts) } != 0 {
         return None;
     }
-    let bytes: Vec<u8> = uts
-        .machine
-        .iter()
-        .take_while(|&&c| c != 0)
-        .map(|&c| c as u8)
-        .collect();
+    let bytes: Vec<u8> = uts.machine.iter().take_while(|&&c| c != 0).map(|&c| c as u8).collect();
     Some(String::from_utf8_lossy(&bytes).into_owned())
 }
 
@@ -204,12 +191,7 @@ mod tests {
     }
 
     fn handler(name: &str, enabled: bool, interpreter: &str) -> BinfmtHandler {
-        BinfmtHandler {
-            name: name.into(),
-            enabled,
-            interpreter: interpreter.into(),
-            flags: "F".into(),
-        }
+        BinfmtHandler { name: name.into(), enabled, interpreter: interpreter.into(), flags: "F".into() }
     }
 
     const QEMU_AARCH64: &str = "enabled\n\
@@ -236,35 +218,17 @@ mod tests {
 
     #[test]
     fn native_x86() {
-        assert_eq!(
-            native_platforms("x86_64", "", false),
-            platforms(&["linux/amd64", "linux/386"])
-        );
+        assert_eq!(native_platforms("x86_64", "", false), platforms(&["linux/amd64", "linux/386"]));
         assert_eq!(native_platforms("x86_64\n", "", true).len(), 2);
-        assert_eq!(
-            native_platforms("i686", "", false),
-            platforms(&["linux/386"])
-        );
-        assert_eq!(
-            native_platforms("i386", "", false),
-            platforms(&["linux/386"])
-        );
+        assert_eq!(native_platforms("i686", "", false), platforms(&["linux/386"]));
+        assert_eq!(native_platforms("i386", "", false), platforms(&["linux/386"]));
     }
 
     #[test]
     fn native_aarch64_depends_on_aarch32() {
-        assert_eq!(
-            native_platforms("aarch64", "", true),
-            platforms(&["linux/arm64", "linux/arm/v7", "linux/arm/v6"])
-        );
-        assert_eq!(
-            native_platforms("aarch64", "", false),
-            platforms(&["linux/arm64"])
-        );
-        assert_eq!(
-            native_platforms("arm64", "", false),
-            platforms(&["linux/arm64"])
-        );
+        assert_eq!(native_platforms("aarch64", "", true), platforms(&["linux/arm64", "linux/arm/v7", "linux/arm/v6"]));
+        assert_eq!(native_platforms("aarch64", "", false), platforms(&["linux/arm64"]));
+        assert_eq!(native_platforms("arm64", "", false), platforms(&["linux/arm64"]));
     }
 
     #[test]
@@ -272,38 +236,23 @@ mod tests {
         let arm32 = platforms(&["linux/arm/v7", "linux/arm/v6"]);
         assert_eq!(native_platforms("armv7l", "", false), arm32);
         assert_eq!(native_platforms("armv8l", "", false), arm32);
-        assert_eq!(
-            native_platforms("armv6l", "", false),
-            platforms(&["linux/arm/v6"])
-        );
+        assert_eq!(native_platforms("armv6l", "", false), platforms(&["linux/arm/v6"]));
     }
 
     #[test]
     fn native_arm_falls_back_to_cpuinfo() {
         let arm32 = platforms(&["linux/arm/v7", "linux/arm/v6"]);
         assert_eq!(native_platforms("armv7b", RPI_CPUINFO, false), arm32);
-        assert_eq!(
-            native_platforms("arm", "CPU architecture: 8\n", false),
-            arm32
-        );
-        assert_eq!(
-            native_platforms("armv6b", "CPU architecture: 6TEJ\n", false),
-            platforms(&["linux/arm/v6"])
-        );
-        assert_eq!(
-            native_platforms("armv5tel", "CPU architecture: 5TEJ\n", false),
-            []
-        );
+        assert_eq!(native_platforms("arm", "CPU architecture: 8\n", false), arm32);
+        assert_eq!(native_platforms("armv6b", "CPU architecture: 6TEJ\n", false), platforms(&["linux/arm/v6"]));
+        assert_eq!(native_platforms("armv5tel", "CPU architecture: 5TEJ\n", false), []);
         assert_eq!(native_platforms("arm", "", false), []);
     }
 
     #[test]
     fn native_other_architectures() {
         for m in ["riscv64", "ppc64le", "s390x"] {
-            assert_eq!(
-                native_platforms(m, "", false),
-                platforms(&[format!("linux/{m}").as_str()])
-            );
+            assert_eq!(native_platforms(m, "", false), platforms(&[format!("linux/{m}").as_str()]));
         }
         for m in ["mips", "ppc64", "sparc64", "loongarch64", ""] {
             assert_eq!(native_platforms(m, "", false), [], "{m:?}");
@@ -330,11 +279,9 @@ mod tests {
                 flags: "POCF".into(),
             })
         );
-        let no_flags = parse_binfmt_entry(
-            "qemu-riscv64",
-            "enabled\ninterpreter /usr/bin/qemu-riscv64\nflags: \noffset 0\n",
-        )
-        .unwrap();
+        let no_flags =
+            parse_binfmt_entry("qemu-riscv64", "enabled\ninterpreter /usr/bin/qemu-riscv64\nflags: \noffset 0\n")
+                .unwrap();
         assert_eq!(no_flags.flags, "");
         assert!(no_flags.enabled);
     }
@@ -343,10 +290,7 @@ mod tests {
     fn non_handlers_are_not_parsed() {
         assert_eq!(parse_binfmt_entry("status", "enabled\n"), None);
         assert_eq!(parse_binfmt_entry("x", ""), None);
-        assert_eq!(
-            parse_binfmt_entry("x", "interpreter /usr/bin/qemu-arm\n"),
-            None
-        );
+        assert_eq!(parse_binfmt_entry("x", "interpreter /usr/bin/qemu-arm\n"), None);
     }
 
     #[test]
@@ -356,46 +300,21 @@ mod tests {
             handler("qemu-arm", true, "/usr/bin/qemu-arm-static"),
             handler("qemu-aarch64", true, "/usr/bin/qemu-aarch64-static"),
         ];
-        assert_eq!(
-            emulated_platforms(&handlers, &native),
-            platforms(&["linux/arm64", "linux/arm/v7", "linux/arm/v6"])
-        );
+        assert_eq!(emulated_platforms(&handlers, &native), platforms(&["linux/arm64", "linux/arm/v7", "linux/arm/v6"]));
     }
 
     #[test]
     fn emulated_interpreter_styles() {
         let cases = [
-            (
-                handler("qemu-aarch64", true, "/usr/bin/qemu-aarch64"),
-                "linux/arm64",
-            ),
-            (
-                handler("aarch64", true, "/usr/libexec/qemu-binfmt/aarch64-binfmt-P"),
-                "linux/arm64",
-            ),
-            (
-                handler("qemu-riscv64", true, "/usr/bin/some-wrapper"),
-                "linux/riscv64",
-            ),
-            (
-                handler("qemu-ppc64le", true, "qemu-ppc64le-static"),
-                "linux/ppc64le",
-            ),
-            (
-                handler("s390x", true, "/opt/qemu/bin/qemu-s390x"),
-                "linux/s390x",
-            ),
-            (
-                handler("qemu-i386", true, "/usr/bin/qemu-i386-static"),
-                "linux/386",
-            ),
+            (handler("qemu-aarch64", true, "/usr/bin/qemu-aarch64"), "linux/arm64"),
+            (handler("aarch64", true, "/usr/libexec/qemu-binfmt/aarch64-binfmt-P"), "linux/arm64"),
+            (handler("qemu-riscv64", true, "/usr/bin/some-wrapper"), "linux/riscv64"),
+            (handler("qemu-ppc64le", true, "qemu-ppc64le-static"), "linux/ppc64le"),
+            (handler("s390x", true, "/opt/qemu/bin/qemu-s390x"), "linux/s390x"),
+            (handler("qemu-i386", true, "/usr/bin/qemu-i386-static"), "linux/386"),
         ];
         for (h, expected) in cases {
-            assert_eq!(
-                emulated_platforms(std::slice::from_ref(&h), &[]),
-                platforms(&[expected]),
-                "{h:?}"
-            );
+            assert_eq!(emulated_platforms(std::slice::from_ref(&h), &[]), platforms(&[expected]), "{h:?}");
         }
     }
 
@@ -430,10 +349,7 @@ mod tests {
             handler("qemu-x86_64", true, "/usr/bin/qemu-x86_64"),
         ];
         let native = native_platforms("aarch64", "", true);
-        assert_eq!(
-            emulated_platforms(&handlers, &native),
-            platforms(&["linux/amd64", "linux/s390x"])
-        );
+        assert_eq!(emulated_platforms(&handlers, &native), platforms(&["linux/amd64", "linux/s390x"]));
     }
 
     fn fake_binfmt_dir(status: &str) -> tempfile::TempDir {
@@ -443,36 +359,23 @@ mod tests {
         write("register", "");
         write("qemu-aarch64", QEMU_AARCH64);
         write("qemu-arm", &DEBIAN_ARM.replacen("disabled", "enabled", 1));
-        write(
-            "qemu-riscv64",
-            "disabled\ninterpreter /usr/bin/qemu-riscv64-static\nflags: F\n",
-        );
-        write(
-            "qemu-x86_64",
-            "enabled\ninterpreter /usr/bin/qemu-x86_64-static\nflags: F\n",
-        );
+        write("qemu-riscv64", "disabled\ninterpreter /usr/bin/qemu-riscv64-static\nflags: F\n");
+        write("qemu-x86_64", "enabled\ninterpreter /usr/bin/qemu-x86_64-static\nflags: F\n");
         dir
     }
 
     #[test]
     fn reads_a_binfmt_dir() {
         let dir = fake_binfmt_dir("enabled\n");
-        let mut names: Vec<String> = read_binfmt_dir(dir.path())
-            .into_iter()
-            .map(|h| h.name)
-            .collect();
+        let mut names: Vec<String> = read_binfmt_dir(dir.path()).into_iter().map(|h| h.name).collect();
         names.sort();
-        assert_eq!(
-            names,
-            ["qemu-aarch64", "qemu-arm", "qemu-riscv64", "qemu-x86_64"]
-        );
+        assert_eq!(names, ["qemu-aarch64", "qemu-arm", "qemu-riscv64", "qemu-x86_64"]);
 
         let host = detect(dir.path());
-        let expected: Vec<Platform> =
-            platforms(&["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6"])
-                .into_iter()
-                .filter(|p| !host.native.contains(p))
-                .collect();
+        let expected: Vec<Platform> = platforms(&["linux/amd64", "linux/arm64", "linux/arm/v7", "linux/arm/v6"])
+            .into_iter()
+            .filter(|p| !host.native.contains(p))
+            .collect();
         assert_eq!(host.emulated, expected);
         #[cfg(target_arch = "x86_64")]
         assert_eq!(host.native, platforms(&["linux/amd64", "linux/386"]));

@@ -66,11 +66,7 @@ pub enum PlatformError {
     #[error("unknown platform {0:?}: farm builds for {accepted}", accepted = SUPPORTED.join(", "))]
     Unknown(String),
     #[error("platform {platform} is listed twice (as {first:?} and {second:?})")]
-    Duplicate {
-        platform: String,
-        first: String,
-        second: String,
-    },
+    Duplicate { platform: String, first: String, second: String },
 }
 
 impl Platform {
@@ -126,13 +122,8 @@ impl Platform {
 
     /// One of [`SUPPORTED`], for code in this crate that names platforms by their canonical form.
     pub(crate) fn known(canonical: &str) -> Platform {
-        debug_assert!(
-            SUPPORTED.contains(&canonical),
-            "{canonical:?} is not SUPPORTED"
-        );
-        canonical
-            .parse()
-            .expect("every SUPPORTED platform parses (tested)")
+        debug_assert!(SUPPORTED.contains(&canonical), "{canonical:?} is not SUPPORTED");
+        canonical.parse().expect("every SUPPORTED platform parses (tested)")
     }
 }
 
@@ -156,13 +147,8 @@ fn arch_alias(arch: &str) -> Option<(&'static str, Option<&'static str>)> {
 fn canonical(arch: &str, variant: Option<&str>) -> Option<(&'static str, Option<&'static str>)> {
     let (arch, implied) = arch_alias(arch)?;
     // containerd writes bare version numbers as variants: `arm/7` is `arm/v7`.
-    let given = variant.map(|v| {
-        if v.starts_with(|c: char| c.is_ascii_digit()) {
-            format!("v{v}")
-        } else {
-            v.to_owned()
-        }
-    });
+    let given =
+        variant.map(|v| if v.starts_with(|c: char| c.is_ascii_digit()) { format!("v{v}") } else { v.to_owned() });
     let variant = match (implied, given.as_deref()) {
         (None, v) => v,
         (Some(i), None) => Some(i),
@@ -194,10 +180,7 @@ impl FromStr for Platform {
             _ => ("linux", &parts[..]),
         };
         if os != "linux" {
-            return Err(PlatformError::NotLinux {
-                input: input.to_owned(),
-                os: os.to_owned(),
-            });
+            return Err(PlatformError::NotLinux { input: input.to_owned(), os: os.to_owned() });
         }
         let (arch, variant) = match rest {
             [arch] => (*arch, None),
@@ -232,9 +215,7 @@ impl Serialize for Platform {
 
 impl<'de> Deserialize<'de> for Platform {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -246,8 +227,7 @@ mod tests {
                             linux/riscv64, linux/ppc64le, linux/s390x";
 
     fn parse(s: &str) -> Platform {
-        s.parse()
-            .unwrap_or_else(|e| panic!("{s:?} should parse: {e}"))
+        s.parse().unwrap_or_else(|e| panic!("{s:?} should parse: {e}"))
     }
 
     #[test]
@@ -278,18 +258,7 @@ mod tests {
                     "  linux/amd64  ",
                 ],
             ),
-            (
-                "linux/386",
-                &[
-                    "386",
-                    "i386",
-                    "i686",
-                    "i586",
-                    "linux/i386",
-                    "linux/i686",
-                    "linux/i586",
-                ],
-            ),
+            ("linux/386", &["386", "i386", "i686", "i586", "linux/i386", "linux/i686", "linux/i586"]),
             (
                 "linux/arm64",
                 &[
@@ -321,18 +290,7 @@ mod tests {
                     "linux/armv7l/v7",
                 ],
             ),
-            (
-                "linux/arm/v6",
-                &[
-                    "linux/arm/6",
-                    "arm/v6",
-                    "armel",
-                    "linux/armel",
-                    "armv6",
-                    "armv6l",
-                    "linux/armv6l",
-                ],
-            ),
+            ("linux/arm/v6", &["linux/arm/6", "arm/v6", "armel", "linux/armel", "armv6", "armv6l", "linux/armv6l"]),
             ("linux/riscv64", &["riscv64", "RISCV64"]),
             ("linux/ppc64le", &["ppc64le", "PPC64LE"]),
             ("linux/s390x", &["s390x", "S390X"]),
@@ -347,10 +305,7 @@ mod tests {
     #[test]
     fn accessors_and_oci_parts() {
         let p = parse("armhf");
-        assert_eq!(
-            (p.os(), p.architecture(), p.variant()),
-            ("linux", "arm", Some("v7"))
-        );
+        assert_eq!((p.os(), p.architecture(), p.variant()), ("linux", "arm", Some("v7")));
         assert_eq!(p.oci_parts(), ("linux", "arm", Some("v7")));
         assert_eq!(parse("aarch64").oci_parts(), ("linux", "arm64", None));
     }
@@ -378,10 +333,7 @@ mod tests {
         assert_eq!(SUPPORTED.join(", "), ACCEPTED);
         let err = "linux/mips".parse::<Platform>().unwrap_err();
         assert_eq!(err, PlatformError::Unknown("linux/mips".into()));
-        assert_eq!(
-            err.to_string(),
-            format!("unknown platform \"linux/mips\": farm builds for {ACCEPTED}")
-        );
+        assert_eq!(err.to_string(), format!("unknown platform \"linux/mips\": farm builds for {ACCEPTED}"));
         assert_eq!(
             "windows/amd64".parse::<Platform>().unwrap_err().to_string(),
             format!(
@@ -431,13 +383,7 @@ mod tests {
             ("FreeBSD/amd64", "freebsd"),
             ("windows/mips/v9", "windows"),
         ] {
-            assert_eq!(
-                s.parse::<Platform>().unwrap_err(),
-                PlatformError::NotLinux {
-                    input: s.into(),
-                    os: os.into()
-                }
-            );
+            assert_eq!(s.parse::<Platform>().unwrap_err(), PlatformError::NotLinux { input: s.into(), os: os.into() });
         }
         for s in ["", "   "] {
             assert_eq!(s.parse::<Platform>().unwrap_err(), PlatformError::Empty);
@@ -451,10 +397,7 @@ mod tests {
         assert_eq!(shown, ["linux/arm64", "linux/amd64", "linux/arm/v7"]);
         assert_eq!(Platform::parse_list("").unwrap(), []);
         assert_eq!(Platform::parse_list(" , ,").unwrap(), []);
-        assert_eq!(
-            Platform::parse_list(&SUPPORTED.join(",")).unwrap().len(),
-            SUPPORTED.len()
-        );
+        assert_eq!(Platform::parse_list(&SUPPORTED.join(",")).unwrap().len(), SUPPORTED.len());
     }
 
     #[test]
@@ -468,14 +411,8 @@ mod tests {
                 second: "armhf".into(),
             }
         );
-        assert_eq!(
-            err.to_string(),
-            "platform linux/arm/v7 is listed twice (as \"linux/arm/v7\" and \"armhf\")"
-        );
-        assert!(matches!(
-            Platform::parse_list("amd64,amd64"),
-            Err(PlatformError::Duplicate { .. })
-        ));
+        assert_eq!(err.to_string(), "platform linux/arm/v7 is listed twice (as \"linux/arm/v7\" and \"armhf\")");
+        assert!(matches!(Platform::parse_list("amd64,amd64"), Err(PlatformError::Duplicate { .. })));
     }
 
     #[test]
@@ -493,10 +430,7 @@ mod tests {
         assert_eq!(json, r#"["linux/arm64","linux/arm/v7","linux/amd64"]"#);
         assert_eq!(serde_json::from_str::<Vec<Platform>>(&json).unwrap(), list);
         // Deserialising normalises too, and refuses what parsing refuses.
-        assert_eq!(
-            serde_json::from_str::<Platform>(r#""ARM64/v8""#).unwrap(),
-            parse("linux/arm64")
-        );
+        assert_eq!(serde_json::from_str::<Platform>(r#""ARM64/v8""#).unwrap(), parse("linux/arm64"));
         let err = serde_json::from_str::<Platform>(r#""linux/mips""#).unwrap_err();
         assert!(err.to_string().contains("unknown platform"), "{err}");
 

@@ -72,8 +72,7 @@ mod secs {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
         let secs = f64::deserialize(d)?;
-        Duration::try_from_secs_f64(secs)
-            .map_err(|_| D::Error::custom(format!("invalid duration: {secs} seconds")))
+        Duration::try_from_secs_f64(secs).map_err(|_| D::Error::custom(format!("invalid duration: {secs} seconds")))
     }
 }
 
@@ -99,37 +98,18 @@ pub enum QuicError {
     #[error("the TLS configuration cannot be used for QUIC: {0}")]
     Crypto(#[from] NoInitialCipherSuite),
     #[error("cannot bind UDP {addr}: {source}")]
-    Bind {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
+    Bind { addr: SocketAddr, source: std::io::Error },
     #[error("invalid address {target:?}: {reason}")]
-    Target {
-        target: String,
-        reason: &'static str,
-    },
+    Target { target: String, reason: &'static str },
     #[error("cannot resolve {target}: {source}")]
-    Resolve {
-        target: String,
-        source: std::io::Error,
-    },
+    Resolve { target: String, source: std::io::Error },
     #[error("cannot connect to {target}: {source}")]
-    Connect {
-        target: String,
-        source: quinn::ConnectError,
-    },
+    Connect { target: String, source: quinn::ConnectError },
     #[error("connection to {target} failed: {source}")]
-    Connection {
-        target: String,
-        source: ConnectionError,
-    },
+    Connection { target: String, source: ConnectionError },
     /// The peer rejected our certificate during the handshake.
     #[error("the coordinator at {target} refused this certificate ({alert}): {hint}")]
-    Refused {
-        target: String,
-        alert: &'static str,
-        hint: &'static str,
-    },
+    Refused { target: String, alert: &'static str, hint: &'static str },
     /// We rejected the peer's certificate during the handshake.
     #[error("the server at {target} presented {problem}")]
     UntrustedServer { target: String, problem: String },
@@ -152,24 +132,15 @@ impl QuicError {
                     } else {
                         "is it signed by this farm's CA? issue one with `farm ca issue`"
                     };
-                    return QuicError::Refused {
-                        target,
-                        alert: name,
-                        hint,
-                    };
+                    return QuicError::Refused { target, alert: name, hint };
                 }
             }
             ConnectionError::TransportError(err) => {
-                if let Some(alert) = tls_alert(err.code).filter(|a| certificate_alert(*a).is_some())
-                {
+                if let Some(alert) = tls_alert(err.code).filter(|a| certificate_alert(*a).is_some()) {
                     // A CA of another farm: unknown issuer, or a bad signature when its
                     // subject happens to match ours.
-                    let problem = if matches!(
-                        alert,
-                        AlertDescription::UnknownCA | AlertDescription::DecryptError
-                    ) {
-                        "a certificate not signed by this farm's CA (is this the right farm?)"
-                            .into()
+                    let problem = if matches!(alert, AlertDescription::UnknownCA | AlertDescription::DecryptError) {
+                        "a certificate not signed by this farm's CA (is this the right farm?)".into()
                     } else {
                         format!("an unacceptable certificate: {}", err.reason)
                     };
@@ -194,9 +165,7 @@ impl QuicError {
 /// The TLS alert carried by a QUIC CRYPTO_ERROR code (0x100..=0x1ff), if it is one.
 fn tls_alert(code: TransportErrorCode) -> Option<AlertDescription> {
     let code = u64::from(code);
-    (0x100..=0x1ff)
-        .contains(&code)
-        .then(|| AlertDescription::from((code - 0x100) as u8))
+    (0x100..=0x1ff).contains(&code).then(|| AlertDescription::from((code - 0x100) as u8))
 }
 
 /// Words for the alerts that mean "this certificate was not accepted".
@@ -222,13 +191,10 @@ pub fn server_endpoint(
 ) -> Result<quinn::Endpoint, QuicError> {
     let crypto = QuicServerConfig::try_from(tls::server_config(creds)?)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config
-        .transport_config(Arc::new(transport_config(limits)))
-        .max_incoming(limits.max_incoming);
+    config.transport_config(Arc::new(transport_config(limits))).max_incoming(limits.max_incoming);
     let bind = |source| QuicError::Bind { addr, source };
     let socket = std::net::UdpSocket::bind(addr).map_err(bind)?;
-    let runtime = quinn::default_runtime()
-        .ok_or_else(|| bind(std::io::Error::other("no async runtime is running")))?;
+    let runtime = quinn::default_runtime().ok_or_else(|| bind(std::io::Error::other("no async runtime is running")))?;
     quinn::Endpoint::new(endpoint_config(creds), Some(config), socket, runtime).map_err(bind)
 }
 
@@ -260,18 +226,10 @@ pub async fn connect(
     creds: &Credentials,
     limits: &TransportLimits,
 ) -> Result<(quinn::Endpoint, quinn::Connection), QuicError> {
-    let (host, port) = split_host_port(target).map_err(|reason| QuicError::Target {
-        target: target.to_string(),
-        reason,
-    })?;
-    let resolve_error = |source| QuicError::Resolve {
-        target: target.to_string(),
-        source,
-    };
-    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(resolve_error)?
-        .collect();
+    let (host, port) =
+        split_host_port(target).map_err(|reason| QuicError::Target { target: target.to_string(), reason })?;
+    let resolve_error = |source| QuicError::Resolve { target: target.to_string(), source };
+    let resolved: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await.map_err(resolve_error)?.collect();
     let mut candidates: Vec<SocketAddr> = Vec::new();
     for addr in resolved {
         if !candidates.iter().any(|c| c.is_ipv4() == addr.is_ipv4()) {
@@ -279,15 +237,10 @@ pub async fn connect(
         }
     }
     if candidates.is_empty() {
-        return Err(resolve_error(std::io::Error::new(
-            std::io::ErrorKind::NotFound,
-            "the name has no address",
-        )));
+        return Err(resolve_error(std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")));
     }
 
-    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(
-        tls::client_config(creds)?,
-    )?));
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls::client_config(creds)?)?));
     config.transport_config(Arc::new(transport_config(limits)));
 
     let mut attempts = tokio::task::JoinSet::new();
@@ -320,25 +273,18 @@ async fn connect_to(
     } else {
         SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0))
     };
-    let endpoint =
-        quinn::Endpoint::client(bind).map_err(|source| QuicError::Bind { addr: bind, source })?;
+    let endpoint = quinn::Endpoint::client(bind).map_err(|source| QuicError::Bind { addr: bind, source })?;
     let connecting = endpoint
         .connect_with(config, addr, host)
-        .map_err(|source| QuicError::Connect {
-            target: target.clone(),
-            source,
-        })?;
-    let conn = connecting
-        .await
-        .map_err(|source| QuicError::connection(target, source))?;
+        .map_err(|source| QuicError::Connect { target: target.clone(), source })?;
+    let conn = connecting.await.map_err(|source| QuicError::connection(target, source))?;
     Ok((endpoint, conn))
 }
 
 /// Splits "host:port" / "[v6]:port"; the host comes back without brackets.
 fn split_host_port(target: &str) -> Result<(&str, u16), &'static str> {
     let (host, port) = if let Some(rest) = target.strip_prefix('[') {
-        rest.split_once("]:")
-            .ok_or("expected [IPv6]:PORT, e.g. [::1]:3276")?
+        rest.split_once("]:").ok_or("expected [IPv6]:PORT, e.g. [::1]:3276")?
     } else {
         let (host, port) = target.rsplit_once(':').ok_or("expected HOST:PORT")?;
         if host.contains(':') {
@@ -349,23 +295,18 @@ fn split_host_port(target: &str) -> Result<(&str, u16), &'static str> {
     if host.is_empty() {
         return Err("expected HOST:PORT");
     }
-    let port = port
-        .parse()
-        .map_err(|_| "the port must be a number from 0 to 65535")?;
+    let port = port.parse().map_err(|_| "the port must be a number from 0 to 65535")?;
     Ok((host, port))
 }
 
 /// Who the peer of `conn` is, read from the certificate it proved during the handshake.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, QuicError> {
-    let any = conn
-        .peer_identity()
-        .ok_or_else(|| QuicError::PeerIdentity("the peer presented no certificate".into()))?;
+    let any =
+        conn.peer_identity().ok_or_else(|| QuicError::PeerIdentity("the peer presented no certificate".into()))?;
     let certs = any
         .downcast::<Vec<CertificateDer<'static>>>()
         .map_err(|_| QuicError::PeerIdentity("the peer's identity is not a certificate".into()))?;
-    let leaf = certs
-        .first()
-        .ok_or_else(|| QuicError::PeerIdentity("the peer presented no certificate".into()))?;
+    let leaf = certs.first().ok_or_else(|| QuicError::PeerIdentity("the peer presented no certificate".into()))?;
     tls::identity_from_cert(leaf).map_err(|e| QuicError::PeerIdentity(e.to_string()))
 }
 
@@ -380,9 +321,7 @@ mod tests {
     const WAIT: Duration = Duration::from_secs(10);
 
     async fn within<F: Future>(future: F) -> F::Output {
-        tokio::time::timeout(WAIT, future)
-            .await
-            .expect("timed out after 10 s")
+        tokio::time::timeout(WAIT, future).await.expect("timed out after 10 s")
     }
 
     /// A CA directory with the coordinator and one agent "pi-4".
@@ -398,13 +337,7 @@ mod tests {
     }
 
     /// Serves on loopback: reports each handshake's outcome, then echoes every bi-stream.
-    fn serve(
-        creds: &Credentials,
-    ) -> (
-        quinn::Endpoint,
-        String,
-        mpsc::UnboundedReceiver<Result<Identity, String>>,
-    ) {
+    fn serve(creds: &Credentials) -> (quinn::Endpoint, String, mpsc::UnboundedReceiver<Result<Identity, String>>) {
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
         let endpoint = server_endpoint(addr, creds, &TransportLimits::default()).unwrap();
         let target = endpoint.local_addr().unwrap().to_string();
@@ -446,27 +379,10 @@ mod tests {
         let (_server, target, mut seen) = serve(&creds(farm.path(), COORDINATOR_NAME));
 
         let agent = creds(farm.path(), "pi-4");
-        let (_endpoint, conn) = within(connect(&target, &agent, &TransportLimits::default()))
-            .await
-            .unwrap();
-        assert_eq!(
-            peer_identity(&conn).unwrap(),
-            Identity {
-                name: COORDINATOR_NAME.into(),
-                role: Role::Coordinator
-            }
-        );
-        assert_eq!(
-            within(echo(&conn, b"hello farm")).await.unwrap(),
-            b"hello farm"
-        );
-        assert_eq!(
-            within(seen.recv()).await.unwrap().unwrap(),
-            Identity {
-                name: "pi-4".into(),
-                role: Role::Agent
-            }
-        );
+        let (_endpoint, conn) = within(connect(&target, &agent, &TransportLimits::default())).await.unwrap();
+        assert_eq!(peer_identity(&conn).unwrap(), Identity { name: COORDINATOR_NAME.into(), role: Role::Coordinator });
+        assert_eq!(within(echo(&conn, b"hello farm")).await.unwrap(), b"hello farm");
+        assert_eq!(within(seen.recv()).await.unwrap().unwrap(), Identity { name: "pi-4".into(), role: Role::Agent });
     }
 
     #[tokio::test]
@@ -475,17 +391,9 @@ mod tests {
         issue(farm.path(), Role::Client, "alice", false).unwrap();
         let (_server, target, mut seen) = serve(&creds(farm.path(), COORDINATOR_NAME));
         let alice = creds(farm.path(), "alice");
-        let (_endpoint, conn) = within(connect(&target, &alice, &TransportLimits::default()))
-            .await
-            .unwrap();
+        let (_endpoint, conn) = within(connect(&target, &alice, &TransportLimits::default())).await.unwrap();
         assert_eq!(within(echo(&conn, b"x")).await.unwrap(), b"x");
-        assert_eq!(
-            within(seen.recv()).await.unwrap().unwrap(),
-            Identity {
-                name: "alice".into(),
-                role: Role::Client
-            }
-        );
+        assert_eq!(within(seen.recv()).await.unwrap().unwrap(), Identity { name: "alice".into(), role: Role::Client });
     }
 
     #[tokio::test]
@@ -509,21 +417,13 @@ mod tests {
         };
         let msg = err.to_string();
         assert!(matches!(err, QuicError::Refused { .. }), "{err:?}");
-        assert!(
-            msg.starts_with(&format!(
-                "the coordinator at {target} refused this certificate ("
-            )),
-            "{msg}"
-        );
+        assert!(msg.starts_with(&format!("the coordinator at {target} refused this certificate (")), "{msg}");
         assert!(msg.contains("farm ca issue"), "{msg}");
         assert!(within(seen.recv()).await.unwrap().is_err());
 
         let agent = creds(farm.path(), "pi-4");
         let (_endpoint, conn) = within(connect(&target, &agent, &limits)).await.unwrap();
-        assert_eq!(
-            within(echo(&conn, b"still here")).await.unwrap(),
-            b"still here"
-        );
+        assert_eq!(within(echo(&conn, b"still here")).await.unwrap(), b"still here");
         assert_eq!(within(seen.recv()).await.unwrap().unwrap().name, "pi-4");
     }
 
@@ -535,9 +435,7 @@ mod tests {
 
         let mut agent = creds(farm.path(), "pi-4");
         agent.ca = creds(stranger.path(), "pi-4").ca;
-        let err = within(connect(&target, &agent, &TransportLimits::default()))
-            .await
-            .unwrap_err();
+        let err = within(connect(&target, &agent, &TransportLimits::default())).await.unwrap_err();
         assert!(matches!(err, QuicError::UntrustedServer { .. }), "{err:?}");
         assert_eq!(
             err.to_string(),
@@ -552,18 +450,8 @@ mod tests {
     fn targets_split_into_host_and_port() {
         assert_eq!(split_host_port("127.0.0.1:7000"), Ok(("127.0.0.1", 7000)));
         assert_eq!(split_host_port("[::1]:7000"), Ok(("::1", 7000)));
-        assert_eq!(
-            split_host_port("build.example.org:3276"),
-            Ok(("build.example.org", 3276))
-        );
-        for bad in [
-            "localhost",
-            "::1:7000",
-            "[::1]",
-            ":7000",
-            "host:port",
-            "host:70000",
-        ] {
+        assert_eq!(split_host_port("build.example.org:3276"), Ok(("build.example.org", 3276)));
+        for bad in ["localhost", "::1:7000", "[::1]", ":7000", "host:port", "host:70000"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
         }
     }
@@ -572,9 +460,7 @@ mod tests {
     async fn bad_targets_fail_before_any_packet() {
         let farm = farm();
         let agent = creds(farm.path(), "pi-4");
-        let err = connect("::1:7000", &agent, &TransportLimits::default())
-            .await
-            .unwrap_err();
+        let err = connect("::1:7000", &agent, &TransportLimits::default()).await.unwrap_err();
         assert!(err.to_string().contains("brackets"), "{err}");
     }
 
@@ -602,10 +488,7 @@ mod tests {
         });
         let err = QuicError::connection("h:1", local);
         assert!(matches!(err, QuicError::UntrustedServer { .. }), "{err:?}");
-        assert!(
-            err.to_string().contains("not signed by this farm's CA"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("not signed by this farm's CA"), "{err}");
         let err = QuicError::connection("h:1", ConnectionError::TimedOut);
         assert_eq!(err.to_string(), "connection to h:1 failed: timed out");
     }
@@ -622,14 +505,8 @@ mod tests {
         assert_eq!(limits.max_incoming, 4096);
         let _ = transport_config(&limits);
 
-        let custom = TransportLimits {
-            keep_alive: Duration::from_millis(2500),
-            ..limits
-        };
+        let custom = TransportLimits { keep_alive: Duration::from_millis(2500), ..limits };
         let bytes = postcard::to_allocvec(&custom).unwrap();
-        assert_eq!(
-            postcard::from_bytes::<TransportLimits>(&bytes).unwrap(),
-            custom
-        );
+        assert_eq!(postcard::from_bytes::<TransportLimits>(&bytes).unwrap(), custom);
     }
 }

@@ -16,8 +16,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
@@ -84,10 +83,7 @@ impl FromStr for Role {
     type Err = TlsError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        Role::ALL
-            .into_iter()
-            .find(|role| role.as_str() == s)
-            .ok_or_else(|| TlsError::UnknownRole(s.to_string()))
+        Role::ALL.into_iter().find(|role| role.as_str() == s).ok_or_else(|| TlsError::UnknownRole(s.to_string()))
     }
 }
 
@@ -152,17 +148,9 @@ pub enum TlsError {
     #[error("{} already exists: refusing to replace it (pass --force to reissue)", .path.display())]
     IdentityExists { path: PathBuf },
     #[error("cannot {action} {}: {source}", .path.display())]
-    Io {
-        action: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { action: &'static str, path: PathBuf, source: io::Error },
     #[error("{} is not a valid PEM {what}: {reason}", .path.display())]
-    Pem {
-        path: PathBuf,
-        what: &'static str,
-        reason: String,
-    },
+    Pem { path: PathBuf, what: &'static str, reason: String },
     #[error("not a farm certificate: {0}")]
     BadCertificate(String),
     #[error("cannot generate a certificate: {0}")]
@@ -179,9 +167,7 @@ pub fn validate_name(name: &str) -> Result<(), TlsError> {
     let bytes = name.as_bytes();
     let valid = (1..=63).contains(&bytes.len())
         && (bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit())
-        && bytes[1..]
-            .iter()
-            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
+        && bytes[1..].iter().all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b));
     if valid {
         Ok(())
     } else {
@@ -212,11 +198,7 @@ pub struct Issued {
 /// (when it is a valid DNS name) and every `extra_sans` entry (an IP literal becomes an IP SAN,
 /// anything else a DNS SAN). CA valid 10 years, coordinator 2 years, ECDSA P-256 keys.
 pub fn init_ca(dir: &Path, extra_sans: &[String]) -> Result<CaInit, TlsError> {
-    let mut sans = vec![
-        "localhost".to_string(),
-        "127.0.0.1".to_string(),
-        "::1".to_string(),
-    ];
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".to_string(), "::1".to_string()];
     sans.extend(local_hostname());
     for san in extra_sans {
         sans.push(normalize_san(san)?);
@@ -224,11 +206,7 @@ pub fn init_ca(dir: &Path, extra_sans: &[String]) -> Result<CaInit, TlsError> {
     let mut seen = std::collections::HashSet::new();
     sans.retain(|san| seen.insert(san.clone()));
 
-    DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|source| io_error("create", dir, source))?;
+    DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|source| io_error("create", dir, source))?;
     for file in [CA_KEY, CA_CERT] {
         let path = dir.join(file);
         if path.exists() {
@@ -241,48 +219,26 @@ pub fn init_ca(dir: &Path, extra_sans: &[String]) -> Result<CaInit, TlsError> {
     let key_id = sha256_hex(ca_key.public_key_raw());
     let mut ca_params = CertificateParams::default();
     ca_params.distinguished_name = rcgen::DistinguishedName::new();
-    ca_params.distinguished_name.push(
-        DnType::CommonName,
-        format!("{CA_COMMON_NAME} {}", &key_id[..12]),
-    );
-    ca_params
-        .distinguished_name
-        .push(DnType::OrganizationName, ORGANIZATION);
+    ca_params.distinguished_name.push(DnType::CommonName, format!("{CA_COMMON_NAME} {}", &key_id[..12]));
+    ca_params.distinguished_name.push(DnType::OrganizationName, ORGANIZATION);
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-    ca_params.key_usages = vec![
-        KeyUsagePurpose::KeyCertSign,
-        KeyUsagePurpose::CrlSign,
-        KeyUsagePurpose::DigitalSignature,
-    ];
+    ca_params.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
     ca_params.not_before = now - CLOCK_SKEW;
     ca_params.not_after = now + time::Duration::days(CA_VALIDITY_DAYS);
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let issuer = Issuer::new(ca_params, ca_key);
 
     let mut params = CertificateParams::new(sans.clone())?;
-    leaf_params(
-        &mut params,
-        COORDINATOR_NAME,
-        Role::Coordinator,
-        now,
-        now + time::Duration::days(LEAF_VALIDITY_DAYS),
-    );
+    leaf_params(&mut params, COORDINATOR_NAME, Role::Coordinator, now, now + time::Duration::days(LEAF_VALIDITY_DAYS));
     let leaf_key = KeyPair::generate()?;
     let leaf_cert = params.signed_by(&leaf_key, &issuer)?;
 
     // ca.key is written first and only if absent: it is what marks a directory as holding a CA.
     let ca_key_path = dir.join(CA_KEY);
-    write_file(
-        &ca_key_path,
-        issuer.key().serialize_pem().as_bytes(),
-        0o600,
-        false,
-    )
-    .map_err(|e| match e {
+    write_file(&ca_key_path, issuer.key().serialize_pem().as_bytes(), 0o600, false).map_err(|e| match e {
         TlsError::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists => {
-            TlsError::CaExists {
-                path: ca_key_path.clone(),
-            }
+            TlsError::CaExists { path: ca_key_path.clone() }
         }
         e => e,
     })?;
@@ -293,12 +249,7 @@ pub fn init_ca(dir: &Path, extra_sans: &[String]) -> Result<CaInit, TlsError> {
     let coordinator_cert = dir.join(format!("{COORDINATOR_NAME}.crt"));
     write_file(&coordinator_cert, leaf_cert.pem().as_bytes(), 0o644, true)?;
 
-    Ok(CaInit {
-        ca_cert: ca_cert_path,
-        coordinator_cert,
-        sans,
-        fingerprint: fingerprint(ca_cert.der()),
-    })
+    Ok(CaInit { ca_cert: ca_cert_path, coordinator_cert, sans, fingerprint: fingerprint(ca_cert.der()) })
 }
 
 /// Issues `<dir>/<name>.crt` and `<dir>/<name>.key`, signed by `<dir>/ca.key`, with CN=name,
@@ -317,11 +268,7 @@ pub fn issue(dir: &Path, role: Role, name: &str, force: bool) -> Result<Issued, 
     let ca_key_path = dir.join(CA_KEY);
     let ca_key_pem = match fs::read_to_string(&ca_key_path) {
         Ok(pem) => pem,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(TlsError::NoCaKey {
-                dir: dir.to_path_buf(),
-            })
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TlsError::NoCaKey { dir: dir.to_path_buf() }),
         Err(source) => return Err(io_error("read", &ca_key_path, source)),
     };
     let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::Pem {
@@ -335,9 +282,7 @@ pub fn issue(dir: &Path, role: Role, name: &str, force: bool) -> Result<Issued, 
         reason: e.to_string(),
     })?;
     if ca.public_key().subject_public_key.data.as_ref() != ca_key.public_key_raw() {
-        return Err(TlsError::CaKeyMismatch {
-            dir: dir.to_path_buf(),
-        });
+        return Err(TlsError::CaKeyMismatch { dir: dir.to_path_buf() });
     }
     let ca_not_after = ca.validity().not_after.to_datetime();
 
@@ -357,10 +302,7 @@ pub fn issue(dir: &Path, role: Role, name: &str, force: bool) -> Result<Issued, 
     let key_path = dir.join(format!("{name}.key"));
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, true)?;
     write_file(&cert_path, cert.pem().as_bytes(), 0o644, true)?;
-    Ok(Issued {
-        cert: cert_path,
-        key: key_path,
-    })
+    Ok(Issued { cert: cert_path, key: key_path })
 }
 
 /// SHA-256 of a certificate's DER, as `sha256:<lowercase hex>`.
@@ -371,17 +313,11 @@ pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
 /// Lowercase hex SHA-256, with ring's implementation reached through the rustls suite built on
 /// it (no extra dependency).
 fn sha256_hex(data: &[u8]) -> String {
-    let SupportedCipherSuite::Tls13(suite) =
-        rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256
-    else {
+    let SupportedCipherSuite::Tls13(suite) = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256 else {
         unreachable!("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite")
     };
     let digest = suite.common.hash_provider.hash(data);
-    digest
-        .as_ref()
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
+    digest.as_ref().iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Everything a peer needs to connect: the CA to trust, its own chain and key, and who it is.
@@ -423,10 +359,7 @@ pub fn load_credentials(dir: &Path, name: &str) -> Result<Credentials, TlsError>
     let pem = match fs::read(&cert_path) {
         Ok(pem) => pem,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(TlsError::NoIdentity {
-                dir: dir.to_path_buf(),
-                name: name.to_string(),
-            })
+            return Err(TlsError::NoIdentity { dir: dir.to_path_buf(), name: name.to_string() })
         }
         Err(source) => return Err(io_error("read", &cert_path, source)),
     };
@@ -434,41 +367,28 @@ pub fn load_credentials(dir: &Path, name: &str) -> Result<Credentials, TlsError>
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| pem_error(&cert_path, "certificate", e))?;
     if chain.is_empty() {
-        return Err(pem_error(
-            &cert_path,
-            "certificate",
-            rustls_pki_types::pem::Error::NoItemsFound,
-        ));
+        return Err(pem_error(&cert_path, "certificate", rustls_pki_types::pem::Error::NoItemsFound));
     }
 
     let key_path = dir.join(format!("{name}.key"));
     let pem = match fs::read(&key_path) {
         Ok(pem) => pem,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(TlsError::NoKey {
-                dir: dir.to_path_buf(),
-                name: name.to_string(),
-            })
+            return Err(TlsError::NoKey { dir: dir.to_path_buf(), name: name.to_string() })
         }
         Err(source) => return Err(io_error("read", &key_path, source)),
     };
-    let key =
-        PrivateKeyDer::from_pem_slice(&pem).map_err(|e| pem_error(&key_path, "private key", e))?;
+    let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| pem_error(&key_path, "private key", e))?;
 
     let identity = identity_from_cert(&chain[0])?;
-    Ok(Credentials {
-        ca,
-        chain,
-        key,
-        identity,
-    })
+    Ok(Credentials { ca, chain, key, identity })
 }
 
 /// Reads name (Subject CN) and role (Subject OU) from a certificate.
 pub fn identity_from_cert(cert: &CertificateDer<'_>) -> Result<Identity, TlsError> {
     let bad = |reason: String| TlsError::BadCertificate(reason);
-    let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref())
-        .map_err(|e| bad(format!("cannot parse it: {e}")))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(cert.as_ref()).map_err(|e| bad(format!("cannot parse it: {e}")))?;
     let subject = cert.subject();
     let name = subject
         .iter_common_name()
@@ -483,22 +403,15 @@ pub fn identity_from_cert(cert: &CertificateDer<'_>) -> Result<Identity, TlsErro
         .ok_or_else(|| bad("no Subject OU (the peer's role)".into()))?
         .as_str()
         .map_err(|e| bad(format!("unreadable Subject OU: {e}")))?;
-    let role = role
-        .parse::<Role>()
-        .map_err(|_| bad(format!("unknown role {role:?} in Subject OU")))?;
-    Ok(Identity {
-        name: name.to_string(),
-        role,
-    })
+    let role = role.parse::<Role>().map_err(|_| bad(format!("unknown role {role:?} in Subject OU")))?;
+    Ok(Identity { name: name.to_string(), role })
 }
 
 /// Server side: TLS 1.3 only, ALPN `farm/1`, and a client certificate chaining to `creds.ca` is
 /// mandatory. Refused client certificates are logged with who they claim to be.
 pub fn server_config(creds: &Credentials) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let inner =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots(creds)?), provider.clone())
-            .build()?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(creds)?), provider.clone()).build()?;
     let verifier = Arc::new(LoggingClientVerifier { inner });
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
@@ -593,11 +506,9 @@ fn refusal_message(end_entity: &CertificateDer<'_>, err: &rustls::Error) -> Stri
         Err(_) => "a peer".to_string(),
     };
     let why = match err {
-        rustls::Error::InvalidCertificate(
-            e @ (CertificateError::UnknownIssuer | CertificateError::BadSignature),
-        ) => format!(
-            "certificate not signed by this farm's CA ({e:?}); issue one with `farm ca issue`"
-        ),
+        rustls::Error::InvalidCertificate(e @ (CertificateError::UnknownIssuer | CertificateError::BadSignature)) => {
+            format!("certificate not signed by this farm's CA ({e:?}); issue one with `farm ca issue`")
+        }
         err => err.to_string(),
     };
     format!("refused {who}: {why}")
@@ -606,10 +517,7 @@ fn refusal_message(end_entity: &CertificateDer<'_>, err: &rustls::Error) -> Stri
 /// Lowercases DNS names and canonicalises IP literals (brackets around IPv6 are accepted).
 fn normalize_san(san: &str) -> Result<String, TlsError> {
     let trimmed = san.trim();
-    let unbracketed = trimmed
-        .strip_prefix('[')
-        .and_then(|s| s.strip_suffix(']'))
-        .unwrap_or(trimmed);
+    let unbracketed = trimmed.strip_prefix('[').and_then(|s| s.strip_suffix(']')).unwrap_or(trimmed);
     if let Ok(ip) = unbracketed.parse::<IpAddr>() {
         return Ok(ip.to_string());
     }
@@ -617,16 +525,12 @@ fn normalize_san(san: &str) -> Result<String, TlsError> {
     if is_dns_name(&name) {
         Ok(name)
     } else {
-        Err(TlsError::InvalidSan {
-            san: san.to_string(),
-        })
+        Err(TlsError::InvalidSan { san: san.to_string() })
     }
 }
 
 fn is_dns_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.parse::<IpAddr>().is_err()
-        && rustls_pki_types::DnsName::try_from(name).is_ok()
+    !name.is_empty() && name.parse::<IpAddr>().is_err() && rustls_pki_types::DnsName::try_from(name).is_ok()
 }
 
 /// This host's name, lowercased, if it is usable as a DNS SAN.
@@ -654,20 +558,13 @@ fn leaf_params(
 ) {
     params.distinguished_name = rcgen::DistinguishedName::new();
     params.distinguished_name.push(DnType::CommonName, name);
-    params
-        .distinguished_name
-        .push(DnType::OrganizationalUnitName, role.as_str());
-    params
-        .distinguished_name
-        .push(DnType::OrganizationName, ORGANIZATION);
+    params.distinguished_name.push(DnType::OrganizationalUnitName, role.as_str());
+    params.distinguished_name.push(DnType::OrganizationName, ORGANIZATION);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
     // Only the coordinator serves; everyone (the coordinator included) may authenticate as a client.
     params.extended_key_usages = match role {
-        Role::Coordinator => vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ],
+        Role::Coordinator => vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth],
         _ => vec![ExtendedKeyUsagePurpose::ClientAuth],
     };
     params.use_authority_key_identifier_extension = true;
@@ -679,11 +576,7 @@ fn read_ca_cert(dir: &Path) -> Result<CertificateDer<'static>, TlsError> {
     let path = dir.join(CA_CERT);
     let pem = match fs::read(&path) {
         Ok(pem) => pem,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(TlsError::NoCa {
-                dir: dir.to_path_buf(),
-            })
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TlsError::NoCa { dir: dir.to_path_buf() }),
         Err(source) => return Err(io_error("read", &path, source)),
     };
     CertificateDer::from_pem_slice(&pem).map_err(|e| pem_error(&path, "certificate", e))
@@ -710,19 +603,11 @@ fn write_file(path: &Path, contents: &[u8], mode: u32, overwrite: bool) -> Resul
 }
 
 fn io_error(action: &'static str, path: &Path, source: io::Error) -> TlsError {
-    TlsError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    }
+    TlsError::Io { action, path: path.to_path_buf(), source }
 }
 
 fn pem_error(path: &Path, what: &'static str, err: rustls_pki_types::pem::Error) -> TlsError {
-    TlsError::Pem {
-        path: path.to_path_buf(),
-        what,
-        reason: err.to_string(),
-    }
+    TlsError::Pem { path: path.to_path_buf(), what, reason: err.to_string() }
 }
 
 #[cfg(test)]
@@ -752,29 +637,13 @@ mod tests {
         }
         assert_eq!(init.ca_cert, dir.join(CA_CERT));
         assert_eq!(init.coordinator_cert, dir.join("coordinator.crt"));
-        for san in [
-            "localhost",
-            "127.0.0.1",
-            "::1",
-            "build.example.org",
-            "10.1.2.3",
-        ] {
-            assert!(
-                init.sans.iter().any(|s| s == san),
-                "{san} in {:?}",
-                init.sans
-            );
+        for san in ["localhost", "127.0.0.1", "::1", "build.example.org", "10.1.2.3"] {
+            assert!(init.sans.iter().any(|s| s == san), "{san} in {:?}", init.sans);
         }
         assert_eq!(init.fingerprint, fingerprint(&read_cert(&init.ca_cert)));
 
         let creds = load_credentials(&dir, COORDINATOR_NAME).unwrap();
-        assert_eq!(
-            creds.identity,
-            Identity {
-                name: COORDINATOR_NAME.into(),
-                role: Role::Coordinator
-            }
-        );
+        assert_eq!(creds.identity, Identity { name: COORDINATOR_NAME.into(), role: Role::Coordinator });
     }
 
     #[test]
@@ -785,10 +654,7 @@ mod tests {
         let err = init_ca(tmp.path(), &[]).unwrap_err();
         assert!(matches!(err, TlsError::CaExists { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains("ca.key already exists: refusing to overwrite a farm CA"),
-            "{msg}"
-        );
+        assert!(msg.contains("ca.key already exists: refusing to overwrite a farm CA"), "{msg}");
         assert_eq!(fs::read(tmp.path().join(CA_KEY)).unwrap(), before);
     }
 
@@ -802,11 +668,7 @@ mod tests {
         let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         init_ca(a.path(), &[]).unwrap();
         init_ca(b.path(), &[]).unwrap();
-        assert!(
-            subject(a.path()).contains("farm CA "),
-            "{}",
-            subject(a.path())
-        );
+        assert!(subject(a.path()).contains("farm CA "), "{}", subject(a.path()));
         assert_ne!(subject(a.path()), subject(b.path()));
     }
 
@@ -821,10 +683,7 @@ mod tests {
     #[test]
     fn sans_are_normalised() {
         assert_eq!(normalize_san("[::1]").unwrap(), "::1");
-        assert_eq!(
-            normalize_san("Build.Example.org").unwrap(),
-            "build.example.org"
-        );
+        assert_eq!(normalize_san("Build.Example.org").unwrap(), "build.example.org");
         assert_eq!(normalize_san("192.168.1.2").unwrap(), "192.168.1.2");
     }
 
@@ -832,22 +691,12 @@ mod tests {
     fn issue_and_load_round_trip() {
         let tmp = tempfile::tempdir().unwrap();
         let init = init_ca(tmp.path(), &[]).unwrap();
-        for (role, name) in [
-            (Role::Agent, "pi-4"),
-            (Role::Client, "alice"),
-            (Role::Admin, "ops.1"),
-        ] {
+        for (role, name) in [(Role::Agent, "pi-4"), (Role::Client, "alice"), (Role::Admin, "ops.1")] {
             let issued = issue(tmp.path(), role, name, false).unwrap();
             assert_eq!(issued.cert, tmp.path().join(format!("{name}.crt")));
             assert_eq!(mode(&issued.key), 0o600);
             let creds = load_credentials(tmp.path(), name).unwrap();
-            assert_eq!(
-                creds.identity,
-                Identity {
-                    name: name.into(),
-                    role
-                }
-            );
+            assert_eq!(creds.identity, Identity { name: name.into(), role });
             assert_eq!(fingerprint(&creds.ca), init.fingerprint);
             assert_eq!(creds.chain.len(), 1);
             let clone = creds.clone();
@@ -894,9 +743,7 @@ mod tests {
         let err = issue(tmp.path(), Role::Agent, "pi-4", false).unwrap_err();
         assert_eq!(
             err.to_string(),
-            format!(
-                "no farm CA in {dir}: ca.crt not found; create one with `farm ca init --dir {dir}`"
-            )
+            format!("no farm CA in {dir}: ca.crt not found; create one with `farm ca init --dir {dir}`")
         );
         init_ca(tmp.path(), &[]).unwrap();
         let err = load_credentials(tmp.path(), "pi-4").unwrap_err();
@@ -928,13 +775,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let init = init_ca(tmp.path(), &[]).unwrap();
         let identity = identity_from_cert(&read_cert(&init.coordinator_cert)).unwrap();
-        assert_eq!(
-            identity,
-            Identity {
-                name: "coordinator".into(),
-                role: Role::Coordinator
-            }
-        );
+        assert_eq!(identity, Identity { name: "coordinator".into(), role: Role::Coordinator });
         // The CA itself carries no role: it is not an identity.
         let err = identity_from_cert(&read_cert(&init.ca_cert)).unwrap_err();
         assert!(matches!(err, TlsError::BadCertificate(_)), "{err:?}");
@@ -945,22 +786,9 @@ mod tests {
         for ok in ["a", "pi-4", "build.01", "x_y", "0", &"a".repeat(63)] {
             assert!(validate_name(ok).is_ok(), "{ok:?}");
         }
-        for bad in [
-            "",
-            "Pi",
-            "-a",
-            ".a",
-            "_a",
-            "a/b",
-            "a b",
-            "é",
-            &"a".repeat(64),
-        ] {
+        for bad in ["", "Pi", "-a", ".a", "_a", "a/b", "a b", "é", &"a".repeat(64)] {
             let err = validate_name(bad).unwrap_err();
-            assert!(
-                err.to_string().contains("1 to 63 characters"),
-                "{bad:?}: {err}"
-            );
+            assert!(err.to_string().contains("1 to 63 characters"), "{bad:?}: {err}");
         }
     }
 
@@ -977,10 +805,7 @@ mod tests {
     #[test]
     fn fingerprint_format() {
         let fp = fingerprint(&CertificateDer::from(b"abc".to_vec()));
-        assert_eq!(
-            fp,
-            "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(fp, "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
     }
 
     #[test]
@@ -996,9 +821,7 @@ mod tests {
              issue one with `farm ca issue`"
         );
         let err = rustls::Error::InvalidCertificate(CertificateError::BadSignature);
-        assert!(
-            refusal_message(&cert, &err).contains("not signed by this farm's CA (BadSignature)")
-        );
+        assert!(refusal_message(&cert, &err).contains("not signed by this farm's CA (BadSignature)"));
         let garbage = CertificateDer::from(b"garbage".to_vec());
         assert!(refusal_message(&garbage, &err).starts_with("refused a peer: "));
     }
@@ -1008,8 +831,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         init_ca(tmp.path(), &[]).unwrap();
         issue(tmp.path(), Role::Agent, "pi-4", false).unwrap();
-        let server =
-            server_config(&load_credentials(tmp.path(), COORDINATOR_NAME).unwrap()).unwrap();
+        let server = server_config(&load_credentials(tmp.path(), COORDINATOR_NAME).unwrap()).unwrap();
         assert_eq!(server.alpn_protocols, vec![ALPN.to_vec()]);
         let client = client_config(&load_credentials(tmp.path(), "pi-4").unwrap()).unwrap();
         assert_eq!(client.alpn_protocols, vec![ALPN.to_vec()]);

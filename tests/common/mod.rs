@@ -96,11 +96,9 @@ impl Proc {
             match self.rx.recv_timeout(left) {
                 Ok(l) if matches(&l) => return l,
                 Ok(_) => {}
-                Err(_) => panic!(
-                    "{}: no log line with {needles:?} within {timeout:?}; its log:\n{}",
-                    self.name,
-                    self.log()
-                ),
+                Err(_) => {
+                    panic!("{}: no log line with {needles:?} within {timeout:?}; its log:\n{}", self.name, self.log())
+                }
             }
         }
     }

@@ -92,10 +92,7 @@ mod tests {
 
     #[test]
     fn round_trip_through_decoder_in_small_pieces() {
-        let msgs = vec![
-            AgentMsg::Heartbeat(Heartbeat { busy: 1 }),
-            AgentMsg::Heartbeat(Heartbeat { busy: 7 }),
-        ];
+        let msgs = vec![AgentMsg::Heartbeat(Heartbeat { busy: 1 }), AgentMsg::Heartbeat(Heartbeat { busy: 7 })];
         let mut wire = Vec::new();
         for m in &msgs {
             wire.extend(encode(m, DEFAULT_MAX_FRAME).unwrap());

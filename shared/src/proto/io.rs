@@ -31,7 +31,10 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<O
 }
 
 /// Reads one message; `Ok(None)` at a clean end of stream.
-pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(r: &mut R, max: usize) -> Result<Option<T>, ProtoError> {
+pub async fn read_msg<T: DeserializeOwned, R: AsyncRead + Unpin>(
+    r: &mut R,
+    max: usize,
+) -> Result<Option<T>, ProtoError> {
     match read_frame(r, max).await? {
         Some(payload) => frame::decode(&payload).map(Some),
         None => Ok(None),
@@ -84,6 +87,9 @@ mod tests {
         let mut big = &wire[..];
         assert!(matches!(read_frame(&mut big, 3).await, Err(ProtoError::FrameTooLarge { .. })));
         let mut empty: &[u8] = &[];
-        assert!(matches!(expect_msg::<Request, _>(&mut empty, 1024, "a request").await, Err(ProtoError::Closed("a request"))));
+        assert!(matches!(
+            expect_msg::<Request, _>(&mut empty, 1024, "a request").await,
+            Err(ProtoError::Closed("a request"))
+        ));
     }
 }
