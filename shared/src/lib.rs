@@ -13,12 +13,14 @@
 //! they are plain functions tested without sockets or processes.
 
 pub mod client;
+pub mod digest;
 pub mod host;
 pub mod platform;
 pub mod proto;
 pub mod quic;
 pub mod tls;
 
+pub use digest::Digest;
 pub use platform::Platform;
 
 /// farm's own version, reported in the handshake and by agents when they register.
