@@ -11,6 +11,7 @@
 pub mod driver;
 pub mod fleet;
 pub mod net;
+pub mod sched;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 

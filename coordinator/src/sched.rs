@@ -1,0 +1,216 @@
+//! Where a task runs: a pure function of the task's needs and the agents' current state.
+//!
+//! The rule farm exists for: a platform goes to an agent that runs it **natively** whenever such
+//! an agent is connected, even if that means queueing behind its current work, because an
+//! emulated build is several times slower than waiting for a native slot. Only when no connected
+//! agent runs the platform natively does a task go to one that emulates it, and never when the
+//! build says `--emulation never`. Labels the build requires filter every candidate. Among equal
+//! candidates: free slots first, then the agent that last built this context for this platform
+//! (its layer cache is warm), then the most free slots, then the name (deterministic).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use shared::Platform;
+
+/// Whether a build may fall back to QEMU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum Emulation {
+    #[default]
+    Fallback,
+    Never,
+}
+
+/// One online agent as the scheduler sees it.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub name: &'a str,
+    pub native: &'a [Platform],
+    pub emulated: &'a [Platform],
+    pub labels: &'a BTreeMap<String, String>,
+    /// Capacity minus tasks assigned to it.
+    pub free: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    Run { agent: String, emulated: bool },
+    /// Nothing can take it now; the reason is shown to the user as is.
+    Wait(String),
+}
+
+pub struct Need<'a> {
+    pub platform: &'a Platform,
+    pub require: &'a BTreeMap<String, String>,
+    pub emulation: Emulation,
+    /// The agent that last built the same context for this platform, if any.
+    pub warm: Option<&'a str>,
+}
+
+pub fn place<'a>(need: &Need<'_>, agents: impl IntoIterator<Item = Candidate<'a>> + Clone) -> Placement {
+    let p = need.platform;
+    let labelled = || {
+        agents.clone().into_iter().filter(|a| need.require.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
+    };
+    let natives: Vec<Candidate> = labelled().filter(|a| a.native.contains(p)).collect();
+    if !natives.is_empty() {
+        return pick(need, &natives, false).unwrap_or_else(|| {
+            Placement::Wait(format!("waiting for a free native {p} agent ({} busy)", names(&natives)))
+        });
+    }
+    let emulators: Vec<Candidate> = labelled().filter(|a| a.emulated.contains(p)).collect();
+    let labels = describe(need.require);
+    match need.emulation {
+        Emulation::Never if emulators.is_empty() => {
+            Placement::Wait(format!("waiting for an agent that runs {p} natively{labels}; none is connected"))
+        }
+        Emulation::Never => Placement::Wait(format!(
+            "waiting for an agent that runs {p} natively{labels}; {} could emulate it but --emulation never forbids it",
+            names(&emulators)
+        )),
+        Emulation::Fallback if emulators.is_empty() => {
+            Placement::Wait(format!("waiting for an agent that runs or emulates {p}{labels}; none is connected"))
+        }
+        Emulation::Fallback => pick(need, &emulators, true).unwrap_or_else(|| {
+            Placement::Wait(format!(
+                "waiting for a free agent to emulate {p} (no native agent connected; {} busy)",
+                names(&emulators)
+            ))
+        }),
+    }
+}
+
+fn pick(need: &Need<'_>, candidates: &[Candidate<'_>], emulated: bool) -> Option<Placement> {
+    candidates
+        .iter()
+        .filter(|a| a.free > 0)
+        .max_by(|a, b| {
+            let warm = |c: &Candidate| need.warm == Some(c.name);
+            (warm(a), a.free).cmp(&(warm(b), b.free)).then_with(|| b.name.cmp(a.name))
+        })
+        .map(|a| Placement::Run { agent: a.name.to_string(), emulated })
+}
+
+fn names(c: &[Candidate<'_>]) -> String {
+    c.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
+}
+
+fn describe(require: &BTreeMap<String, String>) -> String {
+    if require.is_empty() {
+        return String::new();
+    }
+    let l: Vec<String> = require.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(" with labels {}", l.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(s: &str) -> Platform {
+        s.parse().unwrap()
+    }
+
+    struct A {
+        name: &'static str,
+        native: Vec<Platform>,
+        emulated: Vec<Platform>,
+        labels: BTreeMap<String, String>,
+        free: u32,
+    }
+
+    fn x86(name: &'static str, free: u32) -> A {
+        A {
+            name,
+            native: vec![p("linux/amd64"), p("linux/386")],
+            emulated: vec![p("linux/arm64"), p("linux/arm/v7"), p("linux/arm/v6")],
+            labels: BTreeMap::new(),
+            free,
+        }
+    }
+
+    fn arm(name: &'static str, plat: &str, free: u32) -> A {
+        A { name, native: vec![p(plat)], emulated: vec![], labels: BTreeMap::new(), free }
+    }
+
+    fn cands(agents: &[A]) -> Vec<Candidate<'_>> {
+        agents
+            .iter()
+            .map(|a| Candidate { name: a.name, native: &a.native, emulated: &a.emulated, labels: &a.labels, free: a.free })
+            .collect()
+    }
+
+    fn run(agent: &str, emulated: bool) -> Placement {
+        Placement::Run { agent: agent.into(), emulated }
+    }
+
+    fn need<'a>(platform: &'a Platform, require: &'a BTreeMap<String, String>) -> Need<'a> {
+        Need { platform, require, emulation: Emulation::Fallback, warm: None }
+    }
+
+    #[test]
+    fn each_platform_goes_to_its_native_agent() {
+        let agents = [x86("x86", 1), arm("pi64", "linux/arm64", 1), arm("pi32", "linux/arm/v7", 1)];
+        let none = BTreeMap::new();
+        for (plat, agent) in [("linux/amd64", "x86"), ("linux/arm64", "pi64"), ("linux/arm/v7", "pi32")] {
+            assert_eq!(place(&need(&p(plat), &none), cands(&agents)), run(agent, false), "{plat}");
+        }
+    }
+
+    #[test]
+    fn a_busy_native_agent_is_waited_for_rather_than_emulating() {
+        let agents = [x86("x86", 1), arm("pi64", "linux/arm64", 0)];
+        let none = BTreeMap::new();
+        let got = place(&need(&p("linux/arm64"), &none), cands(&agents));
+        assert_eq!(got, Placement::Wait("waiting for a free native linux/arm64 agent (pi64 busy)".into()));
+    }
+
+    #[test]
+    fn emulation_only_without_a_native_agent_and_never_when_forbidden() {
+        let agents = [x86("x86", 1)];
+        let none = BTreeMap::new();
+        let v7 = p("linux/arm/v7");
+        assert_eq!(place(&need(&v7, &none), cands(&agents)), run("x86", true));
+        let never = Need { emulation: Emulation::Never, ..need(&v7, &none) };
+        assert_eq!(
+            place(&never, cands(&agents)),
+            Placement::Wait(
+                "waiting for an agent that runs linux/arm/v7 natively; x86 could emulate it but --emulation never forbids it"
+                    .into()
+            )
+        );
+        let riscv = p("linux/riscv64");
+        assert_eq!(
+            place(&need(&riscv, &none), cands(&agents)),
+            Placement::Wait("waiting for an agent that runs or emulates linux/riscv64; none is connected".into())
+        );
+    }
+
+    #[test]
+    fn required_labels_filter_candidates() {
+        let mut jetson = arm("jetson", "linux/arm64", 1);
+        jetson.labels.insert("gpu".into(), "nvidia".into());
+        let agents = [arm("pi64", "linux/arm64", 4), jetson, x86("x86", 1)];
+        let gpu: BTreeMap<String, String> = [("gpu".to_string(), "nvidia".to_string())].into();
+        assert_eq!(place(&need(&p("linux/arm64"), &gpu), cands(&agents)), run("jetson", false));
+        assert_eq!(
+            place(&need(&p("linux/amd64"), &gpu), cands(&agents)),
+            Placement::Wait("waiting for an agent that runs or emulates linux/amd64 with labels gpu=nvidia; none is connected".into())
+        );
+    }
+
+    #[test]
+    fn free_slots_then_warm_cache_then_most_free_then_name() {
+        let none = BTreeMap::new();
+        let plat = p("linux/arm64");
+        let agents = [arm("a", "linux/arm64", 1), arm("b", "linux/arm64", 2), arm("c", "linux/arm64", 0)];
+        assert_eq!(place(&need(&plat, &none), cands(&agents)), run("b", false));
+        let warm_a = Need { warm: Some("a"), ..need(&plat, &none) };
+        assert_eq!(place(&warm_a, cands(&agents)), run("a", false));
+        // A warm but full agent does not win over a free one.
+        let warm_c = Need { warm: Some("c"), ..need(&plat, &none) };
+        assert_eq!(place(&warm_c, cands(&agents)), run("b", false));
+        let tie = [arm("z", "linux/arm64", 1), arm("m", "linux/arm64", 1)];
+        assert_eq!(place(&need(&plat, &none), cands(&tie)), run("m", false));
+    }
+}
