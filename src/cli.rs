@@ -31,6 +31,11 @@ pub enum Command {
     Agent(AgentArgs),
     /// List the agents the coordinator knows, with their platforms and state
     Agents(AgentsArgs),
+    /// Build an image for several platforms on the farm and push one image index
+    ///
+    /// Without a configured coordinator, runs a coordinator and an agent inside this process
+    /// (this machine's native platform plus whatever its QEMU handlers emulate).
+    Build(Box<BuildArgs>),
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,4 +154,62 @@ pub struct AgentsArgs {
     /// Output format: a table for people, json for scripts
     #[arg(long, value_enum, default_value_t = Format::Table)]
     pub format: Format,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum Progress {
+    /// A live view on a terminal, plain lines otherwise
+    Auto,
+    /// One line per event, prefixed with the platform
+    Plain,
+    /// One JSON object per event on stdout
+    Json,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum EmulationArg {
+    /// Use QEMU only for platforms no connected native agent runs
+    Fallback,
+    /// Never emulate: wait for a native agent
+    Never,
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// Target platforms, comma-separated or repeated (e.g. linux/amd64,linux/arm64,linux/arm/v7)
+    /// [default: this machine's platform]
+    #[arg(long = "platform", value_name = "PLATFORMS")]
+    pub platforms: Vec<String>,
+    /// Image reference to push the result as, REGISTRY/REPOSITORY:TAG (repeatable, one repository)
+    #[arg(short = 't', long = "tag", value_name = "REF")]
+    pub tags: Vec<String>,
+    /// The Dockerfile [default: CONTEXT/Dockerfile]
+    #[arg(short = 'f', long = "file", value_name = "PATH")]
+    pub file: Option<PathBuf>,
+    /// Build-time variable KEY=VALUE, or KEY to take its value from the environment (repeatable)
+    #[arg(long = "build-arg", value_name = "KEY=VALUE")]
+    pub build_args: Vec<String>,
+    /// The build stage to build
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Do not use cached layers
+    #[arg(long)]
+    pub no_cache: bool,
+    /// How to show progress
+    #[arg(long, value_enum, default_value_t = Progress::Auto)]
+    pub progress: Progress,
+    /// Whether platforms without a native agent may be built under QEMU
+    #[arg(long, value_enum, default_value_t = EmulationArg::Fallback)]
+    pub emulation: EmulationArg,
+    /// Only use agents with this label KEY=VALUE, e.g. gpu=nvidia (repeatable)
+    #[arg(long = "require", value_name = "KEY=VALUE")]
+    pub require: Vec<String>,
+    /// A registry to reach over plain HTTP, HOST:PORT (repeatable); all others use HTTPS
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+    /// The build context: a directory
+    #[arg(value_name = "CONTEXT")]
+    pub context: PathBuf,
 }

@@ -26,6 +26,9 @@ pub struct FileConfig {
     #[serde(default)]
     pub platforms: PlatformsFile,
     pub transport: Option<shared::quic::TransportLimits>,
+    /// `host:port` registries reached over plain HTTP.
+    #[serde(default)]
+    pub insecure_registries: Vec<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

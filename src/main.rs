@@ -1,8 +1,11 @@
 //! The `farm` binary: flags in, library calls out. `main` is the one place errors become exit codes.
 
+mod build;
 mod cli;
 mod config;
+mod embedded;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,7 +17,7 @@ use cli::{AgentArgs, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Agents(_) | Command::Ca(_));
+    let quiet = matches!(cli.command, Command::Agents(_) | Command::Ca(_) | Command::Build(_));
     init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -54,6 +57,7 @@ async fn dispatch(command: Command) -> Result<()> {
         }
         Command::Coordinator(args) => coordinator(args).await,
         Command::Agent(args) => agent(args).await,
+        Command::Build(args) => build::run(*args).await,
         Command::Agents(args) => {
             let client = connect(&args.client).await?;
             let resp = client.request(&shared::proto::Request::ListAgents).await?;

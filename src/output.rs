@@ -3,7 +3,8 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Result;
-use shared::proto::AgentView;
+use shared::proto::{AgentView, PlatformResult};
+use shared::Digest;
 
 use crate::cli::Format;
 
@@ -74,4 +75,46 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
         out += &line(r.iter().map(String::as_str).collect());
     }
     out
+}
+
+/// The end of a successful build: the index, where it went, and one row per platform.
+pub fn build_summary(
+    index: &Digest,
+    tags: &[String],
+    platforms: &[PlatformResult],
+    mode: fn(&PlatformResult) -> &'static str,
+) -> String {
+    let mut out = format!("pushed image index {index}\n");
+    for t in tags {
+        out += &format!("  as {t}\n");
+    }
+    let rows: Vec<[String; 5]> = platforms
+        .iter()
+        .map(|r| {
+            [
+                r.platform.to_string(),
+                r.manifest.digest.to_string(),
+                r.agent.clone(),
+                mode(r).to_string(),
+                format!("{:.1}s", r.duration_ms as f64 / 1000.0),
+            ]
+        })
+        .collect();
+    out += &table(&["PLATFORM", "MANIFEST", "AGENT", "MODE", "DURATION"], &rows);
+    out.trim_end().to_string()
+}
+
+pub fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }

@@ -1,7 +1,16 @@
-//! The program that turns a context into an image. Only buildah for now (daemonless, runs as a
-//! plain process per build); the interface is small so docker buildx or BuildKit can follow.
+//! The program that turns a context into an image. buildah for now (daemonless: one plain
+//! process tree per build, its own storage root per agent); the [`Builder`] trait is small so that
+//! docker buildx or BuildKit can follow, and so that control-plane tests can use a scripted double.
 
-use std::process::Command;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::process::Stdio;
+
+use shared::Platform;
+use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuilderInfo {
@@ -15,22 +24,170 @@ pub enum BuilderError {
     Missing(std::io::Error),
     #[error("`buildah --version` failed: {0}")]
     Version(String),
+    #[error("cannot start buildah: {0}")]
+    Spawn(std::io::Error),
+    #[error("{0}")]
+    Failed(String),
+    #[error("cannot prepare the build in {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// One platform's build, as the agent hands it to its builder.
+#[derive(Debug)]
+pub struct Job<'a> {
+    pub context: &'a Path,
+    pub dockerfile: &'a str,
+    pub platform: &'a Platform,
+    pub build_args: &'a [(String, String)],
+    pub target: Option<&'a str>,
+    pub no_cache: bool,
+    pub insecure_registries: &'a [String],
+    /// Where to write the result as an OCI image layout.
+    pub output: &'a Path,
+    /// A name unique to this task, for the builder's local image.
+    pub name: &'a str,
+}
+
+pub type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BuilderError>> + Send + 'a>>;
+
+pub trait Builder: Send + Sync {
+    fn info(&self) -> &BuilderInfo;
+    /// Builds `job`, sending log lines as they happen. Dropping the future stops the build.
+    fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> BuildFuture<'a>;
+}
+
+/// buildah with its own storage under the agent's work directory, chroot isolation (works as
+/// root without cgroup delegation), and layer caching between builds.
+pub struct Buildah {
+    info: BuilderInfo,
+    root: PathBuf,
 }
 
 /// Finds buildah and its version (`buildah version 1.28.2 (image-spec ...)`).
-pub fn detect() -> Result<BuilderInfo, BuilderError> {
-    let out = Command::new("buildah").arg("--version").output().map_err(BuilderError::Missing)?;
+pub fn detect(work_dir: &Path) -> Result<Buildah, BuilderError> {
+    let out = std::process::Command::new("buildah").arg("--version").output().map_err(BuilderError::Missing)?;
     if !out.status.success() {
         return Err(BuilderError::Version(String::from_utf8_lossy(&out.stderr).trim().to_string()));
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let version = parse_version(&text).ok_or_else(|| BuilderError::Version(format!("unexpected output {text:?}")))?;
-    Ok(BuilderInfo { name: "buildah".into(), version })
+    Ok(Buildah { info: BuilderInfo { name: "buildah".into(), version }, root: work_dir.join("buildah") })
 }
 
 fn parse_version(text: &str) -> Option<String> {
     let mut words = text.split_whitespace();
     (words.next()? == "buildah" && words.next()? == "version").then(|| words.next().map(str::to_string))?
+}
+
+impl Buildah {
+    fn command(&self) -> Command {
+        let mut cmd = Command::new("buildah");
+        cmd.arg("--root")
+            .arg(self.root.join("storage"))
+            .arg("--runroot")
+            .arg(self.root.join("run"))
+            .arg("--storage-driver")
+            .arg("overlay")
+            .env("BUILDAH_ISOLATION", "chroot")
+            .env("TMPDIR", self.root.join("tmp"))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// buildah reads plain-HTTP registries from a registries.conf; this one lists the build's.
+    fn registries_conf(&self, job: &Job<'_>) -> Result<PathBuf, BuilderError> {
+        let path = job.output.with_extension("registries.conf");
+        let mut text =
+            String::from("unqualified-search-registries = [\"docker.io\"]\nshort-name-mode = \"permissive\"\n");
+        for r in job.insecure_registries {
+            text += &format!("\n[[registry]]\nlocation = {r:?}\ninsecure = true\n");
+        }
+        std::fs::write(&path, text).map_err(|source| BuilderError::Io { path: path.clone(), source })?;
+        Ok(path)
+    }
+}
+
+impl Builder for Buildah {
+    fn info(&self) -> &BuilderInfo {
+        &self.info
+    }
+
+    fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> BuildFuture<'a> {
+        Box::pin(async move {
+            let tmp = self.root.join("tmp");
+            std::fs::create_dir_all(&tmp).map_err(|source| BuilderError::Io { path: tmp, source })?;
+            let conf = self.registries_conf(&job)?;
+            for warning in dockerfile_warnings(&job.context.join(job.dockerfile)) {
+                let _ = log.send(warning);
+            }
+            let mut build = self.command();
+            build.env("CONTAINERS_REGISTRIES_CONF", &conf).arg("build").arg("--layers");
+            build.arg("--platform").arg(job.platform.to_string());
+            build.arg("-f").arg(job.context.join(job.dockerfile));
+            for (k, v) in job.build_args {
+                build.arg("--build-arg").arg(format!("{k}={v}"));
+            }
+            if let Some(t) = job.target {
+                build.arg("--target").arg(t);
+            }
+            if job.no_cache {
+                build.arg("--no-cache");
+            }
+            build.arg("--tag").arg(job.name).arg(job.context);
+            run(build, &log, "buildah build").await?;
+            let mut push = self.command();
+            push.arg("push").arg("--format").arg("oci").arg(job.name).arg(format!("oci:{}", job.output.display()));
+            run(push, &log, "buildah push").await?;
+            let mut rmi = self.command();
+            rmi.arg("rmi").arg(job.name);
+            let _ = run(rmi, &mpsc::unbounded_channel().0, "buildah rmi").await;
+            Ok(())
+        })
+    }
+}
+
+/// Runs a builder command, streaming its stdout and stderr line by line.
+async fn run(mut cmd: Command, log: &mpsc::UnboundedSender<String>, what: &str) -> Result<(), BuilderError> {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(BuilderError::Spawn)?;
+    let out = pump(child.stdout.take().expect("piped"), log.clone());
+    let err = pump(child.stderr.take().expect("piped"), log.clone());
+    let (status, _, _) = tokio::join!(child.wait(), out, err);
+    let status = status.map_err(BuilderError::Spawn)?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(BuilderError::Failed(format!("{what} failed ({status})")))
+    }
+}
+
+async fn pump(stream: impl AsyncRead + Unpin, log: mpsc::UnboundedSender<String>) {
+    let mut lines = BufReader::new(stream).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        if !is_noise(&line) {
+            let _ = log.send(line);
+        }
+    }
+}
+
+/// buildah 1.28 warns that the automatic platform arguments are "missing" although it sets them.
+fn is_noise(line: &str) -> bool {
+    line.contains("missing \\\"TARGET") || line.contains("missing \\\"BUILD")
+}
+
+/// Known buildah pitfalls, told to the user in the build log.
+fn dockerfile_warnings(dockerfile: &Path) -> Vec<String> {
+    let Ok(text) = std::fs::read_to_string(dockerfile) else { return vec![] };
+    let from_platform = text.lines().any(|l| {
+        let l = l.trim_start().to_ascii_uppercase();
+        l.starts_with("FROM") && l.contains("--PLATFORM")
+    });
+    if from_platform {
+        vec!["farm: warning: buildah 1.28 ignores `FROM --platform=...`; every stage builds for the target platform"
+            .into()]
+    } else {
+        vec![]
+    }
 }
 
 #[cfg(test)]
@@ -40,5 +197,11 @@ mod tests {
         let v = super::parse_version("buildah version 1.28.2 (image-spec 1.0.2-dev, runtime-spec 1.0.2-dev)\n");
         assert_eq!(v.as_deref(), Some("1.28.2"));
         assert_eq!(super::parse_version("podman version 4"), None);
+    }
+
+    #[test]
+    fn buildah_noise_is_filtered() {
+        assert!(super::is_noise(r#"level=warning msg="missing \"TARGETPLATFORM\" build argument. Try adding ...""#));
+        assert!(!super::is_noise("STEP 1/3: FROM busybox"));
     }
 }

@@ -4,7 +4,8 @@
 //!
 //! - [`session`]: pure pieces: the registration an agent sends, reconnect backoff;
 //! - [`builder`]: the builder this agent drives (buildah), behind a small interface;
-//! - [`net`]: the connection loop over QUIC.
+//! - [`task`]: one assignment: context, build, push by digest;
+//! - [`net`]: the connection loop over QUIC, running assignments as they come.
 //!
 //! Entry point: [`run`] with a shutdown future, used alike by the binary, tests and the
 //! embedded single-machine mode.
@@ -12,9 +13,14 @@
 pub mod builder;
 pub mod net;
 pub mod session;
+pub mod task;
 
 use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};
 
+use std::sync::Arc;
+
+use builder::Builder as _;
+use shared::context::{BlobStore, ContextError};
 use shared::quic::TransportLimits;
 use shared::tls::{self, Role, TlsError};
 use shared::Platform;
@@ -79,6 +85,8 @@ pub enum AgentError {
     WorkDir { path: PathBuf, source: std::io::Error },
     #[error(transparent)]
     Builder(#[from] builder::BuilderError),
+    #[error("agent work directory: {0}")]
+    Store(#[from] ContextError),
     #[error("agent {name:?} can build no platform: nothing native detected or configured")]
     NoPlatforms { name: String },
 }
@@ -92,9 +100,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     }
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|source| AgentError::WorkDir { path: config.work_dir.clone(), source })?;
-    let builder = builder::detect()?;
+    let builder = builder::detect(&config.work_dir)?;
     let host = shared::host::detect(&config.binfmt_dir);
-    let info = session::agent_info(&config, host, &builder);
+    let info = session::agent_info(&config, host, builder.info());
     if info.native.is_empty() && info.emulated.is_empty() {
         return Err(AgentError::NoPlatforms { name: config.name.clone() });
     }
@@ -105,6 +113,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         builder = %format!("{} {}", info.builder, info.builder_version),
         "agent starting"
     );
-    net::run(&config, &creds, &info, shutdown).await;
+    let store = BlobStore::open(&config.work_dir.join("blobs"))?;
+    let runner = Arc::new(task::Runner {
+        name: config.name.clone(),
+        work_dir: config.work_dir.clone(),
+        store,
+        builder: Arc::new(builder),
+        max_frame: config.max_frame_bytes,
+    });
+    net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
     Ok(())
 }

@@ -101,6 +101,16 @@ impl Fleet {
         self.agents.values().filter(|a| a.conn.is_some()).map(|a| a.last_seen + self.timeout_ms).min()
     }
 
+    /// The connection an online agent is registered on.
+    pub fn conn_of(&self, name: &str) -> Option<ConnId> {
+        self.agents.get(name).and_then(|a| a.conn)
+    }
+
+    /// Online agents with what they registered.
+    pub fn online(&self) -> impl Iterator<Item = (&str, &AgentInfo)> + Clone {
+        self.agents.iter().filter(|(_, a)| a.conn.is_some()).map(|(n, a)| (n.as_str(), &a.info))
+    }
+
     pub fn is_online(&self, name: &str) -> bool {
         self.agents.get(name).is_some_and(|a| a.conn.is_some())
     }

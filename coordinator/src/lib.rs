@@ -2,12 +2,15 @@
 //!
 //! Layers, one per file, from the pure core outwards:
 //! - [`fleet`]: agents, their platforms and liveness, as a state machine over `now`;
+//! - [`sched`]: where a task runs (native first, QEMU only as a fallback), a pure function;
+//! - [`core`]: builds and tasks: submit, assign, retry, fence, stitch; pure, actions out;
 //! - [`driver`]: the single task that owns the core, feeds it events and executes what it decides;
-//! - [`net`]: QUIC accept loop, handshake, per-peer tasks; turns bytes into driver events.
+//! - [`net`]: QUIC accept loop, handshake, per-peer tasks, context transfer; bytes into events.
 //!
 //! Entry point: [`Coordinator::bind`] then [`Coordinator::run`] with a shutdown future, as in
 //! mini-redis, so the binary, the tests and the embedded single-machine mode all start it alike.
 
+pub mod core;
 pub mod driver;
 pub mod fleet;
 pub mod net;
@@ -15,6 +18,9 @@ pub mod sched;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
+use std::sync::Arc;
+
+use shared::context::{BlobStore, ContextError, ContextLimits};
 use shared::quic::{QuicError, TransportLimits};
 use shared::tls::{self, TlsError};
 
@@ -29,6 +35,9 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     pub max_frame_bytes: usize,
     pub transport: TransportLimits,
+    /// How often a task is handed out before its build fails.
+    pub max_attempts: u32,
+    pub context_limits: ContextLimits,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -43,6 +52,8 @@ impl Config {
             heartbeat_timeout: DEFAULT_HEARTBEAT_TIMEOUT,
             max_frame_bytes: shared::proto::DEFAULT_MAX_FRAME,
             transport: TransportLimits::default(),
+            max_attempts: 3,
+            context_limits: ContextLimits::default(),
         }
     }
 }
@@ -55,12 +66,15 @@ pub enum CoordinatorError {
     Quic(#[from] QuicError),
     #[error("cannot create state directory {path}: {source}")]
     StateDir { path: PathBuf, source: std::io::Error },
+    #[error("content store: {0}")]
+    Store(#[from] ContextError),
 }
 
 /// A coordinator bound to its address, not yet serving.
 pub struct Coordinator {
     config: Config,
     endpoint: quinn::Endpoint,
+    store: Arc<BlobStore>,
 }
 
 impl Coordinator {
@@ -69,7 +83,8 @@ impl Coordinator {
             .map_err(|source| CoordinatorError::StateDir { path: config.state_dir.clone(), source })?;
         let creds = tls::load_credentials(&config.ca_dir, tls::COORDINATOR_NAME)?;
         let endpoint = shared::quic::server_endpoint(config.listen, &creds, &config.transport)?;
-        Ok(Self { config, endpoint })
+        let store = Arc::new(BlobStore::open(&config.state_dir.join("blobs"))?);
+        Ok(Self { config, endpoint, store })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -81,8 +96,13 @@ impl Coordinator {
         let addr = self.local_addr();
         tracing::info!(%addr, "coordinator listening (QUIC, mutual TLS)");
         let (events, rx) = tokio::sync::mpsc::channel(1024);
-        let driver = tokio::spawn(driver::Driver::new(&self.config).run(rx));
-        let net = net::Net { max_frame: self.config.max_frame_bytes, events };
+        let driver = tokio::spawn(driver::Driver::new(&self.config, events.clone()).run(rx));
+        let net = net::Net {
+            max_frame: self.config.max_frame_bytes,
+            events,
+            store: self.store.clone(),
+            limits: self.config.context_limits.clone(),
+        };
         tokio::select! {
             () = net.serve(self.endpoint.clone()) => {}
             () = shutdown => tracing::info!("coordinator shutting down"),

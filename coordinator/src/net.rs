@@ -1,13 +1,19 @@
 //! Where QUIC connections become driver events. Every connection first proves its identity (the
 //! TLS layer has already checked its certificate against the farm's CA), then passes the version
-//! handshake, then is served by role: agents hold one control stream, clients open one stream per
-//! request. A misbehaving connection only ever costs its own task.
+//! handshake, then is served by role: an agent holds one control stream and may open request
+//! streams to fetch contexts; a client opens one stream per request. A misbehaving connection
+//! only ever costs its own task.
+//!
+//! Context files move here, not through the driver: they are bulk I/O against the content store,
+//! and the driver must never wait on a disk or a slow peer.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use shared::proto::io::{expect_msg, read_msg, write_msg};
-use shared::proto::{AgentMsg, Hello, HelloReply, ProtoError, Request, Response};
+use shared::context::{BlobStore, ContextLimits, ContextManifest};
+use shared::proto::io::{expect_msg, read_msg, read_raw, write_msg, write_raw};
+use shared::proto::{AgentMsg, BlobHeader, Hello, HelloReply, ProtoError, Request, Response};
 use shared::tls::{Identity, Role};
 use tokio::sync::{mpsc, oneshot};
 
@@ -17,9 +23,12 @@ use crate::fleet::ConnId;
 /// How long a new connection may take to open its first stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+#[derive(Clone)]
 pub struct Net {
     pub max_frame: usize,
     pub events: mpsc::Sender<Event>,
+    pub store: Arc<BlobStore>,
+    pub limits: ContextLimits,
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -28,41 +37,17 @@ impl Net {
     pub async fn serve(&self, endpoint: quinn::Endpoint) {
         while let Some(incoming) = endpoint.accept().await {
             let conn_id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
-            let peer = Peer { max_frame: self.max_frame, events: self.events.clone(), conn_id };
+            let net = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                if let Err(e) = peer.handle(incoming).await {
+                if let Err(e) = net.handle(incoming, conn_id).await {
                     tracing::warn!(%remote, "connection ended: {e}");
                 }
             });
         }
     }
-}
 
-struct Peer {
-    max_frame: usize,
-    events: mpsc::Sender<Event>,
-    conn_id: ConnId,
-}
-
-#[derive(Debug, thiserror::Error)]
-enum PeerError {
-    #[error("TLS handshake failed: {0}")]
-    Handshake(quinn::ConnectionError),
-    #[error("{0}")]
-    Quic(#[from] shared::quic::QuicError),
-    #[error("{0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("{0}")]
-    Proto(#[from] ProtoError),
-    #[error("no hello within {0:?}")]
-    HandshakeTimeout(Duration),
-    #[error("{0}")]
-    Refused(String),
-}
-
-impl Peer {
-    async fn handle(self, incoming: quinn::Incoming) -> Result<(), PeerError> {
+    async fn handle(self, incoming: quinn::Incoming, conn_id: ConnId) -> Result<(), PeerError> {
         let conn = incoming.await.map_err(PeerError::Handshake)?;
         let identity = shared::quic::peer_identity(&conn)?;
         let address = conn.remote_address().to_string();
@@ -73,10 +58,7 @@ impl Peer {
             write_msg(&mut send, &reply, self.max_frame).await?;
             if !reply.accepted {
                 let _ = send.finish();
-                return Err(PeerError::Refused(format!(
-                    "{} {:?} refused: {}",
-                    identity.role, identity.name, reply.message
-                )));
+                return Err(PeerError::Refused(format!("{identity} refused: {}", reply.message)));
             }
             Ok::<_, PeerError>((send, recv))
         })
@@ -84,24 +66,30 @@ impl Peer {
         .map_err(|_| PeerError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
 
         match identity.role {
-            Role::Agent => self.agent(conn, identity, address, &mut send, &mut recv).await,
+            Role::Agent => {
+                let requests = tokio::spawn(self.clone().requests(conn.clone(), identity.clone()));
+                let r = self.agent(conn, identity, address, conn_id, &mut send, &mut recv).await;
+                requests.abort();
+                r
+            }
             Role::Client | Role::Admin => {
                 let _ = send.finish();
-                self.client(conn, identity).await
+                self.requests(conn, identity).await
             }
             Role::Coordinator => {
                 conn.close(1u32.into(), b"a coordinator certificate cannot connect to a coordinator");
-                Err(PeerError::Refused(format!("peer {:?} presented a coordinator certificate", identity.name)))
+                Err(PeerError::Refused(format!("{identity} presented a coordinator certificate")))
             }
         }
     }
 
-    /// One agent's control stream: registration, then heartbeats up and commands down.
+    /// One agent's control stream: registration, then its messages up and commands down.
     async fn agent(
         &self,
         conn: quinn::Connection,
         identity: Identity,
         address: String,
+        conn_id: ConnId,
         send: &mut quinn::SendStream,
         recv: &mut quinn::RecvStream,
     ) -> Result<(), PeerError> {
@@ -115,8 +103,7 @@ impl Peer {
                 }));
             }
         };
-        let (link, mut outbound) = mpsc::channel(64);
-        let conn_id = self.conn_id;
+        let (link, mut outbound) = mpsc::unbounded_channel();
         let up = Event::AgentUp { name: name.clone(), conn: conn_id, address, info, link };
         if self.events.send(up).await.is_err() {
             return Ok(());
@@ -150,8 +137,8 @@ impl Peer {
         result
     }
 
-    /// A client opens one bi-stream per request.
-    async fn client(&self, conn: quinn::Connection, identity: Identity) -> Result<(), PeerError> {
+    /// Request streams, one request each, served concurrently.
+    async fn requests(self, conn: quinn::Connection, identity: Identity) -> Result<(), PeerError> {
         loop {
             let (mut send, mut recv) = match conn.accept_bi().await {
                 Ok(s) => s,
@@ -160,26 +147,145 @@ impl Peer {
                 }
                 Err(e) => return Err(e.into()),
             };
-            let events = self.events.clone();
+            let net = self.clone();
             let peer = identity.clone();
-            let max = self.max_frame;
             tokio::spawn(async move {
                 let result = async {
-                    let req: Request = expect_msg(&mut recv, max, "a request").await?;
-                    let (reply, rx) = oneshot::channel();
-                    let resp = match events.send(Event::Request { peer, req, reply }).await {
-                        Ok(()) => rx.await.unwrap_or_else(|_| Response::Error("coordinator is shutting down".into())),
-                        Err(_) => Response::Error("coordinator is shutting down".into()),
-                    };
-                    write_msg(&mut send, &resp, max).await?;
+                    let req: Request = expect_msg(&mut recv, net.max_frame, "a request").await?;
+                    net.request(peer, req, &mut send, &mut recv).await?;
                     let _ = send.finish();
                     Ok::<_, ProtoError>(())
                 }
                 .await;
                 if let Err(e) = result {
+                    let _ = write_msg(&mut send, &Response::Error(e.to_string()), net.max_frame).await;
                     tracing::debug!("request stream failed: {e}");
                 }
             });
         }
     }
+
+    async fn request(
+        &self,
+        peer: Identity,
+        req: Request,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), ProtoError> {
+        let max = self.max_frame;
+        let agent = peer.role == Role::Agent;
+        let refuse = |what: &str| Response::Error(format!("{peer} may not {what}"));
+        let resp = match req {
+            Request::PutContext(_) | Request::PutBlobs | Request::Build(_) if agent => refuse("submit builds"),
+            Request::GetContext(_) | Request::GetBlobs(_) if !agent => refuse("fetch contexts (agents only)"),
+            Request::PutContext(manifest) => self.put_context(&manifest),
+            Request::PutBlobs => self.put_blobs(&peer, recv).await?,
+            Request::GetContext(digest) => match self.read_manifest(&digest) {
+                Ok(m) => Response::Context(m),
+                Err(e) => Response::Error(e),
+            },
+            Request::GetBlobs(digests) => return self.get_blobs(&digests, send).await,
+            Request::Build(spec) => return self.build(peer, spec, send).await,
+            req => {
+                let (reply, rx) = oneshot::channel();
+                if self.events.send(Event::Request { peer, req, reply }).await.is_err() {
+                    Response::Error("the coordinator is shutting down".into())
+                } else {
+                    rx.await.unwrap_or_else(|_| Response::Error("the coordinator is shutting down".into()))
+                }
+            }
+        };
+        write_msg(send, &resp, max).await
+    }
+
+    fn put_context(&self, manifest: &ContextManifest) -> Response {
+        if let Err(e) = manifest.validate(&self.limits) {
+            return Response::Error(format!("build context refused: {e}"));
+        }
+        let bytes = match postcard::to_allocvec(manifest) {
+            Ok(b) => b,
+            Err(e) => return Response::Error(e.to_string()),
+        };
+        if let Err(e) = self.store.put(&bytes) {
+            return Response::Error(format!("cannot store the context manifest: {e}"));
+        }
+        let wanted: Vec<_> = manifest.blobs().into_iter().map(|(d, _)| d).collect();
+        Response::Missing(self.store.missing(&wanted))
+    }
+
+    async fn put_blobs(&self, peer: &Identity, recv: &mut quinn::RecvStream) -> Result<Response, ProtoError> {
+        let (mut blobs, mut bytes) = (0u64, 0u64);
+        while let Some(header) = read_msg::<BlobHeader, _>(recv, self.max_frame).await? {
+            let mut writer = match self.store.writer(header.digest.clone()) {
+                Ok(w) => w,
+                Err(e) => return Ok(Response::Error(e.to_string())),
+            };
+            read_raw(recv, header.size, &mut writer).await?;
+            if let Err(e) = writer.commit() {
+                return Ok(Response::Error(format!("upload refused: {e}")));
+            }
+            blobs += 1;
+            bytes += header.size;
+        }
+        tracing::info!(client = %peer.name, blobs, bytes, "context files received");
+        Ok(Response::Stored { blobs, bytes })
+    }
+
+    fn read_manifest(&self, digest: &shared::Digest) -> Result<ContextManifest, String> {
+        let bytes = std::fs::read(self.store.path(digest)).map_err(|_| format!("unknown context {digest}"))?;
+        postcard::from_bytes(&bytes).map_err(|e| format!("context {digest} is damaged: {e}"))
+    }
+
+    async fn get_blobs(&self, digests: &[shared::Digest], send: &mut quinn::SendStream) -> Result<(), ProtoError> {
+        for d in digests {
+            let mut file = tokio::fs::File::open(self.store.path(d)).await?;
+            let size = file.metadata().await?.len();
+            write_msg(send, &BlobHeader { digest: d.clone(), size }, self.max_frame).await?;
+            write_raw(send, &mut file, size).await?;
+        }
+        Ok(())
+    }
+
+    async fn build(
+        &self,
+        peer: Identity,
+        spec: Box<shared::proto::BuildSpec>,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), ProtoError> {
+        let max = self.max_frame;
+        if !self.store.has(&spec.context) {
+            let msg = format!("context {} was not uploaded; upload it before submitting", spec.context);
+            return write_msg(send, &Response::Error(msg), max).await;
+        }
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let (reply, accepted) = oneshot::channel();
+        if self.events.send(Event::Submit { peer, spec, events, reply }).await.is_err() {
+            return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await;
+        }
+        match accepted.await {
+            Ok(Ok(build)) => write_msg(send, &Response::Accepted { build }, max).await?,
+            Ok(Err(e)) => return write_msg(send, &Response::Error(e), max).await,
+            Err(_) => return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await,
+        }
+        while let Some(event) = rx.recv().await {
+            write_msg(send, &Response::Event(event), max).await?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum PeerError {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(quinn::ConnectionError),
+    #[error("{0}")]
+    Quic(#[from] shared::quic::QuicError),
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+    #[error("no hello within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("{0}")]
+    Refused(String),
 }

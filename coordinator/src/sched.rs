@@ -10,16 +10,8 @@
 
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+pub use shared::proto::Emulation;
 use shared::Platform;
-
-/// Whether a build may fall back to QEMU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub enum Emulation {
-    #[default]
-    Fallback,
-    Never,
-}
 
 /// One online agent as the scheduler sees it.
 #[derive(Debug, Clone)]
@@ -34,7 +26,10 @@ pub struct Candidate<'a> {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Placement {
-    Run { agent: String, emulated: bool },
+    Run {
+        agent: String,
+        emulated: bool,
+    },
     /// Nothing can take it now; the reason is shown to the user as is.
     Wait(String),
 }
@@ -49,9 +44,8 @@ pub struct Need<'a> {
 
 pub fn place<'a>(need: &Need<'_>, agents: impl IntoIterator<Item = Candidate<'a>> + Clone) -> Placement {
     let p = need.platform;
-    let labelled = || {
-        agents.clone().into_iter().filter(|a| need.require.iter().all(|(k, v)| a.labels.get(k) == Some(v)))
-    };
+    let labelled =
+        || agents.clone().into_iter().filter(|a| need.require.iter().all(|(k, v)| a.labels.get(k) == Some(v)));
     let natives: Vec<Candidate> = labelled().filter(|a| a.native.contains(p)).collect();
     if !natives.is_empty() {
         return pick(need, &natives, false).unwrap_or_else(|| {
@@ -136,7 +130,13 @@ mod tests {
     fn cands(agents: &[A]) -> Vec<Candidate<'_>> {
         agents
             .iter()
-            .map(|a| Candidate { name: a.name, native: &a.native, emulated: &a.emulated, labels: &a.labels, free: a.free })
+            .map(|a| Candidate {
+                name: a.name,
+                native: &a.native,
+                emulated: &a.emulated,
+                labels: &a.labels,
+                free: a.free,
+            })
             .collect()
     }
 
@@ -195,7 +195,10 @@ mod tests {
         assert_eq!(place(&need(&p("linux/arm64"), &gpu), cands(&agents)), run("jetson", false));
         assert_eq!(
             place(&need(&p("linux/amd64"), &gpu), cands(&agents)),
-            Placement::Wait("waiting for an agent that runs or emulates linux/amd64 with labels gpu=nvidia; none is connected".into())
+            Placement::Wait(
+                "waiting for an agent that runs or emulates linux/amd64 with labels gpu=nvidia; none is connected"
+                    .into()
+            )
         );
     }
 

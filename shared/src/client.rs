@@ -1,10 +1,12 @@
 //! The connecting side of a farm connection, shared by agents and the CLI: connect, prove the
 //! version, then talk. Requests use one QUIC stream each, so a slow answer never blocks another.
 
-use crate::proto::io::{expect_msg, write_msg};
-use crate::proto::{Hello, HelloReply, ProtoError, Request, Response};
+use crate::context::Scanned;
+use crate::proto::io::{expect_msg, read_msg, write_msg, write_raw};
+use crate::proto::{BlobHeader, BuildEvent, BuildSpec, Hello, HelloReply, ProtoError, Request, Response};
 use crate::quic::{self, QuicError, TransportLimits};
 use crate::tls::Credentials;
+use crate::Digest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -14,6 +16,8 @@ pub enum ClientError {
     Proto { target: String, source: ProtoError },
     #[error("coordinator at {target} answered with an error: {message}")]
     Remote { target: String, message: String },
+    #[error("{0} changed while it was being uploaded; run the build again")]
+    Changed(std::path::PathBuf),
 }
 
 /// Opens the connection's first stream and exchanges hellos. The stream stays open: agents use
@@ -83,5 +87,120 @@ impl Client {
 
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
+    }
+}
+
+/// What uploading a context moved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upload {
+    pub files: usize,
+    pub total_bytes: u64,
+    pub blobs_sent: u64,
+    pub bytes_sent: u64,
+}
+
+/// The events of a submitted build, as they happen.
+pub struct Following {
+    pub build: String,
+    recv: quinn::RecvStream,
+    max_frame: usize,
+    target: String,
+}
+
+impl Following {
+    /// The next event; `None` once the coordinator has said the last one.
+    pub async fn next(&mut self) -> Result<Option<BuildEvent>, ClientError> {
+        let proto = |source| ClientError::Proto { target: self.target.clone(), source };
+        match read_msg::<Response, _>(&mut self.recv, self.max_frame).await.map_err(proto)? {
+            Some(Response::Event(e)) => Ok(Some(e)),
+            Some(Response::Error(message)) => Err(ClientError::Remote { target: self.target.clone(), message }),
+            Some(other) => Err(proto(ProtoError::Unexpected { expected: "a build event", got: format!("{other:?}") })),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Client {
+    async fn open(&self, req: &Request) -> Result<(quinn::SendStream, quinn::RecvStream), ClientError> {
+        let lost = |source| ClientError::from(QuicError::connection(self.target.clone(), source));
+        let (mut send, recv) = self.conn.open_bi().await.map_err(lost)?;
+        write_msg(&mut send, req, self.max_frame).await.map_err(|e| self.stream_error(e))?;
+        Ok((send, recv))
+    }
+
+    fn stream_error(&self, source: ProtoError) -> ClientError {
+        match self.conn.close_reason() {
+            Some(reason) => QuicError::connection(self.target.clone(), reason).into(),
+            None => ClientError::Proto { target: self.target.clone(), source },
+        }
+    }
+
+    async fn answer(&self, recv: &mut quinn::RecvStream) -> Result<Response, ClientError> {
+        match expect_msg(recv, self.max_frame, "a response").await.map_err(|e| self.stream_error(e))? {
+            Response::Error(message) => Err(ClientError::Remote { target: self.target.clone(), message }),
+            resp => Ok(resp),
+        }
+    }
+
+    /// Offers the context's manifest and sends only the files the coordinator lacks.
+    pub async fn upload_context(&self, scanned: &Scanned) -> Result<Upload, ClientError> {
+        let manifest = &scanned.manifest;
+        let (mut send, mut recv) = self.open(&Request::PutContext(manifest.clone())).await?;
+        let _ = send.finish();
+        let missing = match self.answer(&mut recv).await? {
+            Response::Missing(m) => m,
+            other => return Err(self.unexpected("Missing", other)),
+        };
+        let sizes: std::collections::HashMap<Digest, u64> = manifest.blobs().into_iter().collect();
+        let mut upload =
+            Upload { files: manifest.file_count(), total_bytes: manifest.total_size(), blobs_sent: 0, bytes_sent: 0 };
+        if missing.is_empty() {
+            return Ok(upload);
+        }
+        let (mut send, mut recv) = self.open(&Request::PutBlobs).await?;
+        for digest in missing {
+            let (Some(path), Some(&size)) = (scanned.sources.get(&digest), sizes.get(&digest)) else {
+                return Err(ClientError::Remote {
+                    target: self.target.clone(),
+                    message: format!("asked for {digest}, which is not in this context"),
+                });
+            };
+            let mut file = tokio::fs::File::open(path).await.map_err(|e| self.stream_error(e.into()))?;
+            write_msg(&mut send, &BlobHeader { digest, size }, self.max_frame)
+                .await
+                .map_err(|e| self.stream_error(e))?;
+            write_raw(&mut send, &mut file, size).await.map_err(|e| match e {
+                ProtoError::Truncated { .. } => ClientError::Changed(path.clone()),
+                e => self.stream_error(e),
+            })?;
+        }
+        let _ = send.finish();
+        match self.answer(&mut recv).await? {
+            Response::Stored { blobs, bytes } => {
+                upload.blobs_sent = blobs;
+                upload.bytes_sent = bytes;
+                Ok(upload)
+            }
+            other => Err(self.unexpected("Stored", other)),
+        }
+    }
+
+    /// Submits a build whose context was uploaded; follow it with [`Following::next`].
+    pub async fn build(&self, spec: BuildSpec) -> Result<Following, ClientError> {
+        let (mut send, mut recv) = self.open(&Request::Build(Box::new(spec))).await?;
+        let _ = send.finish();
+        match self.answer(&mut recv).await? {
+            Response::Accepted { build } => {
+                Ok(Following { build, recv, max_frame: self.max_frame, target: self.target.clone() })
+            }
+            other => Err(self.unexpected("Accepted", other)),
+        }
+    }
+
+    fn unexpected(&self, expected: &'static str, got: Response) -> ClientError {
+        ClientError::Proto {
+            target: self.target.clone(),
+            source: ProtoError::Unexpected { expected, got: format!("{got:?}") },
+        }
     }
 }

@@ -8,16 +8,24 @@
 //! - [`tls`]: the farm's certificate authority and the identities (name + role) it issues.
 //! - [`quic`]: the only place that builds quinn endpoints; transport limits live here.
 //! - [`client`]: the connecting side (handshake, one stream per request), for agents and the CLI.
+//! - [`context`]: build contexts as content-addressed manifests: `.dockerignore`, scanning, validation
+//!   on receipt, the blob store, and materialising a context into an agent's work directory.
+//! - [`oci`]: image references, descriptors, deterministic image indexes and buildah's OCI layouts.
+//! - [`registry`]: pushing layouts by digest and indexes by tag to OCI registries (oci-client).
 //!
-//! Architecture invariant: nothing in `platform`, `host` (parsers) or `proto` (framing) performs I/O;
-//! they are plain functions tested without sockets or processes.
+//! Architecture invariant: nothing in `platform`, `host` (parsers), `proto` (framing) or `oci` (apart
+//! from reading a layout directory) performs I/O; they are plain functions tested without sockets or
+//! processes.
 
 pub mod client;
+pub mod context;
 pub mod digest;
 pub mod host;
+pub mod oci;
 pub mod platform;
 pub mod proto;
 pub mod quic;
+pub mod registry;
 pub mod tls;
 
 pub use digest::Digest;

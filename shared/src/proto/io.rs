@@ -56,6 +56,40 @@ pub async fn write_msg<T: Serialize, W: AsyncWrite + Unpin>(w: &mut W, msg: &T, 
     Ok(())
 }
 
+/// Copies exactly `size` raw bytes that follow a frame (a blob's contents) into `sink`.
+pub async fn read_raw<R: AsyncRead + Unpin>(
+    r: &mut R,
+    size: u64,
+    sink: &mut impl std::io::Write,
+) -> Result<(), ProtoError> {
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut left = size;
+    while left > 0 {
+        let want = buf.len().min(left as usize);
+        let n = r.read(&mut buf[..want]).await?;
+        if n == 0 {
+            return Err(ProtoError::Truncated { expected: size as usize, got: (size - left) as usize });
+        }
+        sink.write_all(&buf[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Copies exactly `size` bytes from `source` to `w`, failing if the source is shorter (a file
+/// that changed since it was hashed).
+pub async fn write_raw<W: AsyncWrite + Unpin, S: AsyncRead + Unpin>(
+    w: &mut W,
+    source: &mut S,
+    size: u64,
+) -> Result<(), ProtoError> {
+    let copied = tokio::io::copy(&mut source.take(size), w).await?;
+    if copied != size {
+        return Err(ProtoError::Truncated { expected: size as usize, got: copied as usize });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,10 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::context::ContextManifest;
+use crate::digest::Digest;
 use crate::platform::Platform;
+use crate::registry::Credentials;
 
 /// What an agent says about itself when it registers. Its name and role come from its
 /// certificate, never from here, so an agent cannot claim to be another.
@@ -35,20 +38,93 @@ pub struct Heartbeat {
     pub busy: u32,
 }
 
+/// Coordinator-wide task identity; with the attempt number it fences results: a result for an
+/// older attempt than the current one is refused.
+pub type TaskId = u64;
+
 /// Agent → coordinator, on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AgentMsg {
     Register(AgentInfo),
     Heartbeat(Heartbeat),
+    TaskLog { task: TaskId, attempt: u32, line: String },
+    TaskDone { task: TaskId, attempt: u32, manifest: ManifestRef },
+    TaskFailed { task: TaskId, attempt: u32, error: String },
 }
 
 /// Coordinator → agent, on the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum CoordMsg {
     /// Registration accepted; send a heartbeat at least this often.
-    Registered { heartbeat_interval_ms: u64 },
+    Registered {
+        heartbeat_interval_ms: u64,
+    },
     /// Registration refused; the agent should log the reason.
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
+    Assign(Box<Assignment>),
+    Cancel {
+        task: TaskId,
+        attempt: u32,
+    },
+}
+
+/// Whether a build may fall back to QEMU when no native agent is connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Emulation {
+    #[default]
+    Fallback,
+    Never,
+}
+
+/// What a client asks to build. Credentials travel only inside the mutual-TLS connection and
+/// are held in memory; they are never logged or written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    pub platforms: Vec<Platform>,
+    /// Full image references with tags, all in one repository.
+    pub tags: Vec<String>,
+    /// The Dockerfile's path inside the context.
+    pub dockerfile: String,
+    pub build_args: Vec<(String, String)>,
+    pub target: Option<String>,
+    pub no_cache: bool,
+    pub emulation: Emulation,
+    pub require: BTreeMap<String, String>,
+    /// Digest of the context manifest, uploaded before the build is submitted.
+    pub context: Digest,
+    /// `host:port` registries spoken to over plain HTTP.
+    pub insecure_registries: Vec<String>,
+    pub credentials: Option<Credentials>,
+}
+
+/// One platform of one build, as sent to the agent that runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub task: TaskId,
+    pub attempt: u32,
+    pub build: String,
+    pub platform: Platform,
+    pub emulated: bool,
+    /// Where to push the image by digest: `registry/repository`, no tag.
+    pub repository: String,
+    pub context: Digest,
+    pub dockerfile: String,
+    pub build_args: Vec<(String, String)>,
+    pub target: Option<String>,
+    pub no_cache: bool,
+    pub insecure_registries: Vec<String>,
+    pub credentials: Option<Credentials>,
+}
+
+/// A pushed per-platform image manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRef {
+    pub media_type: String,
+    pub digest: Digest,
+    pub size: u64,
 }
 
 /// Client → coordinator: one per request stream.
@@ -57,6 +133,24 @@ pub enum Request {
     /// Answered with the same text: a cheap liveness and framing check.
     Echo(String),
     ListAgents,
+    /// Offers a context manifest; answered with [`Response::Missing`].
+    PutContext(ContextManifest),
+    /// Followed on the same stream by [`BlobHeader`] frames, each followed by exactly `size`
+    /// raw bytes, until the sender finishes the stream; answered with [`Response::Stored`].
+    PutBlobs,
+    /// Submits a build; answered with [`Response::Accepted`] then [`Response::Event`]s until the
+    /// build ends.
+    Build(Box<BuildSpec>),
+    /// (Agents) the manifest of a context; answered with [`Response::Context`].
+    GetContext(Digest),
+    /// (Agents) blobs by digest; answered with a [`BlobHeader`] frame plus raw bytes for each.
+    GetBlobs(Vec<Digest>),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlobHeader {
+    pub digest: Digest,
+    pub size: u64,
 }
 
 /// Coordinator → client.
@@ -65,6 +159,33 @@ pub enum Response {
     Echo(String),
     Agents(Vec<AgentView>),
     Error(String),
+    Missing(Vec<Digest>),
+    Stored { blobs: u64, bytes: u64 },
+    Accepted { build: String },
+    Event(BuildEvent),
+    Context(ContextManifest),
+}
+
+/// What happened to a build, streamed to the client that submitted it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BuildEvent {
+    Waiting { platform: Platform, reason: String },
+    Started { platform: Platform, agent: String, emulated: bool, attempt: u32 },
+    Log { platform: Platform, line: String },
+    Retrying { platform: Platform, reason: String },
+    PlatformDone(PlatformResult),
+    PlatformFailed { platform: Platform, error: String, last_lines: Vec<String> },
+    Succeeded { index: Digest, tags: Vec<String>, platforms: Vec<PlatformResult> },
+    Failed { error: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformResult {
+    pub platform: Platform,
+    pub manifest: ManifestRef,
+    pub agent: String,
+    pub emulated: bool,
+    pub duration_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

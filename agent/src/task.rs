@@ -1,0 +1,150 @@
+//! One assignment, start to finish: fetch the context's missing files from the coordinator,
+//! recreate it in a private directory, build it for the task's platform, push the image to the
+//! registry by digest, and report the manifest. Log lines stream out as they happen.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use shared::context::{materialise, BlobStore, ContextError, ContextLimits, ContextManifest};
+use shared::oci::{self, ImageRef};
+use shared::proto::io::{expect_msg, read_raw, write_msg};
+use shared::proto::{AgentMsg, Assignment, BlobHeader, ManifestRef, ProtoError, Request, Response};
+use shared::registry::Registry;
+use shared::Digest;
+use tokio::sync::mpsc;
+
+use crate::builder::{Builder, BuilderError, Job};
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    #[error("build context: {0}")]
+    Context(#[from] ContextError),
+    #[error("fetching the context from the coordinator: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("fetching the context from the coordinator: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the coordinator answered {0}")]
+    Unexpected(String),
+    #[error(transparent)]
+    Builder(#[from] BuilderError),
+    #[error("reading the built image: {0}")]
+    Oci(#[from] oci::OciError),
+    #[error("pushing the image: {0}")]
+    Registry(#[from] shared::registry::RegistryError),
+    #[error("{0}")]
+    Other(String),
+}
+
+pub struct Runner {
+    pub name: String,
+    pub work_dir: PathBuf,
+    pub store: BlobStore,
+    pub builder: Arc<dyn Builder>,
+    pub max_frame: usize,
+}
+
+impl Runner {
+    pub async fn run(
+        &self,
+        a: &Assignment,
+        conn: &quinn::Connection,
+        out: &mpsc::UnboundedSender<AgentMsg>,
+    ) -> Result<ManifestRef, TaskError> {
+        let (task, attempt) = (a.task, a.attempt);
+        let say = |line: String| {
+            let _ = out.send(AgentMsg::TaskLog { task, attempt, line });
+        };
+        let mode = if a.emulated { "emulated with QEMU" } else { "native" };
+        say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
+        let dir = self.work_dir.join("tasks").join(format!("{task}-{attempt}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let manifest = self.fetch_context(conn, &a.context).await?;
+        let context = dir.join("context");
+        materialise(&manifest, &self.store, &context)?;
+
+        let (log, mut lines) = mpsc::unbounded_channel();
+        let forward = {
+            let out = out.clone();
+            tokio::spawn(async move {
+                while let Some(line) = lines.recv().await {
+                    let _ = out.send(AgentMsg::TaskLog { task, attempt, line });
+                }
+            })
+        };
+        let output = dir.join("layout");
+        let name = format!("farm-task-{task}-{attempt}");
+        let job = Job {
+            context: &context,
+            dockerfile: &a.dockerfile,
+            platform: &a.platform,
+            build_args: &a.build_args,
+            target: a.target.as_deref(),
+            no_cache: a.no_cache,
+            insecure_registries: &a.insecure_registries,
+            output: &output,
+            name: &name,
+        };
+        let built = self.builder.build(job, log).await;
+        let _ = forward.await;
+        built?;
+
+        let layout = oci::read_layout(&output)?;
+        let repo: ImageRef = a.repository.parse().map_err(|e: oci::ImageRefError| TaskError::Other(e.to_string()))?;
+        let registry = Registry::new(&a.insecure_registries, a.credentials.clone());
+        let report = registry.push_layout(&layout, &repo).await?;
+        say(format!(
+            "farm: pushed {}@{} ({} blobs uploaded, {} already there)",
+            a.repository, report.manifest.digest, report.blobs_uploaded, report.blobs_skipped
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(ManifestRef {
+            media_type: report.manifest.media_type,
+            digest: report.manifest.digest,
+            size: report.manifest.size,
+        })
+    }
+
+    /// The context's manifest and every file this agent does not hold yet.
+    async fn fetch_context(&self, conn: &quinn::Connection, digest: &Digest) -> Result<ContextManifest, TaskError> {
+        let max = self.max_frame;
+        let manifest: ContextManifest = if self.store.has(digest) {
+            let bytes = std::fs::read(self.store.path(digest))
+                .map_err(|e| TaskError::Other(format!("reading cached context manifest: {e}")))?;
+            postcard::from_bytes(&bytes).map_err(|e| TaskError::Other(format!("cached context manifest: {e}")))?
+        } else {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_msg(&mut send, &Request::GetContext(digest.clone()), max).await?;
+            let _ = send.finish();
+            let m = match expect_msg(&mut recv, max, "a context manifest").await? {
+                Response::Context(m) => m,
+                other => return Err(TaskError::Unexpected(format!("{other:?}"))),
+            };
+            if &m.digest() != digest {
+                return Err(TaskError::Other(format!("context manifest does not match its digest {digest}")));
+            }
+            m
+        };
+        manifest.validate(&ContextLimits::default())?;
+        let wanted: Vec<Digest> = manifest.blobs().into_iter().map(|(d, _)| d).collect();
+        let missing = self.store.missing(&wanted);
+        if !missing.is_empty() {
+            let (mut send, mut recv) = conn.open_bi().await?;
+            write_msg(&mut send, &Request::GetBlobs(missing.clone()), max).await?;
+            let _ = send.finish();
+            for want in &missing {
+                let header: BlobHeader = expect_msg(&mut recv, max, "a blob").await?;
+                if &header.digest != want {
+                    return Err(TaskError::Unexpected(format!("blob {} instead of {want}", header.digest)));
+                }
+                let mut writer = self.store.writer(header.digest.clone())?;
+                read_raw(&mut recv, header.size, &mut writer).await?;
+                writer.commit()?;
+            }
+        }
+        if !self.store.has(digest) {
+            let bytes = postcard::to_allocvec(&manifest).map_err(|e| TaskError::Other(e.to_string()))?;
+            self.store.put(&bytes)?;
+        }
+        Ok(manifest)
+    }
+}

@@ -1,0 +1,265 @@
+//! The state machine driven by hand: virtual time, no sockets.
+
+use super::*;
+use shared::proto::{Emulation, Heartbeat};
+
+fn p(s: &str) -> Platform {
+    s.parse().unwrap()
+}
+
+fn digest(n: u8) -> Digest {
+    Digest::of(&[n])
+}
+
+fn info(native: &[&str], emulated: &[&str], labels: &[(&str, &str)]) -> AgentInfo {
+    AgentInfo {
+        native: native.iter().map(|s| p(s)).collect(),
+        emulated: emulated.iter().map(|s| p(s)).collect(),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        capacity: 1,
+        builder: "buildah".into(),
+        builder_version: "1.28.2".into(),
+        farm_version: "0.1.0".into(),
+    }
+}
+
+fn spec(platforms: &[&str]) -> BuildSpec {
+    BuildSpec {
+        platforms: platforms.iter().map(|s| p(s)).collect(),
+        tags: vec!["127.0.0.1:5000/hello:1".into()],
+        dockerfile: "Dockerfile".into(),
+        build_args: vec![],
+        target: None,
+        no_cache: false,
+        emulation: Emulation::Fallback,
+        require: BTreeMap::new(),
+        context: digest(0),
+        insecure_registries: vec!["127.0.0.1:5000".into()],
+        credentials: None,
+    }
+}
+
+/// Drains actions: assignments as (conn, task, attempt, emulated), events, stitches.
+#[derive(Default, Debug)]
+struct Out {
+    assigned: Vec<(ConnId, TaskId, u32, Platform, bool)>,
+    cancelled: Vec<(ConnId, TaskId)>,
+    events: Vec<BuildEvent>,
+    stitched: Vec<Vec<u8>>,
+    closed: Vec<ConnId>,
+}
+
+fn drain(core: &mut Core) -> Out {
+    let mut out = Out::default();
+    while let Some(a) = core.poll_action() {
+        match a {
+            Action::Send { conn, msg: CoordMsg::Assign(a) } => {
+                out.assigned.push((conn, a.task, a.attempt, a.platform, a.emulated))
+            }
+            Action::Send { conn, msg: CoordMsg::Cancel { task, .. } } => out.cancelled.push((conn, task)),
+            Action::Send { .. } => {}
+            Action::Emit { event, .. } => out.events.push(event),
+            Action::Stitch { index, .. } => out.stitched.push(index),
+            Action::Close { conn, .. } => out.closed.push(conn),
+        }
+    }
+    out
+}
+
+fn manifest(n: u8) -> ManifestRef {
+    ManifestRef { media_type: oci::OCI_MANIFEST.into(), digest: digest(n), size: 100 + n as u64 }
+}
+
+fn three_agent_farm() -> Core {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64", "linux/386"], &["linux/arm64", "linux/arm/v7"], &[]));
+    core.agent_up(0, "pi64", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "pi32", 3, "c".into(), info(&["linux/arm/v7"], &[], &[]));
+    drain(&mut core);
+    core
+}
+
+#[test]
+fn a_build_runs_each_platform_on_its_native_agent_and_stitches_in_the_order_asked() {
+    let mut core = three_agent_farm();
+    core.submit(10, "b1", spec(&["linux/arm/v7", "linux/amd64", "linux/arm64"])).unwrap();
+    let out = drain(&mut core);
+    let placed: Vec<(ConnId, String, bool)> =
+        out.assigned.iter().map(|(c, _, _, p, e)| (*c, p.to_string(), *e)).collect();
+    assert_eq!(
+        placed,
+        [(3, "linux/arm/v7".into(), false), (1, "linux/amd64".into(), false), (2, "linux/arm64".into(), false)]
+    );
+    // Results arrive in another order; the index keeps the user's.
+    for (i, (conn, task, attempt, _, _)) in out.assigned.iter().enumerate().rev() {
+        let agent = ["x86", "pi64", "pi32"][*conn as usize - 1];
+        core.agent_msg(
+            20,
+            agent,
+            *conn,
+            AgentMsg::TaskDone { task: *task, attempt: *attempt, manifest: manifest(i as u8) },
+        );
+    }
+    let out = drain(&mut core);
+    assert_eq!(out.stitched.len(), 1);
+    let index = oci::parse_index(&out.stitched[0]).unwrap();
+    let order: Vec<String> = index.iter().map(|d| d.platform.clone().unwrap().architecture).collect();
+    assert_eq!(order, ["arm", "amd64", "arm64"]);
+    assert_eq!(index[0].platform.as_ref().unwrap().variant.as_deref(), Some("v7"));
+    assert_eq!(index[0].digest, digest(0));
+    core.stitched("b1", Ok(Digest::of(&out.stitched[0])));
+    let out = drain(&mut core);
+    assert!(matches!(&out.events[..], [BuildEvent::Succeeded { platforms, .. }] if platforms.len() == 3));
+}
+
+#[test]
+fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_waits() {
+    let mut core = three_agent_farm();
+    assert!(core.agent_down(5, "pi32", 3));
+    drain(&mut core);
+    core.submit(10, "b1", spec(&["linux/arm/v7"])).unwrap();
+    let out = drain(&mut core);
+    assert_eq!(out.assigned[0].0, 1);
+    assert!(out.assigned[0].4, "emulated");
+    assert!(matches!(&out.events[0], BuildEvent::Started { agent, emulated: true, .. } if agent == "x86"));
+
+    let mut never = spec(&["linux/arm/v7"]);
+    never.emulation = Emulation::Never;
+    core.submit(11, "b2", never).unwrap();
+    let out = drain(&mut core);
+    assert!(out.assigned.is_empty());
+    assert!(
+        matches!(&out.events[..], [BuildEvent::Waiting { reason, .. }] if reason.contains("runs linux/arm/v7 natively")),
+        "{:?}",
+        out.events
+    );
+    // The native agent returns: the waiting task goes to it.
+    core.agent_up(20, "pi32", 4, "c".into(), info(&["linux/arm/v7"], &[], &[]));
+    let out = drain(&mut core);
+    assert_eq!(out.assigned.len(), 1);
+    assert_eq!((out.assigned[0].0, out.assigned[0].4), (4, false));
+}
+
+#[test]
+fn a_busy_native_agent_queues_the_task_and_the_waiting_reason_is_told_once() {
+    let mut core = three_agent_farm();
+    core.submit(0, "b1", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b2", spec(&["linux/arm64"])).unwrap();
+    let out = drain(&mut core);
+    assert_eq!(out.assigned.len(), 1);
+    assert_eq!(out.events.iter().filter(|e| matches!(e, BuildEvent::Waiting { .. })).count(), 1);
+    core.agent_msg(1, "pi64", 2, AgentMsg::Heartbeat(Heartbeat { busy: 1 }));
+    core.handle_timeout(2);
+    assert!(drain(&mut core).events.is_empty(), "no repeated waiting event");
+    let (_, task, attempt, _, _) = out.assigned[0].clone();
+    core.agent_msg(3, "pi64", 2, AgentMsg::TaskDone { task, attempt, manifest: manifest(1) });
+    let out = drain(&mut core);
+    assert_eq!(out.assigned.len(), 1, "b2 runs once the slot frees: {out:?}");
+    assert_eq!(out.assigned[0].0, 2);
+}
+
+#[test]
+fn required_labels_pick_the_labelled_agent() {
+    let mut core = three_agent_farm();
+    core.agent_up(0, "jetson", 9, "j".into(), info(&["linux/arm64"], &[], &[("gpu", "nvidia")]));
+    drain(&mut core);
+    let mut s = spec(&["linux/arm64"]);
+    s.require.insert("gpu".into(), "nvidia".into());
+    core.submit(0, "b1", s).unwrap();
+    assert_eq!(drain(&mut core).assigned[0].0, 9);
+}
+
+#[test]
+fn a_failed_platform_fails_the_build_cancels_the_others_and_pushes_nothing() {
+    let mut core = three_agent_farm();
+    core.submit(0, "b1", spec(&["linux/amd64", "linux/arm64"])).unwrap();
+    let out = drain(&mut core);
+    let (_, t_amd, a_amd, _, _) = out.assigned[0].clone();
+    for line in ["STEP 2/2: RUN false", "error building at STEP \"RUN false\": exit status 1"] {
+        core.agent_msg(1, "x86", 1, AgentMsg::TaskLog { task: t_amd, attempt: a_amd, line: line.into() });
+    }
+    core.agent_msg(
+        2,
+        "x86",
+        1,
+        AgentMsg::TaskFailed { task: t_amd, attempt: a_amd, error: "buildah exited with 1".into() },
+    );
+    let out = drain(&mut core);
+    assert!(out.stitched.is_empty());
+    assert_eq!(out.cancelled.len(), 1, "the arm64 task is cancelled on its agent");
+    assert_eq!(out.cancelled[0].0, 2);
+    assert!(out.events.iter().any(|e| matches!(e,
+        BuildEvent::PlatformFailed { platform, last_lines, .. } if platform.to_string() == "linux/amd64" && last_lines.len() == 2)));
+    assert!(out.events.iter().any(|e| matches!(e,
+        BuildEvent::Failed { error } if error == "linux/amd64 failed: buildah exited with 1")));
+}
+
+#[test]
+fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
+    drain(&mut core);
+    core.submit(0, "b1", spec(&["linux/arm64"])).unwrap();
+    let first = drain(&mut core).assigned[0].clone();
+    let (lost_conn, task, attempt, _, _) = first;
+    let lost = if lost_conn == 1 { "a" } else { "b" };
+    let other = if lost_conn == 1 { "b" } else { "a" };
+    // The other agent keeps beating; the first goes silent past the timeout.
+    core.agent_msg(10_000, other, 3 - lost_conn, AgentMsg::Heartbeat(Heartbeat { busy: 0 }));
+    assert_eq!(core.poll_timeout(), Some(15_000));
+    core.handle_timeout(15_000);
+    let out = drain(&mut core);
+    assert!(out.closed.contains(&lost_conn));
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, BuildEvent::Retrying { reason, .. } if reason.contains("attempt 2 of 3"))));
+    let (conn2, task2, attempt2, _, _) = out.assigned[0].clone();
+    assert_eq!((conn2, task2, attempt2), (3 - lost_conn, task, attempt + 1));
+    // The presumed-dead agent comes back and reports its stale attempt: refused, no stitch.
+    core.agent_up(16_000, lost, 7, "a".into(), info(&["linux/arm64"], &[], &[]));
+    drain(&mut core);
+    for _ in 0..1000 {
+        core.agent_msg(16_001, lost, 7, AgentMsg::TaskDone { task, attempt, manifest: manifest(9) });
+    }
+    let out = drain(&mut core);
+    assert!(out.stitched.is_empty() && out.events.is_empty(), "{out:?}");
+    core.agent_msg(17_000, other, conn2, AgentMsg::TaskDone { task, attempt: attempt2, manifest: manifest(2) });
+    let out = drain(&mut core);
+    let index = oci::parse_index(&out.stitched[0]).unwrap();
+    assert_eq!(index[0].digest, digest(2));
+}
+
+#[test]
+fn too_many_lost_attempts_fail_the_build() {
+    let mut core = Core::new(1_000, 2);
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.submit(0, "b1", spec(&["linux/arm64"])).unwrap();
+    drain(&mut core);
+    core.handle_timeout(1_000);
+    drain(&mut core);
+    core.agent_up(1_500, "a", 2, "a".into(), info(&["linux/arm64"], &[], &[]));
+    assert_eq!(drain(&mut core).assigned[0].2, 2);
+    core.handle_timeout(2_500);
+    let out = drain(&mut core);
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, BuildEvent::Failed { error } if error.contains("gave up after 2 attempts"))));
+}
+
+#[test]
+fn bad_submissions_are_refused_with_the_fix() {
+    let mut core = three_agent_farm();
+    assert_eq!(core.submit(0, "b", spec(&[])), Err(SubmitError::NoPlatforms));
+    let mut s = spec(&["linux/amd64"]);
+    s.tags = vec![];
+    assert_eq!(core.submit(0, "b", s), Err(SubmitError::NoTags));
+    let mut s = spec(&["linux/amd64"]);
+    s.tags.push("127.0.0.1:5000/other:1".into());
+    assert!(matches!(core.submit(0, "b", s), Err(SubmitError::MixedRepositories(..))));
+    let mut s = spec(&["linux/amd64"]);
+    s.tags = vec!["Bad Tag".into()];
+    assert!(matches!(core.submit(0, "b", s), Err(SubmitError::BadTag(_))));
+}

@@ -1,0 +1,2 @@
+#!/bin/sh
+echo "hello from $(uname -m), built for ${TARGETPLATFORM:-an unknown platform}"

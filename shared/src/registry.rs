@@ -1,0 +1,856 @@
+//! Talking to OCI registries, through `oci-client`. Agents push their one platform by digest only,
+//! so an unfinished multi-arch build never leaves a half-true tag behind; the coordinator then
+//! pushes the index under the user's tags in one step. Blobs are checked with HEAD before they
+//! are uploaded, so retrying after a restart costs no bandwidth, and errors name the registry and
+//! what to do about it, because "error sending request" is all a user would otherwise see.
+//!
+//! Credentials come from Docker's config.json (inline `auth` or `username`/`password` only) and
+//! never appear in `Debug`, `Display` or error messages.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::panic::AssertUnwindSafe;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::FutureExt as _;
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference, RegistryOperation};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::AsyncReadExt as _;
+
+use crate::digest::Digest;
+use crate::oci::{
+    blob_path, Descriptor, ImageRef, Layout, OciError, DOCKER_HUB, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
+    OCI_MANIFEST,
+};
+
+/// Blobs up to this size are read into memory and uploaded in one go (with oci-client's fallback to
+/// a monolithic upload for registries that refuse chunks); bigger ones are streamed from disk.
+const STREAM_THRESHOLD: u64 = 64 << 20;
+/// The read size when streaming; oci-client sends each piece as one PATCH of at most 4 MiB.
+const STREAM_CHUNK: usize = 4 << 20;
+
+/// Registry credentials. `Debug` and `Display` print `<redacted>` for the password; never logged.
+#[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials").field("username", &self.username).field("password", &"<redacted>").finish()
+    }
+}
+
+impl fmt::Display for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:<redacted>", self.username)
+    }
+}
+
+/// What a registry operation went wrong with; every message names the registry (or the file) and,
+/// where there is one, the fix. None contains a password.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("registry {registry} unreachable: {reason} ({hint})")]
+    Unreachable { registry: String, reason: String, hint: String },
+    #[error("registry {registry} refused the credentials for user {user:?}: check ~/.docker/config.json or run docker login")]
+    BadCredentials { registry: String, user: String },
+    #[error(
+        "registry {registry} requires credentials and none were found for it: \
+         add them to ~/.docker/config.json (docker login {registry})"
+    )]
+    NeedCredentials { registry: String },
+    #[error(
+        "registry {registry} denied {action} access to {repository}{who}: check that the account may {action} there",
+        who = user.as_ref().map(|u| format!(" for user {u:?}")).unwrap_or_default()
+    )]
+    Denied { registry: String, repository: String, user: Option<String>, action: &'static str },
+    #[error("{what} not found")]
+    NotFound { what: String },
+    #[error("registry {registry}: {message}")]
+    Protocol { registry: String, message: String },
+    #[error(transparent)]
+    Layout(#[from] OciError),
+    #[error("reading {path}: {source}", path = path.display())]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Usage(String),
+    #[error("{file}: {reason}")]
+    DockerConfig { file: String, reason: String },
+}
+
+/// What [`Registry::push_layout`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushReport {
+    /// The pushed manifest (media type, digest, size); no platform, the caller adds it.
+    pub manifest: Descriptor,
+    pub blobs_uploaded: usize,
+    /// Blobs the registry already had.
+    pub blobs_skipped: usize,
+    pub bytes_uploaded: u64,
+}
+
+/// The name of the file [`docker_config_credentials`] errors are attributed to when the caller did not
+/// read it from a file.
+const CONFIG_JSON: &str = "docker config.json";
+
+/// The registry host[:port] a config.json `auths` key names, as Docker's `ConvertToHostname`
+/// reads it: `https://reg.lan:5000/v2/` is `reg.lan:5000`.
+fn auths_key_host(key: &str) -> String {
+    let rest = key.strip_prefix("https://").or_else(|| key.strip_prefix("http://")).unwrap_or(key);
+    rest.split('/').next().unwrap_or_default().to_ascii_lowercase()
+}
+
+/// Finds credentials for `registry` (host[:port], as in an [`ImageRef`]) in the text of a Docker
+/// config.json: `auths[<key>].auth` (base64 of `user:pass`) or `auths[<key>].username`/`password`,
+/// where the key is the registry itself, or it with `https://`/`http://` in front and/or a path such
+/// as `/v1/` or `/v2/` behind; for docker.io also `index.docker.io` (`https://index.docker.io/v1/`,
+/// as `docker login` writes it) and `registry-1.docker.io`.
+///
+/// Credential helpers (`credsStore`, `credHelpers`) and identity tokens are not supported: an entry
+/// without inline credentials gives `Ok(None)`. Errors name the `auths` key, never the secret.
+pub fn docker_config_credentials(config_json: &str, registry: &str) -> Result<Option<Credentials>, RegistryError> {
+    let bad = |reason: String| RegistryError::DockerConfig { file: CONFIG_JSON.into(), reason };
+    // Parsed as a Value first: serde's type errors can quote the offending value, which may be a secret.
+    let config: Value = serde_json::from_str(config_json).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let Some(auths) = config.get("auths") else {
+        return Ok(None);
+    };
+    let auths = auths.as_object().ok_or_else(|| bad("\"auths\" is not an object".into()))?;
+    let registry = registry.to_ascii_lowercase();
+    let wanted: &[&str] = if registry == DOCKER_HUB {
+        &[DOCKER_HUB, "index.docker.io", "registry-1.docker.io"]
+    } else {
+        &[registry.as_str()]
+    };
+    let key = auths
+        .keys()
+        .find(|k| k.to_ascii_lowercase() == registry)
+        .or_else(|| auths.keys().find(|k| wanted.contains(&auths_key_host(k).as_str())));
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let entry = auths[key].as_object().ok_or_else(|| bad(format!("auths[{key:?}] is not an object")))?;
+    match entry.get("auth") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) if s.is_empty() => {}
+        Some(Value::String(auth)) => {
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(auth.trim())
+                .map_err(|_| bad(format!("auths[{key:?}].auth is not valid base64")))?;
+            let text = String::from_utf8(decoded)
+                .map_err(|_| bad(format!("auths[{key:?}].auth does not decode to UTF-8 text")))?;
+            let (username, password) = text
+                .split_once(':')
+                .ok_or_else(|| bad(format!("auths[{key:?}].auth does not decode to \"username:password\"")))?;
+            return Ok(Some(Credentials { username: username.to_owned(), password: password.to_owned() }));
+        }
+        Some(_) => return Err(bad(format!("auths[{key:?}].auth is not a string"))),
+    }
+    match (entry.get("username").and_then(Value::as_str), entry.get("password").and_then(Value::as_str)) {
+        (Some(username), Some(password)) if !username.is_empty() => {
+            Ok(Some(Credentials { username: username.to_owned(), password: password.to_owned() }))
+        }
+        _ => Ok(None),
+    }
+}
+
+/// Where Docker keeps its config: `$DOCKER_CONFIG/config.json`, else `~/.docker/config.json`.
+fn docker_config_path() -> Option<PathBuf> {
+    match std::env::var_os("DOCKER_CONFIG") {
+        Some(dir) if !dir.is_empty() => Some(PathBuf::from(dir).join("config.json")),
+        _ => std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".docker").join("config.json")),
+    }
+}
+
+/// Reads `$DOCKER_CONFIG/config.json` or `~/.docker/config.json` (an absent file is `Ok(None)`) and
+/// finds the credentials for `registry` in it, see [`docker_config_credentials`].
+pub fn load_docker_credentials(registry: &str) -> Result<Option<Credentials>, RegistryError> {
+    match docker_config_path() {
+        Some(path) => credentials_from_file(&path, registry),
+        None => Ok(None),
+    }
+}
+
+fn credentials_from_file(path: &Path, registry: &str) -> Result<Option<Credentials>, RegistryError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(RegistryError::Io { path: path.to_owned(), source }),
+    };
+    let found = docker_config_credentials(&text, registry).map_err(|e| match e {
+        RegistryError::DockerConfig { reason, .. } => {
+            RegistryError::DockerConfig { file: path.display().to_string(), reason }
+        }
+        other => other,
+    })?;
+    if found.is_none() {
+        let config: Value = serde_json::from_str(&text).unwrap_or_default();
+        if config.get("credsStore").is_some() || config.get("credHelpers").is_some() {
+            tracing::warn!(
+                "{}: credential helpers (credsStore, credHelpers) are not supported; \
+                 no inline credentials for {registry}, so farm pushes to it anonymously",
+                path.display()
+            );
+        }
+    }
+    Ok(found)
+}
+
+impl ImageRef {
+    /// The same reference as oci-client spells it; without tag or digest it is `:latest`.
+    pub fn to_oci_client(&self) -> Reference {
+        let (registry, repository) = (self.registry.clone(), self.repository.clone());
+        match (&self.tag, &self.digest) {
+            (Some(t), Some(d)) => Reference::with_tag_and_digest(registry, repository, t.clone(), d.to_string()),
+            (None, Some(d)) => Reference::with_digest(registry, repository, d.to_string()),
+            (Some(t), None) => Reference::with_tag(registry, repository, t.clone()),
+            (None, None) => Reference::with_tag(registry, repository, "latest".into()),
+        }
+    }
+}
+
+/// A registry client: one per process is enough, it serves every registry.
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+    user: Option<String>,
+    insecure: Vec<String>,
+    stream_threshold: u64,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Registry").field("insecure", &self.insecure).field("user", &self.user).finish_non_exhaustive()
+    }
+}
+
+/// The innermost cause of an error, in a few words.
+fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = e;
+    while let Some(next) = cause.source() {
+        cause = next;
+    }
+    if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+        match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => return "connection refused".into(),
+            std::io::ErrorKind::TimedOut => return "timed out".into(),
+            _ => {}
+        }
+    }
+    cause.to_string()
+}
+
+/// The HTTP status an oci-client error stands for, if any.
+fn status_of(e: &OciDistributionError) -> Option<u16> {
+    match e {
+        OciDistributionError::UnauthorizedError { .. } | OciDistributionError::AuthenticationFailure(_) => Some(401),
+        OciDistributionError::ServerError { code, .. } => Some(*code),
+        OciDistributionError::RequestError(e) => e.status().map(|s| s.as_u16()),
+        OciDistributionError::RegistryError { envelope, .. } => envelope.errors.iter().find_map(|err| match err.code {
+            OciErrorCode::Unauthorized => Some(401),
+            OciErrorCode::Denied => Some(403),
+            OciErrorCode::NameUnknown
+            | OciErrorCode::ManifestUnknown
+            | OciErrorCode::BlobUnknown
+            | OciErrorCode::NotFound => Some(404),
+            _ => None,
+        }),
+        _ => None,
+    }
+}
+
+/// The media type a manifest or index declares; without a `mediaType` field, an index if it has
+/// `manifests`, else an image manifest.
+fn declared_media_type(bytes: &[u8]) -> String {
+    let value: Value = serde_json::from_slice(bytes).unwrap_or_default();
+    match value.get("mediaType").and_then(Value::as_str) {
+        Some(t) => t.to_owned(),
+        None if value.get("manifests").is_some() => OCI_INDEX.to_owned(),
+        None => OCI_MANIFEST.to_owned(),
+    }
+}
+
+impl Registry {
+    /// A client speaking HTTPS to every registry except those in `insecure` ("host:port"), which
+    /// are spoken to over plain HTTP. `credentials`, if any, are offered to every registry that asks.
+    pub fn new(insecure: &[String], credentials: Option<Credentials>) -> Self {
+        // reqwest is built without a crypto provider of its own (see Cargo.toml) and takes the
+        // process default; ring is what the rest of farm uses. Already installed is fine.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = ClientConfig {
+            protocol: if insecure.is_empty() {
+                ClientProtocol::Https
+            } else {
+                ClientProtocol::HttpsExcept(insecure.to_vec())
+            },
+            platform_resolver: None,
+            connect_timeout: Some(Duration::from_secs(30)),
+            user_agent: concat!("farm/", env!("CARGO_PKG_VERSION")),
+            ..ClientConfig::default()
+        };
+        // Client::new would fall back to a default configuration (HTTPS everywhere) on failure;
+        // building only fails if the TLS backend cannot start, which no later call could survive.
+        let client = Client::try_from(config).expect("the HTTP client for registries could not be built");
+        let (auth, user) = match credentials {
+            Some(c) => (RegistryAuth::Basic(c.username.clone(), c.password), Some(c.username)),
+            None => (RegistryAuth::Anonymous, None),
+        };
+        Registry { client, auth, user, insecure: insecure.to_vec(), stream_threshold: STREAM_THRESHOLD }
+    }
+
+    #[cfg(test)]
+    fn with_stream_threshold(mut self, bytes: u64) -> Self {
+        self.stream_threshold = bytes;
+        self
+    }
+
+    /// Turns an oci-client error about `target` into one that says what to do.
+    fn error(&self, target: &ImageRef, action: &'static str, what: &str, e: OciDistributionError) -> RegistryError {
+        let registry = target.registry.clone();
+        if let OciDistributionError::RequestError(re) = &e {
+            if re.is_connect() || re.is_timeout() {
+                let hint = if self.insecure.contains(&registry) {
+                    "is it running?".to_owned()
+                } else {
+                    format!("is it running? a plain-HTTP registry must be named with --insecure-registry {registry}")
+                };
+                return RegistryError::Unreachable { registry, reason: root_cause(re), hint };
+            }
+        }
+        match status_of(&e) {
+            Some(401) => match &self.user {
+                Some(user) => RegistryError::BadCredentials { registry, user: user.clone() },
+                None => RegistryError::NeedCredentials { registry },
+            },
+            Some(403) => RegistryError::Denied {
+                registry,
+                repository: target.repository.clone(),
+                user: self.user.clone(),
+                action,
+            },
+            Some(404) => RegistryError::NotFound { what: what.to_owned() },
+            _ => RegistryError::Protocol { registry, message: e.to_string() },
+        }
+    }
+
+    /// Authenticates for `op` on `target`'s repository (a bearer token, basic credentials or
+    /// nothing, as the registry asks), which also tells early whether the registry is reachable.
+    async fn authorize(&self, target: &ImageRef, op: RegistryOperation) -> Result<(), RegistryError> {
+        let action = if matches!(op, RegistryOperation::Push) { "push" } else { "pull" };
+        self.client
+            .auth(&target.to_oci_client(), &self.auth, op)
+            .await
+            .map(drop)
+            .map_err(|e| self.error(target, action, &target.name(), e))
+    }
+
+    /// For calls that do not take credentials themselves: offer ours for `target`'s registry.
+    async fn offer_auth(&self, target: &ImageRef) {
+        self.client.store_auth_if_needed(target.to_oci_client().resolve_registry(), &self.auth).await;
+    }
+
+    /// Pushes an OCI layout to `repo` by digest: each layer and the config blob is first checked
+    /// with a HEAD and uploaded only if the registry lacks it; then the manifest is PUT by digest
+    /// (`repo@sha256:…`), never by tag. `repo`'s own tag and digest are ignored.
+    ///
+    /// Returns the manifest's descriptor (media type, digest, size; no platform, the caller adds it).
+    pub async fn push_layout(&self, layout: &Layout, repo: &ImageRef) -> Result<PushReport, RegistryError> {
+        let target = repo.with_digest(&layout.manifest.digest);
+        let reference = target.to_oci_client();
+        self.authorize(&target, RegistryOperation::Push).await?;
+        let mut report =
+            PushReport { manifest: layout.manifest.clone(), blobs_uploaded: 0, blobs_skipped: 0, bytes_uploaded: 0 };
+        report.manifest.platform = None;
+        report.manifest.annotations.clear();
+        let mut seen = HashSet::new();
+        for blob in layout.layers.iter().chain([&layout.config]) {
+            if !seen.insert(&blob.digest) {
+                continue;
+            }
+            let what = format!("blob {} in {}", blob.digest, target.name());
+            let exists = self
+                .client
+                .blob_exists(&reference, blob.digest.as_str())
+                .await
+                .map_err(|e| self.error(&target, "push", &what, e))?;
+            if exists {
+                report.blobs_skipped += 1;
+                continue;
+            }
+            self.upload_blob(&reference, &layout.dir, blob).await.map_err(|e| match e {
+                Upload::Io(path, source) => RegistryError::Io { path, source },
+                Upload::Registry(e) => self.error(&target, "push", &what, e),
+            })?;
+            report.blobs_uploaded += 1;
+            report.bytes_uploaded += blob.size;
+        }
+        self.put_manifest(&target, layout.manifest_bytes.clone(), &layout.manifest.media_type).await?;
+        tracing::debug!("pushed {target} ({} blobs uploaded, {} present)", report.blobs_uploaded, report.blobs_skipped);
+        Ok(report)
+    }
+
+    async fn upload_blob(&self, reference: &Reference, dir: &Path, blob: &Descriptor) -> Result<(), Upload> {
+        let path = blob_path(dir, &blob.digest);
+        if blob.size <= self.stream_threshold {
+            let bytes = tokio::fs::read(&path).await.map_err(|e| Upload::Io(path, e))?;
+            self.client.push_blob(reference, bytes, blob.digest.as_str()).await.map_err(Upload::Registry)?;
+            return Ok(());
+        }
+        let file = tokio::fs::File::open(&path).await.map_err(|e| Upload::Io(path.clone(), e))?;
+        // The registry checks the digest when the upload is committed, so a file that changed
+        // underneath is refused rather than stored under the wrong name.
+        let chunks = futures_util::stream::try_unfold(file, |mut file| async move {
+            let mut buf = Vec::with_capacity(STREAM_CHUNK);
+            (&mut file).take(STREAM_CHUNK as u64).read_to_end(&mut buf).await?;
+            Ok::<_, OciDistributionError>(if buf.is_empty() { None } else { Some((bytes::Bytes::from(buf), file)) })
+        });
+        self.client.push_blob_stream(reference, chunks, blob.digest.as_str(), Some(blob.size)).await.map_err(|e| {
+            match e {
+                OciDistributionError::IoError(e) => Upload::Io(path, e),
+                e => Upload::Registry(e),
+            }
+        })?;
+        Ok(())
+    }
+
+    /// PUTs a manifest or index under `target` (its digest if it has one, else its tag).
+    async fn put_manifest(&self, target: &ImageRef, body: Vec<u8>, media_type: &str) -> Result<(), RegistryError> {
+        let content_type =
+            media_type.parse().map_err(|_| RegistryError::Usage(format!("invalid media type {media_type:?}")))?;
+        let reference = target.to_oci_client();
+        let put = AssertUnwindSafe(self.client.push_manifest_raw(&reference, body, content_type)).catch_unwind().await;
+        match put {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(self.error(target, "push", &target.to_string(), e)),
+            // oci-client 0.18 panics after a *successful* PUT by digest when the registry answers
+            // without a Location header (as ECR does): it looks for the tag at the end of the URL.
+            // The manifest is stored then; make sure of it.
+            Err(_) => match &target.digest {
+                Some(d) if self.has_manifest(target, d).await? => Ok(()),
+                _ => Err(RegistryError::Protocol {
+                    registry: target.registry.clone(),
+                    message: format!("pushing the manifest {target} failed: the registry answered without a Location"),
+                }),
+            },
+        }
+    }
+
+    /// Pushes an index (bytes from [`crate::oci::image_index`]) under each tag in `tags` (all in one
+    /// repository; a reference without a tag means `latest`), with media type [`OCI_INDEX`].
+    /// Returns the index's digest.
+    pub async fn push_index(&self, index: &[u8], tags: &[ImageRef]) -> Result<Digest, RegistryError> {
+        let first = tags.first().ok_or_else(|| RegistryError::Usage("no tag to push the image index under".into()))?;
+        let mut targets: Vec<ImageRef> = Vec::new();
+        for t in tags {
+            if !t.same_repository(first) {
+                return Err(RegistryError::Usage(format!(
+                    "the tags of one image index must be in one repository: {} and {} are not",
+                    first.name(),
+                    t.name()
+                )));
+            }
+            if t.tag.is_none() && t.digest.is_some() {
+                return Err(RegistryError::Usage(format!(
+                    "{t} names a digest, not a tag to push the image index under"
+                )));
+            }
+            let target = t.with_tag(t.tag.as_deref().unwrap_or("latest"));
+            if !targets.contains(&target) {
+                targets.push(target);
+            }
+        }
+        self.authorize(first, RegistryOperation::Push).await?;
+        for target in &targets {
+            self.put_manifest(target, index.to_vec(), OCI_INDEX).await?;
+        }
+        Ok(Digest::of(index))
+    }
+
+    /// Whether `repo@digest` exists (HEAD on the manifest).
+    pub async fn has_manifest(&self, repo: &ImageRef, digest: &Digest) -> Result<bool, RegistryError> {
+        let target = repo.with_digest(digest);
+        match self.client.fetch_manifest_digest(&target.to_oci_client(), &self.auth).await {
+            Ok(_) => Ok(true),
+            Err(e) => match self.error(&target, "pull", &target.to_string(), e) {
+                RegistryError::NotFound { .. } => Ok(false),
+                other => Err(other),
+            },
+        }
+    }
+
+    /// GETs a manifest or index by tag or digest: its bytes, media type (as it declares it) and digest.
+    pub async fn fetch_manifest(&self, r: &ImageRef) -> Result<(Vec<u8>, String, Digest), RegistryError> {
+        let accepted = [OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST];
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(&r.to_oci_client(), &self.auth, &accepted)
+            .await
+            .map_err(|e| self.error(r, "pull", &r.to_string(), e))?;
+        let digest = Digest::of(&bytes);
+        if r.digest.as_ref().is_some_and(|want| *want != digest) {
+            return Err(RegistryError::Protocol {
+                registry: r.registry.clone(),
+                message: format!("{r} answered with content whose digest is {digest}"),
+            });
+        }
+        Ok((bytes.to_vec(), declared_media_type(&bytes), digest))
+    }
+
+    /// GETs the blob `d` of `repo`, checked against its digest.
+    pub async fn fetch_blob(&self, repo: &ImageRef, d: &Digest) -> Result<Vec<u8>, RegistryError> {
+        let target = repo.with_digest(d);
+        self.offer_auth(&target).await;
+        let mut out = Vec::new();
+        self.client
+            .pull_blob(&target.to_oci_client(), d.as_str(), &mut out)
+            .await
+            .map_err(|e| self.error(&target, "pull", &format!("blob {d} in {}", repo.name()), e))?;
+        Ok(out)
+    }
+}
+
+/// Why a blob upload failed: reading it, or the registry.
+enum Upload {
+    Io(PathBuf, std::io::Error),
+    Registry(OciDistributionError),
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read as _, Write as _};
+    use std::net::{TcpListener, TcpStream};
+    use std::process::{Child, Command, Stdio};
+    use std::time::Instant;
+
+    use super::*;
+    use crate::oci::{config_platform, image_index, parse_index, read_layout, OciPlatform};
+    use crate::platform::Platform;
+
+    fn b64(s: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    fn creds(u: &str, p: &str) -> Option<Credentials> {
+        Some(Credentials { username: u.into(), password: p.into() })
+    }
+
+    #[test]
+    fn docker_config_credentials_cases() {
+        let auth = b64("bob:s3cr:et");
+        let config = format!(
+            r#"{{"auths":{{
+                "reg.lan:5000":{{"auth":"{auth}"}},
+                "https://other.lan/v2/":{{"username":"alice","password":"pw"}},
+                "http://plain.lan:80":{{"auth":"{plain}"}},
+                "https://index.docker.io/v1/":{{"auth":"{hub}"}},
+                "helper.lan":{{}},
+                "empty.lan":{{"auth":""}}
+              }},
+              "credsStore":"desktop"}}"#,
+            plain = b64("p:q"),
+            hub = b64("hubuser:hubpw"),
+        );
+        let get = |r: &str| docker_config_credentials(&config, r).unwrap();
+        assert_eq!(get("reg.lan:5000"), creds("bob", "s3cr:et"));
+        assert_eq!(get("REG.lan:5000"), creds("bob", "s3cr:et"));
+        assert_eq!(get("other.lan"), creds("alice", "pw"));
+        assert_eq!(get("plain.lan:80"), creds("p", "q"));
+        assert_eq!(get("docker.io"), creds("hubuser", "hubpw"));
+        assert_eq!(get("reg.lan"), None, "the port is part of the key");
+        assert_eq!(get("missing.lan"), None);
+        assert_eq!(get("helper.lan"), None, "credential helpers are not supported");
+        assert_eq!(get("empty.lan"), None);
+        assert_eq!(docker_config_credentials("{}", "reg.lan").unwrap(), None);
+
+        // An exact key wins over a normalised one.
+        let both = format!(
+            r#"{{"auths":{{"https://reg.lan/v1/":{{"auth":"{}"}},"reg.lan":{{"auth":"{}"}}}}}}"#,
+            b64("a:1"),
+            b64("b:2")
+        );
+        assert_eq!(docker_config_credentials(&both, "reg.lan").unwrap(), creds("b", "2"));
+
+        let secret = "c2VjcmV0!!notbase64";
+        let broken = format!(r#"{{"auths":{{"reg.lan:5000":{{"auth":"{secret}"}}}}}}"#);
+        let err = docker_config_credentials(&broken, "reg.lan:5000").unwrap_err().to_string();
+        assert_eq!(err, r#"docker config.json: auths["reg.lan:5000"].auth is not valid base64"#);
+        let no_colon = format!(r#"{{"auths":{{"r.lan":{{"auth":"{}"}}}}}}"#, b64("justapassword"));
+        let err = docker_config_credentials(&no_colon, "r.lan").unwrap_err().to_string();
+        assert!(err.contains(r#"auths["r.lan"].auth does not decode to "username:password""#), "{err}");
+        assert!(!err.contains("justapassword"));
+        let err = docker_config_credentials(r#"{"auths":{"r.lan":{"auth":12345}}}"#, "r.lan").unwrap_err();
+        assert!(err.to_string().ends_with("auths[\"r.lan\"].auth is not a string"), "{err}");
+        let err = docker_config_credentials("{\"auths\":", "r.lan").unwrap_err().to_string();
+        assert!(err.starts_with("docker config.json: invalid JSON"), "{err}");
+
+        // Read from a file, errors name the file; an absent file is no credentials.
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("config.json");
+        assert_eq!(credentials_from_file(&path, "reg.lan:5000").unwrap(), None);
+        std::fs::write(&path, &config).unwrap();
+        assert_eq!(credentials_from_file(&path, "reg.lan:5000").unwrap(), creds("bob", "s3cr:et"));
+        std::fs::write(&path, &broken).unwrap();
+        let err = credentials_from_file(&path, "reg.lan:5000").unwrap_err().to_string();
+        assert_eq!(err, format!(r#"{}: auths["reg.lan:5000"].auth is not valid base64"#, path.display()));
+        assert!(!err.contains(secret));
+    }
+
+    #[test]
+    fn credentials_never_show_the_password() {
+        let c = Credentials { username: "bob".into(), password: "hunter2".into() };
+        assert_eq!(c.to_string(), "bob:<redacted>");
+        assert_eq!(format!("{c:?}"), r#"Credentials { username: "bob", password: "<redacted>" }"#);
+        let r = Registry::new(&[], Some(c));
+        assert!(!format!("{r:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn errors_name_the_registry_and_the_fix() {
+        let target: ImageRef = "reg.lan:5000/app:1".parse().unwrap();
+        let unauthorized = || OciDistributionError::UnauthorizedError { url: "https://reg.lan:5000/v2/app".into() };
+        let with_user = Registry::new(&[], creds("bob", "hunter2"));
+        let err = with_user.error(&target, "push", "x", unauthorized()).to_string();
+        assert_eq!(
+            err,
+            r#"registry reg.lan:5000 refused the credentials for user "bob": check ~/.docker/config.json or run docker login"#
+        );
+        let anonymous = Registry::new(&[], None);
+        assert_eq!(
+            anonymous.error(&target, "push", "x", unauthorized()).to_string(),
+            "registry reg.lan:5000 requires credentials and none were found for it: \
+             add them to ~/.docker/config.json (docker login reg.lan:5000)"
+        );
+        let denied = OciDistributionError::ServerError { code: 403, url: "u".into(), message: "denied".into() };
+        assert_eq!(
+            with_user.error(&target, "push", "x", denied).to_string(),
+            r#"registry reg.lan:5000 denied push access to app for user "bob": check that the account may push there"#
+        );
+        let missing = OciDistributionError::ServerError { code: 404, url: "u".into(), message: String::new() };
+        assert_eq!(
+            anonymous.error(&target, "pull", "reg.lan:5000/app:1", missing).to_string(),
+            "reg.lan:5000/app:1 not found"
+        );
+    }
+
+    /// A docker-registry on a free loopback port, killed on drop.
+    struct TestRegistry {
+        child: Child,
+        addr: String,
+        _dir: tempfile::TempDir,
+    }
+
+    impl TestRegistry {
+        fn start() -> TestRegistry {
+            let dir = tempfile::tempdir().unwrap();
+            let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+            let addr = format!("127.0.0.1:{port}");
+            let config = dir.path().join("config.yml");
+            std::fs::write(
+                &config,
+                format!(
+                    "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  \
+                     delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                    dir.path().join("data").display()
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdin(Stdio::null())
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .unwrap_or_else(|e| {
+                    panic!("cannot start docker-registry ({e}): this test needs Debian's docker-registry package")
+                });
+            let mut registry = TestRegistry { child, addr, _dir: dir };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if matches!(http_get(&registry.addr, "/v2/"), Some((200, _))) {
+                    return registry;
+                }
+                if let Ok(Some(status)) = registry.child.try_wait() {
+                    let log = std::fs::read_to_string(registry._dir.path().join("registry.log")).unwrap_or_default();
+                    panic!("docker-registry exited ({status}):\n{log}");
+                }
+                assert!(Instant::now() < deadline, "docker-registry did not answer on {} within 30s", registry.addr);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    impl Drop for TestRegistry {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// A plain HTTP/1.0 GET on loopback: (status, body), or None if nothing answers.
+    fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+        let mut stream = TcpStream::connect(addr).ok()?;
+        stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).ok()?;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        let status = head.split(' ').nth(1)?.parse().ok()?;
+        Some((status, body.to_owned()))
+    }
+
+    fn tags(addr: &str, repository: &str) -> Vec<String> {
+        let (status, body) = http_get(addr, &format!("/v2/{repository}/tags/list")).expect("registry answers");
+        // docker-registry knows a repository's name only once it has a tag.
+        if status == 404 && body.contains("NAME_UNKNOWN") {
+            return Vec::new();
+        }
+        assert_eq!(status, 200, "{body}");
+        let value: Value = serde_json::from_str(&body).unwrap();
+        let mut tags: Vec<String> = value["tags"]
+            .as_array()
+            .map(|a| a.iter().map(|t| t.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default();
+        tags.sort();
+        tags
+    }
+
+    /// Runs buildah on a private storage under `t`.
+    fn buildah(t: &Path, args: &[&str]) -> String {
+        let out = Command::new("buildah")
+            .arg("--root")
+            .arg(t.join("root"))
+            .arg("--runroot")
+            .arg(t.join("runroot"))
+            .args(["--storage-driver", "vfs"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run buildah ({e}): this test needs buildah installed"));
+        assert!(out.status.success(), "buildah {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    /// A real one-file linux/arm64 image, exported by buildah as an OCI layout at `t/layout`. The
+    /// file is 9 MiB of incompressible bytes, so its layer takes several chunks to upload.
+    fn buildah_layout(t: &Path) -> PathBuf {
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let noise: Vec<u8> = (0..9 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect();
+        std::fs::write(t.join("somefile"), noise).unwrap();
+        let ctr = buildah(t, &["from", "scratch"]);
+        buildah(t, &["copy", &ctr, t.join("somefile").to_str().unwrap(), "/somefile"]);
+        buildah(t, &["config", "--arch", "arm64", "--os", "linux", &ctr]);
+        buildah(t, &["commit", "--quiet", &ctr, "img"]);
+        let layout = t.join("layout");
+        buildah(t, &["push", "--quiet", "--format", "oci", "img", &format!("oci:{}", layout.display())]);
+        buildah(t, &["rm", &ctr]);
+        layout
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn push_layouts_by_digest_and_indexes_by_tag() {
+        let server = TestRegistry::start();
+        let addr = server.addr.clone();
+        let t = tempfile::tempdir().unwrap();
+        let layout = read_layout(&buildah_layout(t.path())).unwrap();
+        assert_eq!(layout.manifest.media_type, OCI_MANIFEST);
+        assert_eq!(layout.platform().unwrap().to_string(), "linux/arm64");
+        assert_eq!(layout.layers.len(), 1);
+        assert!(layout.layers[0].size > 2 * STREAM_CHUNK as u64, "{:?}", layout.layers[0]);
+
+        let registry = Registry::new(std::slice::from_ref(&addr), None);
+        let repo: ImageRef = format!("{addr}/farm/hello").parse().unwrap();
+        let blob_bytes = layout.config.size + layout.layers[0].size;
+
+        // By digest: everything uploaded once, nothing the second time, no tag left behind.
+        let first = registry.push_layout(&layout, &repo).await.unwrap();
+        assert_eq!(first.manifest, layout.manifest);
+        assert_eq!((first.blobs_uploaded, first.blobs_skipped, first.bytes_uploaded), (2, 0, blob_bytes));
+        let again = registry.push_layout(&layout, &repo.with_tag("ignored")).await.unwrap();
+        assert_eq!(again.manifest, layout.manifest);
+        assert_eq!((again.blobs_uploaded, again.blobs_skipped, again.bytes_uploaded), (0, 2, 0));
+        assert_eq!(tags(&addr, "farm/hello"), Vec::<String>::new());
+        let digest = &layout.manifest.digest;
+        assert!(registry.has_manifest(&repo, digest).await.unwrap());
+        assert!(!registry.has_manifest(&repo, &Digest::of(b"no such manifest")).await.unwrap());
+        let elsewhere: ImageRef = format!("{addr}/farm/other").parse().unwrap();
+        assert!(!registry.has_manifest(&elsewhere, digest).await.unwrap());
+
+        // What went up is what comes down.
+        let (bytes, media_type, got) = registry.fetch_manifest(&repo.with_digest(digest)).await.unwrap();
+        assert_eq!(
+            (bytes.as_slice(), media_type.as_str(), &got),
+            (layout.manifest_bytes.as_slice(), OCI_MANIFEST, digest)
+        );
+        let config = registry.fetch_blob(&repo, &layout.config.digest).await.unwrap();
+        assert_eq!(config_platform(&config).unwrap().to_string(), "linux/arm64");
+
+        // Large blobs are streamed from disk (here: all of them).
+        let streaming = Registry::new(std::slice::from_ref(&addr), None).with_stream_threshold(0);
+        let streamed: ImageRef = format!("{addr}/farm/streamed").parse().unwrap();
+        let report = streaming.push_layout(&layout, &streamed).await.unwrap();
+        assert_eq!((report.blobs_uploaded, report.bytes_uploaded), (2, blob_bytes));
+        let layer = streaming.fetch_blob(&streamed, &layout.layers[0].digest).await.unwrap();
+        assert_eq!(layer, std::fs::read(blob_path(&layout.dir, &layout.layers[0].digest)).unwrap());
+
+        // One index under two tags: identical bytes under each, and no other tag.
+        let mut arm64 = first.manifest.clone();
+        arm64.platform = Some(OciPlatform::from(&"linux/arm64".parse::<Platform>().unwrap()));
+        let mut armv7 = first.manifest.clone();
+        armv7.platform = Some(OciPlatform::from(&"linux/arm/v7".parse::<Platform>().unwrap()));
+        let descriptors = vec![arm64, armv7];
+        let index = image_index(&descriptors);
+        let tagged = [repo.with_tag("1.0"), repo.with_tag("latest"), repo.with_tag("1.0")];
+        let index_digest = registry.push_index(&index, &tagged).await.unwrap();
+        assert_eq!(index_digest, Digest::of(&index));
+        for tag in &tagged {
+            let (bytes, media_type, got) = registry.fetch_manifest(tag).await.unwrap();
+            assert_eq!(bytes, index, "{tag}");
+            assert_eq!((media_type.as_str(), &got), (OCI_INDEX, &index_digest), "{tag}");
+            assert_eq!(parse_index(&bytes).unwrap(), descriptors);
+        }
+        assert_eq!(tags(&addr, "farm/hello"), ["1.0", "latest"]);
+        assert!(registry.has_manifest(&repo, &index_digest).await.unwrap());
+
+        // Mistakes and failures say what is wrong.
+        let err = registry.push_index(&index, &[repo.with_tag("1"), elsewhere.with_tag("1")]).await.unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("the tags of one image index must be in one repository: {addr}/farm/hello and {addr}/farm/other are not")
+        );
+        assert!(matches!(registry.push_index(&index, &[]).await, Err(RegistryError::Usage(_))));
+        let err = registry.fetch_manifest(&repo.with_tag("nope")).await.unwrap_err();
+        assert_eq!(err.to_string(), format!("{addr}/farm/hello:nope not found"));
+        let err = registry.fetch_blob(&repo, &Digest::of(b"nothing")).await.unwrap_err();
+        assert!(matches!(err, RegistryError::NotFound { .. }), "{err}");
+
+        let https = Registry::new(&[], None);
+        let err = https.has_manifest(&repo, digest).await.unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!("registry {addr} unreachable: "))
+                && err.ends_with(&format!(
+                    "(is it running? a plain-HTTP registry must be named with --insecure-registry {addr})"
+                )),
+            "{err}"
+        );
+        drop(server);
+        let err = registry.push_layout(&layout, &repo).await.unwrap_err().to_string();
+        assert_eq!(err, format!("registry {addr} unreachable: connection refused (is it running?)"));
+    }
+}

@@ -1,0 +1,168 @@
+//! `farm build`: flags into a build spec, the context scanned and uploaded, the build followed
+//! to its end. Everything that decides lives in the libraries; this is glue and output.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use shared::proto::{BuildEvent, BuildSpec, Emulation};
+use shared::Platform;
+
+use crate::cli::{BuildArgs, EmulationArg, Progress};
+use crate::progress::{self, View};
+use crate::{config, embedded, output};
+
+pub async fn run(args: BuildArgs) -> Result<()> {
+    let file = config::load(args.client.config.config.as_deref(), true)?;
+    let platforms = match config::platforms(&args.platforms)? {
+        Some(p) if !p.is_empty() => p,
+        _ => vec![host_platform()?],
+    };
+    if args.tags.is_empty() {
+        bail!("no tag given: pass -t REGISTRY/REPOSITORY:TAG (farm pushes every build to a registry)");
+    }
+    for t in &args.tags {
+        t.parse::<shared::oci::ImageRef>().with_context(|| format!("invalid tag {t:?}"))?;
+    }
+    let context = args.context.clone();
+    if !context.is_dir() {
+        bail!("build context {} is not a directory", context.display());
+    }
+    let dockerfile = dockerfile_in_context(&context, args.file.as_deref())?;
+    let mut insecure = file.insecure_registries.clone();
+    insecure.extend(args.insecure_registries.iter().cloned());
+    let registry = args.tags[0].parse::<shared::oci::ImageRef>()?.registry;
+    let credentials = shared::registry::load_docker_credentials(&registry)
+        .with_context(|| format!("reading registry credentials for {registry}"))?;
+
+    let scan_root = context.clone();
+    let df = dockerfile.clone();
+    let scanned = tokio::task::spawn_blocking(move || shared::context::scan(&scan_root, &df))
+        .await?
+        .with_context(|| format!("reading the build context {}", context.display()))?;
+
+    // A configured coordinator means the farm; none means a farm inside this process.
+    let remote = args.client.coordinator.is_some() || file.coordinator.is_some();
+    let (local, client) = if remote {
+        (None, crate::connect(&args.client).await?)
+    } else {
+        let farm = embedded::Embedded::start().await?;
+        let creds = shared::tls::load_credentials(&farm.ca_dir, embedded::CLIENT)?;
+        let client =
+            shared::client::Client::connect(&farm.addr, &creds, &Default::default(), shared::proto::DEFAULT_MAX_FRAME)
+                .await?;
+        farm.wait_ready(&client).await?;
+        (Some(farm), client)
+    };
+
+    let mut view = View::new(args.progress, &platforms);
+    let upload = client.upload_context(&scanned).await?;
+    view.note(&format!(
+        "context: {} files ({}), uploaded {} ({})",
+        upload.files,
+        output::bytes(upload.total_bytes),
+        plural(upload.blobs_sent, "file"),
+        output::bytes(upload.bytes_sent)
+    ));
+    let spec = BuildSpec {
+        platforms: platforms.clone(),
+        tags: args.tags.clone(),
+        dockerfile,
+        build_args: build_args(&args.build_args)?,
+        target: args.target.clone(),
+        no_cache: args.no_cache,
+        emulation: match args.emulation {
+            EmulationArg::Fallback => Emulation::Fallback,
+            EmulationArg::Never => Emulation::Never,
+        },
+        require: config::labels(&BTreeMap::new(), &args.require)?,
+        context: scanned.manifest.digest(),
+        insecure_registries: insecure,
+        credentials,
+    };
+    let mut follow = client.build(spec).await?;
+    view.note(&format!("build {} accepted", follow.build));
+    let mut failed_lines: BTreeMap<Platform, (String, Vec<String>)> = BTreeMap::new();
+    let end = loop {
+        let Some(event) = follow.next().await? else {
+            break None;
+        };
+        view.event(&event);
+        match event {
+            BuildEvent::PlatformFailed { platform, error, last_lines } => {
+                failed_lines.insert(platform, (error, last_lines));
+            }
+            e @ (BuildEvent::Succeeded { .. } | BuildEvent::Failed { .. }) => break Some(e),
+            _ => {}
+        }
+    };
+    view.finish();
+    client.close();
+    drop(local);
+    match end {
+        Some(BuildEvent::Succeeded { index, tags, platforms }) => {
+            if args.progress != Progress::Json {
+                println!("{}", output::build_summary(&index, &tags, &platforms, progress::mode));
+            }
+            Ok(())
+        }
+        Some(BuildEvent::Failed { error }) => {
+            for (platform, (err, lines)) in &failed_lines {
+                eprintln!("{platform} failed: {err}");
+                if !lines.is_empty() {
+                    eprintln!("last log lines of {platform}:");
+                    for l in lines {
+                        eprintln!("  {l}");
+                    }
+                }
+            }
+            bail!("build {} failed: {error}; no tag was pushed", follow.build)
+        }
+        _ => bail!("the coordinator ended build {} without a result", follow.build),
+    }
+}
+
+/// The platform this machine builds natively (buildx's default).
+fn host_platform() -> Result<Platform> {
+    let host = shared::host::detect(Path::new(shared::host::DEFAULT_BINFMT_DIR));
+    host.native.into_iter().next().context("cannot tell this machine's platform; pass --platform")
+}
+
+/// The Dockerfile's path inside the context, as agents will find it.
+fn dockerfile_in_context(context: &Path, file: Option<&Path>) -> Result<String> {
+    let Some(file) = file else { return Ok("Dockerfile".into()) };
+    let ctx = context.canonicalize().with_context(|| format!("build context {}", context.display()))?;
+    let path: PathBuf =
+        file.canonicalize().with_context(|| format!("Dockerfile {} not found (check -f)", file.display()))?;
+    let rel = path.strip_prefix(&ctx).with_context(|| {
+        format!("Dockerfile {} is outside the build context {}; move it inside", file.display(), context.display())
+    })?;
+    Ok(rel.to_string_lossy().into_owned())
+}
+
+/// `KEY=VALUE`, or `KEY` alone to take the value from the environment, as docker does.
+fn build_args(flags: &[String]) -> Result<Vec<(String, String)>> {
+    let mut out = Vec::new();
+    for f in flags {
+        let (k, v) = match f.split_once('=') {
+            Some((k, v)) => (k.to_string(), v.to_string()),
+            None => match std::env::var(f) {
+                Ok(v) => (f.clone(), v),
+                Err(_) => continue,
+            },
+        };
+        if k.is_empty() {
+            bail!("--build-arg {f:?} has no name; use KEY=VALUE");
+        }
+        out.push((k, v));
+    }
+    Ok(out)
+}
+
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
