@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod registry;
+
 use std::io::{BufRead, BufReader};
 use std::net::UdpSocket;
 use std::path::{Path, PathBuf};
@@ -183,4 +185,106 @@ pub fn agent<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_js
 
 pub fn strings(v: &serde_json::Value) -> Vec<String> {
     v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+}
+
+/// A coordinator and agents as separate `farm` processes on loopback, with their own CA.
+pub struct Farm {
+    pub tmp: tempfile::TempDir,
+    pub ca: Ca,
+    pub addr: String,
+    pub port: u16,
+    pub timeout_secs: u64,
+    pub coordinator: Proc,
+    pub agents: std::collections::HashMap<String, Proc>,
+}
+
+impl Farm {
+    pub fn start(timeout_secs: u64) -> Farm {
+        let tmp = tempfile::tempdir().unwrap();
+        let ca = Ca::init(tmp.path());
+        let port = free_udp_port();
+        let addr = format!("127.0.0.1:{port}");
+        let coordinator = Self::spawn_coordinator(&ca, tmp.path(), port, timeout_secs);
+        Farm { tmp, ca, addr, port, timeout_secs, coordinator, agents: Default::default() }
+    }
+
+    fn spawn_coordinator(ca: &Ca, root: &Path, port: u16, timeout_secs: u64) -> Proc {
+        let listen = format!("127.0.0.1:{port}");
+        let state = root.join("coordinator");
+        let p = Proc::farm(
+            "coordinator",
+            &[
+                "coordinator",
+                "--listen",
+                &listen,
+                "--ca-dir",
+                ca.path(),
+                "--state-dir",
+                state.to_str().unwrap(),
+                "--heartbeat-timeout",
+                &timeout_secs.to_string(),
+            ],
+        );
+        p.wait_for_line(&["coordinator listening", &listen], Duration::from_secs(20));
+        p
+    }
+
+    pub fn restart_coordinator(&mut self) {
+        self.coordinator.kill();
+        self.coordinator = Self::spawn_coordinator(&self.ca, self.tmp.path(), self.port, self.timeout_secs);
+    }
+
+    /// Starts agent `name` with extra flags and waits until it is online.
+    pub fn agent(&mut self, name: &str, extra: &[&str]) -> serde_json::Value {
+        self.ca.issue("agent", name);
+        let work = self.tmp.path().join(format!("agent-{name}"));
+        let mut args = vec!["agent", "--coordinator", &self.addr, "--ca-dir", self.ca.path(), "--name", name];
+        args.extend(["--work-dir", work.to_str().unwrap()]);
+        args.extend(extra);
+        self.agents.insert(name.into(), Proc::farm(&format!("agent {name}"), &args));
+        self.wait_agent(name, "online")
+    }
+
+    pub fn wait_agent(&self, name: &str, state: &str) -> serde_json::Value {
+        wait_until(&format!("agent {name} to be {state}"), Duration::from_secs(self.timeout_secs + 20), || {
+            let list = agents_json(&self.addr, &self.ca);
+            agent(&list, name).filter(|a| a["state"] == state).cloned()
+        })
+    }
+
+    /// The flags that point a CLI command at this farm.
+    pub fn client_args(&self) -> Vec<String> {
+        ["--coordinator", &self.addr, "--ca-dir", self.ca.path(), "--name", "admin"].map(String::from).to_vec()
+    }
+}
+
+/// `farm build` with `args`; returns (success, stdout, stderr).
+pub fn build(args: &[String]) -> (bool, String, String) {
+    let mut full = vec!["build".to_string(), "--progress".into(), "plain".into()];
+    full.extend(args.iter().cloned());
+    let out = Command::new(farm_bin()).args(&full).env("FARM_LOG", "warn").output().unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout).to_string(), String::from_utf8_lossy(&out.stderr).to_string());
+    (out.status.success(), so, se)
+}
+
+/// The rows of a successful build's summary: platform → (agent, mode).
+pub fn summary(stdout: &str) -> std::collections::BTreeMap<String, (String, String)> {
+    stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("PLATFORM"))
+        .skip(1)
+        .map(|l| {
+            let c: Vec<&str> = l.split_whitespace().collect();
+            (c[0].to_string(), (c[2].to_string(), c[3].to_string()))
+        })
+        .collect()
+}
+
+/// A copy of `examples/NAME` in a fresh directory, to build and change freely.
+pub fn example(name: &str, into: &Path) -> PathBuf {
+    let from = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples").join(name);
+    let to = into.join(name);
+    let st = Command::new("cp").arg("-a").arg(&from).arg(&to).status().unwrap();
+    assert!(st.success());
+    to
 }
