@@ -34,7 +34,7 @@ done
 [[ $EUID -eq 0 ]] || die "must run as root"
 
 install_packages() {
-  local pkgs=(buildah docker-registry jq ca-certificates iproute2) missing=()
+  local pkgs=(buildah docker-registry skopeo jq curl ca-certificates iproute2) missing=()
   ((emulation)) && pkgs+=(qemu-user-static)
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")

@@ -39,7 +39,9 @@ impl Embedded {
             let _ = w.wait_for(|s| *s).await;
         };
         tokio::spawn(server.run(stopped(watch.clone())));
-        let agent = agent::Config::new(addr.clone(), ca_dir.clone(), NAME.into(), home.join("agent"));
+        let mut agent = agent::Config::new(addr.clone(), ca_dir.clone(), NAME.into(), home.join("agent"));
+        // One machine builds every platform: let them run side by side.
+        agent.capacity = std::thread::available_parallelism().map_or(2, |n| n.get() as u32).max(3);
         let w = watch.clone();
         tokio::spawn(async move {
             if let Err(e) = agent::run(agent, stopped(w)).await {
