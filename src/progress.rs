@@ -60,12 +60,12 @@ impl View {
         match self {
             View::Json => println!("{}", serde_json::to_string(e).expect("events serialise")),
             View::Plain => {
-                if let Some((p, line)) = describe(e) {
+                if let Some((p, line)) = e.describe() {
                     eprintln!("[{p}] {line}");
                 }
             }
             View::Live { bars, .. } => {
-                let Some((p, line)) = describe(e) else { return };
+                let Some((p, line)) = e.describe() else { return };
                 let Some(bar) = bars.get(&p) else { return };
                 match e {
                     BuildEvent::PlatformDone(_) => bar.finish_with_message(line),
@@ -83,24 +83,6 @@ impl View {
             }
         }
     }
-}
-
-fn describe(e: &BuildEvent) -> Option<(Platform, String)> {
-    Some(match e {
-        BuildEvent::Waiting { platform, reason } => (platform.clone(), reason.clone()),
-        BuildEvent::Started { platform, agent, emulated, attempt } => {
-            let mode = if *emulated { "emulated" } else { "native" };
-            let again = if *attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
-            (platform.clone(), format!("started on {agent} ({mode}{again})"))
-        }
-        BuildEvent::Log { platform, line } => (platform.clone(), line.clone()),
-        BuildEvent::Retrying { platform, reason } => (platform.clone(), reason.clone()),
-        BuildEvent::PlatformDone(r) => {
-            (r.platform.clone(), format!("done: {} on {} ({})", r.manifest.digest, r.agent, mode(r)))
-        }
-        BuildEvent::PlatformFailed { platform, error, .. } => (platform.clone(), format!("failed: {error}")),
-        BuildEvent::Succeeded { .. } | BuildEvent::Failed { .. } => return None,
-    })
 }
 
 pub fn mode(r: &PlatformResult) -> &'static str {

@@ -11,6 +11,10 @@ use shared::Platform;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// How long a cancelled build gets between SIGTERM and SIGKILL.
+pub const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuilderInfo {
@@ -30,6 +34,8 @@ pub enum BuilderError {
     Failed(String),
     #[error("cannot prepare the build in {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("cancelled")]
+    Cancelled,
 }
 
 /// One platform's build, as the agent hands it to its builder.
@@ -46,13 +52,15 @@ pub struct Job<'a> {
     pub output: &'a Path,
     /// A name unique to this task, for the builder's local image.
     pub name: &'a str,
+    /// Cancelled: stop the build (SIGTERM, then SIGKILL after [`CANCEL_GRACE`]).
+    pub cancel: CancellationToken,
 }
 
 pub type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BuilderError>> + Send + 'a>>;
 
 pub trait Builder: Send + Sync {
     fn info(&self) -> &BuilderInfo;
-    /// Builds `job`, sending log lines as they happen. Dropping the future stops the build.
+    /// Builds `job`, sending log lines as they happen, until done or `job.cancel` fires.
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> BuildFuture<'a>;
 }
 
@@ -135,29 +143,72 @@ impl Builder for Buildah {
                 build.arg("--no-cache");
             }
             build.arg("--tag").arg(job.name).arg(job.context);
-            run(build, &log, "buildah build").await?;
+            run(build, &log, "buildah build", &job.cancel).await?;
             let mut push = self.command();
             push.arg("push").arg("--format").arg("oci").arg(job.name).arg(format!("oci:{}", job.output.display()));
-            run(push, &log, "buildah push").await?;
+            let pushed = run(push, &log, "buildah push", &job.cancel).await;
             let mut rmi = self.command();
             rmi.arg("rmi").arg(job.name);
-            let _ = run(rmi, &mpsc::unbounded_channel().0, "buildah rmi").await;
-            Ok(())
+            let _ = run(rmi, &mpsc::unbounded_channel().0, "buildah rmi", &CancellationToken::new()).await;
+            pushed
         })
     }
 }
 
-/// Runs a builder command, streaming its stdout and stderr line by line.
-async fn run(mut cmd: Command, log: &mpsc::UnboundedSender<String>, what: &str) -> Result<(), BuilderError> {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().map_err(BuilderError::Spawn)?;
+/// Runs a builder command in its own process group, streaming its stdout and stderr line by
+/// line. Cancelled, the whole group gets SIGTERM, then SIGKILL after [`CANCEL_GRACE`]. If the
+/// agent itself dies, the kernel kills the builder too (PR_SET_PDEATHSIG), so a lost agent does
+/// not leave a build running that nobody will collect.
+async fn run(
+    mut cmd: Command,
+    log: &mpsc::UnboundedSender<String>,
+    what: &str,
+    cancel: &CancellationToken,
+) -> Result<(), BuilderError> {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(BuilderError::Spawn)?;
+    let pgid = child.id().map(|p| p as i32);
     let out = pump(child.stdout.take().expect("piped"), log.clone());
     let err = pump(child.stderr.take().expect("piped"), log.clone());
-    let (status, _, _) = tokio::join!(child.wait(), out, err);
-    let status = status.map_err(BuilderError::Spawn)?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(BuilderError::Failed(format!("{what} failed ({status})")))
+    let signal = |sig| {
+        if let Some(pgid) = pgid {
+            // SAFETY: kill(2) on our own child's process group.
+            unsafe { libc::kill(-pgid, sig) };
+        }
+    };
+    let waited = async {
+        tokio::select! {
+            status = child.wait() => Some(status),
+            () = cancel.cancelled() => {
+                signal(libc::SIGTERM);
+                if tokio::time::timeout(CANCEL_GRACE, child.wait()).await.is_err() {
+                    signal(libc::SIGKILL);
+                    let _ = child.wait().await;
+                }
+                None
+            }
+        }
+    };
+    let (status, _, _) = tokio::join!(waited, out, err);
+    // Whatever the builder started in its group goes with it.
+    signal(libc::SIGKILL);
+    match status {
+        None => Err(BuilderError::Cancelled),
+        Some(status) => {
+            let status = status.map_err(BuilderError::Spawn)?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(BuilderError::Failed(format!("{what} failed ({status})")))
+            }
+        }
     }
 }
 

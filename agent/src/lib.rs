@@ -50,6 +50,8 @@ pub struct Config {
     pub platforms: PlatformConfig,
     pub binfmt_dir: PathBuf,
     pub reconnect_max: Duration,
+    /// On shutdown, how long running tasks may take to finish before they are handed back.
+    pub drain_timeout: Duration,
     pub max_frame_bytes: usize,
     pub transport: TransportLimits,
 }
@@ -66,6 +68,7 @@ impl Config {
             platforms: PlatformConfig::default(),
             binfmt_dir: shared::host::DEFAULT_BINFMT_DIR.into(),
             reconnect_max: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(120),
             max_frame_bytes: shared::proto::DEFAULT_MAX_FRAME,
             transport: TransportLimits::default(),
         }
@@ -93,7 +96,7 @@ pub enum AgentError {
 
 /// Runs the agent until `shutdown` resolves. Connection failures are retried forever with capped
 /// backoff; only local misconfiguration (no certificate, no builder) is an error.
-pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AgentError> {
+pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'static) -> Result<(), AgentError> {
     let creds = tls::load_credentials(&config.ca_dir, &config.name)?;
     if creds.identity.role != Role::Agent {
         return Err(AgentError::WrongRole { name: config.name.clone(), role: creds.identity.role });

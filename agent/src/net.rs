@@ -1,9 +1,14 @@
-//! The agent's side of the connection: connect, hello, register, heartbeat, run what it is
-//! assigned; on any failure, back off and do it again. The coordinator may restart or the Wi-Fi
-//! may drop at any moment, so a lost session is routine, logged once per attempt, never fatal.
+//! The agent's side of the connection: connect, hello, register, say which tasks it holds,
+//! heartbeat, run what it is assigned; on any failure, back off and do it again. The coordinator
+//! may restart or the Wi-Fi may drop at any moment, so a lost session is routine, never fatal.
 //!
 //! Tasks outlive sessions: their messages queue in one channel that whichever session is current
-//! drains, and the coordinator's fencing discards what has become stale.
+//! drains, and the coordinator's fencing discards what has become stale. A task stays listed as
+//! held until its result has been written to a session, so a reconnecting agent can tell the
+//! coordinator what it is still working on.
+//!
+//! Shutdown (SIGTERM) drains: the coordinator is told to assign nothing more, running tasks get
+//! until the drain limit to finish, and what is left is cancelled and handed back.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -12,13 +17,16 @@ use std::time::Duration;
 
 use shared::client::{handshake, HandshakeError};
 use shared::proto::io::{expect_msg, read_msg, write_msg};
-use shared::proto::{AgentInfo, AgentMsg, Assignment, CoordMsg, Heartbeat, ProtoError, TaskId};
+use shared::proto::{AgentInfo, AgentMsg, Assignment, CoordMsg, Heartbeat, Held, ProtoError, TaskId};
 use shared::quic::QuicError;
 use shared::tls::Credentials;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
+use crate::builder::BuilderError;
 use crate::session::Backoff;
-use crate::task::Runner;
+use crate::task::{Runner, TaskError};
 use crate::Config;
 
 #[derive(Debug, thiserror::Error)]
@@ -35,8 +43,15 @@ pub enum SessionError {
     Closed,
 }
 
-/// Tasks this agent is running, by id: (attempt, handle to stop it).
-type Running = Arc<Mutex<HashMap<TaskId, (u32, tokio::task::AbortHandle)>>>;
+struct Entry {
+    attempt: u32,
+    cancel: CancellationToken,
+    /// The result is queued in the outbox, not yet written to a session.
+    finished: bool,
+}
+
+/// Tasks this agent holds, by id.
+type Running = Arc<Mutex<HashMap<TaskId, Entry>>>;
 
 pub(crate) struct Agent<'a> {
     pub config: &'a Config,
@@ -45,44 +60,62 @@ pub(crate) struct Agent<'a> {
     pub runner: Arc<Runner>,
 }
 
+/// Why a session stopped without an error.
+enum Ended {
+    Drained,
+}
+
+struct Shared {
+    running: Running,
+    out: mpsc::UnboundedSender<AgentMsg>,
+    outbox: mpsc::UnboundedReceiver<AgentMsg>,
+    drain: watch::Receiver<Option<Instant>>,
+}
+
 impl Agent<'_> {
-    pub async fn run(self, shutdown: impl Future<Output = ()>) {
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let mut backoff = Backoff::new(Duration::from_millis(200), self.config.reconnect_max);
-        let running: Running = Arc::default();
-        let (out, mut outbox) = mpsc::unbounded_channel();
-        tokio::pin!(shutdown);
+        let (drain_tx, drain) = watch::channel(None);
+        let limit = self.config.drain_timeout;
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing running tasks (drain limit {} s)", limit.as_secs());
+            let _ = drain_tx.send(Some(Instant::now() + limit));
+        });
+        let (out, outbox) = mpsc::unbounded_channel();
+        let mut sh = Shared { running: Arc::default(), out, outbox, drain };
         loop {
-            tokio::select! {
-                () = &mut shutdown => break,
-                r = self.session(&mut backoff, &running, &out, &mut outbox) => {
-                    let e = r.unwrap_err();
-                    tracing::warn!(coordinator = %self.config.coordinator, "session ended: {e}");
+            match self.session(&mut backoff, &mut sh).await {
+                Ok(Ended::Drained) => break,
+                Err(e) => tracing::warn!(coordinator = %self.config.coordinator, "session ended: {e}"),
+            }
+            let deadline = *sh.drain.borrow();
+            if let Some(deadline) = deadline {
+                if sh.running.lock().unwrap().is_empty() || Instant::now() >= deadline {
+                    break;
                 }
             }
             let delay = backoff.next(rand::random());
             tracing::info!(coordinator = %self.config.coordinator, "reconnecting in {:.1}s", delay.as_secs_f64());
-            tokio::select! {
-                () = &mut shutdown => break,
-                () = tokio::time::sleep(delay) => {}
-            }
+            tokio::time::sleep(delay).await;
         }
-        for (_, (_, handle)) in running.lock().unwrap().drain() {
-            handle.abort();
+        for (_, e) in sh.running.lock().unwrap().drain() {
+            e.cancel.cancel();
         }
+        tracing::info!("agent stopped");
     }
 
     /// One session; returns only with the reason it ended. When the connection itself was closed
     /// (a refused certificate, a coordinator going away), that reason is the one reported.
-    async fn session(
-        &self,
-        backoff: &mut Backoff,
-        running: &Running,
-        out: &mpsc::UnboundedSender<AgentMsg>,
-        outbox: &mut mpsc::UnboundedReceiver<AgentMsg>,
-    ) -> Result<(), SessionError> {
+    async fn session(&self, backoff: &mut Backoff, sh: &mut Shared) -> Result<Ended, SessionError> {
         let config = self.config;
         let (_endpoint, conn) = shared::quic::connect(&config.coordinator, self.creds, &config.transport).await?;
-        let err = self.registered(backoff, &conn, running, out, outbox).await.unwrap_err();
+        let result = self.registered(backoff, &conn, sh).await;
+        if let Ok(Ended::Drained) = result {
+            conn.close(0u32.into(), b"agent shut down");
+            return result;
+        }
+        let err = result.err().unwrap_or(SessionError::Closed);
         Err(match conn.close_reason() {
             Some(reason) if !matches!(err, SessionError::Refused(_)) => {
                 SessionError::Quic(QuicError::connection(config.coordinator.clone(), reason))
@@ -95,10 +128,8 @@ impl Agent<'_> {
         &self,
         backoff: &mut Backoff,
         conn: &quinn::Connection,
-        running: &Running,
-        out: &mpsc::UnboundedSender<AgentMsg>,
-        outbox: &mut mpsc::UnboundedReceiver<AgentMsg>,
-    ) -> Result<(), SessionError> {
+        sh: &mut Shared,
+    ) -> Result<Ended, SessionError> {
         let max = self.config.max_frame_bytes;
         let (mut send, mut recv) = handshake(conn, max).await?;
         write_msg(&mut send, &AgentMsg::Register(self.info.clone()), max).await?;
@@ -107,24 +138,57 @@ impl Agent<'_> {
             CoordMsg::Refused { reason } => return Err(SessionError::Refused(reason)),
             other => return Err(ProtoError::Unexpected { expected: "Registered", got: format!("{other:?}") }.into()),
         };
+        let held: Vec<Held> =
+            sh.running.lock().unwrap().iter().map(|(task, e)| Held { task: *task, attempt: e.attempt }).collect();
+        write_msg(&mut send, &AgentMsg::Holding(held), max).await?;
         tracing::info!(coordinator = %self.config.coordinator, "registered as {:?}", self.config.name);
         backoff.reset();
         let mut beat = tokio::time::interval(interval);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut told_draining = false;
         loop {
+            let drain_at = *sh.drain.borrow();
+            if let Some(deadline) = drain_at {
+                if !told_draining {
+                    write_msg(&mut send, &AgentMsg::Draining, max).await?;
+                    told_draining = true;
+                }
+                if sh.running.lock().unwrap().is_empty() {
+                    let _ = send.finish();
+                    return Ok(Ended::Drained);
+                }
+                if Instant::now() >= deadline {
+                    self.hand_back(&mut send, sh).await?;
+                    return Ok(Ended::Drained);
+                }
+            }
+            let deadline = drain_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 _ = beat.tick() => {
-                    let busy = running.lock().unwrap().len() as u32;
+                    let busy = sh.running.lock().unwrap().values().filter(|e| !e.finished).count() as u32;
                     write_msg(&mut send, &AgentMsg::Heartbeat(Heartbeat { busy }), max).await?;
                 }
-                Some(msg) = outbox.recv() => write_msg(&mut send, &msg, max).await?,
+                _ = sh.drain.changed() => {}
+                () = tokio::time::sleep_until(deadline) => {}
+                Some(msg) = sh.outbox.recv() => {
+                    write_msg(&mut send, &msg, max).await?;
+                    if let AgentMsg::TaskDone { task, .. } | AgentMsg::TaskFailed { task, .. } = &msg {
+                        let mut r = sh.running.lock().unwrap();
+                        if r.get(task).is_some_and(|e| e.finished) {
+                            r.remove(task);
+                        }
+                    }
+                }
                 msg = read_msg::<CoordMsg, _>(&mut recv, max) => match msg? {
-                    Some(CoordMsg::Assign(a)) => self.start(*a, conn.clone(), running, out.clone()),
+                    Some(CoordMsg::Assign(a)) if drain_at.is_some() => {
+                        write_msg(&mut send, &AgentMsg::Release { task: a.task, attempt: a.attempt }, max).await?;
+                    }
+                    Some(CoordMsg::Assign(a)) => self.start(*a, conn.clone(), sh),
                     Some(CoordMsg::Cancel { task, attempt }) => {
-                        let mut r = running.lock().unwrap();
-                        if r.get(&task).is_some_and(|(a, _)| *a == attempt) {
-                            let (_, handle) = r.remove(&task).expect("checked");
-                            handle.abort();
+                        let mut r = sh.running.lock().unwrap();
+                        if r.get(&task).is_some_and(|e| e.attempt == attempt) {
+                            let e = r.remove(&task).expect("checked");
+                            e.cancel.cancel();
                             tracing::info!(task, attempt, "task cancelled by the coordinator");
                         }
                     }
@@ -136,25 +200,51 @@ impl Agent<'_> {
         }
     }
 
-    fn start(&self, a: Assignment, conn: quinn::Connection, running: &Running, out: mpsc::UnboundedSender<AgentMsg>) {
+    /// The drain limit is up: cancel what still runs and give it back to the coordinator.
+    async fn hand_back(&self, send: &mut quinn::SendStream, sh: &mut Shared) -> Result<(), SessionError> {
+        let max = self.config.max_frame_bytes;
+        while let Ok(msg) = sh.outbox.try_recv() {
+            write_msg(send, &msg, max).await?;
+        }
+        let left: Vec<(TaskId, Entry)> = sh.running.lock().unwrap().drain().collect();
+        for (task, e) in left {
+            e.cancel.cancel();
+            if !e.finished {
+                tracing::info!(task, "drain limit reached: handing the task back");
+                write_msg(send, &AgentMsg::Release { task, attempt: e.attempt }, max).await?;
+            }
+        }
+        let _ = send.finish();
+        Ok(())
+    }
+
+    fn start(&self, a: Assignment, conn: quinn::Connection, sh: &Shared) {
         let (task, attempt) = (a.task, a.attempt);
         tracing::info!(task, attempt, platform = %a.platform, emulated = a.emulated, "task assigned");
         let runner = self.runner.clone();
-        let done = running.clone();
-        let handle = tokio::spawn(async move {
-            let msg = match runner.run(&a, &conn, &out).await {
+        let running = sh.running.clone();
+        let out = sh.out.clone();
+        let cancel = CancellationToken::new();
+        running.lock().unwrap().insert(task, Entry { attempt, cancel: cancel.clone(), finished: false });
+        tokio::spawn(async move {
+            let msg = match runner.run(&a, &conn, &out, cancel).await {
                 Ok(manifest) => {
                     tracing::info!(task, attempt, digest = %manifest.digest, "task succeeded");
                     AgentMsg::TaskDone { task, attempt, manifest }
+                }
+                Err(TaskError::Builder(BuilderError::Cancelled)) => {
+                    tracing::info!(task, attempt, "task stopped");
+                    return;
                 }
                 Err(e) => {
                     tracing::warn!(task, attempt, "task failed: {e}");
                     AgentMsg::TaskFailed { task, attempt, error: e.to_string() }
                 }
             };
-            done.lock().unwrap().remove(&task);
+            if let Some(e) = running.lock().unwrap().get_mut(&task).filter(|e| e.attempt == attempt) {
+                e.finished = true;
+            }
             let _ = out.send(msg);
         });
-        running.lock().unwrap().insert(task, (attempt, handle.abort_handle()));
     }
 }

@@ -12,6 +12,7 @@ use shared::proto::{AgentMsg, Assignment, BlobHeader, ManifestRef, ProtoError, R
 use shared::registry::Registry;
 use shared::Digest;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::builder::{Builder, BuilderError, Job};
 
@@ -49,6 +50,22 @@ impl Runner {
         a: &Assignment,
         conn: &quinn::Connection,
         out: &mpsc::UnboundedSender<AgentMsg>,
+        cancel: CancellationToken,
+    ) -> Result<ManifestRef, TaskError> {
+        let dir = self.work_dir.join("tasks").join(format!("{}-{}", a.task, a.attempt));
+        let result = self.steps(a, conn, out, cancel, &dir).await;
+        // Success or not, the task's files go: the layer cache lives in the builder's storage.
+        let _ = std::fs::remove_dir_all(&dir);
+        result
+    }
+
+    async fn steps(
+        &self,
+        a: &Assignment,
+        conn: &quinn::Connection,
+        out: &mpsc::UnboundedSender<AgentMsg>,
+        cancel: CancellationToken,
+        dir: &std::path::Path,
     ) -> Result<ManifestRef, TaskError> {
         let (task, attempt) = (a.task, a.attempt);
         let say = |line: String| {
@@ -56,8 +73,7 @@ impl Runner {
         };
         let mode = if a.emulated { "emulated with QEMU" } else { "native" };
         say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
-        let dir = self.work_dir.join("tasks").join(format!("{task}-{attempt}"));
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
         let manifest = self.fetch_context(conn, &a.context).await?;
         let context = dir.join("context");
         materialise(&manifest, &self.store, &context)?;
@@ -83,6 +99,7 @@ impl Runner {
             insecure_registries: &a.insecure_registries,
             output: &output,
             name: &name,
+            cancel,
         };
         let built = self.builder.build(job, log).await;
         let _ = forward.await;
@@ -96,7 +113,6 @@ impl Runner {
             "farm: pushed {}@{} ({} blobs uploaded, {} already there)",
             a.repository, report.manifest.digest, report.blobs_uploaded, report.blobs_skipped
         ));
-        let _ = std::fs::remove_dir_all(&dir);
         Ok(ManifestRef {
             media_type: report.manifest.media_type,
             digest: report.manifest.digest,

@@ -1,25 +1,33 @@
 //! The coordinator's state machine: agents, builds and their per-platform tasks.
 //!
-//! As in quinn-proto, nothing here performs I/O or reads a clock: the driver calls the `handle`
-//! methods with the current time and then drains [`Action`]s (send this to that agent, tell
-//! that client, push this index) and carries them out. Every rule of scheduling, retrying and
-//! fencing is therefore testable with a virtual clock and no sockets.
+//! As in quinn-proto and raft-rs, nothing here performs I/O or reads a clock: the driver calls the
+//! `handle` methods with the current time, then takes the changed records ([`Core::take_batch`])
+//! and commits them, and only then carries out the [`Action`]s (send this to that agent, tell that
+//! client, push this index). Every acknowledgement therefore follows the write it acknowledges,
+//! and every rule of scheduling, retrying and fencing is testable with a virtual clock.
 //!
 //! Fencing: a task's `attempt` grows each time it is handed out again. A log line or result that
-//! names an older attempt, or comes from an agent that no longer holds the task, is ignored, so
-//! an agent presumed lost can never overwrite the attempt that replaced it.
+//! names an older attempt, or comes from an agent that no longer holds the task, is ignored, so an
+//! agent presumed lost can never overwrite the attempt that replaced it.
+//!
+//! Recovery: after a restart, or when an agent reconnects, its running tasks are not requeued at
+//! once: the agent gets a grace period to come back and say which tasks it still holds
+//! (`AgentMsg::Holding`). What it holds carries on; what it does not is requeued.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
+use serde::{Deserialize, Serialize};
 use shared::oci::{self, Descriptor, ImageRef};
 use shared::proto::{
-    AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, CoordMsg, ManifestRef, PlatformResult, TaskId,
+    AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, CoordMsg, Held, ManifestRef,
+    PlatformResult, TaskId, TaskView,
 };
 use shared::registry::Credentials;
 use shared::{Digest, Platform};
 
-use crate::fleet::{ConnId, Fleet, Registered};
+use crate::fleet::{AgentRecord, ConnId, Fleet, Registered};
 use crate::sched::{self, Candidate, Placement};
+use crate::store::{Batch, Loaded};
 
 /// Lines of a task's log kept to explain a failure.
 const TAIL_LINES: usize = 20;
@@ -48,40 +56,56 @@ pub enum Action {
     },
 }
 
-#[derive(Debug)]
-enum BuildState {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum BuildState {
     Running,
     Stitching,
-    Succeeded,
-    Failed,
+    Succeeded { index: Digest },
+    Failed { error: String },
+    Cancelled,
 }
 
-#[derive(Debug)]
-struct Build {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Build {
     spec: BuildSpec,
     tags: Vec<ImageRef>,
     repository: String,
     tasks: Vec<TaskId>,
     state: BuildState,
+    client: String,
+    created_ms: u64,
+    /// Held in memory only: never persisted, never logged.
+    #[serde(skip)]
+    credentials: Option<Credentials>,
 }
 
-#[derive(Debug)]
-enum TaskState {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum TaskState {
     Queued,
-    Running { agent: String, conn: ConnId, emulated: bool, since: u64 },
+    /// `conn` is the agent connection that holds it; `None` while the agent has yet to confirm
+    /// it after a restart or a reconnection (see [`Core`]'s grace period).
+    Running {
+        agent: String,
+        #[serde(skip)]
+        conn: Option<ConnId>,
+        emulated: bool,
+        since: u64,
+    },
     Done(PlatformResult),
-    Failed,
+    Failed(String),
     Cancelled,
 }
 
-#[derive(Debug)]
-struct Task {
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Task {
     build: String,
     platform: Platform,
     attempt: u32,
     state: TaskState,
     /// The last wait reason told to the client, so it is told once, not at every pass.
+    #[serde(skip)]
     waiting: Option<String>,
+    #[serde(skip)]
     tail: VecDeque<String>,
 }
 
@@ -92,8 +116,14 @@ pub struct Core {
     next_task: TaskId,
     /// (platform, context) → the agent that last built it: its layer cache is warm.
     warm: HashMap<(Platform, Digest), String>,
+    /// Running tasks whose agent must confirm them by this time, or lose them.
+    claims: BTreeMap<TaskId, u64>,
+    grace_ms: u64,
     max_attempts: u32,
     actions: VecDeque<Action>,
+    dirty_builds: BTreeSet<String>,
+    dirty_tasks: BTreeSet<TaskId>,
+    dirty_agents: BTreeSet<String>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -118,24 +148,91 @@ impl Core {
             tasks: BTreeMap::new(),
             next_task: 1,
             warm: HashMap::new(),
+            claims: BTreeMap::new(),
+            grace_ms: heartbeat_timeout_ms,
             max_attempts: max_attempts.max(1),
             actions: VecDeque::new(),
+            dirty_builds: BTreeSet::new(),
+            dirty_tasks: BTreeSet::new(),
+            dirty_agents: BTreeSet::new(),
         }
+    }
+
+    /// Rebuilds the state a previous coordinator persisted. Running tasks wait a grace period
+    /// for their agents; builds that were stitching stitch again (the same bytes, so the same
+    /// digest: pushing again is harmless).
+    pub fn recover(&mut self, now: u64, loaded: Loaded<Build, Task, AgentRecord>) {
+        for (name, record) in loaded.agents {
+            self.fleet.restore(&name, record);
+        }
+        for (id, mut task) in loaded.tasks {
+            if let TaskState::Running { .. } = task.state {
+                self.claims.insert(id, now + self.grace_ms);
+            }
+            task.waiting = None;
+            self.next_task = self.next_task.max(id + 1);
+            self.tasks.insert(id, task);
+        }
+        for (id, build) in loaded.builds {
+            let stitching = matches!(build.state, BuildState::Stitching);
+            self.builds.insert(id.clone(), build);
+            if stitching {
+                self.stitch(&id);
+            }
+        }
+        self.schedule(now);
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()
     }
 
+    /// The records changed since the last call, to commit before any action is carried out.
+    pub fn take_batch(&mut self) -> Batch {
+        let mut batch = Batch::default();
+        for id in std::mem::take(&mut self.dirty_builds) {
+            match self.builds.get(&id) {
+                Some(b) => batch.put_build(&id, b),
+                None => batch.delete_build(&id),
+            };
+        }
+        for id in std::mem::take(&mut self.dirty_tasks) {
+            match self.tasks.get(&id) {
+                Some(t) => batch.put_task(id, t),
+                None => batch.delete_task(id),
+            };
+        }
+        for name in std::mem::take(&mut self.dirty_agents) {
+            if let Some(r) = self.fleet.record(&name) {
+                batch.put_agent(&name, &r);
+            }
+        }
+        batch
+    }
+
     /// When [`Core::handle_timeout`] next has something to do.
     pub fn poll_timeout(&self) -> Option<u64> {
-        self.fleet.next_deadline()
+        let claim = self.claims.values().min().copied();
+        match (self.fleet.next_deadline(), claim) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     pub fn handle_timeout(&mut self, now: u64) {
         for (name, conn) in self.fleet.expire(now) {
+            self.dirty_agents.insert(name.clone());
             self.actions.push_back(Action::Close { conn, reason: "no heartbeat within the timeout".into() });
             self.agent_lost(&name, conn, "stopped sending heartbeats");
+        }
+        let expired: Vec<TaskId> = self.claims.iter().filter(|(_, d)| **d <= now).map(|(t, _)| *t).collect();
+        for id in expired {
+            self.claims.remove(&id);
+            let agent = match &self.tasks[&id].state {
+                TaskState::Running { agent, conn: None, .. } => agent.clone(),
+                _ => continue,
+            };
+            self.requeue(id, &format!("agent {agent} did not confirm the task within {} s", self.grace_ms / 1000));
         }
         self.schedule(now);
     }
@@ -143,12 +240,21 @@ impl Core {
     pub fn agent_up(&mut self, now: u64, name: &str, conn: ConnId, address: String, info: AgentInfo) {
         let interval = self.fleet.heartbeat_interval_ms();
         self.actions.push_back(Action::Send { conn, msg: CoordMsg::Registered { heartbeat_interval_ms: interval } });
+        self.dirty_agents.insert(name.into());
         if let Registered::Replaced(old) = self.fleet.register(now, name, conn, address, info) {
             self.actions.push_back(Action::Close {
                 conn: old,
                 reason: "replaced by a newer connection of the same agent".into(),
             });
-            self.agent_lost(name, old, "reconnected");
+            // Its tasks may still be running on it: let it confirm them.
+            for (id, t) in &mut self.tasks {
+                if let TaskState::Running { agent, conn: c @ Some(_), .. } = &mut t.state {
+                    if agent == name && *c == Some(old) {
+                        *c = None;
+                        self.claims.insert(*id, now + self.grace_ms);
+                    }
+                }
+            }
         }
         self.schedule(now);
     }
@@ -156,6 +262,7 @@ impl Core {
     pub fn agent_down(&mut self, now: u64, name: &str, conn: ConnId) -> bool {
         let offline = self.fleet.disconnect(name, conn);
         if offline {
+            self.dirty_agents.insert(name.into());
             self.agent_lost(name, conn, "disconnected");
             self.schedule(now);
         }
@@ -170,8 +277,16 @@ impl Core {
             AgentMsg::Heartbeat(hb) => {
                 self.fleet.heartbeat(now, name, conn, &hb);
             }
+            AgentMsg::Holding(held) => self.holding(now, name, conn, &held),
+            AgentMsg::Draining => self.fleet.drain(name, conn),
+            AgentMsg::Release { task, attempt } => {
+                if self.current(task, attempt, name, conn).is_some() {
+                    self.requeue(task, &format!("agent {name} shut down"));
+                    self.schedule(now);
+                }
+            }
             AgentMsg::TaskLog { task, attempt, line } => {
-                if let Some(t) = self.current(task, attempt, name) {
+                if let Some(t) = self.current(task, attempt, name, conn) {
                     if t.tail.len() == TAIL_LINES {
                         t.tail.pop_front();
                     }
@@ -181,24 +296,25 @@ impl Core {
                     self.actions.push_back(Action::Emit { build, event });
                 }
             }
-            AgentMsg::TaskDone { task, attempt, manifest } => self.task_done(now, task, attempt, name, manifest),
+            AgentMsg::TaskDone { task, attempt, manifest } => self.task_done(now, task, attempt, name, conn, manifest),
             AgentMsg::TaskFailed { task, attempt, error } => {
-                let Some(t) = self.current(task, attempt, name) else { return };
-                t.state = TaskState::Failed;
+                let Some(t) = self.current(task, attempt, name, conn) else { return };
+                t.state = TaskState::Failed(error.clone());
                 let (build, platform) = (t.build.clone(), t.platform.clone());
                 let last_lines = t.tail.iter().cloned().collect();
+                self.dirty_tasks.insert(task);
                 self.emit(
                     &build,
                     BuildEvent::PlatformFailed { platform: platform.clone(), error: error.clone(), last_lines },
                 );
-                self.fail_build(&build, format!("{platform} failed: {error}"));
+                self.fail_build(&build, BuildState::Failed { error: format!("{platform} failed: {error}") });
                 self.schedule(now);
             }
         }
     }
 
     /// Accepts a build: one queued task per platform.
-    pub fn submit(&mut self, now: u64, id: &str, spec: BuildSpec) -> Result<(), SubmitError> {
+    pub fn submit(&mut self, now: u64, id: &str, client: &str, mut spec: BuildSpec) -> Result<(), SubmitError> {
         if self.builds.contains_key(id) {
             return Err(SubmitError::Duplicate(id.into()));
         }
@@ -217,23 +333,34 @@ impl Core {
         }
         let mut task_ids = Vec::new();
         for platform in &spec.platforms {
-            let id_ = self.next_task;
+            let tid = self.next_task;
             self.next_task += 1;
-            self.tasks.insert(
-                id_,
-                Task {
-                    build: id.into(),
-                    platform: platform.clone(),
-                    attempt: 1,
-                    state: TaskState::Queued,
-                    waiting: None,
-                    tail: VecDeque::new(),
-                },
-            );
-            task_ids.push(id_);
+            let task = Task {
+                build: id.into(),
+                platform: platform.clone(),
+                attempt: 1,
+                state: TaskState::Queued,
+                waiting: None,
+                tail: VecDeque::new(),
+            };
+            self.tasks.insert(tid, task);
+            self.dirty_tasks.insert(tid);
+            task_ids.push(tid);
         }
+        let credentials = spec.credentials.take();
         let repository = format!("{}/{}", first.registry, first.repository);
-        self.builds.insert(id.into(), Build { spec, tags, repository, tasks: task_ids, state: BuildState::Running });
+        let build = Build {
+            spec,
+            tags,
+            repository,
+            tasks: task_ids,
+            state: BuildState::Running,
+            client: client.into(),
+            created_ms: now,
+            credentials,
+        };
+        self.builds.insert(id.into(), build);
+        self.dirty_builds.insert(id.into());
         self.schedule(now);
         Ok(())
     }
@@ -244,9 +371,10 @@ impl Core {
         if !matches!(b.state, BuildState::Stitching) {
             return;
         }
+        self.dirty_builds.insert(build.into());
         match result {
             Ok(index) => {
-                b.state = BuildState::Succeeded;
+                b.state = BuildState::Succeeded { index: index.clone() };
                 let platforms = b
                     .tasks
                     .iter()
@@ -259,10 +387,51 @@ impl Core {
                 self.emit(build, BuildEvent::Succeeded { index, tags, platforms });
             }
             Err(e) => {
-                b.state = BuildState::Failed;
-                self.emit(build, BuildEvent::Failed { error: format!("pushing the image index failed: {e}") });
+                let error = format!("pushing the image index failed: {e}");
+                b.state = BuildState::Failed { error: error.clone() };
+                self.emit(build, BuildEvent::Failed { error });
             }
         }
+    }
+
+    /// Stops a build: its running tasks are cancelled on their agents, nothing is pushed.
+    pub fn cancel(&mut self, now: u64, build: &str) -> Result<(), String> {
+        let b = self.builds.get(build).ok_or_else(|| format!("no build {build}; `farm builds` lists them"))?;
+        if !matches!(b.state, BuildState::Running | BuildState::Stitching) {
+            return Err(format!("build {build} has already ended ({})", state_name(&b.state)));
+        }
+        self.fail_build(build, BuildState::Cancelled);
+        self.schedule(now);
+        Ok(())
+    }
+
+    /// Whether a build exists and has not ended.
+    pub fn build_state(&self, build: &str) -> Option<&BuildState> {
+        self.builds.get(build).map(|b| &b.state)
+    }
+
+    pub fn builds(&self, limit: usize) -> Vec<BuildView> {
+        let mut all: Vec<(&String, &Build)> = self.builds.iter().collect();
+        all.sort_by_key(|(id, b)| (std::cmp::Reverse(b.created_ms), (*id).clone()));
+        all.into_iter()
+            .take(limit)
+            .map(|(id, b)| BuildView {
+                id: id.clone(),
+                state: state_name(&b.state).into(),
+                client: b.client.clone(),
+                created_ms: b.created_ms,
+                tags: b.spec.tags.clone(),
+                index: match &b.state {
+                    BuildState::Succeeded { index } => Some(index.clone()),
+                    _ => None,
+                },
+                error: match &b.state {
+                    BuildState::Failed { error } => Some(error.clone()),
+                    _ => None,
+                },
+                platforms: b.tasks.iter().map(|t| task_view(&self.tasks[t])).collect(),
+            })
+            .collect()
     }
 
     pub fn agents(&self) -> Vec<AgentView> {
@@ -279,15 +448,51 @@ impl Core {
         view
     }
 
-    /// The task if `agent` holds its current `attempt` and it is running; `None` for anything stale.
-    fn current(&mut self, task: TaskId, attempt: u32, agent: &str) -> Option<&mut Task> {
-        self.tasks
-            .get_mut(&task)
-            .filter(|t| t.attempt == attempt && matches!(&t.state, TaskState::Running { agent: a, .. } if a == agent))
+    /// The task if `agent`, on connection `conn`, holds its current `attempt`; `None` for anything stale.
+    fn current(&mut self, task: TaskId, attempt: u32, agent: &str, conn: ConnId) -> Option<&mut Task> {
+        self.tasks.get_mut(&task).filter(|t| {
+            t.attempt == attempt
+                && matches!(&t.state, TaskState::Running { agent: a, conn: c, .. } if a == agent && *c == Some(conn))
+        })
     }
 
-    fn task_done(&mut self, now: u64, task: TaskId, attempt: u32, agent: &str, manifest: ManifestRef) {
-        let Some(t) = self.current(task, attempt, agent) else { return };
+    /// The agent said which tasks it holds: confirm those, requeue the rest, cancel stale ones.
+    fn holding(&mut self, now: u64, agent: &str, conn: ConnId, held: &[Held]) {
+        if self.fleet.conn_of(agent) != Some(conn) {
+            return;
+        }
+        for h in held {
+            let current = self.tasks.get_mut(&h.task).is_some_and(|t| {
+                t.attempt == h.attempt && matches!(&t.state, TaskState::Running { agent: a, .. } if a == agent)
+            });
+            if current {
+                if let Some(TaskState::Running { conn: c, .. }) = self.tasks.get_mut(&h.task).map(|t| &mut t.state) {
+                    *c = Some(conn);
+                }
+                self.claims.remove(&h.task);
+            } else {
+                let msg = CoordMsg::Cancel { task: h.task, attempt: h.attempt };
+                self.actions.push_back(Action::Send { conn, msg });
+            }
+        }
+        let forgotten: Vec<TaskId> = self
+            .tasks
+            .iter()
+            .filter(|(id, t)| {
+                matches!(&t.state, TaskState::Running { agent: a, conn: None, .. } if a == agent)
+                    && !held.iter().any(|h| h.task == **id)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in forgotten {
+            self.claims.remove(&id);
+            self.requeue(id, &format!("agent {agent} came back without it"));
+        }
+        self.schedule(now);
+    }
+
+    fn task_done(&mut self, now: u64, task: TaskId, attempt: u32, agent: &str, conn: ConnId, manifest: ManifestRef) {
+        let Some(t) = self.current(task, attempt, agent, conn) else { return };
         let TaskState::Running { emulated, since, .. } = t.state else { return };
         let result = PlatformResult {
             platform: t.platform.clone(),
@@ -298,13 +503,26 @@ impl Core {
         };
         t.state = TaskState::Done(result.clone());
         let build_id = t.build.clone();
+        self.dirty_tasks.insert(task);
         self.emit(&build_id, BuildEvent::PlatformDone(result.clone()));
         let b = self.builds.get_mut(&build_id).expect("a task's build exists");
         self.warm.insert((result.platform, b.spec.context.clone()), agent.into());
-        let done: Option<Vec<Descriptor>> = b
+        let all_done = b.tasks.iter().all(|id| matches!(self.tasks[id].state, TaskState::Done(_)));
+        if all_done && matches!(b.state, BuildState::Running) {
+            b.state = BuildState::Stitching;
+            self.dirty_builds.insert(build_id.clone());
+            self.stitch(&build_id);
+        }
+        self.schedule(now);
+    }
+
+    /// Emits the action that pushes the build's index: platforms in the order the user gave.
+    fn stitch(&mut self, build: &str) {
+        let b = &self.builds[build];
+        let descriptors: Vec<Descriptor> = b
             .tasks
             .iter()
-            .map(|id| match &self.tasks[id].state {
+            .filter_map(|id| match &self.tasks[id].state {
                 TaskState::Done(r) => Some(Descriptor {
                     media_type: r.manifest.media_type.clone(),
                     digest: r.manifest.digest.clone(),
@@ -315,70 +533,85 @@ impl Core {
                 _ => None,
             })
             .collect();
-        if let (Some(descriptors), BuildState::Running) = (done, &b.state) {
-            b.state = BuildState::Stitching;
-            self.actions.push_back(Action::Stitch {
-                build: build_id,
-                index: oci::image_index(&descriptors),
-                tags: b.tags.clone(),
-                insecure: b.spec.insecure_registries.clone(),
-                credentials: b.spec.credentials.clone(),
-            });
-        }
-        self.schedule(now);
+        self.actions.push_back(Action::Stitch {
+            build: build.into(),
+            index: oci::image_index(&descriptors),
+            tags: b.tags.clone(),
+            insecure: b.spec.insecure_registries.clone(),
+            credentials: b.credentials.clone(),
+        });
     }
 
-    /// The agent's tasks on `conn` go back to the queue, or fail their build after too many attempts.
+    /// The agent's tasks on `conn` go back to the queue.
     fn agent_lost(&mut self, agent: &str, conn: ConnId, why: &str) {
         let lost: Vec<TaskId> = self
             .tasks
             .iter()
-            .filter(
-                |(_, t)| matches!(&t.state, TaskState::Running { agent: a, conn: c, .. } if a == agent && *c == conn),
-            )
+            .filter(|(_, t)| {
+                matches!(&t.state, TaskState::Running { agent: a, conn: c, .. } if a == agent && *c == Some(conn))
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in lost {
-            let t = self.tasks.get_mut(&id).expect("listed above");
-            let (build, platform) = (t.build.clone(), t.platform.clone());
-            if t.attempt >= self.max_attempts {
-                t.state = TaskState::Failed;
-                let error = format!("agent {agent} {why}; gave up after {} attempts", t.attempt);
-                self.emit(
-                    &build,
-                    BuildEvent::PlatformFailed { platform: platform.clone(), error: error.clone(), last_lines: vec![] },
-                );
-                self.fail_build(&build, format!("{platform} failed: {error}"));
-            } else {
-                t.attempt += 1;
-                t.state = TaskState::Queued;
-                t.waiting = None;
-                t.tail.clear();
-                let reason = format!("agent {agent} {why}; retrying (attempt {} of {})", t.attempt, self.max_attempts);
-                self.emit(&build, BuildEvent::Retrying { platform, reason });
-            }
+            self.requeue(id, &format!("agent {agent} {why}"));
         }
     }
 
-    fn fail_build(&mut self, build: &str, error: String) {
+    /// Hands a running task out again with the next attempt number, or fails its build when it
+    /// has had all its attempts.
+    fn requeue(&mut self, id: TaskId, why: &str) {
+        let max = self.max_attempts;
+        let t = self.tasks.get_mut(&id).expect("requeued tasks exist");
+        let (build, platform) = (t.build.clone(), t.platform.clone());
+        self.dirty_tasks.insert(id);
+        if t.attempt >= max {
+            let error = format!("{why}; gave up after {} attempts", t.attempt);
+            t.state = TaskState::Failed(error.clone());
+            self.emit(
+                &build,
+                BuildEvent::PlatformFailed { platform: platform.clone(), error: error.clone(), last_lines: vec![] },
+            );
+            self.fail_build(&build, BuildState::Failed { error: format!("{platform} failed: {error}") });
+        } else {
+            t.attempt += 1;
+            t.state = TaskState::Queued;
+            t.waiting = None;
+            t.tail.clear();
+            let reason = format!("{why}; retrying (attempt {} of {max})", t.attempt);
+            self.emit(&build, BuildEvent::Retrying { platform, reason });
+        }
+    }
+
+    /// Ends a build that has not succeeded: its other tasks are cancelled, on their agents too.
+    fn fail_build(&mut self, build: &str, end: BuildState) {
         let Some(b) = self.builds.get_mut(build) else { return };
-        if matches!(b.state, BuildState::Failed | BuildState::Succeeded) {
+        if !matches!(b.state, BuildState::Running | BuildState::Stitching) {
             return;
         }
-        b.state = BuildState::Failed;
-        for id in &b.tasks {
-            let t = self.tasks.get_mut(id).expect("a build's tasks exist");
+        let event = match &end {
+            BuildState::Failed { error } => BuildEvent::Failed { error: error.clone() },
+            _ => BuildEvent::Cancelled,
+        };
+        b.state = end;
+        self.dirty_builds.insert(build.into());
+        for id in b.tasks.clone() {
+            let t = self.tasks.get_mut(&id).expect("a build's tasks exist");
             match &t.state {
-                TaskState::Running { conn, .. } => {
-                    let msg = CoordMsg::Cancel { task: *id, attempt: t.attempt };
-                    self.actions.push_back(Action::Send { conn: *conn, msg });
+                TaskState::Running { conn, agent, .. } => {
+                    let conn = conn.or_else(|| self.fleet.conn_of(agent));
+                    if let Some(conn) = conn {
+                        let msg = CoordMsg::Cancel { task: id, attempt: t.attempt };
+                        self.actions.push_back(Action::Send { conn, msg });
+                    }
                     t.state = TaskState::Cancelled;
                 }
                 TaskState::Queued => t.state = TaskState::Cancelled,
-                _ => {}
+                _ => continue,
             }
+            self.claims.remove(&id);
+            self.dirty_tasks.insert(id);
         }
-        self.emit(build, BuildEvent::Failed { error });
+        self.emit(build, event);
     }
 
     fn emit(&mut self, build: &str, event: BuildEvent) {
@@ -410,8 +643,7 @@ impl Core {
                 labels: &info.labels,
                 free: free.get(name).copied().unwrap_or(0),
             });
-            let placement = sched::place(&need, candidates);
-            match placement {
+            match sched::place(&need, candidates) {
                 Placement::Run { agent, emulated } => {
                     let conn = self.fleet.conn_of(&agent).expect("candidates are online");
                     *free.get_mut(&agent).expect("candidates have slots") -= 1;
@@ -428,7 +660,7 @@ impl Core {
                         target: b.spec.target.clone(),
                         no_cache: b.spec.no_cache,
                         insecure_registries: b.spec.insecure_registries.clone(),
-                        credentials: b.spec.credentials.clone(),
+                        credentials: b.credentials.clone(),
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),
@@ -440,8 +672,9 @@ impl Core {
                     self.actions.push_back(Action::Send { conn, msg: CoordMsg::Assign(Box::new(assignment)) });
                     self.emit(&build, event);
                     let t = self.tasks.get_mut(&id).expect("queued task");
-                    t.state = TaskState::Running { agent, conn, emulated, since: now };
+                    t.state = TaskState::Running { agent, conn: Some(conn), emulated, since: now };
                     t.waiting = None;
+                    self.dirty_tasks.insert(id);
                 }
                 Placement::Wait(reason) => {
                     let t = self.tasks.get_mut(&id).expect("queued task");
@@ -454,6 +687,27 @@ impl Core {
             }
         }
     }
+}
+
+pub fn state_name(s: &BuildState) -> &'static str {
+    match s {
+        BuildState::Running => "running",
+        BuildState::Stitching => "stitching",
+        BuildState::Succeeded { .. } => "succeeded",
+        BuildState::Failed { .. } => "failed",
+        BuildState::Cancelled => "cancelled",
+    }
+}
+
+fn task_view(t: &Task) -> TaskView {
+    let (state, agent, emulated) = match &t.state {
+        TaskState::Queued => ("queued", None, false),
+        TaskState::Running { agent, emulated, .. } => ("running", Some(agent.clone()), *emulated),
+        TaskState::Done(r) => ("done", Some(r.agent.clone()), r.emulated),
+        TaskState::Failed(_) => ("failed", None, false),
+        TaskState::Cancelled => ("cancelled", None, false),
+    };
+    TaskView { platform: t.platform.clone(), state: state.into(), agent, emulated, attempt: t.attempt }
 }
 
 #[cfg(test)]

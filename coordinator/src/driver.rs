@@ -1,7 +1,8 @@
 //! The one task that owns the coordinator's state. Connection tasks send it [`Event`]s; it feeds
-//! them to the pure [`Core`] with the current time and carries out the actions the core returns:
-//! messages to agents, events to the clients following a build, index pushes to registries.
-//! Being the only owner, it needs no locks and sees events in one order.
+//! them to the pure [`Core`] with the current time, **commits what changed to the store**, and
+//! only then carries out the actions the core returns and answers the requests that caused them:
+//! messages to agents, events to the clients following a build, index pushes to registries. Being
+//! the only owner, it needs no locks and sees events in one order.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -9,11 +10,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use shared::proto::{AgentInfo, AgentMsg, BuildEvent, BuildSpec, CoordMsg, Request, Response};
 use shared::registry::Registry;
 use shared::tls::Identity;
-use shared::Digest;
+use shared::{Digest, Platform};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::core::{Action, Core};
+use crate::core::{Action, BuildState, Core};
 use crate::fleet::ConnId;
+use crate::logs::Logs;
+use crate::store::{Store, StoreError};
 
 /// What the driver tells a connection task to do.
 #[derive(Debug)]
@@ -21,6 +24,8 @@ pub enum Outbound {
     Send(CoordMsg),
     Close(String),
 }
+
+pub type LogSink = mpsc::UnboundedSender<(Platform, String)>;
 
 #[derive(Debug)]
 pub enum Event {
@@ -52,16 +57,40 @@ pub enum Event {
         events: mpsc::UnboundedSender<BuildEvent>,
         reply: oneshot::Sender<Result<String, String>>,
     },
+    /// Follow an existing build's events.
+    Follow {
+        build: String,
+        events: mpsc::UnboundedSender<BuildEvent>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Stored log lines, then live ones if `follow`; the sink is dropped when there are no more.
+    Logs {
+        build: String,
+        platform: Option<Platform>,
+        follow: bool,
+        sink: LogSink,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     Stitched {
         build: String,
         result: Result<Digest, String>,
     },
 }
 
+/// An answer that may only be given once the change it acknowledges is on disk.
+enum Reply {
+    Submitted(oneshot::Sender<Result<String, String>>, Result<String, String>),
+    Response(oneshot::Sender<Response>, Response),
+}
+
 pub struct Driver {
     core: Core,
+    store: Store,
+    logs: Logs,
     links: HashMap<ConnId, mpsc::UnboundedSender<Outbound>>,
     followers: HashMap<String, Vec<mpsc::UnboundedSender<BuildEvent>>>,
+    log_followers: HashMap<String, Vec<(Option<Platform>, LogSink)>>,
+    replies: Vec<Reply>,
     events: mpsc::Sender<Event>,
 }
 
@@ -75,26 +104,40 @@ fn new_build_id() -> String {
 }
 
 impl Driver {
-    pub fn new(config: &crate::Config, events: mpsc::Sender<Event>) -> Self {
-        Self {
-            core: Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts),
+    /// Loads what a previous run persisted.
+    pub fn new(config: &crate::Config, store: Store, events: mpsc::Sender<Event>) -> Result<Self, StoreError> {
+        let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts);
+        let loaded = store.load()?;
+        let (builds, tasks) = (loaded.builds.len(), loaded.tasks.len());
+        core.recover(now_ms(), loaded);
+        if builds > 0 {
+            tracing::info!(builds, tasks, "state recovered from {}", store.path().display());
+        }
+        let logs = Logs::new(config.state_dir.join("logs"), config.max_log_bytes_per_task);
+        Ok(Self {
+            core,
+            store,
+            logs,
             links: HashMap::new(),
             followers: HashMap::new(),
+            log_followers: HashMap::new(),
+            replies: Vec::new(),
             events,
-        }
+        })
     }
 
-    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) {
+    pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<(), StoreError> {
+        self.execute()?;
         loop {
             let wake = self.core.poll_timeout().map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(ev) => self.handle(ev),
-                    None => return,
+                    None => return Ok(()),
                 },
                 () = sleep_opt(wake) => self.core.handle_timeout(now_ms()),
             }
-            self.execute();
+            self.execute()?;
         }
     }
 
@@ -117,27 +160,59 @@ impl Driver {
                     tracing::warn!(agent = %name, "agent offline: connection closed");
                 }
             }
-            Event::Request { peer: _, req, reply } => {
+            Event::Request { peer, req, reply } => {
                 let resp = match req {
                     Request::Echo(s) => Response::Echo(s),
                     Request::ListAgents => Response::Agents(self.core.agents()),
+                    Request::ListBuilds { limit } => Response::Builds(self.core.builds(limit.clamp(1, 1000) as usize)),
+                    Request::Cancel { build } => match self.core.cancel(now, &build) {
+                        Ok(()) => {
+                            tracing::info!(%build, client = %peer.name, "build cancelled");
+                            Response::Ok
+                        }
+                        Err(e) => Response::Error(e),
+                    },
                     other => Response::Error(format!("request {other:?} is not handled here")),
                 };
-                let _ = reply.send(resp);
+                self.replies.push(Reply::Response(reply, resp));
             }
             Event::Submit { peer, spec, events, reply } => {
                 let id = new_build_id();
                 let platforms = join(&spec.platforms);
-                match self.core.submit(now, &id, *spec) {
+                let result = match self.core.submit(now, &id, &peer.name, *spec) {
                     Ok(()) => {
                         tracing::info!(build = %id, client = %peer.name, %platforms, "build accepted");
                         self.followers.entry(id.clone()).or_default().push(events);
-                        let _ = reply.send(Ok(id));
+                        Ok(id)
                     }
-                    Err(e) => {
-                        let _ = reply.send(Err(e.to_string()));
+                    Err(e) => Err(e.to_string()),
+                };
+                self.replies.push(Reply::Submitted(reply, result));
+            }
+            Event::Follow { build, events, reply } => {
+                let r = match self.core.build_state(&build) {
+                    None => Err(format!("no build {build}; `farm builds` lists them")),
+                    Some(BuildState::Running | BuildState::Stitching) => {
+                        self.followers.entry(build).or_default().push(events);
+                        Ok(())
                     }
+                    Some(_) => Err(format!("build {build} has already ended")),
+                };
+                let _ = reply.send(r);
+            }
+            Event::Logs { build, platform, follow, sink, reply } => {
+                let Some(state) = self.core.build_state(&build) else {
+                    let _ = reply.send(Err(format!("no build {build}; `farm builds` lists them")));
+                    return;
+                };
+                let live = matches!(state, BuildState::Running | BuildState::Stitching);
+                for line in self.logs.read(&build, platform.as_ref()) {
+                    let _ = sink.send(line);
                 }
+                if follow && live {
+                    self.log_followers.entry(build).or_default().push((platform, sink));
+                }
+                let _ = reply.send(Ok(()));
             }
             Event::Stitched { build, result } => {
                 match &result {
@@ -149,7 +224,22 @@ impl Driver {
         }
     }
 
-    fn execute(&mut self) {
+    /// Persists what changed, then acts: nothing is acknowledged before it is on disk.
+    fn execute(&mut self) -> Result<(), StoreError> {
+        let batch = self.core.take_batch();
+        if !batch.is_empty() {
+            self.store.commit(&batch)?;
+        }
+        for reply in self.replies.drain(..) {
+            match reply {
+                Reply::Submitted(tx, r) => {
+                    let _ = tx.send(r);
+                }
+                Reply::Response(tx, r) => {
+                    let _ = tx.send(r);
+                }
+            }
+        }
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Send { conn, msg } => {
@@ -162,18 +252,7 @@ impl Driver {
                         let _ = link.send(Outbound::Close(reason));
                     }
                 }
-                Action::Emit { build, event } => {
-                    let end = matches!(event, BuildEvent::Succeeded { .. } | BuildEvent::Failed { .. });
-                    if let BuildEvent::Failed { error } = &event {
-                        tracing::warn!(%build, "build failed: {error}");
-                    }
-                    if let Some(f) = self.followers.get_mut(&build) {
-                        f.retain(|tx| tx.send(event.clone()).is_ok());
-                    }
-                    if end {
-                        self.followers.remove(&build);
-                    }
-                }
+                Action::Emit { build, event } => self.emit(build, event),
                 Action::Stitch { build, index, tags, insecure, credentials } => {
                     let events = self.events.clone();
                     tokio::spawn(async move {
@@ -183,6 +262,30 @@ impl Driver {
                     });
                 }
             }
+        }
+        self.logs.flush();
+        Ok(())
+    }
+
+    fn emit(&mut self, build: String, event: BuildEvent) {
+        if let BuildEvent::Failed { error } = &event {
+            tracing::warn!(%build, "build failed: {error}");
+        }
+        if let Some((platform, line)) = event.describe() {
+            self.logs.append(&build, &platform, &line);
+            if let Some(f) = self.log_followers.get_mut(&build) {
+                f.retain(|(want, sink)| {
+                    want.as_ref().is_some_and(|w| *w != platform) || sink.send((platform.clone(), line.clone())).is_ok()
+                });
+            }
+        }
+        if let Some(f) = self.followers.get_mut(&build) {
+            f.retain(|tx| tx.send(event.clone()).is_ok());
+        }
+        if event.is_terminal() {
+            self.followers.remove(&build);
+            self.log_followers.remove(&build);
+            self.logs.close(&build);
         }
     }
 }

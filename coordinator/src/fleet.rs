@@ -12,6 +12,14 @@ use shared::proto::{AgentInfo, AgentState, AgentView, Heartbeat};
 /// Identifies one accepted connection for the lifetime of the coordinator process.
 pub type ConnId = u64;
 
+/// What is persisted of an agent, so that `farm agents` still lists it after a restart.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct AgentRecord {
+    pub info: AgentInfo,
+    pub last_seen: u64,
+    pub address: String,
+}
+
 #[derive(Debug)]
 struct Agent {
     info: AgentInfo,
@@ -20,6 +28,8 @@ struct Agent {
     last_seen: u64,
     busy: u32,
     address: String,
+    /// Shutting down: takes no new work.
+    draining: bool,
 }
 
 #[derive(Debug)]
@@ -49,7 +59,7 @@ impl Fleet {
     }
 
     pub fn register(&mut self, now: u64, name: &str, conn: ConnId, address: String, info: AgentInfo) -> Registered {
-        let fresh = Agent { info, conn: Some(conn), last_seen: now, busy: 0, address };
+        let fresh = Agent { info, conn: Some(conn), last_seen: now, busy: 0, address, draining: false };
         match self.agents.insert(name.to_string(), fresh) {
             None => Registered::New,
             Some(Agent { conn: Some(old), .. }) if old != conn => Registered::Replaced(old),
@@ -101,14 +111,36 @@ impl Fleet {
         self.agents.values().filter(|a| a.conn.is_some()).map(|a| a.last_seen + self.timeout_ms).min()
     }
 
+    /// An agent known from a previous run, offline until it connects.
+    pub fn restore(&mut self, name: &str, r: AgentRecord) {
+        let agent =
+            Agent { info: r.info, conn: None, last_seen: r.last_seen, busy: 0, address: r.address, draining: false };
+        self.agents.entry(name.to_string()).or_insert(agent);
+    }
+
+    pub fn record(&self, name: &str) -> Option<AgentRecord> {
+        self.agents.get(name).map(|a| AgentRecord {
+            info: a.info.clone(),
+            last_seen: a.last_seen,
+            address: a.address.clone(),
+        })
+    }
+
     /// The connection an online agent is registered on.
     pub fn conn_of(&self, name: &str) -> Option<ConnId> {
         self.agents.get(name).and_then(|a| a.conn)
     }
 
-    /// Online agents with what they registered.
+    /// Online agents that take work, with what they registered.
     pub fn online(&self) -> impl Iterator<Item = (&str, &AgentInfo)> + Clone {
-        self.agents.iter().filter(|(_, a)| a.conn.is_some()).map(|(n, a)| (n.as_str(), &a.info))
+        self.agents.iter().filter(|(_, a)| a.conn.is_some() && !a.draining).map(|(n, a)| (n.as_str(), &a.info))
+    }
+
+    /// The agent on `conn` is shutting down.
+    pub fn drain(&mut self, name: &str, conn: ConnId) {
+        if let Some(a) = self.agents.get_mut(name).filter(|a| a.conn == Some(conn)) {
+            a.draining = true;
+        }
     }
 
     pub fn is_online(&self, name: &str) -> bool {
@@ -120,7 +152,11 @@ impl Fleet {
             .iter()
             .map(|(name, a)| AgentView {
                 name: name.clone(),
-                state: if a.conn.is_some() { AgentState::Online } else { AgentState::Offline },
+                state: match (a.conn, a.draining) {
+                    (None, _) => AgentState::Offline,
+                    (Some(_), false) => AgentState::Online,
+                    (Some(_), true) => AgentState::Draining,
+                },
                 native: a.info.native.clone(),
                 emulated: a.info.emulated.clone(),
                 labels: a.info.labels.clone(),

@@ -4,8 +4,10 @@
 //! - [`fleet`]: agents, their platforms and liveness, as a state machine over `now`;
 //! - [`sched`]: where a task runs (native first, QEMU only as a fallback), a pure function;
 //! - [`core`]: builds and tasks: submit, assign, retry, fence, stitch; pure, actions out;
-//! - [`driver`]: the single task that owns the core, feeds it events and executes what it decides;
+//! - [`driver`]: the single task that owns the core, feeds it events, commits, then acts;
+//! - [`logs`]: build logs on disk, replayable with `farm logs`;
 //! - [`net`]: QUIC accept loop, handshake, per-peer tasks, context transfer; bytes into events.
+//! - [`store`]: the redb file: every table and transaction in one place; commits are durable before anything is acknowledged.
 //!
 //! Entry point: [`Coordinator::bind`] then [`Coordinator::run`] with a shutdown future, as in
 //! mini-redis, so the binary, the tests and the embedded single-machine mode all start it alike.
@@ -13,8 +15,10 @@
 pub mod core;
 pub mod driver;
 pub mod fleet;
+pub mod logs;
 pub mod net;
 pub mod sched;
+pub mod store;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -38,6 +42,7 @@ pub struct Config {
     /// How often a task is handed out before its build fails.
     pub max_attempts: u32,
     pub context_limits: ContextLimits,
+    pub max_log_bytes_per_task: u64,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -54,6 +59,7 @@ impl Config {
             transport: TransportLimits::default(),
             max_attempts: 3,
             context_limits: ContextLimits::default(),
+            max_log_bytes_per_task: logs::DEFAULT_MAX_BYTES_PER_TASK,
         }
     }
 }
@@ -67,14 +73,19 @@ pub enum CoordinatorError {
     #[error("cannot create state directory {path}: {source}")]
     StateDir { path: PathBuf, source: std::io::Error },
     #[error("content store: {0}")]
-    Store(#[from] ContextError),
+    Blobs(#[from] ContextError),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("the coordinator's driver stopped unexpectedly")]
+    Driver,
 }
 
 /// A coordinator bound to its address, not yet serving.
 pub struct Coordinator {
     config: Config,
     endpoint: quinn::Endpoint,
-    store: Arc<BlobStore>,
+    blobs: Arc<BlobStore>,
+    store: store::Store,
 }
 
 impl Coordinator {
@@ -82,9 +93,10 @@ impl Coordinator {
         std::fs::create_dir_all(&config.state_dir)
             .map_err(|source| CoordinatorError::StateDir { path: config.state_dir.clone(), source })?;
         let creds = tls::load_credentials(&config.ca_dir, tls::COORDINATOR_NAME)?;
+        let store = store::Store::open(&config.state_dir)?;
+        let blobs = Arc::new(BlobStore::open(&config.state_dir.join("blobs"))?);
         let endpoint = shared::quic::server_endpoint(config.listen, &creds, &config.transport)?;
-        let store = Arc::new(BlobStore::open(&config.state_dir.join("blobs"))?);
-        Ok(Self { config, endpoint, store })
+        Ok(Self { config, endpoint, blobs, store })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -96,21 +108,31 @@ impl Coordinator {
         let addr = self.local_addr();
         tracing::info!(%addr, "coordinator listening (QUIC, mutual TLS)");
         let (events, rx) = tokio::sync::mpsc::channel(1024);
-        let driver = tokio::spawn(driver::Driver::new(&self.config, events.clone()).run(rx));
+        let driver = driver::Driver::new(&self.config, self.store, events.clone())?;
+        let mut driver = tokio::spawn(driver.run(rx));
         let net = net::Net {
             max_frame: self.config.max_frame_bytes,
             events,
-            store: self.store.clone(),
+            store: self.blobs.clone(),
             limits: self.config.context_limits.clone(),
         };
-        tokio::select! {
-            () = net.serve(self.endpoint.clone()) => {}
-            () = shutdown => tracing::info!("coordinator shutting down"),
-        }
+        // Every change is committed before it is acknowledged, so stopping needs no final save.
+        let result = tokio::select! {
+            () = net.serve(self.endpoint.clone()) => Ok(()),
+            () = shutdown => {
+                tracing::info!("coordinator shutting down");
+                Ok(())
+            }
+            r = &mut driver => match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(CoordinatorError::Store(e)),
+                Err(_) => Err(CoordinatorError::Driver),
+            },
+        };
         self.endpoint.close(0u32.into(), b"coordinator shutting down");
         drop(net);
         driver.abort();
-        self.endpoint.wait_idle().await;
-        Ok(())
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        result
     }
 }

@@ -176,7 +176,17 @@ impl Net {
         let agent = peer.role == Role::Agent;
         let refuse = |what: &str| Response::Error(format!("{peer} may not {what}"));
         let resp = match req {
-            Request::PutContext(_) | Request::PutBlobs | Request::Build(_) if agent => refuse("submit builds"),
+            Request::PutContext(_)
+            | Request::PutBlobs
+            | Request::Build(_)
+            | Request::ListBuilds { .. }
+            | Request::Logs { .. }
+            | Request::Cancel { .. }
+            | Request::Follow { .. }
+                if agent =>
+            {
+                refuse("submit, list, follow or cancel builds (agent identities only build)")
+            }
             Request::GetContext(_) | Request::GetBlobs(_) if !agent => refuse("fetch contexts (agents only)"),
             Request::PutContext(manifest) => self.put_context(&manifest),
             Request::PutBlobs => self.put_blobs(&peer, recv).await?,
@@ -186,6 +196,17 @@ impl Net {
             },
             Request::GetBlobs(digests) => return self.get_blobs(&digests, send).await,
             Request::Build(spec) => return self.build(peer, spec, send).await,
+            Request::Logs { build, platform, follow } => return self.logs(build, platform, follow, send).await,
+            Request::Follow { build } => {
+                let (events, rx) = mpsc::unbounded_channel();
+                let (reply, ok) = oneshot::channel();
+                let _ = self.events.send(Event::Follow { build, events, reply }).await;
+                match ok.await {
+                    Ok(Ok(())) => return self.stream_events(rx, send).await,
+                    Ok(Err(e)) => Response::Error(e),
+                    Err(_) => Response::Error("the coordinator is shutting down".into()),
+                }
+            }
             req => {
                 let (reply, rx) = oneshot::channel();
                 if self.events.send(Event::Request { peer, req, reply }).await.is_err() {
@@ -257,7 +278,7 @@ impl Net {
             let msg = format!("context {} was not uploaded; upload it before submitting", spec.context);
             return write_msg(send, &Response::Error(msg), max).await;
         }
-        let (events, mut rx) = mpsc::unbounded_channel();
+        let (events, rx) = mpsc::unbounded_channel();
         let (reply, accepted) = oneshot::channel();
         if self.events.send(Event::Submit { peer, spec, events, reply }).await.is_err() {
             return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await;
@@ -267,8 +288,40 @@ impl Net {
             Ok(Err(e)) => return write_msg(send, &Response::Error(e), max).await,
             Err(_) => return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await,
         }
+        self.stream_events(rx, send).await
+    }
+
+    async fn stream_events(
+        &self,
+        mut rx: mpsc::UnboundedReceiver<shared::proto::BuildEvent>,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), ProtoError> {
         while let Some(event) = rx.recv().await {
-            write_msg(send, &Response::Event(event), max).await?;
+            write_msg(send, &Response::Event(event), self.max_frame).await?;
+        }
+        Ok(())
+    }
+
+    async fn logs(
+        &self,
+        build: String,
+        platform: Option<shared::Platform>,
+        follow: bool,
+        send: &mut quinn::SendStream,
+    ) -> Result<(), ProtoError> {
+        let (sink, mut lines) = mpsc::unbounded_channel();
+        let (reply, ok) = oneshot::channel();
+        let _ = self.events.send(Event::Logs { build, platform, follow, sink, reply }).await;
+        match ok.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return write_msg(send, &Response::Error(e), self.max_frame).await,
+            Err(_) => {
+                return write_msg(send, &Response::Error("the coordinator is shutting down".into()), self.max_frame)
+                    .await
+            }
+        }
+        while let Some((platform, line)) = lines.recv().await {
+            write_msg(send, &Response::LogLine { platform, line }, self.max_frame).await?;
         }
         Ok(())
     }

@@ -82,7 +82,7 @@ fn three_agent_farm() -> Core {
 #[test]
 fn a_build_runs_each_platform_on_its_native_agent_and_stitches_in_the_order_asked() {
     let mut core = three_agent_farm();
-    core.submit(10, "b1", spec(&["linux/arm/v7", "linux/amd64", "linux/arm64"])).unwrap();
+    core.submit(10, "b1", "admin", spec(&["linux/arm/v7", "linux/amd64", "linux/arm64"])).unwrap();
     let out = drain(&mut core);
     let placed: Vec<(ConnId, String, bool)> =
         out.assigned.iter().map(|(c, _, _, p, e)| (*c, p.to_string(), *e)).collect();
@@ -117,7 +117,7 @@ fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_w
     let mut core = three_agent_farm();
     assert!(core.agent_down(5, "pi32", 3));
     drain(&mut core);
-    core.submit(10, "b1", spec(&["linux/arm/v7"])).unwrap();
+    core.submit(10, "b1", "admin", spec(&["linux/arm/v7"])).unwrap();
     let out = drain(&mut core);
     assert_eq!(out.assigned[0].0, 1);
     assert!(out.assigned[0].4, "emulated");
@@ -125,7 +125,7 @@ fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_w
 
     let mut never = spec(&["linux/arm/v7"]);
     never.emulation = Emulation::Never;
-    core.submit(11, "b2", never).unwrap();
+    core.submit(11, "b2", "admin", never).unwrap();
     let out = drain(&mut core);
     assert!(out.assigned.is_empty());
     assert!(
@@ -143,8 +143,8 @@ fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_w
 #[test]
 fn a_busy_native_agent_queues_the_task_and_the_waiting_reason_is_told_once() {
     let mut core = three_agent_farm();
-    core.submit(0, "b1", spec(&["linux/arm64"])).unwrap();
-    core.submit(0, "b2", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b2", "admin", spec(&["linux/arm64"])).unwrap();
     let out = drain(&mut core);
     assert_eq!(out.assigned.len(), 1);
     assert_eq!(out.events.iter().filter(|e| matches!(e, BuildEvent::Waiting { .. })).count(), 1);
@@ -165,14 +165,14 @@ fn required_labels_pick_the_labelled_agent() {
     drain(&mut core);
     let mut s = spec(&["linux/arm64"]);
     s.require.insert("gpu".into(), "nvidia".into());
-    core.submit(0, "b1", s).unwrap();
+    core.submit(0, "b1", "admin", s).unwrap();
     assert_eq!(drain(&mut core).assigned[0].0, 9);
 }
 
 #[test]
 fn a_failed_platform_fails_the_build_cancels_the_others_and_pushes_nothing() {
     let mut core = three_agent_farm();
-    core.submit(0, "b1", spec(&["linux/amd64", "linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/amd64", "linux/arm64"])).unwrap();
     let out = drain(&mut core);
     let (_, t_amd, a_amd, _, _) = out.assigned[0].clone();
     for line in ["STEP 2/2: RUN false", "error building at STEP \"RUN false\": exit status 1"] {
@@ -200,7 +200,7 @@ fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
     core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
     core.agent_up(0, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
     drain(&mut core);
-    core.submit(0, "b1", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
     let first = drain(&mut core).assigned[0].clone();
     let (lost_conn, task, attempt, _, _) = first;
     let lost = if lost_conn == 1 { "a" } else { "b" };
@@ -235,7 +235,7 @@ fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
 fn too_many_lost_attempts_fail_the_build() {
     let mut core = Core::new(1_000, 2);
     core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
-    core.submit(0, "b1", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
     drain(&mut core);
     core.handle_timeout(1_000);
     drain(&mut core);
@@ -252,14 +252,14 @@ fn too_many_lost_attempts_fail_the_build() {
 #[test]
 fn bad_submissions_are_refused_with_the_fix() {
     let mut core = three_agent_farm();
-    assert_eq!(core.submit(0, "b", spec(&[])), Err(SubmitError::NoPlatforms));
+    assert_eq!(core.submit(0, "b", "admin", spec(&[])), Err(SubmitError::NoPlatforms));
     let mut s = spec(&["linux/amd64"]);
     s.tags = vec![];
-    assert_eq!(core.submit(0, "b", s), Err(SubmitError::NoTags));
+    assert_eq!(core.submit(0, "b", "admin", s), Err(SubmitError::NoTags));
     let mut s = spec(&["linux/amd64"]);
     s.tags.push("127.0.0.1:5000/other:1".into());
-    assert!(matches!(core.submit(0, "b", s), Err(SubmitError::MixedRepositories(..))));
+    assert!(matches!(core.submit(0, "b", "admin", s), Err(SubmitError::MixedRepositories(..))));
     let mut s = spec(&["linux/amd64"]);
     s.tags = vec!["Bad Tag".into()];
-    assert!(matches!(core.submit(0, "b", s), Err(SubmitError::BadTag(_))));
+    assert!(matches!(core.submit(0, "b", "admin", s), Err(SubmitError::BadTag(_))));
 }

@@ -47,9 +47,38 @@ pub type TaskId = u64;
 pub enum AgentMsg {
     Register(AgentInfo),
     Heartbeat(Heartbeat),
-    TaskLog { task: TaskId, attempt: u32, line: String },
-    TaskDone { task: TaskId, attempt: u32, manifest: ManifestRef },
-    TaskFailed { task: TaskId, attempt: u32, error: String },
+    TaskLog {
+        task: TaskId,
+        attempt: u32,
+        line: String,
+    },
+    TaskDone {
+        task: TaskId,
+        attempt: u32,
+        manifest: ManifestRef,
+    },
+    TaskFailed {
+        task: TaskId,
+        attempt: u32,
+        error: String,
+    },
+    /// Sent right after `Register`: the tasks this agent still holds (running, or finished with
+    /// a result not yet delivered). The coordinator keeps those, cancels stale ones, and
+    /// requeues what the agent no longer has.
+    Holding(Vec<Held>),
+    /// The agent is shutting down: assign it nothing more; its running tasks may still finish.
+    Draining,
+    /// The agent gives a task back unfinished (it is shutting down); run it elsewhere.
+    Release {
+        task: TaskId,
+        attempt: u32,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Held {
+    pub task: TaskId,
+    pub attempt: u32,
 }
 
 /// Coordinator → agent, on the control stream.
@@ -145,6 +174,25 @@ pub enum Request {
     GetContext(Digest),
     /// (Agents) blobs by digest; answered with a [`BlobHeader`] frame plus raw bytes for each.
     GetBlobs(Vec<Digest>),
+    /// Recent builds, newest first; answered with [`Response::Builds`].
+    ListBuilds {
+        limit: u32,
+    },
+    /// A build's stored log lines ([`Response::LogLine`]s), then, with `follow`, live ones until
+    /// the build ends; the stream then ends.
+    Logs {
+        build: String,
+        platform: Option<Platform>,
+        follow: bool,
+    },
+    /// Stops every task of a build and marks it cancelled; answered with [`Response::Ok`].
+    Cancel {
+        build: String,
+    },
+    /// Follows a build's events from now on (as `Build` does after `Accepted`).
+    Follow {
+        build: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -164,6 +212,33 @@ pub enum Response {
     Accepted { build: String },
     Event(BuildEvent),
     Context(ContextManifest),
+    Builds(Vec<BuildView>),
+    LogLine { platform: Platform, line: String },
+    Ok,
+}
+
+/// One build as `farm builds` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildView {
+    pub id: String,
+    /// running, stitching, succeeded, failed, cancelled
+    pub state: String,
+    pub client: String,
+    pub created_ms: u64,
+    pub tags: Vec<String>,
+    pub index: Option<Digest>,
+    pub error: Option<String>,
+    pub platforms: Vec<TaskView>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskView {
+    pub platform: Platform,
+    /// queued, running, done, failed, cancelled
+    pub state: String,
+    pub agent: Option<String>,
+    pub emulated: bool,
+    pub attempt: u32,
 }
 
 /// What happened to a build, streamed to the client that submitted it.
@@ -177,6 +252,35 @@ pub enum BuildEvent {
     PlatformFailed { platform: Platform, error: String, last_lines: Vec<String> },
     Succeeded { index: Digest, tags: Vec<String>, platforms: Vec<PlatformResult> },
     Failed { error: String },
+    Cancelled,
+}
+
+impl BuildEvent {
+    /// The build ends with this event.
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, BuildEvent::Succeeded { .. } | BuildEvent::Failed { .. } | BuildEvent::Cancelled)
+    }
+
+    /// The line a person reads for this event, with the platform it concerns. The live CLI and
+    /// the stored log both use it, so `farm logs` shows what `farm build` showed.
+    pub fn describe(&self) -> Option<(Platform, String)> {
+        Some(match self {
+            BuildEvent::Waiting { platform, reason } => (platform.clone(), reason.clone()),
+            BuildEvent::Started { platform, agent, emulated, attempt } => {
+                let mode = if *emulated { "emulated" } else { "native" };
+                let again = if *attempt > 1 { format!(", attempt {attempt}") } else { String::new() };
+                (platform.clone(), format!("started on {agent} ({mode}{again})"))
+            }
+            BuildEvent::Log { platform, line } => (platform.clone(), line.clone()),
+            BuildEvent::Retrying { platform, reason } => (platform.clone(), reason.clone()),
+            BuildEvent::PlatformDone(r) => {
+                let mode = if r.emulated { "emulated" } else { "native" };
+                (r.platform.clone(), format!("done: {} on {} ({mode})", r.manifest.digest, r.agent))
+            }
+            BuildEvent::PlatformFailed { platform, error, .. } => (platform.clone(), format!("failed: {error}")),
+            BuildEvent::Succeeded { .. } | BuildEvent::Failed { .. } | BuildEvent::Cancelled => return None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,6 +297,8 @@ pub struct PlatformResult {
 pub enum AgentState {
     Online,
     Offline,
+    /// Shutting down: finishing its tasks, taking no new ones.
+    Draining,
 }
 
 impl std::fmt::Display for AgentState {
@@ -200,6 +306,7 @@ impl std::fmt::Display for AgentState {
         f.write_str(match self {
             AgentState::Online => "online",
             AgentState::Offline => "offline",
+            AgentState::Draining => "draining",
         })
     }
 }
