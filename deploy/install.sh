@@ -14,7 +14,7 @@ set -euo pipefail
 
 QEMU_ARCHES=(aarch64 arm riscv64 ppc64le s390x)
 BINFMT=/proc/sys/fs/binfmt_misc
-MIN_CARGO=1.85
+MIN_CARGO=1.90
 
 log() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }

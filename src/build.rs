@@ -43,6 +43,11 @@ pub async fn run(args: BuildArgs) -> Result<()> {
 
     // A configured coordinator means the farm; none means a farm inside this process.
     let remote = args.client.coordinator.is_some() || file.coordinator.is_some();
+    if !remote && !args.wait {
+        bail!(
+            "--wait=false needs a coordinator (--coordinator or config): with none, the farm runs inside this command"
+        );
+    }
     let (local, client) = if remote {
         (None, crate::connect(&args.client).await?)
     } else {
@@ -81,10 +86,29 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         credentials,
     };
     let mut follow = client.build(spec).await?;
-    view.note(&format!("build {} accepted", follow.build));
+    let id = follow.build.clone();
+    if !args.wait {
+        println!("{id}");
+        eprintln!("build {id} accepted; follow it with `farm logs {id} -f`, cancel it with `farm cancel {id}`");
+        client.close();
+        return Ok(());
+    }
+    view.note(&format!("build {id} accepted"));
     let mut failed_lines: BTreeMap<Platform, (String, Vec<String>)> = BTreeMap::new();
     let end = loop {
-        let Some(event) = follow.next().await? else {
+        let next = tokio::select! {
+            e = follow.next() => e?,
+            _ = tokio::signal::ctrl_c() => {
+                view.finish();
+                if remote {
+                    eprintln!("\nbuild {id} keeps running on the farm; follow it with `farm logs {id} -f`, cancel it with `farm cancel {id}`");
+                } else {
+                    eprintln!("\nstopped: build {id} ran inside this command (no coordinator configured) and is abandoned");
+                }
+                std::process::exit(130);
+            }
+        };
+        let Some(event) = next else {
             break None;
         };
         view.event(&event);
@@ -92,7 +116,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
             BuildEvent::PlatformFailed { platform, error, last_lines } => {
                 failed_lines.insert(platform, (error, last_lines));
             }
-            e @ (BuildEvent::Succeeded { .. } | BuildEvent::Failed { .. }) => break Some(e),
+            e if e.is_terminal() => break Some(e),
             _ => {}
         }
     };
@@ -118,6 +142,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
             }
             bail!("build {} failed: {error}; no tag was pushed", follow.build)
         }
+        Some(BuildEvent::Cancelled) => bail!("build {} was cancelled; no tag was pushed", follow.build),
         _ => bail!("the coordinator ended build {} without a result", follow.build),
     }
 }

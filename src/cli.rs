@@ -36,6 +36,46 @@ pub enum Command {
     /// Without a configured coordinator, runs a coordinator and an agent inside this process
     /// (this machine's native platform plus whatever its QEMU handlers emulate).
     Build(Box<BuildArgs>),
+    /// List recent builds with the state of each platform
+    Builds(BuildsArgs),
+    /// Print a build's log (stored on the coordinator), optionally following it live
+    Logs(LogsArgs),
+    /// Stop every task of a build on its agent and mark the build cancelled
+    Cancel(CancelArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct BuildsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// How many builds, newest first
+    #[arg(long, default_value_t = 20)]
+    pub limit: u32,
+    /// Output format: a table for people, json for scripts
+    #[arg(long, value_enum, default_value_t = Format::Table)]
+    pub format: Format,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The build's id, as `farm build` and `farm builds` print it
+    pub build: String,
+    /// Only this platform's lines
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Keep printing new lines until the build ends
+    #[arg(short = 'f', long)]
+    pub follow: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The build's id
+    pub build: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -124,6 +164,9 @@ pub struct AgentArgs {
     /// Where binfmt_misc is mounted [default: /proc/sys/fs/binfmt_misc]
     #[arg(long, value_name = "DIR")]
     pub binfmt_dir: Option<PathBuf>,
+    /// On SIGTERM, seconds running tasks may take to finish before they are handed back [default: 120]
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<f64>,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -209,6 +252,9 @@ pub struct BuildArgs {
     /// A registry to reach over plain HTTP, HOST:PORT (repeatable); all others use HTTPS
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// Wait for the build to end (`--wait=false`: print the build id and return at once)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub wait: bool,
     /// The build context: a directory
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,

@@ -21,6 +21,9 @@ pub struct FileConfig {
     pub max_frame_bytes: Option<usize>,
     pub work_dir: Option<PathBuf>,
     pub capacity: Option<u32>,
+    pub drain_timeout_secs: Option<f64>,
+    pub max_log_bytes_per_task: Option<u64>,
+    pub max_attempts: Option<u32>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]

@@ -17,7 +17,7 @@ use cli::{AgentArgs, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let quiet = matches!(cli.command, Command::Agents(_) | Command::Ca(_) | Command::Build(_));
+    let quiet = !matches!(cli.command, Command::Coordinator(_) | Command::Agent(_));
     init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -58,6 +58,31 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Coordinator(args) => coordinator(args).await,
         Command::Agent(args) => agent(args).await,
         Command::Build(args) => build::run(*args).await,
+        Command::Builds(args) => {
+            let client = connect(&args.client).await?;
+            let resp = client.request(&shared::proto::Request::ListBuilds { limit: args.limit }).await?;
+            client.close();
+            let shared::proto::Response::Builds(builds) = resp else { bail!("unexpected answer: {resp:?}") };
+            print!("{}", output::builds(&builds, args.format, coordinator::driver::now_ms())?);
+            Ok(())
+        }
+        Command::Logs(args) => {
+            let platform = args.platform.as_deref().map(str::parse).transpose()?;
+            let client = connect(&args.client).await?;
+            let mut lines = client.logs(&args.build, platform, args.follow).await?;
+            while let Some((p, line)) = lines.next().await? {
+                println!("[{p}] {line}");
+            }
+            client.close();
+            Ok(())
+        }
+        Command::Cancel(args) => {
+            let client = connect(&args.client).await?;
+            client.request(&shared::proto::Request::Cancel { build: args.build.clone() }).await?;
+            client.close();
+            println!("build {} cancelled", args.build);
+            Ok(())
+        }
         Command::Agents(args) => {
             let client = connect(&args.client).await?;
             let resp = client.request(&shared::proto::Request::ListAgents).await?;
@@ -104,6 +129,12 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(t) = file.transport {
         cfg.transport = t;
     }
+    if let Some(n) = file.max_log_bytes_per_task {
+        cfg.max_log_bytes_per_task = n;
+    }
+    if let Some(n) = file.max_attempts {
+        cfg.max_attempts = n.max(1);
+    }
     let server = coordinator::Coordinator::bind(cfg).context("cannot start the coordinator")?;
     server.run(shutdown_signal()).await?;
     Ok(())
@@ -130,6 +161,9 @@ async fn agent(args: AgentArgs) -> Result<()> {
     };
     if let Some(dir) = args.binfmt_dir.or(pf.binfmt_dir) {
         cfg.binfmt_dir = dir;
+    }
+    if let Some(secs) = args.drain_timeout.or(file.drain_timeout_secs) {
+        cfg.drain_timeout = positive_secs(secs, "drain timeout")?;
     }
     if let Some(max) = file.max_frame_bytes {
         cfg.max_frame_bytes = max;

@@ -3,7 +3,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use anyhow::Result;
-use shared::proto::{AgentView, PlatformResult};
+use shared::proto::{AgentView, BuildView, PlatformResult};
 use shared::Digest;
 
 use crate::cli::Format;
@@ -117,4 +117,31 @@ pub fn bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[u])
     }
+}
+
+pub fn builds(builds: &[BuildView], format: Format, now_ms: u64) -> Result<String> {
+    if format == Format::Json {
+        return Ok(serde_json::to_string_pretty(builds)? + "\n");
+    }
+    if builds.is_empty() {
+        return Ok("no builds yet\n".into());
+    }
+    let rows: Vec<[String; 5]> = builds
+        .iter()
+        .map(|b| {
+            let platforms = b
+                .platforms
+                .iter()
+                .map(|t| match (&t.agent, t.state.as_str()) {
+                    (Some(a), "running" | "done") => {
+                        format!("{}={}@{}{}", t.platform, t.state, a, if t.emulated { "(qemu)" } else { "" })
+                    }
+                    _ => format!("{}={}", t.platform, t.state),
+                })
+                .collect::<Vec<_>>()
+                .join(" ");
+            [b.id.clone(), b.state.clone(), ago(now_ms.saturating_sub(b.created_ms)), b.tags.join(","), platforms]
+        })
+        .collect();
+    Ok(table(&["BUILD", "STATE", "STARTED", "TAGS", "PLATFORMS"], &rows))
 }

@@ -204,3 +204,35 @@ impl Client {
         }
     }
 }
+
+/// A build's log lines, stored then (when following) live.
+pub struct LogLines {
+    recv: quinn::RecvStream,
+    max_frame: usize,
+    target: String,
+}
+
+impl LogLines {
+    pub async fn next(&mut self) -> Result<Option<(crate::Platform, String)>, ClientError> {
+        let proto = |source| ClientError::Proto { target: self.target.clone(), source };
+        match read_msg::<Response, _>(&mut self.recv, self.max_frame).await.map_err(proto)? {
+            Some(Response::LogLine { platform, line }) => Ok(Some((platform, line))),
+            Some(Response::Error(message)) => Err(ClientError::Remote { target: self.target.clone(), message }),
+            Some(other) => Err(proto(ProtoError::Unexpected { expected: "a log line", got: format!("{other:?}") })),
+            None => Ok(None),
+        }
+    }
+}
+
+impl Client {
+    pub async fn logs(
+        &self,
+        build: &str,
+        platform: Option<crate::Platform>,
+        follow: bool,
+    ) -> Result<LogLines, ClientError> {
+        let (mut send, recv) = self.open(&Request::Logs { build: build.into(), platform, follow }).await?;
+        let _ = send.finish();
+        Ok(LogLines { recv, max_frame: self.max_frame, target: self.target.clone() })
+    }
+}

@@ -1,7 +1,7 @@
 //! The state machine driven by hand: virtual time, no sockets.
 
 use super::*;
-use shared::proto::{Emulation, Heartbeat};
+use shared::proto::{Emulation, Heartbeat, Held};
 
 fn p(s: &str) -> Platform {
     s.parse().unwrap()
@@ -262,4 +262,129 @@ fn bad_submissions_are_refused_with_the_fix() {
     let mut s = spec(&["linux/amd64"]);
     s.tags = vec!["Bad Tag".into()];
     assert!(matches!(core.submit(0, "b", "admin", s), Err(SubmitError::BadTag(_))));
+}
+
+/// Commits what the core changed into a real store, as the driver does.
+fn persist(core: &mut Core, store: &crate::store::Store) {
+    store.commit(&core.take_batch()).unwrap();
+}
+
+fn restart(store: &crate::store::Store, now: u64) -> Core {
+    let mut core = Core::new(15_000, 3);
+    core.recover(now, store.load().unwrap());
+    core
+}
+
+#[test]
+fn a_restarted_coordinator_keeps_queued_tasks_and_lets_agents_confirm_running_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path()).unwrap();
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "pi64", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    let mut s = spec(&["linux/arm64", "linux/riscv64"]);
+    s.credentials = Some(Credentials { username: "bob".into(), password: "hunter2".into() });
+    core.submit(0, "b1", "admin", s).unwrap();
+    let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    persist(&mut core, &store);
+    // The password never reaches the store.
+    drop(store);
+    let bytes = std::fs::read(dir.path().join(crate::store::FILE_NAME)).unwrap();
+    assert!(!bytes.windows(7).any(|w| w == b"hunter2"), "credentials written to the state file");
+    let store = crate::store::Store::open(dir.path()).unwrap();
+
+    let mut core = restart(&store, 100_000);
+    let builds = core.builds(10);
+    assert_eq!(builds[0].state, "running");
+    assert_eq!(builds[0].platforms[0].state, "running");
+    assert_eq!(builds[0].platforms[1].state, "queued");
+    // The agent returns and says it still holds the task: it carries on, same attempt.
+    core.agent_up(101_000, "pi64", 5, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_msg(101_001, "pi64", 5, AgentMsg::Holding(vec![Held { task, attempt }]));
+    let out = drain(&mut core);
+    assert!(out.assigned.is_empty() && out.cancelled.is_empty(), "{out:?}");
+    // Past the grace period the confirmed task is still its.
+    core.agent_msg(110_000, "pi64", 5, AgentMsg::Heartbeat(shared::proto::Heartbeat { busy: 1 }));
+    core.handle_timeout(120_000);
+    assert!(drain(&mut core).events.is_empty());
+    core.agent_msg(120_001, "pi64", 5, AgentMsg::TaskDone { task, attempt, manifest: manifest(1) });
+    let out = drain(&mut core);
+    assert!(out.events.iter().any(|e| matches!(e, BuildEvent::PlatformDone(_))), "{out:?}");
+}
+
+#[test]
+fn running_tasks_nobody_confirms_are_requeued_after_the_grace_period() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path()).unwrap();
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    drain(&mut core);
+    persist(&mut core, &store);
+    let mut core = restart(&store, 50_000);
+    assert_eq!(core.poll_timeout(), Some(65_000));
+    core.handle_timeout(64_999);
+    assert!(drain(&mut core).events.is_empty());
+    // Another agent is there; the old one never comes back.
+    core.agent_up(60_000, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
+    drain(&mut core);
+    core.handle_timeout(65_000);
+    let out = drain(&mut core);
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, BuildEvent::Retrying { reason, .. } if reason.contains("did not confirm"))));
+    assert_eq!((out.assigned[0].0, out.assigned[0].2), (2, 2));
+}
+
+#[test]
+fn an_agent_that_comes_back_without_its_task_loses_it_and_stale_holdings_are_cancelled() {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    // Reconnects (new connection) having restarted: it holds nothing, but claims an old task.
+    core.agent_up(10, "a", 2, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_msg(11, "a", 2, AgentMsg::Holding(vec![Held { task: 999, attempt: 1 }]));
+    let out = drain(&mut core);
+    assert_eq!(out.cancelled, vec![(2, 999)]);
+    assert!(out
+        .events
+        .iter()
+        .any(|e| matches!(e, BuildEvent::Retrying { reason, .. } if reason.contains("came back without it"))));
+    assert_eq!((out.assigned[0].1, out.assigned[0].2), (task, attempt + 1));
+}
+
+#[test]
+fn cancel_stops_running_tasks_on_their_agents_and_ends_the_build() {
+    let mut core = three_agent_farm();
+    core.submit(0, "b1", "admin", spec(&["linux/amd64", "linux/arm64"])).unwrap();
+    drain(&mut core);
+    core.cancel(5, "b1").unwrap();
+    let out = drain(&mut core);
+    assert_eq!(out.cancelled.len(), 2);
+    assert!(matches!(out.events.last(), Some(BuildEvent::Cancelled)));
+    assert!(out.stitched.is_empty());
+    assert!(core.cancel(6, "b1").unwrap_err().contains("already ended (cancelled)"));
+    assert!(core.cancel(6, "nope").unwrap_err().contains("no build nope"));
+    assert_eq!(core.builds(1)[0].state, "cancelled");
+}
+
+#[test]
+fn a_draining_agent_gets_no_new_work_and_released_tasks_run_elsewhere() {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    core.agent_msg(1, "a", 1, AgentMsg::Draining);
+    core.submit(2, "b2", "admin", spec(&["linux/arm64"])).unwrap();
+    let out = drain(&mut core);
+    assert!(out.assigned.is_empty(), "a draining agent takes no new task");
+    assert_eq!(core.agents()[0].state, shared::proto::AgentState::Draining);
+    let mut two_slots = info(&["linux/arm64"], &[], &[]);
+    two_slots.capacity = 2;
+    core.agent_up(3, "b", 2, "b".into(), two_slots);
+    assert_eq!(drain(&mut core).assigned.len(), 1, "b2 goes to b");
+    core.agent_msg(4, "a", 1, AgentMsg::Release { task, attempt });
+    let out = drain(&mut core);
+    assert!(out.assigned.iter().any(|a| a.0 == 2 && a.1 == task && a.2 == attempt + 1), "{out:?}");
 }
