@@ -66,6 +66,8 @@ enum Ended {
 }
 
 struct Shared {
+    /// The current session's connection, for tasks fetching their context.
+    conn: watch::Sender<Option<quinn::Connection>>,
     running: Running,
     out: mpsc::UnboundedSender<AgentMsg>,
     outbox: mpsc::UnboundedReceiver<AgentMsg>,
@@ -83,7 +85,7 @@ impl Agent<'_> {
             let _ = drain_tx.send(Some(Instant::now() + limit));
         });
         let (out, outbox) = mpsc::unbounded_channel();
-        let mut sh = Shared { running: Arc::default(), out, outbox, drain };
+        let mut sh = Shared { conn: watch::channel(None).0, running: Arc::default(), out, outbox, drain };
         loop {
             match self.session(&mut backoff, &mut sh).await {
                 Ok(Ended::Drained) => break,
@@ -111,6 +113,7 @@ impl Agent<'_> {
         let config = self.config;
         let (_endpoint, conn) = shared::quic::connect(&config.coordinator, self.creds, &config.transport).await?;
         let result = self.registered(backoff, &conn, sh).await;
+        sh.conn.send_replace(None);
         if let Ok(Ended::Drained) = result {
             conn.close(0u32.into(), b"agent shut down");
             return result;
@@ -142,6 +145,7 @@ impl Agent<'_> {
             sh.running.lock().unwrap().iter().map(|(task, e)| Held { task: *task, attempt: e.attempt }).collect();
         write_msg(&mut send, &AgentMsg::Holding(held), max).await?;
         tracing::info!(coordinator = %self.config.coordinator, "registered as {:?}", self.config.name);
+        sh.conn.send_replace(Some(conn.clone()));
         backoff.reset();
         let mut beat = tokio::time::interval(interval);
         beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -183,7 +187,7 @@ impl Agent<'_> {
                     Some(CoordMsg::Assign(a)) if drain_at.is_some() => {
                         write_msg(&mut send, &AgentMsg::Release { task: a.task, attempt: a.attempt }, max).await?;
                     }
-                    Some(CoordMsg::Assign(a)) => self.start(*a, conn.clone(), sh),
+                    Some(CoordMsg::Assign(a)) => self.start(*a, sh),
                     Some(CoordMsg::Cancel { task, attempt }) => {
                         let mut r = sh.running.lock().unwrap();
                         if r.get(&task).is_some_and(|e| e.attempt == attempt) {
@@ -218,7 +222,8 @@ impl Agent<'_> {
         Ok(())
     }
 
-    fn start(&self, a: Assignment, conn: quinn::Connection, sh: &Shared) {
+    fn start(&self, a: Assignment, sh: &Shared) {
+        let conn = sh.conn.subscribe();
         let (task, attempt) = (a.task, a.attempt);
         tracing::info!(task, attempt, platform = %a.platform, emulated = a.emulated, "task assigned");
         let runner = self.runner.clone();

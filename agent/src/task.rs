@@ -36,6 +36,19 @@ pub enum TaskError {
     Other(String),
 }
 
+/// The agent's current connection to the coordinator, if any; it changes with every session.
+pub type Conn = tokio::sync::watch::Receiver<Option<quinn::Connection>>;
+
+/// How long a task waits for a session to fetch its context.
+pub const FETCH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl TaskError {
+    /// Failures of the link, not of the build.
+    fn is_transient(&self) -> bool {
+        matches!(self, TaskError::Connection(_) | TaskError::Proto(ProtoError::Io(_) | ProtoError::Truncated { .. }))
+    }
+}
+
 pub struct Runner {
     pub name: String,
     pub work_dir: PathBuf,
@@ -48,7 +61,7 @@ impl Runner {
     pub async fn run(
         &self,
         a: &Assignment,
-        conn: &quinn::Connection,
+        conn: &Conn,
         out: &mpsc::UnboundedSender<AgentMsg>,
         cancel: CancellationToken,
     ) -> Result<ManifestRef, TaskError> {
@@ -62,7 +75,7 @@ impl Runner {
     async fn steps(
         &self,
         a: &Assignment,
-        conn: &quinn::Connection,
+        conn: &Conn,
         out: &mpsc::UnboundedSender<AgentMsg>,
         cancel: CancellationToken,
         dir: &std::path::Path,
@@ -120,8 +133,31 @@ impl Runner {
         })
     }
 
-    /// The context's manifest and every file this agent does not hold yet.
-    async fn fetch_context(&self, conn: &quinn::Connection, digest: &Digest) -> Result<ContextManifest, TaskError> {
+    /// The context's manifest and every file this agent does not hold yet, fetched over the
+    /// current session. A connection lost on the way (a coordinator restarting, Wi-Fi dropping)
+    /// is not the build's fault: the fetch waits for the next session and resumes, for up to
+    /// [`FETCH_PATIENCE`].
+    async fn fetch_context(&self, conn: &Conn, digest: &Digest) -> Result<ContextManifest, TaskError> {
+        let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
+        let mut conns = conn.clone();
+        loop {
+            let current = match tokio::time::timeout_at(deadline, conns.wait_for(Option::is_some)).await {
+                Ok(Ok(c)) => c.clone().expect("waited for Some"),
+                _ => return Err(TaskError::Other("no connection to the coordinator to fetch the context".into())),
+            };
+            match self.fetch_once(&current, digest).await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::info!("fetching the context: {e}; resuming on the next session");
+                    let id = current.stable_id();
+                    let changed = conns.wait_for(|c| c.as_ref().is_none_or(|c| c.stable_id() != id));
+                    let _ = tokio::time::timeout_at(deadline, changed).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn fetch_once(&self, conn: &quinn::Connection, digest: &Digest) -> Result<ContextManifest, TaskError> {
         let max = self.max_frame;
         let manifest: ContextManifest = if self.store.has(digest) {
             let bytes = std::fs::read(self.store.path(digest))

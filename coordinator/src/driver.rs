@@ -254,6 +254,7 @@ impl Driver {
                 }
                 Action::Emit { build, event } => self.emit(build, event),
                 Action::Stitch { build, index, tags, insecure, credentials } => {
+                    crash_point("stitch");
                     let events = self.events.clone();
                     tokio::spawn(async move {
                         let registry = Registry::new(&insecure, credentials);
@@ -287,6 +288,16 @@ impl Driver {
             self.log_followers.remove(&build);
             self.logs.close(&build);
         }
+    }
+}
+
+/// A test failpoint: with `FARM_TEST_CRASH_BEFORE=<point>` the coordinator dies on the spot, as a
+/// SIGKILL would, so tests can stop it at an exact step (e.g. `stitch`: the build's stitching
+/// state is committed, the index not yet pushed). Unset in production, it costs one lookup.
+fn crash_point(point: &str) {
+    if std::env::var("FARM_TEST_CRASH_BEFORE").is_ok_and(|p| p == point) {
+        eprintln!("FARM_TEST_CRASH_BEFORE={point}: aborting");
+        std::process::abort();
     }
 }
 

@@ -55,27 +55,30 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// Starts `cmd`; its stdout and stderr lines are both kept and can be waited on.
     pub fn spawn(name: &str, cmd: &mut Command) -> Proc {
         let mut child = cmd
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let keep = lines.clone();
-        let tag = name.to_string();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("FARM_TEST_ECHO").is_some() {
-                    eprintln!("[{tag}] {line}");
+        let readers: [Box<dyn std::io::Read + Send>; 2] =
+            [Box::new(child.stdout.take().unwrap()), Box::new(child.stderr.take().unwrap())];
+        for stream in readers {
+            let (keep, tx, tag) = (lines.clone(), tx.clone(), name.to_string());
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if std::env::var_os("FARM_TEST_ECHO").is_some() {
+                        eprintln!("[{tag}] {line}");
+                    }
+                    keep.lock().unwrap().push(line.clone());
+                    let _ = tx.send(line);
                 }
-                keep.lock().unwrap().push(line.clone());
-                let _ = tx.send(line);
-            }
-        });
+            });
+        }
         Proc { name: name.to_string(), child: Some(child), lines, rx }
     }
 
@@ -209,29 +212,57 @@ impl Farm {
     }
 
     fn spawn_coordinator(ca: &Ca, root: &Path, port: u16, timeout_secs: u64) -> Proc {
+        Self::spawn_coordinator_env(ca, root, port, timeout_secs, &[])
+    }
+
+    fn spawn_coordinator_env(ca: &Ca, root: &Path, port: u16, timeout_secs: u64, env: &[(&str, &str)]) -> Proc {
         let listen = format!("127.0.0.1:{port}");
         let state = root.join("coordinator");
-        let p = Proc::farm(
+        let mut cmd = Command::new(farm_bin());
+        cmd.env("FARM_LOG", "info").env("NO_COLOR", "1").envs(env.iter().copied()).args(&[
             "coordinator",
-            &[
-                "coordinator",
-                "--listen",
-                &listen,
-                "--ca-dir",
-                ca.path(),
-                "--state-dir",
-                state.to_str().unwrap(),
-                "--heartbeat-timeout",
-                &timeout_secs.to_string(),
-            ],
-        );
+            "--listen",
+            &listen,
+            "--ca-dir",
+            ca.path(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--heartbeat-timeout",
+            &timeout_secs.to_string(),
+        ]);
+        let p = Proc::spawn("coordinator", &mut cmd);
         p.wait_for_line(&["coordinator listening", &listen], Duration::from_secs(20));
         p
     }
 
+    /// SIGKILLs the coordinator and starts it again on the same port and state.
     pub fn restart_coordinator(&mut self) {
+        self.restart_coordinator_env(&[]);
+    }
+
+    pub fn restart_coordinator_env(&mut self, env: &[(&str, &str)]) {
         self.coordinator.kill();
-        self.coordinator = Self::spawn_coordinator(&self.ca, self.tmp.path(), self.port, self.timeout_secs);
+        self.coordinator = Self::spawn_coordinator_env(&self.ca, self.tmp.path(), self.port, self.timeout_secs, env);
+    }
+
+    /// `farm builds --format json`.
+    pub fn builds(&self) -> serde_json::Value {
+        let mut args = vec!["builds".to_string(), "--format".into(), "json".into(), "--limit".into(), "100".into()];
+        args.extend(self.client_args());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&farm_ok(&args)).unwrap()
+    }
+
+    /// Waits until build `id` is in a terminal state; returns its entry.
+    pub fn wait_build_end(&self, id: &str, timeout: Duration) -> serde_json::Value {
+        wait_until(&format!("build {id} to end"), timeout, || {
+            let all = self.builds();
+            all.as_array()
+                .unwrap()
+                .iter()
+                .find(|b| b["id"] == id && ["succeeded", "failed", "cancelled"].contains(&b["state"].as_str().unwrap()))
+                .cloned()
+        })
     }
 
     /// Starts agent `name` with extra flags and waits until it is online.
@@ -288,3 +319,4 @@ pub fn example(name: &str, into: &Path) -> PathBuf {
     assert!(st.success());
     to
 }
+pub mod netns;

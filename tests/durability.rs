@@ -1,0 +1,207 @@
+//! End to end, nothing lost: a coordinator killed at each step of a build, ten builds across a
+//! restart, cancellation, and logs that outlive the terminal. Real processes, registry, buildah.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::registry::{read_image, Registry};
+use common::*;
+
+/// A context whose single RUN takes a moment (workload, not synchronisation) and prints markers.
+fn slow_context(root: &std::path::Path, name: &str, secs: u32) -> std::path::PathBuf {
+    let ctx = root.join(name);
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        format!(
+            "ARG BASE\nFROM ${{BASE}}\nARG TARGETARCH\nRUN echo run-started-{name} && sleep {secs} && uname -m > /arch && echo run-finished-{name}\n"
+        ),
+    )
+    .unwrap();
+    ctx
+}
+
+fn args(
+    farm: &Farm,
+    registry: &Registry,
+    base: &str,
+    platforms: &str,
+    tag: &str,
+    ctx: &std::path::Path,
+) -> Vec<String> {
+    let mut a = farm.client_args();
+    a.extend(
+        [
+            "--platform",
+            platforms,
+            "--insecure-registry",
+            &registry.addr,
+            "--build-arg",
+            &format!("BASE={base}"),
+            "-t",
+            &format!("{}/{tag}", registry.addr),
+            ctx.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    a
+}
+
+/// Submits without waiting; returns the build id.
+fn submit(a: &[String]) -> String {
+    let mut full = vec!["build".to_string(), "--wait=false".into()];
+    full.extend(a.iter().cloned());
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    let id = farm_ok(&full).trim().to_string();
+    assert_eq!(id.len(), 12, "expected a build id, got {id:?}");
+    id
+}
+
+fn assert_index(registry: &Registry, reference: &str, platforms: &[&str]) {
+    let (_, _, images) = read_image(registry, reference);
+    let got: Vec<&str> = images.iter().map(|i| i.platform.as_str()).collect();
+    assert_eq!(got, platforms, "{reference}");
+}
+
+#[test]
+fn a_coordinator_killed_at_each_step_of_a_build_ends_every_build_with_a_correct_index() {
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("x86", &["--capacity", "4"]);
+    let root = farm.tmp.path().to_path_buf();
+
+    // 1. Killed just after accepting: the build was committed before `Accepted` was sent.
+    let ctx = slow_context(&root, "accepted", 1);
+    let id = submit(&args(&farm, &registry, &base, "linux/amd64,linux/arm64", "accepted:1", &ctx));
+    farm.restart_coordinator();
+    let b = farm.wait_build_end(&id, Duration::from_secs(120));
+    assert_eq!(b["state"], "succeeded", "{b}");
+    assert_index(&registry, &format!("{}/accepted:1", registry.addr), &["linux/amd64", "linux/arm64"]);
+
+    // 2. Killed while its tasks run: the agent keeps building and reports to the new coordinator.
+    let ctx = slow_context(&root, "running", 4);
+    let id = submit(&args(&farm, &registry, &base, "linux/amd64,linux/arm64", "running:1", &ctx));
+    farm.agents["x86"].wait_for_line(&["task assigned", "linux/arm64"], Duration::from_secs(30));
+    farm.restart_coordinator();
+    let b = farm.wait_build_end(&id, Duration::from_secs(120));
+    assert_eq!(b["state"], "succeeded", "{b}");
+    assert!(b["platforms"].as_array().unwrap().iter().all(|p| p["attempt"] == 1), "tasks were kept, not rerun: {b}");
+    assert_index(&registry, &format!("{}/running:1", registry.addr), &["linux/amd64", "linux/arm64"]);
+
+    // 3. Killed just before stitching (failpoint: the stitching state is committed, no index pushed).
+    farm.restart_coordinator_env(&[("FARM_TEST_CRASH_BEFORE", "stitch")]);
+    farm.wait_agent("x86", "online");
+    let ctx = slow_context(&root, "stitch", 1);
+    let id = submit(&args(&farm, &registry, &base, "linux/amd64,linux/arm/v7", "stitch:1", &ctx));
+    let crashed = Instant::now();
+    wait_until("the coordinator to crash at the failpoint", Duration::from_secs(120), || {
+        (!farm.coordinator.alive()).then_some(())
+    });
+    assert!(registry.tags("stitch").is_empty(), "nothing pushed before the crash");
+    farm.restart_coordinator();
+    let b = farm.wait_build_end(&id, Duration::from_secs(60));
+    assert_eq!(b["state"], "succeeded", "{b} ({:?} after the crash)", crashed.elapsed());
+    assert_index(&registry, &format!("{}/stitch:1", registry.addr), &["linux/amd64", "linux/arm/v7"]);
+    assert_eq!(registry.tags("stitch"), ["1"]);
+}
+
+#[test]
+fn ten_concurrent_builds_across_a_coordinator_restart_all_end_none_lost() {
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("a", &["--capacity", "3"]);
+    farm.agent("b", &["--capacity", "3"]);
+    let root = farm.tmp.path().to_path_buf();
+    let ids: Vec<String> = (0..10)
+        .map(|i| {
+            let ctx = slow_context(&root, &format!("c{i}"), 2);
+            submit(&args(&farm, &registry, &base, "linux/amd64", &format!("ten:{i}"), &ctx))
+        })
+        .collect();
+    // Mid-way: some builds done, some running, some queued.
+    wait_until("some builds to finish", Duration::from_secs(120), || {
+        let done = farm.builds().as_array().unwrap().iter().filter(|b| b["state"] == "succeeded").count();
+        (done >= 2).then_some(())
+    });
+    farm.restart_coordinator();
+    let ends: Vec<serde_json::Value> = ids.iter().map(|id| farm.wait_build_end(id, Duration::from_secs(240))).collect();
+    let succeeded = ends.iter().filter(|b| b["state"] == "succeeded").count();
+    assert_eq!(succeeded, 10, "10/10 must succeed: {ends:#?}");
+    for i in 0..10 {
+        assert_eq!(registry.tags("ten").iter().filter(|t| **t == i.to_string()).count(), 1);
+    }
+}
+
+#[test]
+fn cancel_stops_the_build_on_its_agent_and_pushes_no_tag() {
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("x86", &["--capacity", "2"]);
+    let work = farm.tmp.path().join("agent-x86");
+    let ctx = slow_context(farm.tmp.path(), "cancelme", 120);
+    let id = submit(&args(&farm, &registry, &base, "linux/amd64,linux/arm64", "cancelled:1", &ctx));
+    // Wait until both RUNs are really running in buildah.
+    let mut logs = vec!["logs".to_string(), id.clone(), "-f".into()];
+    logs.extend(farm.client_args());
+    let mut cmd = Command::new(farm_bin());
+    cmd.args(&logs).env("FARM_LOG", "warn");
+    let follower = Proc::spawn("farm logs -f", &mut cmd);
+    let buildah_of_agent = || {
+        let out = Command::new("pgrep").args(["-f", &format!("buildah --root {}", work.display())]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().count()
+    };
+    // Mid-build: the RUN step is executing (seen through `farm logs -f`) under buildah.
+    follower.wait_for_line(&["run-started-cancelme"], Duration::from_secs(60));
+    assert!(buildah_of_agent() >= 1, "buildah should be running the RUN");
+    let mut cancel = vec!["cancel".to_string(), id.clone()];
+    cancel.extend(farm.client_args());
+    let cancel: Vec<&str> = cancel.iter().map(String::as_str).collect();
+    assert!(farm_ok(&cancel).contains("cancelled"));
+    let b = farm.wait_build_end(&id, Duration::from_secs(10));
+    assert_eq!(b["state"], "cancelled");
+    // No buildah process of this agent is left (SIGTERM, then SIGKILL after the grace period).
+    wait_until("buildah to be gone", Duration::from_secs(20), || (buildah_of_agent() == 0).then_some(()));
+    farm.agents["x86"].wait_for_line(&["task stopped"], Duration::from_secs(20));
+    wait_until("the task directories to be removed", Duration::from_secs(20), || {
+        let left = std::fs::read_dir(work.join("tasks")).map(|d| d.count()).unwrap_or(0);
+        (left == 0).then_some(())
+    });
+    assert!(registry.tags("cancelled").is_empty(), "{:?}", registry.tags("cancelled"));
+    // The follower's stream ended with the build.
+    let mut f = follower;
+    wait_until("farm logs -f to exit", Duration::from_secs(10), || (!f.alive()).then_some(()));
+}
+
+#[test]
+fn farm_logs_prints_what_the_live_cli_showed() {
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("x86", &["--capacity", "2"]);
+    let ctx = slow_context(farm.tmp.path(), "logged", 0);
+    let (ok, _out, err) = build(&args(&farm, &registry, &base, "linux/amd64,linux/arm64", "logged:1", &ctx));
+    assert!(ok, "{err}");
+    let id = err
+        .lines()
+        .find_map(|l| l.strip_prefix("build ").and_then(|r| r.strip_suffix(" accepted")))
+        .expect("the CLI names the build")
+        .to_string();
+    let live: Vec<&str> = err.lines().filter(|l| l.starts_with("[linux/")).collect();
+    let mut logs = vec!["logs".to_string(), id.clone()];
+    logs.extend(farm.client_args());
+    let logs: Vec<&str> = logs.iter().map(String::as_str).collect();
+    let stored = farm_ok(&logs);
+    let stored: Vec<&str> = stored.lines().collect();
+    assert!(live.iter().any(|l| l.contains("run-finished-logged")), "{err}");
+    assert_eq!(stored, live);
+    // One platform only.
+    let mut one = logs.clone();
+    one.extend(["--platform", "linux/arm64"]);
+    let arm = farm_ok(&one);
+    assert!(!arm.is_empty() && arm.lines().all(|l| l.starts_with("[linux/arm64] ")), "{arm}");
+}
