@@ -219,7 +219,7 @@ impl Farm {
         let listen = format!("127.0.0.1:{port}");
         let state = root.join("coordinator");
         let mut cmd = Command::new(farm_bin());
-        cmd.env("FARM_LOG", "info").env("NO_COLOR", "1").envs(env.iter().copied()).args(&[
+        cmd.env("FARM_LOG", "info").env("NO_COLOR", "1").envs(env.iter().copied()).args([
             "coordinator",
             "--listen",
             &listen,
