@@ -205,3 +205,36 @@ fn farm_logs_prints_what_the_live_cli_showed() {
     let arm = farm_ok(&one);
     assert!(!arm.is_empty() && arm.lines().all(|l| l.starts_with("[linux/arm64] ")), "{arm}");
 }
+
+#[test]
+fn a_sigtermed_agent_finishes_its_task_and_one_past_its_drain_limit_hands_it_back() {
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("patient", &["--native", "linux/arm64", "--emulated", "none", "--drain-timeout", "60"]);
+    let ctx = slow_context(farm.tmp.path(), "drain", 3);
+
+    // SIGTERM mid-RUN with a long drain limit: it stops taking work, finishes, then exits.
+    let id = submit(&args(&farm, &registry, &base, "linux/arm64", "drain:1", &ctx));
+    farm.agents["patient"].wait_for_line(&["task assigned"], Duration::from_secs(30));
+    farm.agents["patient"].signal("TERM");
+    farm.wait_agent("patient", "draining");
+    let b = farm.wait_build_end(&id, Duration::from_secs(120));
+    assert_eq!(b["state"], "succeeded", "{b}");
+    assert_eq!(b["platforms"][0]["agent"], "patient");
+    let agent = farm.agents.get_mut("patient").unwrap();
+    wait_until("the drained agent to exit", Duration::from_secs(20), || (!agent.alive()).then_some(()));
+
+    // A drain limit shorter than the task: it is handed back and runs on another agent.
+    farm.agent("hasty", &["--native", "linux/arm64", "--emulated", "none", "--drain-timeout", "1"]);
+    let ctx = slow_context(farm.tmp.path(), "handback", 20);
+    let id = submit(&args(&farm, &registry, &base, "linux/arm64", "drain:2", &ctx));
+    farm.agents["hasty"].wait_for_line(&["task assigned"], Duration::from_secs(30));
+    farm.agent("heir", &["--native", "linux/arm64", "--emulated", "none"]);
+    farm.agents["hasty"].signal("TERM");
+    farm.agents["hasty"].wait_for_line(&["handing the task back"], Duration::from_secs(20));
+    let b = farm.wait_build_end(&id, Duration::from_secs(120));
+    assert_eq!(b["state"], "succeeded", "{b}");
+    assert_eq!(b["platforms"][0]["agent"], "heir", "{b}");
+    assert_eq!(b["platforms"][0]["attempt"], 2, "{b}");
+}
