@@ -28,9 +28,16 @@ pub enum Command {
     /// Run the coordinator: accepts agents and clients, schedules builds
     Coordinator(CoordinatorArgs),
     /// Run an agent on this machine: registers its platforms and builds what it is given
+    ///
+    /// `farm agent join --token T --coordinator ADDR` first enrolls this machine with a join token.
     Agent(AgentArgs),
-    /// List the agents the coordinator knows, with their platforms and state
+    /// List the agents the coordinator knows, with their platforms and state; `revoke NAME` throws one out
     Agents(AgentsArgs),
+    /// Create or revoke join tokens (admins)
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Join the farm as a client with a token, and remember the coordinator and identity
+    Login(JoinArgs),
     /// Build an image for several platforms on the farm and push one image index
     ///
     /// Without a configured coordinator, runs a coordinator and an agent inside this process
@@ -133,8 +140,70 @@ pub struct CoordinatorArgs {
     pub heartbeat_timeout: Option<f64>,
 }
 
+#[derive(Subcommand, Debug)]
+pub enum TokenCommand {
+    /// Print a new join token for `farm agent join` or `farm login`
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// What the joiner becomes: agent, client or admin
+        #[arg(long)]
+        role: String,
+        /// How long the token is valid, e.g. 30m, 24h, 7d [default: 24h]
+        #[arg(long, value_name = "DURATION")]
+        ttl: Option<String>,
+        /// How many times it can be used [default: unlimited until it expires]
+        #[arg(long)]
+        uses: Option<u32>,
+    },
+    /// Make a token unusable
+    Revoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The token's id (the third part of the token, also printed by `farm token create`)
+        id: String,
+    },
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct JoinArgs {
+    /// The join token from `farm token create`
+    #[arg(long, env = "FARM_TOKEN")]
+    pub token: String,
+    /// Coordinator address, HOST:PORT
+    #[arg(long, env = "FARM_COORDINATOR", value_name = "ADDR")]
+    pub coordinator: String,
+    /// The name to join as [default: the host name for agents, $USER for clients]
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Where to store the certificate and key [default: ~/.config/farm]
+    #[arg(long, env = "FARM_CA_DIR", value_name = "DIR")]
+    pub ca_dir: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Enroll this machine as an agent with a join token; then run `farm agent`
+    Join(JoinArgs),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentsCommand {
+    /// Revoke an agent's (or client's) certificate: its connections are closed and it cannot return
+    Revoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// The identity's name
+        #[arg(value_name = "NAME")]
+        identity: String,
+    },
+}
+
 #[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct AgentArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentCommand>,
     #[command(flatten)]
     pub config: ConfigArg,
     /// Coordinator address, HOST:PORT [default: 127.0.0.1:3276]
@@ -192,6 +261,8 @@ pub enum Format {
 
 #[derive(Args, Debug)]
 pub struct AgentsArgs {
+    #[command(subcommand)]
+    pub command: Option<AgentsCommand>,
     #[command(flatten)]
     pub client: ClientArgs,
     /// Output format: a table for people, json for scripts
@@ -258,4 +329,13 @@ pub struct BuildArgs {
     /// The build context: a directory
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
+    }
 }

@@ -13,7 +13,10 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use cli::{AgentArgs, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs};
+use cli::{
+    AgentArgs, AgentCommand, AgentsArgs, AgentsCommand, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs, JoinArgs,
+    TokenCommand,
+};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -56,6 +59,7 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Coordinator(args) => coordinator(args).await,
+        Command::Agent(AgentArgs { command: Some(AgentCommand::Join(args)), .. }) => join(args, true).await,
         Command::Agent(args) => agent(args).await,
         Command::Build(args) => build::run(*args).await,
         Command::Builds(args) => {
@@ -83,6 +87,45 @@ async fn dispatch(command: Command) -> Result<()> {
             println!("build {} cancelled", args.build);
             Ok(())
         }
+        Command::Agents(AgentsArgs { command: Some(AgentsCommand::Revoke { identity: name, client }), .. }) => {
+            let client = connect(&client).await?;
+            client.request(&shared::proto::Request::Revoke { name: name.clone() }).await?;
+            client.close();
+            println!("{name} revoked: its connections are closed and it cannot connect or join again");
+            Ok(())
+        }
+        Command::Token(TokenCommand::Create { client, role, ttl, uses }) => {
+            let role: shared::tls::Role = role.parse()?;
+            let ttl_secs = ttl
+                .map(|t| {
+                    humantime::parse_duration(&t)
+                        .with_context(|| format!("--ttl {t:?} is not a duration like 30m, 24h or 7d"))
+                })
+                .transpose()?
+                .map(|d| d.as_secs().max(1));
+            let client = connect(&client).await?;
+            let resp = client.request(&shared::proto::Request::CreateToken { role, ttl_secs, uses }).await?;
+            client.close();
+            let shared::proto::Response::Token { token, id, expires_ms } = resp else {
+                bail!("unexpected answer: {resp:?}")
+            };
+            println!("{token}");
+            let until = expires_ms
+                .map(|ms| {
+                    humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_millis(ms)).to_string()
+                })
+                .unwrap_or_else(|| "never".into());
+            eprintln!("join token {id} for role {role}, valid until {until}; revoke it with `farm token revoke {id}`");
+            Ok(())
+        }
+        Command::Token(TokenCommand::Revoke { client, id }) => {
+            let client = connect(&client).await?;
+            client.request(&shared::proto::Request::RevokeToken { id: id.clone() }).await?;
+            client.close();
+            println!("join token {id} revoked");
+            Ok(())
+        }
+        Command::Login(args) => join(args, false).await,
         Command::Agents(args) => {
             let client = connect(&args.client).await?;
             let resp = client.request(&shared::proto::Request::ListAgents).await?;
@@ -172,6 +215,54 @@ async fn agent(args: AgentArgs) -> Result<()> {
         cfg.transport = t;
     }
     agent::run(cfg, shutdown_signal()).await.context("agent stopped")?;
+    Ok(())
+}
+
+/// `farm agent join` and `farm login`: enroll with a token, store the identity (key 0600).
+async fn join(args: JoinArgs, agent: bool) -> Result<()> {
+    let token: shared::tls::JoinToken = args.token.parse()?;
+    let name = match args.name {
+        Some(n) => n,
+        None if agent => hostname::get()?.to_string_lossy().to_lowercase(),
+        None => std::env::var("USER").unwrap_or_else(|_| "me".into()).to_lowercase(),
+    };
+    let dir = args.ca_dir.unwrap_or_else(default_ca_dir);
+    let joined =
+        shared::client::join(&args.coordinator, &token, &name, &Default::default(), shared::proto::DEFAULT_MAX_FRAME)
+            .await
+            .with_context(|| format!("joining the farm at {}", args.coordinator))?;
+    let wanted = if agent { "agent" } else { "client" };
+    let role = joined.role;
+    if agent != (role == shared::tls::Role::Agent) {
+        bail!(
+            "this token makes a {role}, not an {wanted}: use {}",
+            if agent { "`farm login`" } else { "`farm agent join`" }
+        );
+    }
+    let stored = shared::tls::store_joined(&dir, &name, &joined.key_pem, &joined.cert_pem, &joined.ca_pem)?;
+    println!("joined the farm at {} as {role} {name:?}; certificate {}", args.coordinator, stored.cert.display());
+    if agent {
+        println!(
+            "start it with: farm agent --coordinator {} --ca-dir {} --name {name}",
+            args.coordinator,
+            dir.display()
+        );
+    } else {
+        let path = config::config_home().join("config.toml");
+        if !path.exists() {
+            std::fs::create_dir_all(config::config_home())?;
+            let text = format!(
+                "coordinator = {:?}\nca_dir = {:?}\nname = {:?}\n",
+                args.coordinator,
+                dir.display().to_string(),
+                name
+            );
+            std::fs::write(&path, text)?;
+            println!("wrote {}: `farm build` now uses this farm", path.display());
+        } else {
+            println!("{} exists; point it at this farm with coordinator, ca_dir and name", path.display());
+        }
+    }
     Ok(())
 }
 

@@ -14,9 +14,13 @@ use shared::{Digest, Platform};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Action, BuildState, Core};
+use crate::enroll::Security;
 use crate::fleet::ConnId;
 use crate::logs::Logs;
-use crate::store::{Store, StoreError};
+use crate::net::Gate;
+use crate::store::{Batch, Store, StoreError};
+use shared::tls::{CertAuthority, JoinToken, Role};
+use std::sync::Arc;
 
 /// What the driver tells a connection task to do.
 #[derive(Debug)]
@@ -75,6 +79,13 @@ pub enum Event {
         build: String,
         result: Result<Digest, String>,
     },
+    Join {
+        token_id: String,
+        secret: String,
+        name: String,
+        csr: Vec<u8>,
+        reply: oneshot::Sender<Response>,
+    },
 }
 
 /// An answer that may only be given once the change it acknowledges is on disk.
@@ -85,13 +96,34 @@ enum Reply {
 
 pub struct Driver {
     core: Core,
+    security: Security,
+    /// Signs joiners' certificates; `None` when this coordinator was given no CA key.
+    ca: Option<CertAuthority>,
+    gate: Arc<Gate>,
+    /// Token and revocation records to commit with the next batch.
+    security_batch: Batch,
     store: Store,
     logs: Logs,
     links: HashMap<ConnId, mpsc::UnboundedSender<Outbound>>,
     followers: HashMap<String, Vec<mpsc::UnboundedSender<BuildEvent>>>,
     log_followers: HashMap<String, Vec<(Option<Platform>, LogSink)>>,
     replies: Vec<Reply>,
+    revoke_after_commit: Vec<String>,
     events: mpsc::Sender<Event>,
+}
+
+const NO_CA_KEY: &str = "this coordinator cannot enroll peers: its --ca-dir has no ca.key; issue certificates with \
+                         `farm ca issue` instead, or give the coordinator the CA key";
+
+fn pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
+        out.push('\n');
+    }
+    out + &format!("-----END {label}-----\n")
 }
 
 pub fn now_ms() -> u64 {
@@ -105,7 +137,14 @@ fn new_build_id() -> String {
 
 impl Driver {
     /// Loads what a previous run persisted.
-    pub fn new(config: &crate::Config, store: Store, events: mpsc::Sender<Event>) -> Result<Self, StoreError> {
+    pub fn new(
+        config: &crate::Config,
+        store: Store,
+        security: Security,
+        ca: Option<CertAuthority>,
+        gate: Arc<Gate>,
+        events: mpsc::Sender<Event>,
+    ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts);
         let loaded = store.load()?;
         let (builds, tasks) = (loaded.builds.len(), loaded.tasks.len());
@@ -116,12 +155,17 @@ impl Driver {
         let logs = Logs::new(config.state_dir.join("logs"), config.max_log_bytes_per_task);
         Ok(Self {
             core,
+            security,
+            ca,
+            gate,
+            security_batch: Batch::default(),
             store,
             logs,
             links: HashMap::new(),
             followers: HashMap::new(),
             log_followers: HashMap::new(),
             replies: Vec::new(),
+            revoke_after_commit: Vec::new(),
             events,
         })
     }
@@ -165,6 +209,24 @@ impl Driver {
                     Request::Echo(s) => Response::Echo(s),
                     Request::ListAgents => Response::Agents(self.core.agents()),
                     Request::ListBuilds { limit } => Response::Builds(self.core.builds(limit.clamp(1, 1000) as usize)),
+                    Request::CreateToken { role, ttl_secs, uses } => {
+                        self.create_token(now, &peer, role, ttl_secs, uses)
+                    }
+                    Request::RevokeToken { id } => match self.security.revoke_token(&id) {
+                        Some(record) => {
+                            self.security_batch.put_token(&id, &record);
+                            tracing::info!(token = %id, by = %peer.name, "join token revoked");
+                            Response::Ok
+                        }
+                        None => Response::Error(format!("no join token {id}")),
+                    },
+                    Request::Revoke { name } => {
+                        let record = self.security.revoke_name(now, &name, &peer.name);
+                        self.security_batch.put_revoked(&name, &record);
+                        self.revoke_after_commit.push(name.clone());
+                        tracing::warn!(identity = %name, by = %peer.name, "identity revoked");
+                        Response::Ok
+                    }
                     Request::Cancel { build } => match self.core.cancel(now, &build) {
                         Ok(()) => {
                             tracing::info!(%build, client = %peer.name, "build cancelled");
@@ -214,6 +276,10 @@ impl Driver {
                 }
                 let _ = reply.send(Ok(()));
             }
+            Event::Join { token_id, secret, name, csr, reply } => {
+                let resp = self.join(now, &token_id, &secret, &name, &csr);
+                self.replies.push(Reply::Response(reply, resp));
+            }
             Event::Stitched { build, result } => {
                 match &result {
                     Ok(d) => tracing::info!(%build, index = %d, "image index pushed"),
@@ -224,11 +290,64 @@ impl Driver {
         }
     }
 
+    fn create_token(
+        &mut self,
+        now: u64,
+        peer: &Identity,
+        role: Role,
+        ttl_secs: Option<u64>,
+        uses: Option<u32>,
+    ) -> Response {
+        if role == Role::Coordinator {
+            return Response::Error("tokens are for agents, clients and admins".into());
+        }
+        let Some(ca) = &self.ca else { return Response::Error(NO_CA_KEY.into()) };
+        let id = format!("{:08x}", rand::random::<u32>());
+        let secret = format!("{:032x}", rand::random::<u128>());
+        let ttl_ms = Some(ttl_secs.unwrap_or(24 * 3600).saturating_mul(1000));
+        let record = self.security.create(now, &id, &secret, role, ttl_ms, uses, &peer.name);
+        self.security_batch.put_token(&id, &record);
+        let ca_sha256 = shared::tls::sha256(ca.cert.as_ref());
+        let token = JoinToken { ca_sha256, id: id.clone(), secret };
+        tracing::info!(token = %id, %role, by = %peer.name, "join token created");
+        Response::Token { token: token.to_string(), id, expires_ms: record.expires_ms }
+    }
+
+    fn join(&mut self, now: u64, token_id: &str, secret: &str, name: &str, csr: &[u8]) -> Response {
+        let Some(ca) = &self.ca else { return Response::Error(NO_CA_KEY.into()) };
+        if let Err(e) = shared::tls::validate_name(name) {
+            return Response::Error(e.to_string());
+        }
+        let (role, record) = match self.security.redeem(now, token_id, secret, name) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(token = %token_id, %name, "join refused: {e}");
+                return Response::Error(e.to_string());
+            }
+        };
+        match ca.sign_csr(csr, name, role) {
+            Ok(cert_pem) => {
+                self.security_batch.put_token(token_id, &record);
+                tracing::info!(%name, %role, token = %token_id, "joined the farm");
+                let ca_pem = pem("CERTIFICATE", ca.cert.as_ref());
+                Response::Joined { role, cert_pem, ca_pem }
+            }
+            Err(e) => Response::Error(format!("cannot sign the certificate request: {e}")),
+        }
+    }
+
     /// Persists what changed, then acts: nothing is acknowledged before it is on disk.
     fn execute(&mut self) -> Result<(), StoreError> {
         let batch = self.core.take_batch();
         if !batch.is_empty() {
             self.store.commit(&batch)?;
+        }
+        let security = std::mem::take(&mut self.security_batch);
+        if !security.is_empty() {
+            self.store.commit(&security)?;
+        }
+        for name in self.revoke_after_commit.drain(..) {
+            self.gate.revoke(&name);
         }
         for reply in self.replies.drain(..) {
             match reply {

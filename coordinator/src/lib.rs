@@ -14,6 +14,7 @@
 
 pub mod core;
 pub mod driver;
+pub mod enroll;
 pub mod fleet;
 pub mod logs;
 pub mod net;
@@ -108,13 +109,22 @@ impl Coordinator {
         let addr = self.local_addr();
         tracing::info!(%addr, "coordinator listening (QUIC, mutual TLS)");
         let (events, rx) = tokio::sync::mpsc::channel(1024);
-        let driver = driver::Driver::new(&self.config, self.store, events.clone())?;
+        let (tokens, revoked) = self.store.load_security()?;
+        let security = enroll::Security::restore(tokens, revoked);
+        let gate = Arc::new(net::Gate::new(security.revoked_names().map(String::from)));
+        let ca = match tls::CertAuthority::open(&self.config.ca_dir) {
+            Ok(ca) => Some(ca),
+            Err(TlsError::NoCaKey { .. }) => None,
+            Err(e) => return Err(e.into()),
+        };
+        let driver = driver::Driver::new(&self.config, self.store, security, ca, gate.clone(), events.clone())?;
         let mut driver = tokio::spawn(driver.run(rx));
         let net = net::Net {
             max_frame: self.config.max_frame_bytes,
             events,
             store: self.blobs.clone(),
             limits: self.config.context_limits.clone(),
+            gate,
         };
         // Every change is committed before it is acknowledged, so stopping needs no final save.
         let result = tokio::select! {

@@ -29,6 +29,47 @@ pub struct Net {
     pub events: mpsc::Sender<Event>,
     pub store: Arc<BlobStore>,
     pub limits: ContextLimits,
+    pub gate: Arc<Gate>,
+}
+
+/// Who is connected, by name, and who may no longer connect. Shared by the connection tasks
+/// (checked on every new connection) and the driver (which revokes).
+#[derive(Default)]
+pub struct Gate {
+    revoked: std::sync::RwLock<std::collections::HashSet<String>>,
+    live: std::sync::Mutex<std::collections::HashMap<String, Vec<(ConnId, quinn::Connection)>>>,
+}
+
+impl Gate {
+    pub fn new(revoked: impl IntoIterator<Item = String>) -> Gate {
+        Gate { revoked: std::sync::RwLock::new(revoked.into_iter().collect()), live: Default::default() }
+    }
+
+    pub fn is_revoked(&self, name: &str) -> bool {
+        self.revoked.read().unwrap().contains(name)
+    }
+
+    /// Refuses `name` from now on and closes its live connections.
+    pub fn revoke(&self, name: &str) {
+        self.revoked.write().unwrap().insert(name.to_string());
+        for (_, conn) in self.live.lock().unwrap().remove(name).unwrap_or_default() {
+            conn.close(3u32.into(), format!("the certificate of {name:?} was revoked").as_bytes());
+        }
+    }
+
+    fn enter(&self, name: &str, id: ConnId, conn: &quinn::Connection) {
+        self.live.lock().unwrap().entry(name.to_string()).or_default().push((id, conn.clone()));
+    }
+
+    fn leave(&self, name: &str, id: ConnId) {
+        let mut live = self.live.lock().unwrap();
+        if let Some(v) = live.get_mut(name) {
+            v.retain(|(i, _)| *i != id);
+            if v.is_empty() {
+                live.remove(name);
+            }
+        }
+    }
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -49,7 +90,11 @@ impl Net {
 
     async fn handle(self, incoming: quinn::Incoming, conn_id: ConnId) -> Result<(), PeerError> {
         let conn = incoming.await.map_err(PeerError::Handshake)?;
-        let identity = shared::quic::peer_identity(&conn)?;
+        let identity = shared::quic::peer_identity_if_any(&conn)?;
+        if let Some(id) = identity.as_ref().filter(|id| self.gate.is_revoked(&id.name)) {
+            conn.close(3u32.into(), b"this certificate was revoked");
+            return Err(PeerError::Refused(format!("{id} refused: its certificate was revoked")));
+        }
         let address = conn.remote_address().to_string();
         let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             let (mut send, mut recv) = conn.accept_bi().await?;
@@ -58,29 +103,74 @@ impl Net {
             write_msg(&mut send, &reply, self.max_frame).await?;
             if !reply.accepted {
                 let _ = send.finish();
-                return Err(PeerError::Refused(format!("{identity} refused: {}", reply.message)));
+                let who = identity.as_ref().map_or("a peer".to_string(), |i| i.to_string());
+                return Err(PeerError::Refused(format!("{who} refused: {}", reply.message)));
             }
             Ok::<_, PeerError>((send, recv))
         })
         .await
         .map_err(|_| PeerError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
 
+        let Some(identity) = identity else {
+            let _ = send.finish();
+            return self.joiner(conn).await;
+        };
+        self.gate.enter(&identity.name, conn_id, &conn);
+        let name = identity.name.clone();
+        let result = self.serve_peer(conn, identity, address, conn_id, &mut send, &mut recv).await;
+        self.gate.leave(&name, conn_id);
+        result
+    }
+
+    async fn serve_peer(
+        &self,
+        conn: quinn::Connection,
+        identity: Identity,
+        address: String,
+        conn_id: ConnId,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), PeerError> {
         match identity.role {
             Role::Agent => {
                 let requests = tokio::spawn(self.clone().requests(conn.clone(), identity.clone()));
-                let r = self.agent(conn, identity, address, conn_id, &mut send, &mut recv).await;
+                let r = self.agent(conn, identity, address, conn_id, send, recv).await;
                 requests.abort();
                 r
             }
             Role::Client | Role::Admin => {
                 let _ = send.finish();
-                self.requests(conn, identity).await
+                self.clone().requests(conn, identity).await
             }
             Role::Coordinator => {
                 conn.close(1u32.into(), b"a coordinator certificate cannot connect to a coordinator");
                 Err(PeerError::Refused(format!("{identity} presented a coordinator certificate")))
             }
         }
+    }
+
+    /// A peer without a certificate: one `Join` request, nothing else.
+    async fn joiner(&self, conn: quinn::Connection) -> Result<(), PeerError> {
+        let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, conn.accept_bi())
+            .await
+            .map_err(|_| PeerError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
+        let req: Request = expect_msg(&mut recv, self.max_frame, "a join request").await?;
+        let resp = match req {
+            Request::Join { token_id, secret, name, csr } => {
+                let (reply, answer) = oneshot::channel();
+                let _ = self.events.send(Event::Join { token_id, secret, name, csr, reply }).await;
+                answer.await.unwrap_or_else(|_| Response::Error("the coordinator is shutting down".into()))
+            }
+            _ => Response::Error(
+                "this connection presented no certificate: it may only join the farm with a token \
+                 (`farm agent join` or `farm login`)"
+                    .into(),
+            ),
+        };
+        write_msg(&mut send, &resp, self.max_frame).await?;
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+        Ok(())
     }
 
     /// One agent's control stream: registration, then its messages up and commands down.
@@ -188,6 +278,12 @@ impl Net {
                 refuse("submit, list, follow or cancel builds (agent identities only build)")
             }
             Request::GetContext(_) | Request::GetBlobs(_) if !agent => refuse("fetch contexts (agents only)"),
+            Request::Join { .. } => Response::Error(format!("{peer} is already a member of this farm")),
+            Request::CreateToken { .. } | Request::RevokeToken { .. } | Request::Revoke { .. }
+                if peer.role != Role::Admin =>
+            {
+                refuse("create or revoke tokens or identities (admin identities only)")
+            }
             Request::PutContext(manifest) => self.put_context(&manifest),
             Request::PutBlobs => self.put_blobs(&peer, recv).await?,
             Request::GetContext(digest) => match self.read_manifest(&digest) {

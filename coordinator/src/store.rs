@@ -28,6 +28,10 @@ const BUILDS: TableDefinition<&str, &[u8]> = TableDefinition::new("builds");
 const TASKS: TableDefinition<u64, &[u8]> = TableDefinition::new("tasks");
 const AGENTS: TableDefinition<&str, &[u8]> = TableDefinition::new("agents");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Join tokens by id (the secret itself is never stored, only its hash).
+const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
+/// Revoked identities by name.
+const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
 const SCHEMA_KEY: &str = "schema_version";
 
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +84,9 @@ enum Op {
     PutTask(u64, Vec<u8>),
     DeleteTask(u64),
     PutAgent(String, Vec<u8>),
+    PutToken(String, Vec<u8>),
+    DeleteToken(String),
+    PutRevoked(String, Vec<u8>),
     /// A value that did not encode: the whole batch is refused at commit.
     Unencodable {
         table: &'static str,
@@ -132,6 +139,27 @@ impl Batch {
             Err(error) => Op::Unencodable { table: "agents", key: format!("{name:?}"), error },
         };
         self.ops.push(op);
+        self
+    }
+
+    pub fn put_token<T: Serialize>(&mut self, id: &str, value: &T) -> &mut Self {
+        self.ops.push(match postcard::to_allocvec(value) {
+            Ok(bytes) => Op::PutToken(id.to_owned(), bytes),
+            Err(error) => Op::Unencodable { table: "tokens", key: format!("{id:?}"), error },
+        });
+        self
+    }
+
+    pub fn delete_token(&mut self, id: &str) -> &mut Self {
+        self.ops.push(Op::DeleteToken(id.to_owned()));
+        self
+    }
+
+    pub fn put_revoked<T: Serialize>(&mut self, name: &str, value: &T) -> &mut Self {
+        self.ops.push(match postcard::to_allocvec(value) {
+            Ok(bytes) => Op::PutRevoked(name.to_owned(), bytes),
+            Err(error) => Op::Unencodable { table: "revoked", key: format!("{name:?}"), error },
+        });
         self
     }
 
@@ -200,6 +228,8 @@ impl Store {
             txn.open_table(BUILDS).map_err(|e| fail(e.into()))?;
             txn.open_table(TASKS).map_err(|e| fail(e.into()))?;
             txn.open_table(AGENTS).map_err(|e| fail(e.into()))?;
+            txn.open_table(TOKENS).map_err(|e| fail(e.into()))?;
+            txn.open_table(REVOKED).map_err(|e| fail(e.into()))?;
         }
         txn.commit().map_err(|e| fail(e.into()))
     }
@@ -221,6 +251,8 @@ impl Store {
             let mut builds = txn.open_table(BUILDS).map_err(|e| fail(e.into()))?;
             let mut tasks = txn.open_table(TASKS).map_err(|e| fail(e.into()))?;
             let mut agents = txn.open_table(AGENTS).map_err(|e| fail(e.into()))?;
+            let mut tokens = txn.open_table(TOKENS).map_err(|e| fail(e.into()))?;
+            let mut revoked = txn.open_table(REVOKED).map_err(|e| fail(e.into()))?;
             for op in &batch.ops {
                 let done = match op {
                     Op::PutBuild(id, bytes) => builds.insert(id.as_str(), bytes.as_slice()).map(drop),
@@ -228,6 +260,9 @@ impl Store {
                     Op::PutTask(id, bytes) => tasks.insert(id, bytes.as_slice()).map(drop),
                     Op::DeleteTask(id) => tasks.remove(id).map(drop),
                     Op::PutAgent(name, bytes) => agents.insert(name.as_str(), bytes.as_slice()).map(drop),
+                    Op::PutToken(id, bytes) => tokens.insert(id.as_str(), bytes.as_slice()).map(drop),
+                    Op::DeleteToken(id) => tokens.remove(id.as_str()).map(drop),
+                    Op::PutRevoked(name, bytes) => revoked.insert(name.as_str(), bytes.as_slice()).map(drop),
                     Op::Unencodable { .. } => unreachable!("refused above"),
                 };
                 done.map_err(|e| fail(e.into()))?;
@@ -269,6 +304,29 @@ impl Store {
         }
 
         Ok(loaded)
+    }
+
+    /// Join tokens and revoked identities, decoded; each list sorted by key.
+    #[allow(clippy::type_complexity)]
+    pub fn load_security<K: DeserializeOwned, R: DeserializeOwned>(
+        &self,
+    ) -> Result<(Vec<(String, K)>, Vec<(String, R)>), StoreError> {
+        let fail = |e: redb::Error| classify(&self.path, "read", e);
+        let txn = self.db.begin_read().map_err(|e| fail(e.into()))?;
+        let mut out = (Vec::new(), Vec::new());
+        let table = txn.open_table(TOKENS).map_err(|e| fail(e.into()))?;
+        for entry in table.iter().map_err(|e| fail(e.into()))? {
+            let (key, value) = entry.map_err(|e| fail(e.into()))?;
+            let id = key.value();
+            out.0.push((id.to_owned(), self.decode(value.value(), "tokens", || format!("{id:?}"))?));
+        }
+        let table = txn.open_table(REVOKED).map_err(|e| fail(e.into()))?;
+        for entry in table.iter().map_err(|e| fail(e.into()))? {
+            let (key, value) = entry.map_err(|e| fail(e.into()))?;
+            let name = key.value();
+            out.1.push((name.to_owned(), self.decode(value.value(), "revoked", || format!("{name:?}"))?));
+        }
+        Ok(out)
     }
 
     /// Strict: trailing bytes mean the record is not of this type either.

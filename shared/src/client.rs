@@ -236,3 +236,38 @@ impl Client {
         Ok(LogLines { recv, max_frame: self.max_frame, target: self.target.clone() })
     }
 }
+
+/// What joining a farm returned; the key never left this host.
+pub struct Joined {
+    pub role: crate::tls::Role,
+    pub key_pem: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+/// Joins the farm at `target` with `token`: the coordinator's CA must match the token's
+/// fingerprint (checked during the TLS handshake, before the secret is sent); then a certificate
+/// signing request for `name` is sent and the signed certificate comes back.
+pub async fn join(
+    target: &str,
+    token: &crate::tls::JoinToken,
+    name: &str,
+    limits: &TransportLimits,
+    max_frame: usize,
+) -> Result<Joined, ClientError> {
+    let (key_pem, csr) = crate::tls::new_csr(name).map_err(QuicError::Tls)?;
+    let (_endpoint, conn) = quic::connect_to_join(target, &token.ca_sha256, limits).await?;
+    let client = Client { target: target.into(), _endpoint, conn, max_frame };
+    let (mut send, _recv) = handshake(&client.conn, max_frame).await.map_err(|e| match e {
+        HandshakeError::Connection(reason) => QuicError::connection(target, reason).into(),
+        HandshakeError::Proto(source) => client.stream_error(source),
+    })?;
+    let _ = send.finish();
+    let req = Request::Join { token_id: token.id.clone(), secret: token.secret.clone(), name: name.into(), csr };
+    let resp = client.request(&req).await?;
+    client.close();
+    match resp {
+        Response::Joined { role, cert_pem, ca_pem } => Ok(Joined { role, key_pem, cert_pem, ca_pem }),
+        other => Err(client.unexpected("Joined", other)),
+    }
+}

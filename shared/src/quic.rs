@@ -226,6 +226,24 @@ pub async fn connect(
     creds: &Credentials,
     limits: &TransportLimits,
 ) -> Result<(quinn::Endpoint, quinn::Connection), QuicError> {
+    connect_with(target, tls::client_config(creds)?, limits).await
+}
+
+/// Connects to join a farm with a token: no client certificate, and the coordinator is trusted
+/// only if its CA has the token's fingerprint (checked before anything secret is sent).
+pub async fn connect_to_join(
+    target: &str,
+    ca_sha256: &str,
+    limits: &TransportLimits,
+) -> Result<(quinn::Endpoint, quinn::Connection), QuicError> {
+    connect_with(target, tls::join_client_config(ca_sha256)?, limits).await
+}
+
+async fn connect_with(
+    target: &str,
+    tls_config: rustls::ClientConfig,
+    limits: &TransportLimits,
+) -> Result<(quinn::Endpoint, quinn::Connection), QuicError> {
     let (host, port) =
         split_host_port(target).map_err(|reason| QuicError::Target { target: target.to_string(), reason })?;
     let resolve_error = |source| QuicError::Resolve { target: target.to_string(), source };
@@ -240,7 +258,7 @@ pub async fn connect(
         return Err(resolve_error(std::io::Error::new(std::io::ErrorKind::NotFound, "the name has no address")));
     }
 
-    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls::client_config(creds)?)?));
+    let mut config = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls_config)?));
     config.transport_config(Arc::new(transport_config(limits)));
 
     let mut attempts = tokio::task::JoinSet::new();
@@ -300,6 +318,14 @@ fn split_host_port(target: &str) -> Result<(&str, u16), &'static str> {
 }
 
 /// Who the peer of `conn` is, read from the certificate it proved during the handshake.
+/// The peer's identity, or `None` if it presented no certificate (it may only join).
+pub fn peer_identity_if_any(conn: &quinn::Connection) -> Result<Option<Identity>, QuicError> {
+    match conn.peer_identity() {
+        None => Ok(None),
+        Some(_) => peer_identity(conn).map(Some),
+    }
+}
+
 pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, QuicError> {
     let any =
         conn.peer_identity().ok_or_else(|| QuicError::PeerIdentity("the peer presented no certificate".into()))?;

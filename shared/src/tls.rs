@@ -102,6 +102,8 @@ impl fmt::Display for Identity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    #[error("not a farm join token: expected farm1.<64 hex>.<8 hex>.<32 hex>, as `farm token create` prints it")]
+    BadToken,
     #[error(
         "invalid name {0:?}: names are 1 to 63 characters, start with a lowercase letter or a \
          digit, and continue with lowercase letters, digits, '.', '_' or '-'"
@@ -264,45 +266,221 @@ pub fn issue(dir: &Path, role: Role, name: &str, force: bool) -> Result<Issued, 
         return Err(TlsError::ReservedName(name.to_string()));
     }
 
-    let ca_der = read_ca_cert(dir)?;
-    let ca_key_path = dir.join(CA_KEY);
-    let ca_key_pem = match fs::read_to_string(&ca_key_path) {
-        Ok(pem) => pem,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TlsError::NoCaKey { dir: dir.to_path_buf() }),
-        Err(source) => return Err(io_error("read", &ca_key_path, source)),
-    };
-    let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::Pem {
-        path: ca_key_path.clone(),
-        what: "private key",
-        reason: e.to_string(),
-    })?;
-    let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(|e| TlsError::Pem {
-        path: dir.join(CA_CERT),
-        what: "certificate",
-        reason: e.to_string(),
-    })?;
-    if ca.public_key().subject_public_key.data.as_ref() != ca_key.public_key_raw() {
-        return Err(TlsError::CaKeyMismatch { dir: dir.to_path_buf() });
-    }
-    let ca_not_after = ca.validity().not_after.to_datetime();
-
+    let ca = CertAuthority::open(dir)?;
     let cert_path = dir.join(format!("{name}.crt"));
     if !force && cert_path.exists() {
         return Err(TlsError::IdentityExists { path: cert_path });
     }
 
-    let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key)?;
     let now = time::OffsetDateTime::now_utc();
-    let not_after = (now + time::Duration::days(LEAF_VALIDITY_DAYS)).min(ca_not_after);
+    let not_after = (now + time::Duration::days(LEAF_VALIDITY_DAYS)).min(ca.not_after);
     let mut params = CertificateParams::default();
     leaf_params(&mut params, name, role, now, not_after);
     let key = KeyPair::generate()?;
-    let cert = params.signed_by(&key, &issuer)?;
+    let cert = params.signed_by(&key, &ca.issuer)?;
 
     let key_path = dir.join(format!("{name}.key"));
     write_file(&key_path, key.serialize_pem().as_bytes(), 0o600, true)?;
     write_file(&cert_path, cert.pem().as_bytes(), 0o644, true)?;
     Ok(Issued { cert: cert_path, key: key_path })
+}
+
+/// The farm CA's signing half: `ca.crt` with `ca.key`. The coordinator holds one when it may
+/// enroll peers itself (join tokens); `farm ca issue` uses it directly.
+pub struct CertAuthority {
+    issuer: Issuer<'static, KeyPair>,
+    pub cert: CertificateDer<'static>,
+    not_after: time::OffsetDateTime,
+}
+
+impl fmt::Debug for CertAuthority {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CertAuthority").field("cert", &fingerprint(&self.cert)).finish_non_exhaustive()
+    }
+}
+
+impl CertAuthority {
+    /// Reads `dir/ca.crt` and `dir/ca.key` and checks that they belong together.
+    pub fn open(dir: &Path) -> Result<CertAuthority, TlsError> {
+        let ca_der = read_ca_cert(dir)?;
+        let ca_key_path = dir.join(CA_KEY);
+        let ca_key_pem = match fs::read_to_string(&ca_key_path) {
+            Ok(pem) => pem,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(TlsError::NoCaKey { dir: dir.to_path_buf() }),
+            Err(source) => return Err(io_error("read", &ca_key_path, source)),
+        };
+        let ca_key = KeyPair::from_pem(&ca_key_pem).map_err(|e| TlsError::Pem {
+            path: ca_key_path.clone(),
+            what: "private key",
+            reason: e.to_string(),
+        })?;
+        let (_, ca) = x509_parser::parse_x509_certificate(&ca_der).map_err(|e| TlsError::Pem {
+            path: dir.join(CA_CERT),
+            what: "certificate",
+            reason: e.to_string(),
+        })?;
+        if ca.public_key().subject_public_key.data.as_ref() != ca_key.public_key_raw() {
+            return Err(TlsError::CaKeyMismatch { dir: dir.to_path_buf() });
+        }
+        let not_after = ca.validity().not_after.to_datetime();
+        let issuer = Issuer::from_ca_cert_der(&ca_der, ca_key)?;
+        Ok(CertAuthority { issuer, cert: ca_der, not_after })
+    }
+
+    /// Signs a certificate signing request: the key is the requester's (it never leaves its
+    /// host); name and role are the CA's decision, not the request's.
+    pub fn sign_csr(&self, csr_der: &[u8], name: &str, role: Role) -> Result<String, TlsError> {
+        validate_name(name)?;
+        if RESERVED_NAMES.contains(&name) {
+            return Err(TlsError::ReservedName(name.to_string()));
+        }
+        if role == Role::Coordinator {
+            return Err(TlsError::RoleNotIssuable(role));
+        }
+        let csr_der = rustls_pki_types::CertificateSigningRequestDer::from(csr_der.to_vec());
+        let mut csr = rcgen::CertificateSigningRequestParams::from_der(&csr_der)?;
+        let now = time::OffsetDateTime::now_utc();
+        let not_after = (now + time::Duration::days(LEAF_VALIDITY_DAYS)).min(self.not_after);
+        let mut params = CertificateParams::default();
+        leaf_params(&mut params, name, role, now, not_after);
+        csr.params = params;
+        Ok(csr.signed_by(&self.issuer)?.pem())
+    }
+}
+
+/// A fresh key pair and a certificate signing request for `name`: the key stays here (PEM).
+pub fn new_csr(name: &str) -> Result<(String, Vec<u8>), TlsError> {
+    validate_name(name)?;
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name.push(DnType::CommonName, name);
+    let csr = params.serialize_request(&key)?;
+    Ok((key.serialize_pem(), csr.der().to_vec()))
+}
+
+/// Stores what joining returned: the CA certificate and this peer's certificate and key (0600).
+pub fn store_joined(dir: &Path, name: &str, key_pem: &str, cert_pem: &str, ca_pem: &str) -> Result<Issued, TlsError> {
+    validate_name(name)?;
+    fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
+    write_file(&dir.join(CA_CERT), ca_pem.as_bytes(), 0o644, true)?;
+    let key = dir.join(format!("{name}.key"));
+    let cert = dir.join(format!("{name}.crt"));
+    write_file(&key, key_pem.as_bytes(), 0o600, true)?;
+    write_file(&cert, cert_pem.as_bytes(), 0o644, true)?;
+    Ok(Issued { cert, key })
+}
+
+/// A join token: `farm1.<sha256 of the CA certificate>.<id>.<secret>`. The fingerprint lets the
+/// joiner check that it talks to the right farm before sending the secret (as k3s's `K10<hash>`
+/// tokens and kubeadm's CA pin do); the id names the token for revocation; only a hash of the
+/// secret is kept by the coordinator.
+#[derive(Clone, PartialEq, Eq)]
+pub struct JoinToken {
+    pub ca_sha256: String,
+    pub id: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "JoinToken({}, secret <redacted>)", self.id)
+    }
+}
+
+impl fmt::Display for JoinToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "farm1.{}.{}.{}", self.ca_sha256, self.id, self.secret)
+    }
+}
+
+impl FromStr for JoinToken {
+    type Err = TlsError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || TlsError::BadToken;
+        let mut parts = s.trim().split('.');
+        let (Some("farm1"), Some(ca), Some(id), Some(secret), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(bad());
+        };
+        let hex =
+            |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if !hex(ca, 64) || !hex(id, 8) || !hex(secret, 32) {
+            return Err(bad());
+        }
+        Ok(JoinToken { ca_sha256: ca.into(), id: id.into(), secret: secret.into() })
+    }
+}
+
+/// Lowercase hex SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> String {
+    sha256_hex(data)
+}
+
+/// Client side of joining: no client certificate yet; the server is trusted only if its chain
+/// carries a CA certificate with the token's fingerprint, and its leaf verifies against it.
+pub fn join_client_config(ca_sha256: &str) -> Result<rustls::ClientConfig, TlsError> {
+    let verifier = Arc::new(PinnedCaVerifier { ca_sha256: ca_sha256.to_string(), provider: provider() });
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(config)
+}
+
+#[derive(Debug)]
+struct PinnedCaVerifier {
+    ca_sha256: String,
+    provider: Arc<CryptoProvider>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinnedCaVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &rustls_pki_types::ServerName<'_>,
+        ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let ca = intermediates.iter().find(|c| sha256_hex(c.as_ref()) == self.ca_sha256).ok_or_else(|| {
+            rustls::Error::General(
+                "the coordinator's CA does not match the join token's fingerprint: wrong coordinator, or a \
+                 machine in the middle; nothing secret was sent"
+                    .into(),
+            )
+        })?;
+        let mut roots = RootCertStore::empty();
+        roots.add(ca.clone().into_owned())?;
+        let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
+            .build()
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        inner.verify_server_cert(end_entity, &[], server_name, ocsp, now)
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 /// SHA-256 of a certificate's DER, as `sha256:<lowercase hex>`.
@@ -407,16 +585,24 @@ pub fn identity_from_cert(cert: &CertificateDer<'_>) -> Result<Identity, TlsErro
     Ok(Identity { name: name.to_string(), role })
 }
 
-/// Server side: TLS 1.3 only, ALPN `farm/1`, and a client certificate chaining to `creds.ca` is
-/// mandatory. Refused client certificates are logged with who they claim to be.
+/// Server side: TLS 1.3 only, ALPN `farm/1`. A client certificate, when presented, must chain to
+/// `creds.ca` (refusals are logged with who the peer claims to be). A peer without one is let
+/// through the handshake only to join with a token: the coordinator serves it nothing else. The
+/// CA certificate is sent along, so that joiners can check it against their token.
 pub fn server_config(creds: &Credentials) -> Result<rustls::ServerConfig, TlsError> {
     let provider = provider();
-    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(creds)?), provider.clone()).build()?;
+    let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(creds)?), provider.clone())
+        .allow_unauthenticated()
+        .build()?;
     let verifier = Arc::new(LoggingClientVerifier { inner });
+    let mut chain = creds.chain.clone();
+    if !chain.contains(&creds.ca) {
+        chain.push(creds.ca.clone());
+    }
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(creds.chain.clone(), creds.key.clone_key())?;
+        .with_single_cert(chain, creds.key.clone_key())?;
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
 }

@@ -17,6 +17,7 @@ use crate::context::ContextManifest;
 use crate::digest::Digest;
 use crate::platform::Platform;
 use crate::registry::Credentials;
+use crate::tls::Role;
 
 /// What an agent says about itself when it registers. Its name and role come from its
 /// certificate, never from here, so an agent cannot claim to be another.
@@ -193,6 +194,28 @@ pub enum Request {
     Follow {
         build: String,
     },
+    /// (Peers without a certificate) joins the farm with a token: the coordinator signs `csr`
+    /// for `name` with the token's role; answered with [`Response::Joined`].
+    Join {
+        token_id: String,
+        secret: String,
+        name: String,
+        csr: Vec<u8>,
+    },
+    /// (Admins) a new join token; answered with [`Response::Token`].
+    CreateToken {
+        role: Role,
+        ttl_secs: Option<u64>,
+        uses: Option<u32>,
+    },
+    /// (Admins) a token can no longer be used.
+    RevokeToken {
+        id: String,
+    },
+    /// (Admins) an identity is refused from now on; its live connections are closed.
+    Revoke {
+        name: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -215,6 +238,8 @@ pub enum Response {
     Builds(Vec<BuildView>),
     LogLine { platform: Platform, line: String },
     Ok,
+    Joined { role: Role, cert_pem: String, ca_pem: String },
+    Token { token: String, id: String, expires_ms: Option<u64> },
 }
 
 /// One build as `farm builds` shows it.
