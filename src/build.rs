@@ -84,6 +84,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         context: scanned.manifest.digest(),
         insecure_registries: insecure,
         credentials,
+        secrets: secrets(&args.secrets)?,
     };
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();
@@ -180,6 +181,29 @@ fn build_args(flags: &[String]) -> Result<Vec<(String, String)>> {
             bail!("--build-arg {f:?} has no name; use KEY=VALUE");
         }
         out.push((k, v));
+    }
+    Ok(out)
+}
+
+/// `id=ID,src=FILE` (docker's syntax; `source=` too), read now: the file's bytes travel to the
+/// agent inside the mutual-TLS connection and are never written by the coordinator.
+fn secrets(flags: &[String]) -> Result<Vec<shared::proto::Secret>> {
+    let mut out = Vec::new();
+    for f in flags {
+        let (mut id, mut src) = (None, None);
+        for part in f.split(',') {
+            match part.split_once('=') {
+                Some(("id", v)) => id = Some(v.to_string()),
+                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+                _ => bail!("--secret {f:?}: expected id=ID,src=FILE"),
+            }
+        }
+        let (Some(id), Some(src)) = (id, src) else { bail!("--secret {f:?}: expected id=ID,src=FILE") };
+        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
+            bail!("--secret {f:?}: the id may hold letters, digits, '-', '_' and '.'");
+        }
+        let value = std::fs::read(&src).with_context(|| format!("--secret {id}: cannot read {}", src.display()))?;
+        out.push(shared::proto::Secret { id, value });
     }
     Ok(out)
 }

@@ -320,6 +320,10 @@ pub struct BuildArgs {
     /// Only use agents with this label KEY=VALUE, e.g. gpu=nvidia (repeatable)
     #[arg(long = "require", value_name = "KEY=VALUE")]
     pub require: Vec<String>,
+    /// A secret for `RUN --mount=type=secret,id=ID`: id=ID,src=FILE (repeatable); it reaches
+    /// the RUN that mounts it, never a layer, a log or the coordinator's disk
+    #[arg(long = "secret", value_name = "id=ID,src=FILE")]
+    pub secrets: Vec<String>,
     /// A registry to reach over plain HTTP, HOST:PORT (repeatable); all others use HTTPS
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,

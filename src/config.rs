@@ -24,6 +24,15 @@ pub struct FileConfig {
     pub drain_timeout_secs: Option<f64>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
+    pub max_context_files: Option<usize>,
+    pub max_context_bytes: Option<u64>,
+    pub max_builds_per_client: Option<usize>,
+    pub max_platforms_per_build: Option<usize>,
+    pub max_build_args: Option<usize>,
+    pub max_build_arg_bytes: Option<usize>,
+    pub max_tags: Option<usize>,
+    pub max_secrets: Option<usize>,
+    pub max_secret_bytes: Option<usize>,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
     #[serde(default)]

@@ -178,6 +178,23 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(n) = file.max_attempts {
         cfg.max_attempts = n.max(1);
     }
+    let set = |v: Option<usize>, field: &mut usize| {
+        if let Some(v) = v {
+            *field = v;
+        }
+    };
+    set(file.max_context_files, &mut cfg.context_limits.max_files);
+    if let Some(v) = file.max_context_bytes {
+        cfg.context_limits.max_total_bytes = v;
+    }
+    let l = &mut cfg.limits;
+    set(file.max_builds_per_client, &mut l.max_builds_per_client);
+    set(file.max_platforms_per_build, &mut l.max_platforms_per_build);
+    set(file.max_build_args, &mut l.max_build_args);
+    set(file.max_build_arg_bytes, &mut l.max_build_arg_bytes);
+    set(file.max_tags, &mut l.max_tags);
+    set(file.max_secrets, &mut l.max_secrets);
+    set(file.max_secret_bytes, &mut l.max_secret_bytes);
     let server = coordinator::Coordinator::bind(cfg).context("cannot start the coordinator")?;
     server.run(shutdown_signal()).await?;
     Ok(())

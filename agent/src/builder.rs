@@ -54,6 +54,47 @@ pub struct Job<'a> {
     pub name: &'a str,
     /// Cancelled: stop the build (SIGTERM, then SIGKILL after [`CANCEL_GRACE`]).
     pub cancel: CancellationToken,
+    /// Build secrets, for `RUN --mount=type=secret,id=...`.
+    pub secrets: &'a [shared::proto::Secret],
+}
+
+/// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
+/// in a 0700 directory, removed when the build ends however it ends.
+struct SecretFiles {
+    dir: Option<PathBuf>,
+    args: Vec<String>,
+}
+
+impl SecretFiles {
+    fn write(fallback: &Path, name: &str, secrets: &[shared::proto::Secret]) -> Result<SecretFiles, BuilderError> {
+        use std::io::Write as _;
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        if secrets.is_empty() {
+            return Ok(SecretFiles { dir: None, args: vec![] });
+        }
+        let shm = Path::new("/dev/shm");
+        let base = if shm.is_dir() { shm.to_path_buf() } else { fallback.to_path_buf() };
+        let dir = base.join(format!("farm-secrets-{name}"));
+        let io = |source| BuilderError::Io { path: dir.clone(), source };
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::DirBuilder::new().mode(0o700).recursive(true).create(&dir).map_err(io)?;
+        let mut files = SecretFiles { dir: Some(dir.clone()), args: vec![] };
+        for (i, s) in secrets.iter().enumerate() {
+            let path = dir.join(format!("s{i}"));
+            let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+            f.write_all(&s.value).map_err(io)?;
+            files.args.push(format!("id={},src={}", s.id, path.display()));
+        }
+        Ok(files)
+    }
+}
+
+impl Drop for SecretFiles {
+    fn drop(&mut self) {
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
 
 pub type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BuilderError>> + Send + 'a>>;
@@ -142,8 +183,14 @@ impl Builder for Buildah {
             if job.no_cache {
                 build.arg("--no-cache");
             }
+            let secrets = SecretFiles::write(&self.root.join("tmp"), job.name, job.secrets)?;
+            for s in &secrets.args {
+                build.arg("--secret").arg(s);
+            }
             build.arg("--tag").arg(job.name).arg(job.context);
-            run(build, &log, "buildah build", &job.cancel).await?;
+            let built = run(build, &log, "buildah build", &job.cancel).await;
+            drop(secrets);
+            built?;
             let mut push = self.command();
             push.arg("push").arg("--format").arg("oci").arg(job.name).arg(format!("oci:{}", job.output.display()));
             let pushed = run(push, &log, "buildah push", &job.cancel).await;

@@ -113,6 +113,7 @@ impl Runner {
             output: &output,
             name: &name,
             cancel,
+            secrets: &a.secrets,
         };
         let built = self.builder.build(job, log).await;
         let _ = forward.await;

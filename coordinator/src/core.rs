@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use shared::oci::{self, Descriptor, ImageRef};
 use shared::proto::{
     AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, CoordMsg, Held, ManifestRef,
-    PlatformResult, TaskId, TaskView,
+    PlatformResult, Secret, TaskId, TaskView,
 };
 use shared::registry::Credentials;
 use shared::{Digest, Platform};
@@ -77,6 +77,34 @@ pub struct Build {
     /// Held in memory only: never persisted, never logged.
     #[serde(skip)]
     credentials: Option<Credentials>,
+    #[serde(skip)]
+    secrets: Vec<Secret>,
+}
+
+/// What one build, and one client, may ask for. Each has a config key, named in its error.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_builds_per_client: usize,
+    pub max_platforms_per_build: usize,
+    pub max_build_args: usize,
+    pub max_build_arg_bytes: usize,
+    pub max_tags: usize,
+    pub max_secrets: usize,
+    pub max_secret_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_builds_per_client: 16,
+            max_platforms_per_build: 16,
+            max_build_args: 64,
+            max_build_arg_bytes: 64 << 10,
+            max_tags: 16,
+            max_secrets: 16,
+            max_secret_bytes: 512 << 10,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +148,7 @@ pub struct Core {
     claims: BTreeMap<TaskId, u64>,
     grace_ms: u64,
     max_attempts: u32,
+    limits: Limits,
     actions: VecDeque<Action>,
     dirty_builds: BTreeSet<String>,
     dirty_tasks: BTreeSet<TaskId>,
@@ -138,6 +167,8 @@ pub enum SubmitError {
     MixedRepositories(String, String),
     #[error("a build with id {0} exists already")]
     Duplicate(String),
+    #[error("{what} is {got}, over the limit of {limit} (config key {key})")]
+    Limit { what: String, got: usize, limit: usize, key: &'static str },
 }
 
 impl Core {
@@ -151,11 +182,17 @@ impl Core {
             claims: BTreeMap::new(),
             grace_ms: heartbeat_timeout_ms,
             max_attempts: max_attempts.max(1),
+            limits: Limits::default(),
             actions: VecDeque::new(),
             dirty_builds: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
             dirty_agents: BTreeSet::new(),
         }
+    }
+
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
     }
 
     /// Rebuilds the state a previous coordinator persisted. Running tasks wait a grace period
@@ -321,6 +358,36 @@ impl Core {
         if spec.platforms.is_empty() {
             return Err(SubmitError::NoPlatforms);
         }
+        let l = &self.limits;
+        let running = self
+            .builds
+            .values()
+            .filter(|b| b.client == client && matches!(b.state, BuildState::Running | BuildState::Stitching))
+            .count();
+        let arg_bytes = spec.build_args.iter().map(|(k, v)| k.len() + v.len()).sum();
+        let secret_bytes = spec.secrets.iter().map(|s| s.value.len()).max().unwrap_or(0);
+        let checks = [
+            (
+                format!("the number of builds {client} has running"),
+                running + 1,
+                l.max_builds_per_client,
+                "max_builds_per_client",
+            ),
+            (
+                "the number of platforms".into(),
+                spec.platforms.len(),
+                l.max_platforms_per_build,
+                "max_platforms_per_build",
+            ),
+            ("the number of build args".into(), spec.build_args.len(), l.max_build_args, "max_build_args"),
+            ("the size of the build args in bytes".into(), arg_bytes, l.max_build_arg_bytes, "max_build_arg_bytes"),
+            ("the number of tags".into(), spec.tags.len(), l.max_tags, "max_tags"),
+            ("the number of secrets".into(), spec.secrets.len(), l.max_secrets, "max_secrets"),
+            ("the size of a secret in bytes".into(), secret_bytes, l.max_secret_bytes, "max_secret_bytes"),
+        ];
+        if let Some((what, got, limit, key)) = checks.into_iter().find(|(_, got, limit, _)| got > limit) {
+            return Err(SubmitError::Limit { what, got, limit, key });
+        }
         let tags: Vec<ImageRef> = spec
             .tags
             .iter()
@@ -348,6 +415,7 @@ impl Core {
             task_ids.push(tid);
         }
         let credentials = spec.credentials.take();
+        let secrets = std::mem::take(&mut spec.secrets);
         let repository = format!("{}/{}", first.registry, first.repository);
         let build = Build {
             spec,
@@ -358,6 +426,7 @@ impl Core {
             client: client.into(),
             created_ms: now,
             credentials,
+            secrets,
         };
         self.builds.insert(id.into(), build);
         self.dirty_builds.insert(id.into());
@@ -661,6 +730,7 @@ impl Core {
                         no_cache: b.spec.no_cache,
                         insecure_registries: b.spec.insecure_registries.clone(),
                         credentials: b.credentials.clone(),
+                        secrets: b.secrets.clone(),
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

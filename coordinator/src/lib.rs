@@ -44,6 +44,7 @@ pub struct Config {
     pub max_attempts: u32,
     pub context_limits: ContextLimits,
     pub max_log_bytes_per_task: u64,
+    pub limits: core::Limits,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -61,6 +62,7 @@ impl Config {
             max_attempts: 3,
             context_limits: ContextLimits::default(),
             max_log_bytes_per_task: logs::DEFAULT_MAX_BYTES_PER_TASK,
+            limits: core::Limits::default(),
         }
     }
 }

@@ -71,6 +71,11 @@ impl Registry {
         }
     }
 
+    /// Where the registry keeps its blobs.
+    pub fn data_dir(&self) -> std::path::PathBuf {
+        self._dir.path().join("data")
+    }
+
     pub fn client(&self) -> Client {
         Client::new(std::slice::from_ref(&self.addr), None)
     }

@@ -36,6 +36,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         context: digest(0),
         insecure_registries: vec!["127.0.0.1:5000".into()],
         credentials: None,
+        secrets: vec![],
     }
 }
 
@@ -387,4 +388,28 @@ fn a_draining_agent_gets_no_new_work_and_released_tasks_run_elsewhere() {
     core.agent_msg(4, "a", 1, AgentMsg::Release { task, attempt });
     let out = drain(&mut core);
     assert!(out.assigned.iter().any(|a| a.0 == 2 && a.1 == task && a.2 == attempt + 1), "{out:?}");
+}
+
+#[test]
+fn limits_refuse_oversized_builds_naming_the_limit_and_its_key() {
+    let mut core = three_agent_farm().with_limits(Limits {
+        max_builds_per_client: 1,
+        max_platforms_per_build: 2,
+        ..Limits::default()
+    });
+    let err = core.submit(0, "b", "admin", spec(&["linux/amd64", "linux/arm64", "linux/arm/v7"])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the number of platforms is 3, over the limit of 2 (config key max_platforms_per_build)"
+    );
+    core.submit(0, "b1", "admin", spec(&["linux/amd64"])).unwrap();
+    let err = core.submit(0, "b2", "admin", spec(&["linux/amd64"])).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "the number of builds admin has running is 2, over the limit of 1 (config key max_builds_per_client)"
+    );
+    let mut s = spec(&["linux/amd64"]);
+    s.build_args = vec![("K".into(), "v".repeat(70_000))];
+    let err = three_agent_farm().submit(0, "b", "admin", s).unwrap_err();
+    assert!(err.to_string().contains("(config key max_build_arg_bytes)"), "{err}");
 }

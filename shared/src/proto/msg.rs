@@ -128,6 +128,21 @@ pub struct BuildSpec {
     /// `host:port` registries spoken to over plain HTTP.
     pub insecure_registries: Vec<String>,
     pub credentials: Option<Credentials>,
+    /// `--secret id=ID,src=FILE`: handed to the RUN steps that mount them, held in memory only.
+    pub secrets: Vec<Secret>,
+}
+
+/// A build secret. Its value never appears in Debug output, logs or the state file.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Secret {
+    pub id: String,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Secret({}, {} bytes <redacted>)", self.id, self.value.len())
+    }
 }
 
 /// One platform of one build, as sent to the agent that runs it.
@@ -147,6 +162,7 @@ pub struct Assignment {
     pub no_cache: bool,
     pub insecure_registries: Vec<String>,
     pub credentials: Option<Credentials>,
+    pub secrets: Vec<Secret>,
 }
 
 /// A pushed per-platform image manifest.
