@@ -185,6 +185,14 @@ pub struct JoinArgs {
 pub enum AgentCommand {
     /// Enroll this machine as an agent with a join token; then run `farm agent`
     Join(JoinArgs),
+    /// Empty this agent's layer cache (its buildah storage); run it while the agent is stopped
+    Prune {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The agent's work directory
+        #[arg(long, env = "FARM_WORK_DIR", value_name = "DIR")]
+        work_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -236,6 +244,9 @@ pub struct AgentArgs {
     /// On SIGTERM, seconds running tasks may take to finish before they are handed back [default: 120]
     #[arg(long, value_name = "SECS")]
     pub drain_timeout: Option<f64>,
+    /// Disk the layer cache may use, in GiB; the oldest images go first when it is exceeded [default: 20]
+    #[arg(long, value_name = "GIB")]
+    pub cache_limit_gb: Option<f64>,
 }
 
 #[derive(Args, Debug, Clone)]

@@ -22,6 +22,7 @@ pub struct FileConfig {
     pub work_dir: Option<PathBuf>,
     pub capacity: Option<u32>,
     pub drain_timeout_secs: Option<f64>,
+    pub cache_limit_gb: Option<f64>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
     pub max_context_files: Option<usize>,

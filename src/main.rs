@@ -60,6 +60,13 @@ async fn dispatch(command: Command) -> Result<()> {
         }
         Command::Coordinator(args) => coordinator(args).await,
         Command::Agent(AgentArgs { command: Some(AgentCommand::Join(args)), .. }) => join(args, true).await,
+        Command::Agent(AgentArgs { command: Some(AgentCommand::Prune { config, work_dir }), .. }) => {
+            let file = config::load(config.config.as_deref(), false)?;
+            let dir = work_dir.or(file.work_dir).unwrap_or_else(|| config::state_home().join("agent"));
+            let freed = agent::prune(&dir).await?;
+            println!("freed {} of layer cache in {}", output::bytes(freed), dir.display());
+            Ok(())
+        }
         Command::Agent(args) => agent(args).await,
         Command::Build(args) => build::run(*args).await,
         Command::Builds(args) => {
@@ -224,6 +231,12 @@ async fn agent(args: AgentArgs) -> Result<()> {
     }
     if let Some(secs) = args.drain_timeout.or(file.drain_timeout_secs) {
         cfg.drain_timeout = positive_secs(secs, "drain timeout")?;
+    }
+    if let Some(gb) = args.cache_limit_gb.or(file.cache_limit_gb) {
+        if !(gb.is_finite() && gb >= 0.0) {
+            bail!("the cache limit must be a number of GiB (0 or more), got {gb}");
+        }
+        cfg.cache_limit = (gb * (1u64 << 30) as f64) as u64;
     }
     if let Some(max) = file.max_frame_bytes {
         cfg.max_frame_bytes = max;

@@ -86,7 +86,9 @@ impl View {
 }
 
 pub fn mode(r: &PlatformResult) -> &'static str {
-    if r.emulated {
+    if r.cached {
+        "cached"
+    } else if r.emulated {
         "emulated"
     } else {
         "native"

@@ -101,6 +101,12 @@ pub type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BuilderError>>
 
 pub trait Builder: Send + Sync {
     fn info(&self) -> &BuilderInfo;
+    /// Frees the layer cache down to `limit` bytes, oldest images first (`0`: everything). Only
+    /// called while no build runs.
+    fn prune(&self, limit: u64) -> BuildFuture<'_> {
+        let _ = limit;
+        Box::pin(async { Ok(()) })
+    }
     /// Builds `job`, sending log lines as they happen, until done or `job.cancel` fires.
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> BuildFuture<'a>;
 }
@@ -157,9 +163,70 @@ impl Buildah {
     }
 }
 
+impl Buildah {
+    /// Bytes used by this agent's buildah storage.
+    pub fn cache_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+            entries
+                .filter_map(Result::ok)
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => walk(&e.path()),
+                    Ok(t) if t.is_file() => e.metadata().map(|m| m.len()).unwrap_or(0),
+                    _ => 0,
+                })
+                .sum()
+        }
+        walk(&self.root.join("storage"))
+    }
+
+    async fn output(&self, args: &[&str]) -> Result<String, BuilderError> {
+        let out = self.command().args(args).output().await.map_err(BuilderError::Spawn)?;
+        if !out.status.success() {
+            let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
+            return Err(BuilderError::Failed(format!("buildah {}: {err}", args.join(" "))));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// Images in the store, oldest first, from `buildah images --json`.
+fn images_oldest_first(json: &str) -> Vec<String> {
+    let Ok(serde_json::Value::Array(images)) = serde_json::from_str::<serde_json::Value>(json) else { return vec![] };
+    // `created` is Unix seconds in buildah's JSON.
+    let mut v: Vec<(i64, String)> = images
+        .iter()
+        .filter_map(|i| Some((i["created"].as_i64().unwrap_or(0), i["id"].as_str()?.to_string())))
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, id)| id).collect()
+}
+
 impl Builder for Buildah {
     fn info(&self) -> &BuilderInfo {
         &self.info
+    }
+
+    fn prune(&self, limit: u64) -> BuildFuture<'_> {
+        Box::pin(async move {
+            if limit == 0 {
+                let _ = self.output(&["rm", "--all"]).await;
+                self.output(&["rmi", "--all", "--force"]).await?;
+                return Ok(());
+            }
+            if self.cache_bytes() <= limit {
+                return Ok(());
+            }
+            let json = self.output(&["images", "--json"]).await?;
+            for id in images_oldest_first(&json) {
+                let _ = self.output(&["rmi", "--force", &id]).await;
+                if self.cache_bytes() <= limit {
+                    break;
+                }
+            }
+            let _ = self.output(&["rmi", "--prune"]).await;
+            Ok(())
+        })
     }
 
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> BuildFuture<'a> {
@@ -193,11 +260,10 @@ impl Builder for Buildah {
             built?;
             let mut push = self.command();
             push.arg("push").arg("--format").arg("oci").arg(job.name).arg(format!("oci:{}", job.output.display()));
-            let pushed = run(push, &log, "buildah push", &job.cancel).await;
-            let mut rmi = self.command();
-            rmi.arg("rmi").arg(job.name);
-            let _ = run(rmi, &mpsc::unbounded_channel().0, "buildah rmi", &CancellationToken::new()).await;
-            pushed
+            // The image stays: its layers are the cache of the next build. Removing it here would
+            // race with other tasks' pushes (containers/storage finds layers by digest), so the
+            // store is trimmed only when the agent is idle (see `prune`).
+            run(push, &log, "buildah push", &job.cancel).await
         })
     }
 }
@@ -295,6 +361,13 @@ mod tests {
         let v = super::parse_version("buildah version 1.28.2 (image-spec 1.0.2-dev, runtime-spec 1.0.2-dev)\n");
         assert_eq!(v.as_deref(), Some("1.28.2"));
         assert_eq!(super::parse_version("podman version 4"), None);
+    }
+
+    #[test]
+    fn images_are_pruned_oldest_first() {
+        let json = r#"[{"id":"b","created":200},{"id":"a","created":100},{"id":"c","created":300}]"#;
+        assert_eq!(super::images_oldest_first(json), ["a", "b", "c"]);
+        assert!(super::images_oldest_first("not json").is_empty());
     }
 
     #[test]

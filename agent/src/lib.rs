@@ -52,6 +52,8 @@ pub struct Config {
     pub reconnect_max: Duration,
     /// On shutdown, how long running tasks may take to finish before they are handed back.
     pub drain_timeout: Duration,
+    /// The layer cache (buildah storage) is trimmed to this many bytes, oldest images first.
+    pub cache_limit: u64,
     pub max_frame_bytes: usize,
     pub transport: TransportLimits,
 }
@@ -69,6 +71,7 @@ impl Config {
             binfmt_dir: shared::host::DEFAULT_BINFMT_DIR.into(),
             reconnect_max: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(120),
+            cache_limit: 20 << 30,
             max_frame_bytes: shared::proto::DEFAULT_MAX_FRAME,
             transport: TransportLimits::default(),
         }
@@ -118,6 +121,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     );
     let store = BlobStore::open(&config.work_dir.join("blobs"))?;
     let runner = Arc::new(task::Runner {
+        cache_lock: tokio::sync::RwLock::new(()),
+        cache_limit: config.cache_limit,
         name: config.name.clone(),
         work_dir: config.work_dir.clone(),
         store,
@@ -126,4 +131,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     });
     net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
     Ok(())
+}
+
+/// `farm agent prune`: empties this work directory's layer cache. Run it while the agent is stopped.
+pub async fn prune(work_dir: &std::path::Path) -> Result<u64, AgentError> {
+    let b = builder::detect(work_dir)?;
+    let before = b.cache_bytes();
+    b.prune(0).await?;
+    Ok(before.saturating_sub(b.cache_bytes()))
 }

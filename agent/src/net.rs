@@ -246,10 +246,17 @@ impl Agent<'_> {
                     AgentMsg::TaskFailed { task, attempt, error: e.to_string() }
                 }
             };
-            if let Some(e) = running.lock().unwrap().get_mut(&task).filter(|e| e.attempt == attempt) {
-                e.finished = true;
-            }
+            let idle = {
+                let mut r = running.lock().unwrap();
+                if let Some(e) = r.get_mut(&task).filter(|e| e.attempt == attempt) {
+                    e.finished = true;
+                }
+                r.values().all(|e| e.finished)
+            };
             let _ = out.send(msg);
+            if idle {
+                runner.prune_if_idle().await;
+            }
         });
     }
 }

@@ -50,6 +50,10 @@ impl TaskError {
 }
 
 pub struct Runner {
+    /// Builds hold it shared; pruning the layer cache holds it alone.
+    pub cache_lock: tokio::sync::RwLock<()>,
+    /// The layer cache is trimmed to this many bytes when the agent is idle.
+    pub cache_limit: u64,
     pub name: String,
     pub work_dir: PathBuf,
     pub store: BlobStore,
@@ -66,6 +70,7 @@ impl Runner {
         cancel: CancellationToken,
     ) -> Result<ManifestRef, TaskError> {
         let dir = self.work_dir.join("tasks").join(format!("{}-{}", a.task, a.attempt));
+        let _cache = self.cache_lock.read().await;
         let result = self.steps(a, conn, out, cancel, &dir).await;
         // Success or not, the task's files go: the layer cache lives in the builder's storage.
         let _ = std::fs::remove_dir_all(&dir);
@@ -132,6 +137,14 @@ impl Runner {
             digest: report.manifest.digest,
             size: report.manifest.size,
         })
+    }
+
+    /// Trims the layer cache to its limit if no build is running (else the next idle moment will).
+    pub async fn prune_if_idle(&self) {
+        let Ok(_alone) = self.cache_lock.try_write() else { return };
+        if let Err(e) = self.builder.prune(self.cache_limit).await {
+            tracing::warn!("pruning the layer cache: {e}");
+        }
     }
 
     /// The context's manifest and every file this agent does not hold yet, fetched over the

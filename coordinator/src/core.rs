@@ -54,6 +54,38 @@ pub enum Action {
         insecure: Vec<String>,
         credentials: Option<Credentials>,
     },
+    /// Does the registry still hold this earlier result? Report with [`Core::cache_checked`].
+    CheckCached {
+        task: TaskId,
+        repository: String,
+        digest: Digest,
+        insecure: Vec<String>,
+        credentials: Option<Credentials>,
+    },
+}
+
+/// An earlier successful result, reusable by a task with the same inputs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CacheEntry {
+    manifest: ManifestRef,
+    builder_version: String,
+}
+
+/// Names everything a task's result depends on: context, Dockerfile, args, target, platform, the
+/// digest every base image tag resolved to when the build was submitted, and the secrets' hashes.
+pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest)]) -> String {
+    let secrets: Vec<(&String, String)> = spec.secrets.iter().map(|s| (&s.id, shared::tls::sha256(&s.value))).collect();
+    let inputs = (
+        "farm result cache v1",
+        &spec.context,
+        &spec.dockerfile,
+        &spec.build_args,
+        &spec.target,
+        platform,
+        bases,
+        secrets,
+    );
+    shared::tls::sha256(&postcard::to_allocvec(&inputs).expect("plain data encodes"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -122,6 +154,8 @@ pub enum TaskState {
     Done(PlatformResult),
     Failed(String),
     Cancelled,
+    /// An earlier identical result is being checked in the registry.
+    Verifying(ManifestRef),
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -130,6 +164,12 @@ pub struct Task {
     platform: Platform,
     attempt: u32,
     state: TaskState,
+    /// The result cache's key for this task's inputs; `None` when they could not all be known
+    /// (a base image that did not resolve), which disables the cache for it.
+    cache_key: Option<String>,
+    /// The builder version that produced a `Done` result, for the cache.
+    #[serde(default)]
+    builder_version: Option<String>,
     /// The last wait reason told to the client, so it is told once, not at every pass.
     #[serde(skip)]
     waiting: Option<String>,
@@ -144,6 +184,7 @@ pub struct Core {
     next_task: TaskId,
     /// (platform, context) → the agent that last built it: its layer cache is warm.
     warm: HashMap<(Platform, Digest), String>,
+    cache: HashMap<String, CacheEntry>,
     /// Running tasks whose agent must confirm them by this time, or lose them.
     claims: BTreeMap<TaskId, u64>,
     grace_ms: u64,
@@ -179,6 +220,7 @@ impl Core {
             tasks: BTreeMap::new(),
             next_task: 1,
             warm: HashMap::new(),
+            cache: HashMap::new(),
             claims: BTreeMap::new(),
             grace_ms: heartbeat_timeout_ms,
             max_attempts: max_attempts.max(1),
@@ -206,6 +248,11 @@ impl Core {
             if let TaskState::Running { .. } = task.state {
                 self.claims.insert(id, now + self.grace_ms);
             }
+            if let TaskState::Verifying(_) = task.state {
+                task.state = TaskState::Queued;
+                self.dirty_tasks.insert(id);
+            }
+            self.remember(&task);
             task.waiting = None;
             self.next_task = self.next_task.max(id + 1);
             self.tasks.insert(id, task);
@@ -350,8 +397,60 @@ impl Core {
         }
     }
 
-    /// Accepts a build: one queued task per platform.
-    pub fn submit(&mut self, now: u64, id: &str, client: &str, mut spec: BuildSpec) -> Result<(), SubmitError> {
+    /// Adds a finished task's result to the cache.
+    fn remember(&mut self, t: &Task) {
+        if let (TaskState::Done(r), Some(key), Some(version)) = (&t.state, &t.cache_key, &t.builder_version) {
+            self.cache
+                .insert(key.clone(), CacheEntry { manifest: r.manifest.clone(), builder_version: version.clone() });
+        }
+    }
+
+    /// An earlier result is usable if an agent that could build the platform now runs the same
+    /// builder version that produced it.
+    fn cached(&self, key: &str, platform: &Platform) -> Option<ManifestRef> {
+        let e = self.cache.get(key)?;
+        self.fleet
+            .online()
+            .any(|(_, i)| {
+                (i.native.contains(platform) || i.emulated.contains(platform)) && i.builder_version == e.builder_version
+            })
+            .then(|| e.manifest.clone())
+    }
+
+    /// The registry's answer on a cached result.
+    pub fn cache_checked(&mut self, now: u64, task: TaskId, present: bool) {
+        let Some(t) = self.tasks.get_mut(&task) else { return };
+        let TaskState::Verifying(manifest) = &t.state else { return };
+        self.dirty_tasks.insert(task);
+        if present {
+            let result = PlatformResult {
+                platform: t.platform.clone(),
+                manifest: manifest.clone(),
+                agent: "cache".into(),
+                emulated: false,
+                duration_ms: 0,
+                cached: true,
+            };
+            t.state = TaskState::Done(result.clone());
+            let build = t.build.clone();
+            self.emit(&build, BuildEvent::PlatformDone(result));
+            self.maybe_stitch(&build);
+        } else {
+            t.state = TaskState::Queued;
+        }
+        self.schedule(now);
+    }
+
+    /// Accepts a build: one task per platform, queued, or checked against the result cache.
+    /// `bases` are the build's base images resolved to digests (`None`: the cache is not used).
+    pub fn submit(
+        &mut self,
+        now: u64,
+        id: &str,
+        client: &str,
+        mut spec: BuildSpec,
+        bases: Option<Vec<(String, Digest)>>,
+    ) -> Result<(), SubmitError> {
         if self.builds.contains_key(id) {
             return Err(SubmitError::Duplicate(id.into()));
         }
@@ -398,15 +497,33 @@ impl Core {
         if let Some(other) = tags.iter().find(|t| !t.same_repository(&first)) {
             return Err(SubmitError::MixedRepositories(first.to_string(), other.to_string()));
         }
+        let repository = format!("{}/{}", first.registry, first.repository);
         let mut task_ids = Vec::new();
         for platform in &spec.platforms {
             let tid = self.next_task;
             self.next_task += 1;
+            let cache_key = bases.as_ref().map(|b| cache_key(&spec, platform, b));
+            let hit = cache_key.as_ref().filter(|_| !spec.no_cache).and_then(|k| self.cached(k, platform));
+            let state = match hit {
+                Some(manifest) => {
+                    self.actions.push_back(Action::CheckCached {
+                        task: tid,
+                        repository: repository.clone(),
+                        digest: manifest.digest.clone(),
+                        insecure: spec.insecure_registries.clone(),
+                        credentials: spec.credentials.clone(),
+                    });
+                    TaskState::Verifying(manifest)
+                }
+                None => TaskState::Queued,
+            };
             let task = Task {
                 build: id.into(),
                 platform: platform.clone(),
                 attempt: 1,
-                state: TaskState::Queued,
+                state,
+                cache_key,
+                builder_version: None,
                 waiting: None,
                 tail: VecDeque::new(),
             };
@@ -416,7 +533,6 @@ impl Core {
         }
         let credentials = spec.credentials.take();
         let secrets = std::mem::take(&mut spec.secrets);
-        let repository = format!("{}/{}", first.registry, first.repository);
         let build = Build {
             spec,
             tags,
@@ -561,6 +677,7 @@ impl Core {
     }
 
     fn task_done(&mut self, now: u64, task: TaskId, attempt: u32, agent: &str, conn: ConnId, manifest: ManifestRef) {
+        let version = self.fleet.builder_version(agent);
         let Some(t) = self.current(task, attempt, agent, conn) else { return };
         let TaskState::Running { emulated, since, .. } = t.state else { return };
         let result = PlatformResult {
@@ -569,20 +686,30 @@ impl Core {
             agent: agent.into(),
             emulated,
             duration_ms: now.saturating_sub(since),
+            cached: false,
         };
         t.state = TaskState::Done(result.clone());
+        t.builder_version = version;
+        let t = t.clone();
+        self.remember(&t);
         let build_id = t.build.clone();
         self.dirty_tasks.insert(task);
         self.emit(&build_id, BuildEvent::PlatformDone(result.clone()));
         let b = self.builds.get_mut(&build_id).expect("a task's build exists");
         self.warm.insert((result.platform, b.spec.context.clone()), agent.into());
+        self.maybe_stitch(&build_id);
+        self.schedule(now);
+    }
+
+    /// Once every platform of a running build is done, its index is pushed.
+    fn maybe_stitch(&mut self, build_id: &str) {
+        let b = self.builds.get_mut(build_id).expect("a task's build exists");
         let all_done = b.tasks.iter().all(|id| matches!(self.tasks[id].state, TaskState::Done(_)));
         if all_done && matches!(b.state, BuildState::Running) {
             b.state = BuildState::Stitching;
-            self.dirty_builds.insert(build_id.clone());
-            self.stitch(&build_id);
+            self.dirty_builds.insert(build_id.into());
+            self.stitch(build_id);
         }
-        self.schedule(now);
     }
 
     /// Emits the action that pushes the build's index: platforms in the order the user gave.
@@ -674,7 +801,7 @@ impl Core {
                     }
                     t.state = TaskState::Cancelled;
                 }
-                TaskState::Queued => t.state = TaskState::Cancelled,
+                TaskState::Queued | TaskState::Verifying(_) => t.state = TaskState::Cancelled,
                 _ => continue,
             }
             self.claims.remove(&id);
@@ -773,7 +900,9 @@ fn task_view(t: &Task) -> TaskView {
     let (state, agent, emulated) = match &t.state {
         TaskState::Queued => ("queued", None, false),
         TaskState::Running { agent, emulated, .. } => ("running", Some(agent.clone()), *emulated),
+        TaskState::Done(r) if r.cached => ("cached", None, false),
         TaskState::Done(r) => ("done", Some(r.agent.clone()), r.emulated),
+        TaskState::Verifying(_) => ("checking cache", None, false),
         TaskState::Failed(_) => ("failed", None, false),
         TaskState::Cancelled => ("cancelled", None, false),
     };

@@ -58,6 +58,8 @@ pub enum Event {
     Submit {
         peer: Identity,
         spec: Box<BuildSpec>,
+        /// Base images resolved to digests at submission (`None`: the result cache is not used).
+        bases: Option<Vec<(String, Digest)>>,
         events: mpsc::UnboundedSender<BuildEvent>,
         reply: oneshot::Sender<Result<String, String>>,
     },
@@ -85,6 +87,10 @@ pub enum Event {
         name: String,
         csr: Vec<u8>,
         reply: oneshot::Sender<Response>,
+    },
+    CacheChecked {
+        task: shared::proto::TaskId,
+        present: bool,
     },
 }
 
@@ -239,10 +245,10 @@ impl Driver {
                 };
                 self.replies.push(Reply::Response(reply, resp));
             }
-            Event::Submit { peer, spec, events, reply } => {
+            Event::Submit { peer, spec, bases, events, reply } => {
                 let id = new_build_id();
                 let platforms = join(&spec.platforms);
-                let result = match self.core.submit(now, &id, &peer.name, *spec) {
+                let result = match self.core.submit(now, &id, &peer.name, *spec, bases) {
                     Ok(()) => {
                         tracing::info!(build = %id, client = %peer.name, %platforms, "build accepted");
                         self.followers.entry(id.clone()).or_default().push(events);
@@ -281,6 +287,7 @@ impl Driver {
                 let resp = self.join(now, &token_id, &secret, &name, &csr);
                 self.replies.push(Reply::Response(reply, resp));
             }
+            Event::CacheChecked { task, present } => self.core.cache_checked(now, task, present),
             Event::Stitched { build, result } => {
                 match &result {
                     Ok(d) => tracing::info!(%build, index = %d, "image index pushed"),
@@ -373,6 +380,17 @@ impl Driver {
                     }
                 }
                 Action::Emit { build, event } => self.emit(build, event),
+                Action::CheckCached { task, repository, digest, insecure, credentials } => {
+                    let events = self.events.clone();
+                    tokio::spawn(async move {
+                        let registry = Registry::new(&insecure, credentials);
+                        let present = match repository.parse::<shared::oci::ImageRef>() {
+                            Ok(repo) => registry.has_manifest(&repo, &digest).await.unwrap_or(false),
+                            Err(_) => false,
+                        };
+                        let _ = events.send(Event::CacheChecked { task, present }).await;
+                    });
+                }
                 Action::Stitch { build, index, tags, insecure, credentials } => {
                     crash_point("stitch");
                     let events = self.events.clone();

@@ -136,6 +136,10 @@ impl Fleet {
         self.agents.iter().filter(|(_, a)| a.conn.is_some() && !a.draining).map(|(n, a)| (n.as_str(), &a.info))
     }
 
+    pub fn builder_version(&self, name: &str) -> Option<String> {
+        self.agents.get(name).map(|a| a.info.builder_version.clone())
+    }
+
     /// The agent on `conn` is shutting down.
     pub fn drain(&mut self, name: &str, conn: ConnId) {
         if let Some(a) = self.agents.get_mut(name).filter(|a| a.conn == Some(conn)) {

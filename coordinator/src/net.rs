@@ -374,9 +374,10 @@ impl Net {
             let msg = format!("context {} was not uploaded; upload it before submitting", spec.context);
             return write_msg(send, &Response::Error(msg), max).await;
         }
+        let bases = self.resolve_bases(&spec).await;
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, accepted) = oneshot::channel();
-        if self.events.send(Event::Submit { peer, spec, events, reply }).await.is_err() {
+        if self.events.send(Event::Submit { peer, spec, bases, events, reply }).await.is_err() {
             return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await;
         }
         match accepted.await {
@@ -385,6 +386,25 @@ impl Net {
             Err(_) => return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await,
         }
         self.stream_events(rx, send).await
+    }
+
+    /// The build's base images and the digests their tags point to now, for the result cache.
+    /// Anything that cannot be resolved (a registry down, a private image) disables the cache
+    /// for this build instead of failing it: the agents will say what is wrong.
+    async fn resolve_bases(&self, spec: &shared::proto::BuildSpec) -> Option<Vec<(String, shared::Digest)>> {
+        let manifest = std::fs::read(self.store.path(&spec.context)).ok()?;
+        let manifest: ContextManifest = postcard::from_bytes(&manifest).ok()?;
+        let entry = manifest.entries.iter().find(|e| e.path == spec.dockerfile)?;
+        let shared::context::EntryKind::File { digest, .. } = &entry.kind else { return None };
+        let text = String::from_utf8(std::fs::read(self.store.path(digest)).ok()?).ok()?;
+        let registry = shared::registry::Registry::new(&spec.insecure_registries, spec.credentials.clone());
+        let mut out = Vec::new();
+        for image in shared::dockerfile::base_images(&text, &spec.build_args) {
+            let r: shared::oci::ImageRef = image.parse().ok()?;
+            let (_, _, digest) = registry.fetch_manifest(&r).await.ok()?;
+            out.push((image, digest));
+        }
+        Some(out)
     }
 
     async fn stream_events(

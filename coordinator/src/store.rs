@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The layout of the records in this file; bumped whenever a record type changes.
-pub const SCHEMA_VERSION: u64 = 1;
+pub const SCHEMA_VERSION: u64 = 2;
 
 /// The file inside the state directory.
 pub const FILE_NAME: &str = "state.redb";
@@ -520,17 +520,18 @@ mod tests {
         write_schema_version(&path, SCHEMA_VERSION + 1);
 
         let err = Store::open(dir.path()).unwrap_err();
-        assert!(matches!(err, StoreError::NewerSchema { found: 2, .. }), "{err:?}");
+        let newer = SCHEMA_VERSION + 1;
+        assert!(matches!(err, StoreError::NewerSchema { found, .. } if found == newer), "{err:?}");
         assert_eq!(
             err.to_string(),
             format!(
-                "state file {} was written by a newer farm (schema 2, this farm reads 1): upgrade farm or use \
-                 another --state-dir",
+                "state file {} was written by a newer farm (schema {newer}, this farm reads {SCHEMA_VERSION}): \
+                 upgrade farm or use another --state-dir",
                 path.display()
             )
         );
-        // Refusing wrote nothing: still refused, still schema 2.
-        assert!(matches!(Store::open(dir.path()), Err(StoreError::NewerSchema { found: 2, .. })));
+        // Refusing wrote nothing: still refused, still the newer schema.
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::NewerSchema { found, .. }) if found == newer));
     }
 
     #[test]

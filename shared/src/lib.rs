@@ -7,6 +7,7 @@
 //! - [`proto`]: the only types that cross the wire, their framing and the version handshake.
 //! - [`tls`]: the farm's certificate authority and the identities (name + role) it issues.
 //! - [`quic`]: the only place that builds quinn endpoints; transport limits live here.
+//! - [`dockerfile`]: the base images a Dockerfile names (for the result cache).
 //! - [`client`]: the connecting side (handshake, one stream per request), for agents and the CLI.
 //! - [`context`]: build contexts as content-addressed manifests: `.dockerignore`, scanning, validation
 //!   on receipt, the blob store, and materialising a context into an agent's work directory.
@@ -20,6 +21,7 @@
 pub mod client;
 pub mod context;
 pub mod digest;
+pub mod dockerfile;
 pub mod host;
 pub mod oci;
 pub mod platform;

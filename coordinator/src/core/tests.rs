@@ -48,6 +48,7 @@ struct Out {
     events: Vec<BuildEvent>,
     stitched: Vec<Vec<u8>>,
     closed: Vec<ConnId>,
+    checks: Vec<(TaskId, Digest)>,
 }
 
 fn drain(core: &mut Core) -> Out {
@@ -62,6 +63,7 @@ fn drain(core: &mut Core) -> Out {
             Action::Emit { event, .. } => out.events.push(event),
             Action::Stitch { index, .. } => out.stitched.push(index),
             Action::Close { conn, .. } => out.closed.push(conn),
+            Action::CheckCached { task, digest, .. } => out.checks.push((task, digest)),
         }
     }
     out
@@ -83,7 +85,7 @@ fn three_agent_farm() -> Core {
 #[test]
 fn a_build_runs_each_platform_on_its_native_agent_and_stitches_in_the_order_asked() {
     let mut core = three_agent_farm();
-    core.submit(10, "b1", "admin", spec(&["linux/arm/v7", "linux/amd64", "linux/arm64"])).unwrap();
+    core.submit(10, "b1", "admin", spec(&["linux/arm/v7", "linux/amd64", "linux/arm64"]), None).unwrap();
     let out = drain(&mut core);
     let placed: Vec<(ConnId, String, bool)> =
         out.assigned.iter().map(|(c, _, _, p, e)| (*c, p.to_string(), *e)).collect();
@@ -118,7 +120,7 @@ fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_w
     let mut core = three_agent_farm();
     assert!(core.agent_down(5, "pi32", 3));
     drain(&mut core);
-    core.submit(10, "b1", "admin", spec(&["linux/arm/v7"])).unwrap();
+    core.submit(10, "b1", "admin", spec(&["linux/arm/v7"]), None).unwrap();
     let out = drain(&mut core);
     assert_eq!(out.assigned[0].0, 1);
     assert!(out.assigned[0].4, "emulated");
@@ -126,7 +128,7 @@ fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_w
 
     let mut never = spec(&["linux/arm/v7"]);
     never.emulation = Emulation::Never;
-    core.submit(11, "b2", "admin", never).unwrap();
+    core.submit(11, "b2", "admin", never, None).unwrap();
     let out = drain(&mut core);
     assert!(out.assigned.is_empty());
     assert!(
@@ -144,8 +146,8 @@ fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_w
 #[test]
 fn a_busy_native_agent_queues_the_task_and_the_waiting_reason_is_told_once() {
     let mut core = three_agent_farm();
-    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
-    core.submit(0, "b2", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
+    core.submit(0, "b2", "admin", spec(&["linux/arm64"]), None).unwrap();
     let out = drain(&mut core);
     assert_eq!(out.assigned.len(), 1);
     assert_eq!(out.events.iter().filter(|e| matches!(e, BuildEvent::Waiting { .. })).count(), 1);
@@ -166,14 +168,14 @@ fn required_labels_pick_the_labelled_agent() {
     drain(&mut core);
     let mut s = spec(&["linux/arm64"]);
     s.require.insert("gpu".into(), "nvidia".into());
-    core.submit(0, "b1", "admin", s).unwrap();
+    core.submit(0, "b1", "admin", s, None).unwrap();
     assert_eq!(drain(&mut core).assigned[0].0, 9);
 }
 
 #[test]
 fn a_failed_platform_fails_the_build_cancels_the_others_and_pushes_nothing() {
     let mut core = three_agent_farm();
-    core.submit(0, "b1", "admin", spec(&["linux/amd64", "linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/amd64", "linux/arm64"]), None).unwrap();
     let out = drain(&mut core);
     let (_, t_amd, a_amd, _, _) = out.assigned[0].clone();
     for line in ["STEP 2/2: RUN false", "error building at STEP \"RUN false\": exit status 1"] {
@@ -201,7 +203,7 @@ fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
     core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
     core.agent_up(0, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
     drain(&mut core);
-    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     let first = drain(&mut core).assigned[0].clone();
     let (lost_conn, task, attempt, _, _) = first;
     let lost = if lost_conn == 1 { "a" } else { "b" };
@@ -236,7 +238,7 @@ fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
 fn too_many_lost_attempts_fail_the_build() {
     let mut core = Core::new(1_000, 2);
     core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
-    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     drain(&mut core);
     core.handle_timeout(1_000);
     drain(&mut core);
@@ -253,16 +255,16 @@ fn too_many_lost_attempts_fail_the_build() {
 #[test]
 fn bad_submissions_are_refused_with_the_fix() {
     let mut core = three_agent_farm();
-    assert_eq!(core.submit(0, "b", "admin", spec(&[])), Err(SubmitError::NoPlatforms));
+    assert_eq!(core.submit(0, "b", "admin", spec(&[]), None), Err(SubmitError::NoPlatforms));
     let mut s = spec(&["linux/amd64"]);
     s.tags = vec![];
-    assert_eq!(core.submit(0, "b", "admin", s), Err(SubmitError::NoTags));
+    assert_eq!(core.submit(0, "b", "admin", s, None), Err(SubmitError::NoTags));
     let mut s = spec(&["linux/amd64"]);
     s.tags.push("127.0.0.1:5000/other:1".into());
-    assert!(matches!(core.submit(0, "b", "admin", s), Err(SubmitError::MixedRepositories(..))));
+    assert!(matches!(core.submit(0, "b", "admin", s, None), Err(SubmitError::MixedRepositories(..))));
     let mut s = spec(&["linux/amd64"]);
     s.tags = vec!["Bad Tag".into()];
-    assert!(matches!(core.submit(0, "b", "admin", s), Err(SubmitError::BadTag(_))));
+    assert!(matches!(core.submit(0, "b", "admin", s, None), Err(SubmitError::BadTag(_))));
 }
 
 /// Commits what the core changed into a real store, as the driver does.
@@ -284,7 +286,7 @@ fn a_restarted_coordinator_keeps_queued_tasks_and_lets_agents_confirm_running_on
     core.agent_up(0, "pi64", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
     let mut s = spec(&["linux/arm64", "linux/riscv64"]);
     s.credentials = Some(Credentials { username: "bob".into(), password: "hunter2".into() });
-    core.submit(0, "b1", "admin", s).unwrap();
+    core.submit(0, "b1", "admin", s, None).unwrap();
     let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
     persist(&mut core, &store);
     // The password never reaches the store.
@@ -318,7 +320,7 @@ fn running_tasks_nobody_confirms_are_requeued_after_the_grace_period() {
     let store = crate::store::Store::open(dir.path()).unwrap();
     let mut core = Core::new(15_000, 3);
     core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
-    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     drain(&mut core);
     persist(&mut core, &store);
     let mut core = restart(&store, 50_000);
@@ -341,7 +343,7 @@ fn running_tasks_nobody_confirms_are_requeued_after_the_grace_period() {
 fn an_agent_that_comes_back_without_its_task_loses_it_and_stale_holdings_are_cancelled() {
     let mut core = Core::new(15_000, 3);
     core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
-    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
     // Reconnects (new connection) having restarted: it holds nothing, but claims an old task.
     core.agent_up(10, "a", 2, "a".into(), info(&["linux/arm64"], &[], &[]));
@@ -358,7 +360,7 @@ fn an_agent_that_comes_back_without_its_task_loses_it_and_stale_holdings_are_can
 #[test]
 fn cancel_stops_running_tasks_on_their_agents_and_ends_the_build() {
     let mut core = three_agent_farm();
-    core.submit(0, "b1", "admin", spec(&["linux/amd64", "linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/amd64", "linux/arm64"]), None).unwrap();
     drain(&mut core);
     core.cancel(5, "b1").unwrap();
     let out = drain(&mut core);
@@ -374,10 +376,10 @@ fn cancel_stops_running_tasks_on_their_agents_and_ends_the_build() {
 fn a_draining_agent_gets_no_new_work_and_released_tasks_run_elsewhere() {
     let mut core = Core::new(15_000, 3);
     core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
-    core.submit(0, "b1", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
     core.agent_msg(1, "a", 1, AgentMsg::Draining);
-    core.submit(2, "b2", "admin", spec(&["linux/arm64"])).unwrap();
+    core.submit(2, "b2", "admin", spec(&["linux/arm64"]), None).unwrap();
     let out = drain(&mut core);
     assert!(out.assigned.is_empty(), "a draining agent takes no new task");
     assert_eq!(core.agents()[0].state, shared::proto::AgentState::Draining);
@@ -397,19 +399,64 @@ fn limits_refuse_oversized_builds_naming_the_limit_and_its_key() {
         max_platforms_per_build: 2,
         ..Limits::default()
     });
-    let err = core.submit(0, "b", "admin", spec(&["linux/amd64", "linux/arm64", "linux/arm/v7"])).unwrap_err();
+    let err = core.submit(0, "b", "admin", spec(&["linux/amd64", "linux/arm64", "linux/arm/v7"]), None).unwrap_err();
     assert_eq!(
         err.to_string(),
         "the number of platforms is 3, over the limit of 2 (config key max_platforms_per_build)"
     );
-    core.submit(0, "b1", "admin", spec(&["linux/amd64"])).unwrap();
-    let err = core.submit(0, "b2", "admin", spec(&["linux/amd64"])).unwrap_err();
+    core.submit(0, "b1", "admin", spec(&["linux/amd64"]), None).unwrap();
+    let err = core.submit(0, "b2", "admin", spec(&["linux/amd64"]), None).unwrap_err();
     assert_eq!(
         err.to_string(),
         "the number of builds admin has running is 2, over the limit of 1 (config key max_builds_per_client)"
     );
     let mut s = spec(&["linux/amd64"]);
     s.build_args = vec![("K".into(), "v".repeat(70_000))];
-    let err = three_agent_farm().submit(0, "b", "admin", s).unwrap_err();
+    let err = three_agent_farm().submit(0, "b", "admin", s, None).unwrap_err();
     assert!(err.to_string().contains("(config key max_build_arg_bytes)"), "{err}");
+}
+
+#[test]
+fn identical_inputs_are_answered_from_the_cache_once_the_registry_confirms_and_a_moved_base_misses() {
+    let mut core = three_agent_farm();
+    let bases = || Some(vec![("reg/busybox:latest".to_string(), digest(7))]);
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), bases()).unwrap();
+    let (conn, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    core.agent_msg(1, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(3) });
+    core.stitched("b1", Ok(digest(99)));
+    drain(&mut core);
+
+    // Same inputs: no agent, a registry check, then `cached`.
+    core.submit(2, "b2", "admin", spec(&["linux/arm64"]), bases()).unwrap();
+    let out = drain(&mut core);
+    assert!(out.assigned.is_empty());
+    let (t2, d) = out.checks[0].clone();
+    assert_eq!(d, digest(3));
+    core.cache_checked(3, t2, true);
+    let out = drain(&mut core);
+    assert!(matches!(&out.events[0], BuildEvent::PlatformDone(r) if r.cached && r.manifest.digest == digest(3)));
+    assert_eq!(oci::parse_index(&out.stitched[0]).unwrap()[0].digest, digest(3));
+
+    // The registry lost it: built again.
+    core.submit(4, "b3", "admin", spec(&["linux/arm64"]), bases()).unwrap();
+    let (t3, _) = drain(&mut core).checks[0].clone();
+    core.cache_checked(5, t3, false);
+    assert_eq!(drain(&mut core).assigned.len(), 1);
+
+    // A base tag that moved, --no-cache, or unresolved bases: no cache.
+    let mut fresh = three_agent_farm();
+    fresh.submit(0, "x", "admin", spec(&["linux/arm64"]), bases()).unwrap();
+    let (conn, task, attempt, _, _) = drain(&mut fresh).assigned[0].clone();
+    fresh.agent_msg(1, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(3) });
+    drain(&mut fresh);
+    fresh
+        .submit(2, "moved", "admin", spec(&["linux/arm64"]), Some(vec![("reg/busybox:latest".into(), digest(8))]))
+        .unwrap();
+    assert!(drain(&mut fresh).checks.is_empty());
+    let mut nc = spec(&["linux/arm64"]);
+    nc.no_cache = true;
+    fresh.submit(3, "nocache", "admin", nc, bases()).unwrap();
+    assert!(drain(&mut fresh).checks.is_empty());
+    fresh.submit(4, "unresolved", "admin", spec(&["linux/arm64"]), None).unwrap();
+    assert!(drain(&mut fresh).checks.is_empty());
 }

@@ -315,7 +315,13 @@ impl BuildEvent {
             BuildEvent::Log { platform, line } => (platform.clone(), line.clone()),
             BuildEvent::Retrying { platform, reason } => (platform.clone(), reason.clone()),
             BuildEvent::PlatformDone(r) => {
-                let mode = if r.emulated { "emulated" } else { "native" };
+                let mode = if r.cached {
+                    "cached"
+                } else if r.emulated {
+                    "emulated"
+                } else {
+                    "native"
+                };
                 (r.platform.clone(), format!("done: {} on {} ({mode})", r.manifest.digest, r.agent))
             }
             BuildEvent::PlatformFailed { platform, error, .. } => (platform.clone(), format!("failed: {error}")),
@@ -331,6 +337,8 @@ pub struct PlatformResult {
     pub agent: String,
     pub emulated: bool,
     pub duration_ms: u64,
+    /// Answered from the result cache: nothing was built.
+    pub cached: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
