@@ -125,9 +125,12 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     client.close();
     drop(local);
     match end {
-        Some(BuildEvent::Succeeded { index, tags, platforms }) => {
+        Some(BuildEvent::Succeeded { index, tags, platforms, stitch_ms }) => {
             if args.progress != Progress::Json {
                 println!("{}", output::build_summary(&index, &tags, &platforms, progress::mode));
+                if args.timings {
+                    println!("{}", output::timings(&platforms, stitch_ms));
+                }
             }
             Ok(())
         }

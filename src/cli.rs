@@ -338,6 +338,10 @@ pub struct BuildArgs {
     /// A registry to reach over plain HTTP, HOST:PORT (repeatable); all others use HTTPS
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// Print how long each phase of each platform took (context sync, materialise, build,
+    /// export, push) and the index push
+    #[arg(long)]
+    pub timings: bool,
     /// Wait for the build to end (`--wait=false`: print the build id and return at once)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub wait: bool,

@@ -145,3 +145,27 @@ pub fn builds(builds: &[BuildView], format: Format, now_ms: u64) -> Result<Strin
         .collect();
     Ok(table(&["BUILD", "STATE", "STARTED", "TAGS", "PLATFORMS"], &rows))
 }
+
+/// `--timings`: each platform's phases, and the index push.
+pub fn timings(platforms: &[PlatformResult], stitch_ms: u64) -> String {
+    const PHASES: [&str; 5] = ["context sync", "materialise", "build", "export", "push"];
+    let secs = |ms: u64| format!("{:.2}s", ms as f64 / 1000.0);
+    let rows: Vec<[String; 7]> = platforms
+        .iter()
+        .map(|r| {
+            let get = |p: &str| r.timings.iter().find(|t| t.name == p).map_or("-".to_string(), |t| secs(t.ms));
+            [
+                r.platform.to_string(),
+                get(PHASES[0]),
+                get(PHASES[1]),
+                get(PHASES[2]),
+                get(PHASES[3]),
+                get(PHASES[4]),
+                secs(r.duration_ms),
+            ]
+        })
+        .collect();
+    let mut out = table(&["PLATFORM", "CONTEXT SYNC", "MATERIALISE", "BUILD", "EXPORT", "PUSH", "TOTAL"], &rows);
+    out += &format!("index push (stitch): {}", secs(stitch_ms));
+    out
+}

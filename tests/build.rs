@@ -71,9 +71,20 @@ fn native_first_dispatch_emulation_fallback_labels_and_incremental_context() {
     let ctx = example("hello", farm.tmp.path());
 
     // Each platform runs on a native agent, and the CLI says so.
-    let args = with_platforms(build_args(Some(&farm), &registry, &base, "hello:1", &ctx), PLATFORMS);
+    let mut args = with_platforms(build_args(Some(&farm), &registry, &base, "hello:1", &ctx), PLATFORMS);
+    args.insert(0, "--timings".into());
     let (ok, out, err) = build(&args);
     assert!(ok, "build failed:\n{out}\n{err}");
+    // --timings: where each platform's time went, and the index push.
+    let header =
+        out.lines().find(|l| l.starts_with("PLATFORM") && l.contains("CONTEXT SYNC")).expect("a timings table");
+    assert!(
+        header.contains("MATERIALISE")
+            && header.contains("BUILD")
+            && header.contains("EXPORT")
+            && header.contains("PUSH")
+    );
+    assert!(out.contains("index push (stitch): "), "{out}");
     let rows = summary(&out);
     assert_eq!(rows["linux/amd64"], ("x86".into(), "native".into()), "{out}");
     assert!(["pi64", "jetson"].contains(&rows["linux/arm64"].0.as_str()), "{out}");
@@ -113,9 +124,11 @@ fn native_first_dispatch_emulation_fallback_labels_and_incremental_context() {
     assert_eq!(summary(&out)["linux/arm/v7"], ("x86".into(), "emulated".into()), "{out}");
     assert!(err.contains("[linux/arm/v7] started on x86 (emulated)"), "{err}");
 
-    // With --emulation never it waits, and says what it waits for.
+    // With --emulation never it waits, and says what it waits for (--no-cache: the same inputs
+    // were just built, and the result cache would answer at once).
     let mut never =
         vec!["build".to_string(), "--progress".into(), "plain".into(), "--emulation".into(), "never".into()];
+    never.push("--no-cache".into());
     never.extend(with_platforms(build_args(Some(&farm), &registry, &base, "hello:5", &ctx), "linux/arm/v7"));
     let mut cmd = Command::new(farm_bin());
     cmd.args(&never).env("FARM_LOG", "warn");

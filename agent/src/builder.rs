@@ -99,6 +99,9 @@ impl Drop for SecretFiles {
 
 pub type BuildFuture<'a> = Pin<Box<dyn Future<Output = Result<(), BuilderError>> + Send + 'a>>;
 
+/// Builds report how long their phases took.
+pub type Timed<'a> = Pin<Box<dyn Future<Output = Result<Vec<shared::proto::Phase>, BuilderError>> + Send + 'a>>;
+
 pub trait Builder: Send + Sync {
     fn info(&self) -> &BuilderInfo;
     /// Frees the layer cache down to `limit` bytes, oldest images first (`0`: everything). Only
@@ -107,8 +110,9 @@ pub trait Builder: Send + Sync {
         let _ = limit;
         Box::pin(async { Ok(()) })
     }
-    /// Builds `job`, sending log lines as they happen, until done or `job.cancel` fires.
-    fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> BuildFuture<'a>;
+    /// Builds `job`, sending log lines as they happen, until done or `job.cancel` fires; returns
+    /// the time its phases took (`build`, `export`).
+    fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> Timed<'a>;
 }
 
 /// buildah with its own storage under the agent's work directory, chroot isolation (works as
@@ -229,8 +233,9 @@ impl Builder for Buildah {
         })
     }
 
-    fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> BuildFuture<'a> {
+    fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> Timed<'a> {
         Box::pin(async move {
+            let started = std::time::Instant::now();
             let tmp = self.root.join("tmp");
             std::fs::create_dir_all(&tmp).map_err(|source| BuilderError::Io { path: tmp, source })?;
             let conf = self.registries_conf(&job)?;
@@ -258,12 +263,16 @@ impl Builder for Buildah {
             let built = run(build, &log, "buildah build", &job.cancel).await;
             drop(secrets);
             built?;
+            let build_ms = started.elapsed().as_millis() as u64;
+            let exporting = std::time::Instant::now();
             let mut push = self.command();
             push.arg("push").arg("--format").arg("oci").arg(job.name).arg(format!("oci:{}", job.output.display()));
             // The image stays: its layers are the cache of the next build. Removing it here would
             // race with other tasks' pushes (containers/storage finds layers by digest), so the
             // store is trimmed only when the agent is idle (see `prune`).
-            run(push, &log, "buildah push", &job.cancel).await
+            run(push, &log, "buildah push", &job.cancel).await?;
+            let phase = |name: &str, ms| shared::proto::Phase { name: name.into(), ms };
+            Ok(vec![phase("build", build_ms), phase("export", exporting.elapsed().as_millis() as u64)])
         })
     }
 }

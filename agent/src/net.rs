@@ -233,9 +233,9 @@ impl Agent<'_> {
         running.lock().unwrap().insert(task, Entry { attempt, cancel: cancel.clone(), finished: false });
         tokio::spawn(async move {
             let msg = match runner.run(&a, &conn, &out, cancel).await {
-                Ok(manifest) => {
+                Ok((manifest, timings)) => {
                     tracing::info!(task, attempt, digest = %manifest.digest, "task succeeded");
-                    AgentMsg::TaskDone { task, attempt, manifest }
+                    AgentMsg::TaskDone { task, attempt, manifest, timings }
                 }
                 Err(TaskError::Builder(BuilderError::Cancelled)) => {
                     tracing::info!(task, attempt, "task stopped");

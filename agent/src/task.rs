@@ -8,7 +8,7 @@ use std::sync::Arc;
 use shared::context::{materialise, BlobStore, ContextError, ContextLimits, ContextManifest};
 use shared::oci::{self, ImageRef};
 use shared::proto::io::{expect_msg, read_raw, write_msg};
-use shared::proto::{AgentMsg, Assignment, BlobHeader, ManifestRef, ProtoError, Request, Response};
+use shared::proto::{AgentMsg, Assignment, BlobHeader, ManifestRef, Phase, ProtoError, Request, Response};
 use shared::registry::Registry;
 use shared::Digest;
 use tokio::sync::mpsc;
@@ -34,6 +34,19 @@ pub enum TaskError {
     Registry(#[from] shared::registry::RegistryError),
     #[error("{0}")]
     Other(String),
+}
+
+/// Phase timings, one lap at a time.
+struct Laps {
+    clock: std::time::Instant,
+    timings: Vec<Phase>,
+}
+
+impl Laps {
+    fn lap(&mut self, name: &str) {
+        self.timings.push(Phase { name: name.into(), ms: self.clock.elapsed().as_millis() as u64 });
+        self.clock = std::time::Instant::now();
+    }
 }
 
 /// The agent's current connection to the coordinator, if any; it changes with every session.
@@ -68,7 +81,7 @@ impl Runner {
         conn: &Conn,
         out: &mpsc::UnboundedSender<AgentMsg>,
         cancel: CancellationToken,
-    ) -> Result<ManifestRef, TaskError> {
+    ) -> Result<(ManifestRef, Vec<Phase>), TaskError> {
         let dir = self.work_dir.join("tasks").join(format!("{}-{}", a.task, a.attempt));
         let _cache = self.cache_lock.read().await;
         let result = self.steps(a, conn, out, cancel, &dir).await;
@@ -84,7 +97,8 @@ impl Runner {
         out: &mpsc::UnboundedSender<AgentMsg>,
         cancel: CancellationToken,
         dir: &std::path::Path,
-    ) -> Result<ManifestRef, TaskError> {
+    ) -> Result<(ManifestRef, Vec<Phase>), TaskError> {
+        let mut laps = Laps { clock: std::time::Instant::now(), timings: Vec::new() };
         let (task, attempt) = (a.task, a.attempt);
         let say = |line: String| {
             let _ = out.send(AgentMsg::TaskLog { task, attempt, line });
@@ -93,8 +107,10 @@ impl Runner {
         say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
         let _ = std::fs::remove_dir_all(dir);
         let manifest = self.fetch_context(conn, &a.context).await?;
+        laps.lap("context sync");
         let context = dir.join("context");
         materialise(&manifest, &self.store, &context)?;
+        laps.lap("materialise");
 
         let (log, mut lines) = mpsc::unbounded_channel();
         let forward = {
@@ -122,21 +138,24 @@ impl Runner {
         };
         let built = self.builder.build(job, log).await;
         let _ = forward.await;
-        built?;
+        laps.timings.extend(built?);
+        laps.clock = std::time::Instant::now();
 
         let layout = oci::read_layout(&output)?;
         let repo: ImageRef = a.repository.parse().map_err(|e: oci::ImageRefError| TaskError::Other(e.to_string()))?;
         let registry = Registry::new(&a.insecure_registries, a.credentials.clone());
         let report = registry.push_layout(&layout, &repo).await?;
+        laps.lap("push");
         say(format!(
             "farm: pushed {}@{} ({} blobs uploaded, {} already there)",
             a.repository, report.manifest.digest, report.blobs_uploaded, report.blobs_skipped
         ));
-        Ok(ManifestRef {
+        let manifest = ManifestRef {
             media_type: report.manifest.media_type,
             digest: report.manifest.digest,
             size: report.manifest.size,
-        })
+        };
+        Ok((manifest, laps.timings))
     }
 
     /// Trims the layer cache to its limit if no build is running (else the next idle moment will).

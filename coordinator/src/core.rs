@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use shared::oci::{self, Descriptor, ImageRef};
 use shared::proto::{
-    AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, CoordMsg, Held, ManifestRef,
+    AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, CoordMsg, Held, ManifestRef, Phase,
     PlatformResult, Secret, TaskId, TaskView,
 };
 use shared::registry::Credentials;
@@ -380,7 +380,9 @@ impl Core {
                     self.actions.push_back(Action::Emit { build, event });
                 }
             }
-            AgentMsg::TaskDone { task, attempt, manifest } => self.task_done(now, task, attempt, name, conn, manifest),
+            AgentMsg::TaskDone { task, attempt, manifest, timings } => {
+                self.task_done(now, task, attempt, name, conn, manifest, timings)
+            }
             AgentMsg::TaskFailed { task, attempt, error } => {
                 let Some(t) = self.current(task, attempt, name, conn) else { return };
                 t.state = TaskState::Failed(error.clone());
@@ -430,6 +432,7 @@ impl Core {
                 emulated: false,
                 duration_ms: 0,
                 cached: true,
+                timings: vec![],
             };
             t.state = TaskState::Done(result.clone());
             let build = t.build.clone();
@@ -550,8 +553,8 @@ impl Core {
         Ok(())
     }
 
-    /// The driver's report on pushing a build's index.
-    pub fn stitched(&mut self, build: &str, result: Result<Digest, String>) {
+    /// The driver's report on pushing a build's index, and how long it took.
+    pub fn stitched(&mut self, build: &str, result: Result<Digest, String>, stitch_ms: u64) {
         let Some(b) = self.builds.get_mut(build) else { return };
         if !matches!(b.state, BuildState::Stitching) {
             return;
@@ -569,7 +572,7 @@ impl Core {
                     })
                     .collect();
                 let tags = b.spec.tags.clone();
-                self.emit(build, BuildEvent::Succeeded { index, tags, platforms });
+                self.emit(build, BuildEvent::Succeeded { index, tags, platforms, stitch_ms });
             }
             Err(e) => {
                 let error = format!("pushing the image index failed: {e}");
@@ -676,7 +679,17 @@ impl Core {
         self.schedule(now);
     }
 
-    fn task_done(&mut self, now: u64, task: TaskId, attempt: u32, agent: &str, conn: ConnId, manifest: ManifestRef) {
+    #[allow(clippy::too_many_arguments)]
+    fn task_done(
+        &mut self,
+        now: u64,
+        task: TaskId,
+        attempt: u32,
+        agent: &str,
+        conn: ConnId,
+        manifest: ManifestRef,
+        timings: Vec<Phase>,
+    ) {
         let version = self.fleet.builder_version(agent);
         let Some(t) = self.current(task, attempt, agent, conn) else { return };
         let TaskState::Running { emulated, since, .. } = t.state else { return };
@@ -687,6 +700,7 @@ impl Core {
             emulated,
             duration_ms: now.saturating_sub(since),
             cached: false,
+            timings,
         };
         t.state = TaskState::Done(result.clone());
         t.builder_version = version;

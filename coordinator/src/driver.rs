@@ -80,6 +80,7 @@ pub enum Event {
     Stitched {
         build: String,
         result: Result<Digest, String>,
+        ms: u64,
     },
     Join {
         token_id: String,
@@ -288,12 +289,12 @@ impl Driver {
                 self.replies.push(Reply::Response(reply, resp));
             }
             Event::CacheChecked { task, present } => self.core.cache_checked(now, task, present),
-            Event::Stitched { build, result } => {
+            Event::Stitched { build, result, ms } => {
                 match &result {
                     Ok(d) => tracing::info!(%build, index = %d, "image index pushed"),
                     Err(e) => tracing::warn!(%build, "pushing the image index failed: {e}"),
                 }
-                self.core.stitched(&build, result);
+                self.core.stitched(&build, result, ms);
             }
         }
     }
@@ -395,9 +396,11 @@ impl Driver {
                     crash_point("stitch");
                     let events = self.events.clone();
                     tokio::spawn(async move {
+                        let started = std::time::Instant::now();
                         let registry = Registry::new(&insecure, credentials);
                         let result = registry.push_index(&index, &tags).await.map_err(|e| e.to_string());
-                        let _ = events.send(Event::Stitched { build, result }).await;
+                        let ms = started.elapsed().as_millis() as u64;
+                        let _ = events.send(Event::Stitched { build, result, ms }).await;
                     });
                 }
             }

@@ -304,6 +304,7 @@ pub fn summary(stdout: &str) -> std::collections::BTreeMap<String, (String, Stri
         .lines()
         .skip_while(|l| !l.starts_with("PLATFORM"))
         .skip(1)
+        .take_while(|l| !l.starts_with("PLATFORM") && !l.is_empty())
         .map(|l| {
             let c: Vec<&str> = l.split_whitespace().collect();
             (c[0].to_string(), (c[2].to_string(), c[3].to_string()))

@@ -100,7 +100,7 @@ fn a_build_runs_each_platform_on_its_native_agent_and_stitches_in_the_order_aske
             20,
             agent,
             *conn,
-            AgentMsg::TaskDone { task: *task, attempt: *attempt, manifest: manifest(i as u8) },
+            AgentMsg::TaskDone { task: *task, attempt: *attempt, manifest: manifest(i as u8), timings: vec![] },
         );
     }
     let out = drain(&mut core);
@@ -110,7 +110,7 @@ fn a_build_runs_each_platform_on_its_native_agent_and_stitches_in_the_order_aske
     assert_eq!(order, ["arm", "amd64", "arm64"]);
     assert_eq!(index[0].platform.as_ref().unwrap().variant.as_deref(), Some("v7"));
     assert_eq!(index[0].digest, digest(0));
-    core.stitched("b1", Ok(Digest::of(&out.stitched[0])));
+    core.stitched("b1", Ok(Digest::of(&out.stitched[0])), 0);
     let out = drain(&mut core);
     assert!(matches!(&out.events[..], [BuildEvent::Succeeded { platforms, .. }] if platforms.len() == 3));
 }
@@ -155,7 +155,7 @@ fn a_busy_native_agent_queues_the_task_and_the_waiting_reason_is_told_once() {
     core.handle_timeout(2);
     assert!(drain(&mut core).events.is_empty(), "no repeated waiting event");
     let (_, task, attempt, _, _) = out.assigned[0].clone();
-    core.agent_msg(3, "pi64", 2, AgentMsg::TaskDone { task, attempt, manifest: manifest(1) });
+    core.agent_msg(3, "pi64", 2, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
     let out = drain(&mut core);
     assert_eq!(out.assigned.len(), 1, "b2 runs once the slot frees: {out:?}");
     assert_eq!(out.assigned[0].0, 2);
@@ -224,11 +224,16 @@ fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
     core.agent_up(16_000, lost, 7, "a".into(), info(&["linux/arm64"], &[], &[]));
     drain(&mut core);
     for _ in 0..1000 {
-        core.agent_msg(16_001, lost, 7, AgentMsg::TaskDone { task, attempt, manifest: manifest(9) });
+        core.agent_msg(16_001, lost, 7, AgentMsg::TaskDone { task, attempt, manifest: manifest(9), timings: vec![] });
     }
     let out = drain(&mut core);
     assert!(out.stitched.is_empty() && out.events.is_empty(), "{out:?}");
-    core.agent_msg(17_000, other, conn2, AgentMsg::TaskDone { task, attempt: attempt2, manifest: manifest(2) });
+    core.agent_msg(
+        17_000,
+        other,
+        conn2,
+        AgentMsg::TaskDone { task, attempt: attempt2, manifest: manifest(2), timings: vec![] },
+    );
     let out = drain(&mut core);
     let index = oci::parse_index(&out.stitched[0]).unwrap();
     assert_eq!(index[0].digest, digest(2));
@@ -309,7 +314,7 @@ fn a_restarted_coordinator_keeps_queued_tasks_and_lets_agents_confirm_running_on
     core.agent_msg(110_000, "pi64", 5, AgentMsg::Heartbeat(shared::proto::Heartbeat { busy: 1 }));
     core.handle_timeout(120_000);
     assert!(drain(&mut core).events.is_empty());
-    core.agent_msg(120_001, "pi64", 5, AgentMsg::TaskDone { task, attempt, manifest: manifest(1) });
+    core.agent_msg(120_001, "pi64", 5, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
     let out = drain(&mut core);
     assert!(out.events.iter().any(|e| matches!(e, BuildEvent::PlatformDone(_))), "{out:?}");
 }
@@ -422,8 +427,8 @@ fn identical_inputs_are_answered_from_the_cache_once_the_registry_confirms_and_a
     let bases = || Some(vec![("reg/busybox:latest".to_string(), digest(7))]);
     core.submit(0, "b1", "admin", spec(&["linux/arm64"]), bases()).unwrap();
     let (conn, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
-    core.agent_msg(1, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(3) });
-    core.stitched("b1", Ok(digest(99)));
+    core.agent_msg(1, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(3), timings: vec![] });
+    core.stitched("b1", Ok(digest(99)), 0);
     drain(&mut core);
 
     // Same inputs: no agent, a registry check, then `cached`.
@@ -447,7 +452,7 @@ fn identical_inputs_are_answered_from_the_cache_once_the_registry_confirms_and_a
     let mut fresh = three_agent_farm();
     fresh.submit(0, "x", "admin", spec(&["linux/arm64"]), bases()).unwrap();
     let (conn, task, attempt, _, _) = drain(&mut fresh).assigned[0].clone();
-    fresh.agent_msg(1, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(3) });
+    fresh.agent_msg(1, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(3), timings: vec![] });
     drain(&mut fresh);
     fresh
         .submit(2, "moved", "admin", spec(&["linux/arm64"]), Some(vec![("reg/busybox:latest".into(), digest(8))]))

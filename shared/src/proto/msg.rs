@@ -57,6 +57,7 @@ pub enum AgentMsg {
         task: TaskId,
         attempt: u32,
         manifest: ManifestRef,
+        timings: Vec<Phase>,
     },
     TaskFailed {
         task: TaskId,
@@ -163,6 +164,13 @@ pub struct Assignment {
     pub insecure_registries: Vec<String>,
     pub credentials: Option<Credentials>,
     pub secrets: Vec<Secret>,
+}
+
+/// How long one phase of a task took (context sync, materialise, build, export, push).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Phase {
+    pub name: String,
+    pub ms: u64,
 }
 
 /// A pushed per-platform image manifest.
@@ -291,7 +299,7 @@ pub enum BuildEvent {
     Retrying { platform: Platform, reason: String },
     PlatformDone(PlatformResult),
     PlatformFailed { platform: Platform, error: String, last_lines: Vec<String> },
-    Succeeded { index: Digest, tags: Vec<String>, platforms: Vec<PlatformResult> },
+    Succeeded { index: Digest, tags: Vec<String>, platforms: Vec<PlatformResult>, stitch_ms: u64 },
     Failed { error: String },
     Cancelled,
 }
@@ -339,6 +347,8 @@ pub struct PlatformResult {
     pub duration_ms: u64,
     /// Answered from the result cache: nothing was built.
     pub cached: bool,
+    /// Where the agent's time went.
+    pub timings: Vec<Phase>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
