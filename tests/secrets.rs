@@ -10,7 +10,12 @@ use common::*;
 
 /// Every file under `dir` (not following symlinks) that contains `needle`.
 fn files_containing(dir: &std::path::Path, needle: &[u8]) -> Vec<String> {
-    let out = Command::new("grep").args(["-rlaF", "--no-messages"]).arg(std::str::from_utf8(needle).unwrap()).arg(dir).output().unwrap();
+    let out = Command::new("grep")
+        .args(["-rlaF", "--no-messages"])
+        .arg(std::str::from_utf8(needle).unwrap())
+        .arg(dir)
+        .output()
+        .unwrap();
     String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
 }
 
@@ -48,11 +53,16 @@ fn a_secret_reaches_its_run_and_no_layer_and_a_planted_password_is_written_nowhe
     args.extend(farm.client_args());
     args.extend(
         [
-            "--platform", "linux/amd64,linux/arm64",
-            "--secret", &format!("id=api,src={}", secret_file.display()),
-            "--insecure-registry", &registry.addr,
-            "--build-arg", &format!("BASE={base}"),
-            "-t", &format!("{}/secrets:1", registry.addr),
+            "--platform",
+            "linux/amd64,linux/arm64",
+            "--secret",
+            &format!("id=api,src={}", secret_file.display()),
+            "--insecure-registry",
+            &registry.addr,
+            "--build-arg",
+            &format!("BASE={base}"),
+            "-t",
+            &format!("{}/secrets:1", registry.addr),
             ctx.to_str().unwrap(),
         ]
         .map(String::from),
@@ -67,7 +77,10 @@ fn a_secret_reaches_its_run_and_no_layer_and_a_planted_password_is_written_nowhe
     for image in &images {
         assert_eq!(image.text("secret-hash"), want, "{}", image.platform);
         for (path, bytes) in &image.files {
-            assert!(!bytes.windows(secret_value.len()).any(|w| w == secret_value.as_bytes()), "secret in layer file {path}");
+            assert!(
+                !bytes.windows(secret_value.len()).any(|w| w == secret_value.as_bytes()),
+                "secret in layer file {path}"
+            );
         }
         assert!(!image.files.keys().any(|p| p.starts_with("run/secrets/api")), "secret file left in a layer");
     }
@@ -86,7 +99,11 @@ fn a_secret_reaches_its_run_and_no_layer_and_a_planted_password_is_written_nowhe
         assert!(found.is_empty(), "found in the registry's blobs: {found:?}");
     }
     // The secret file itself was removed after the build.
-    let left: Vec<_> = std::fs::read_dir("/dev/shm").unwrap().filter_map(Result::ok).filter(|e| e.file_name().to_string_lossy().starts_with("farm-secrets-")).collect();
+    let left: Vec<_> = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("farm-secrets-"))
+        .collect();
     assert!(left.is_empty(), "secret files left: {left:?}");
 }
 
