@@ -23,6 +23,9 @@ use crate::fleet::ConnId;
 /// How long a new connection may take to open its first stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a request stream may take to deliver its request.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 #[derive(Clone)]
 pub struct Net {
     pub max_frame: usize,
@@ -241,7 +244,11 @@ impl Net {
             let peer = identity.clone();
             tokio::spawn(async move {
                 let result = async {
-                    let req: Request = expect_msg(&mut recv, net.max_frame, "a request").await?;
+                    // A stream opened and left half open costs its slot for this long, no more.
+                    let req: Request =
+                        tokio::time::timeout(REQUEST_TIMEOUT, expect_msg(&mut recv, net.max_frame, "a request"))
+                            .await
+                            .map_err(|_| ProtoError::Closed("a request within 30 s"))??;
                     net.request(peer, req, &mut send, &mut recv).await?;
                     let _ = send.finish();
                     Ok::<_, ProtoError>(())
