@@ -139,9 +139,13 @@ fn parse_version(text: &str) -> Option<String> {
 }
 
 impl Buildah {
+    /// buildah runs as PID 1 of its own PID namespace (`unshare --pid --fork --kill-child`):
+    /// when it dies, however it dies, the kernel kills every process of the build with it (a
+    /// RUN step's processes would otherwise outlive a killed agent, reparented to init).
     fn command(&self) -> Command {
-        let mut cmd = Command::new("buildah");
-        cmd.arg("--root")
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--pid", "--fork", "--kill-child", "buildah"])
+            .arg("--root")
             .arg(self.root.join("storage"))
             .arg("--runroot")
             .arg(self.root.join("run"))

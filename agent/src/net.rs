@@ -190,7 +190,7 @@ impl Agent<'_> {
                     Some(CoordMsg::Assign(a)) => self.start(*a, sh),
                     Some(CoordMsg::Cancel { task, attempt }) => {
                         let mut r = sh.running.lock().unwrap();
-                        if r.get(&task).is_some_and(|e| e.attempt == attempt) {
+                        if r.get(&task).is_some_and(|e| e.attempt == attempt && !e.finished) {
                             let e = r.remove(&task).expect("checked");
                             e.cancel.cancel();
                             tracing::info!(task, attempt, "task cancelled by the coordinator");
