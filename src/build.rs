@@ -22,8 +22,12 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         bail!("no tag given: pass -t REGISTRY/REPOSITORY:TAG (farm pushes every build to a registry)");
     }
     for t in &args.tags {
-        t.parse::<shared::oci::ImageRef>().with_context(|| format!("invalid tag {t:?}"))?;
+        t.parse::<shared::oci::ImageRef>()?;
     }
+    // Every flag is checked before anything is sent.
+    let build_args = build_args(&args.build_args)?;
+    let secrets = secrets(&args.secrets)?;
+    let require = config::labels_flag(&BTreeMap::new(), &args.require, "--require")?;
     let context = args.context.clone();
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
@@ -63,8 +67,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let mut view = View::new(args.progress, &platforms);
     let upload = client.upload_context(&scanned).await?;
     view.note(&format!(
-        "context: {} files ({}), uploaded {} ({})",
-        upload.files,
+        "context: {} ({}), uploaded {} ({})",
+        plural(upload.files as u64, "file"),
         output::bytes(upload.total_bytes),
         plural(upload.blobs_sent, "file"),
         output::bytes(upload.bytes_sent)
@@ -73,18 +77,18 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         platforms: platforms.clone(),
         tags: args.tags.clone(),
         dockerfile,
-        build_args: build_args(&args.build_args)?,
+        build_args,
         target: args.target.clone(),
         no_cache: args.no_cache,
         emulation: match args.emulation {
             EmulationArg::Fallback => Emulation::Fallback,
             EmulationArg::Never => Emulation::Never,
         },
-        require: config::labels(&BTreeMap::new(), &args.require)?,
+        require,
         context: scanned.manifest.digest(),
         insecure_registries: insecure,
         credentials,
-        secrets: secrets(&args.secrets)?,
+        secrets,
     };
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();
@@ -163,8 +167,12 @@ fn dockerfile_in_context(context: &Path, file: Option<&Path>) -> Result<String> 
     let ctx = context.canonicalize().with_context(|| format!("build context {}", context.display()))?;
     let path: PathBuf =
         file.canonicalize().with_context(|| format!("Dockerfile {} not found (check -f)", file.display()))?;
-    let rel = path.strip_prefix(&ctx).with_context(|| {
-        format!("Dockerfile {} is outside the build context {}; move it inside", file.display(), context.display())
+    let rel = path.strip_prefix(&ctx).map_err(|_| {
+        anyhow::anyhow!(
+            "Dockerfile {} is outside the build context {}; move it inside",
+            file.display(),
+            context.display()
+        )
     })?;
     Ok(rel.to_string_lossy().into_owned())
 }

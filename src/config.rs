@@ -92,12 +92,17 @@ pub fn load(explicit: Option<&Path>, user_default: bool) -> Result<FileConfig> {
 
 /// `KEY=VALUE` labels from flags, on top of the file's.
 pub fn labels(file: &BTreeMap<String, String>, flags: &[String]) -> Result<BTreeMap<String, String>> {
+    labels_flag(file, flags, "--label")
+}
+
+/// The same, for the flag named `flag` (its name is in the error).
+pub fn labels_flag(file: &BTreeMap<String, String>, flags: &[String], flag: &str) -> Result<BTreeMap<String, String>> {
     let mut out = file.clone();
     for l in flags {
         let (k, v) = l
             .split_once('=')
             .filter(|(k, _)| !k.is_empty())
-            .with_context(|| format!("label {l:?} is not KEY=VALUE (e.g. --label gpu=nvidia)"))?;
+            .with_context(|| format!("{flag} {l:?} is not KEY=VALUE (e.g. {flag} gpu=nvidia)"))?;
         out.insert(k.to_string(), v.to_string());
     }
     Ok(out)

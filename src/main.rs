@@ -32,10 +32,27 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", explain(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes, each cause shown once: library errors often quote their source in
+/// their own message already, and repeating it only makes the line harder to read.
+fn explain(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if text.contains(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
 }
 
 fn init_logging(default: &str) {
@@ -257,18 +274,12 @@ async fn join(args: JoinArgs, agent: bool) -> Result<()> {
         None => std::env::var("USER").unwrap_or_else(|_| "me".into()).to_lowercase(),
     };
     let dir = args.ca_dir.unwrap_or_else(default_ca_dir);
-    let joined =
-        shared::client::join(&args.coordinator, &token, &name, &Default::default(), shared::proto::DEFAULT_MAX_FRAME)
-            .await
-            .with_context(|| format!("joining the farm at {}", args.coordinator))?;
-    let wanted = if agent { "agent" } else { "client" };
+    let wanted = if agent { shared::tls::Role::Agent } else { shared::tls::Role::Client };
+    let max = shared::proto::DEFAULT_MAX_FRAME;
+    let joined = shared::client::join(&args.coordinator, &token, &name, wanted, &Default::default(), max)
+        .await
+        .with_context(|| format!("joining the farm at {}", args.coordinator))?;
     let role = joined.role;
-    if agent != (role == shared::tls::Role::Agent) {
-        bail!(
-            "this token makes a {role}, not an {wanted}: use {}",
-            if agent { "`farm login`" } else { "`farm agent join`" }
-        );
-    }
     let stored = shared::tls::store_joined(&dir, &name, &joined.key_pem, &joined.cert_pem, &joined.ca_pem)?;
     println!("joined the farm at {} as {role} {name:?}; certificate {}", args.coordinator, stored.cert.display());
     if agent {

@@ -87,6 +87,7 @@ pub enum Event {
         secret: String,
         name: String,
         csr: Vec<u8>,
+        role: Role,
         reply: oneshot::Sender<Response>,
     },
     CacheChecked {
@@ -284,8 +285,8 @@ impl Driver {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Event::Join { token_id, secret, name, csr, reply } => {
-                let resp = self.join(now, &token_id, &secret, &name, &csr);
+            Event::Join { token_id, secret, name, csr, role, reply } => {
+                let resp = self.join(now, &token_id, &secret, &name, &csr, role);
                 self.replies.push(Reply::Response(reply, resp));
             }
             Event::CacheChecked { task, present } => self.core.cache_checked(now, task, present),
@@ -322,12 +323,12 @@ impl Driver {
         Response::Token { token: token.to_string(), id, expires_ms: record.expires_ms }
     }
 
-    fn join(&mut self, now: u64, token_id: &str, secret: &str, name: &str, csr: &[u8]) -> Response {
+    fn join(&mut self, now: u64, token_id: &str, secret: &str, name: &str, csr: &[u8], wanted: Role) -> Response {
         let Some(ca) = &self.ca else { return Response::Error(NO_CA_KEY.into()) };
         if let Err(e) = shared::tls::validate_name(name) {
             return Response::Error(e.to_string());
         }
-        let (role, record) = match self.security.redeem(now, token_id, secret, name) {
+        let (role, record) = match self.security.redeem(now, token_id, secret, name, wanted) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(token = %token_id, %name, "join refused: {e}");

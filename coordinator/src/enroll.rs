@@ -42,6 +42,15 @@ pub enum JoinError {
     Revoked(String),
     #[error("the name {0:?} was revoked from this farm; join under another name")]
     NameRevoked(String),
+    #[error("join token {id} makes {} {token_role}, not {} {wanted}: {fix}", article(*token_role), article(*wanted))]
+    WrongRole { id: String, token_role: Role, wanted: Role, fix: &'static str },
+}
+
+fn article(role: Role) -> &'static str {
+    match role {
+        Role::Agent | Role::Admin => "an",
+        _ => "a",
+    }
 }
 
 #[derive(Debug, Default)]
@@ -86,7 +95,14 @@ impl Security {
     }
 
     /// Checks a token and uses it up once; returns the role it grants and the record to persist.
-    pub fn redeem(&mut self, now: u64, id: &str, secret: &str, name: &str) -> Result<(Role, TokenRecord), JoinError> {
+    pub fn redeem(
+        &mut self,
+        now: u64,
+        id: &str,
+        secret: &str,
+        name: &str,
+        wanted: Role,
+    ) -> Result<(Role, TokenRecord), JoinError> {
         if self.revoked.contains_key(name) {
             return Err(JoinError::NameRevoked(name.into()));
         }
@@ -96,6 +112,11 @@ impl Security {
         }
         if t.revoked {
             return Err(JoinError::Revoked(id.into()));
+        }
+        // Checked before the token is used up: the wrong command costs nothing.
+        if t.role != wanted && !(wanted == Role::Client && t.role == Role::Admin) {
+            let fix = if t.role == Role::Agent { "use `farm agent join`" } else { "use `farm login`" };
+            return Err(JoinError::WrongRole { id: id.into(), token_role: t.role, wanted, fix });
         }
         if let Some(exp) = t.expires_ms.filter(|e| now >= *e) {
             return Err(JoinError::Expired { id: id.into(), ago_s: (now - exp) / 1000 });
@@ -137,18 +158,18 @@ mod tests {
     fn a_token_grants_its_role_until_it_expires_is_used_up_or_revoked() {
         let mut s = Security::default();
         s.create(0, "aa", "secret", Role::Agent, Some(1_000), Some(2), "admin");
-        assert_eq!(s.redeem(10, "aa", "wrong", "pi").unwrap_err(), JoinError::Unknown("aa".into()));
-        assert_eq!(s.redeem(10, "zz", "secret", "pi").unwrap_err(), JoinError::Unknown("zz".into()));
-        assert_eq!(s.redeem(10, "aa", "secret", "pi").unwrap().0, Role::Agent);
-        assert_eq!(s.redeem(20, "aa", "secret", "pi2").unwrap().1.uses_left, Some(0));
-        assert_eq!(s.redeem(30, "aa", "secret", "pi3").unwrap_err(), JoinError::UsedUp("aa".into()));
+        assert_eq!(s.redeem(10, "aa", "wrong", "pi", Role::Agent).unwrap_err(), JoinError::Unknown("aa".into()));
+        assert_eq!(s.redeem(10, "zz", "secret", "pi", Role::Agent).unwrap_err(), JoinError::Unknown("zz".into()));
+        assert_eq!(s.redeem(10, "aa", "secret", "pi", Role::Agent).unwrap().0, Role::Agent);
+        assert_eq!(s.redeem(20, "aa", "secret", "pi2", Role::Agent).unwrap().1.uses_left, Some(0));
+        assert_eq!(s.redeem(30, "aa", "secret", "pi3", Role::Agent).unwrap_err(), JoinError::UsedUp("aa".into()));
         s.create(0, "bb", "s2", Role::Client, Some(1_000), None, "admin");
         let err = s.redeem(4_000, "bb", "s2", "me").unwrap_err();
         assert_eq!(err, JoinError::Expired { id: "bb".into(), ago_s: 3 });
         assert!(err.to_string().contains("expired 3 s ago"), "{err}");
         s.create(0, "cc", "s3", Role::Agent, None, None, "admin");
         s.revoke_token("cc");
-        assert_eq!(s.redeem(1, "cc", "s3", "x").unwrap_err(), JoinError::Revoked("cc".into()));
+        assert_eq!(s.redeem(1, "cc", "s3", "x", Role::Agent).unwrap_err(), JoinError::Revoked("cc".into()));
     }
 
     #[test]
@@ -158,7 +179,7 @@ mod tests {
         assert!(!rec.secret_sha256.contains("topsecret"));
         s.revoke_name(5, "pi", "admin");
         assert!(s.is_revoked("pi"));
-        assert_eq!(s.redeem(6, "aa", "topsecret", "pi").unwrap_err(), JoinError::NameRevoked("pi".into()));
+        assert_eq!(s.redeem(6, "aa", "topsecret", "pi", Role::Agent).unwrap_err(), JoinError::NameRevoked("pi".into()));
         let restored = Security::restore(
             vec![("aa".into(), rec)],
             vec![("pi".into(), RevokedRecord { at_ms: 5, by: "admin".into() })],

@@ -106,6 +106,8 @@ impl Net {
             write_msg(&mut send, &reply, self.max_frame).await?;
             if !reply.accepted {
                 let _ = send.finish();
+                // Let the refusal reach the peer before the connection goes.
+                let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
                 let who = identity.as_ref().map_or("a peer".to_string(), |i| i.to_string());
                 return Err(PeerError::Refused(format!("{who} refused: {}", reply.message)));
             }
@@ -159,9 +161,9 @@ impl Net {
             .map_err(|_| PeerError::HandshakeTimeout(HANDSHAKE_TIMEOUT))??;
         let req: Request = expect_msg(&mut recv, self.max_frame, "a join request").await?;
         let resp = match req {
-            Request::Join { token_id, secret, name, csr } => {
+            Request::Join { token_id, secret, name, csr, role } => {
                 let (reply, answer) = oneshot::channel();
-                let _ = self.events.send(Event::Join { token_id, secret, name, csr, reply }).await;
+                let _ = self.events.send(Event::Join { token_id, secret, name, csr, role, reply }).await;
                 answer.await.unwrap_or_else(|_| Response::Error("the coordinator is shutting down".into()))
             }
             _ => Response::Error(
@@ -187,9 +189,15 @@ impl Net {
         recv: &mut quinn::RecvStream,
     ) -> Result<(), PeerError> {
         let name = identity.name;
-        let info = match expect_msg(recv, self.max_frame, "a registration").await? {
-            AgentMsg::Register(info) => info,
-            other => {
+        let info = match read_msg(recv, self.max_frame).await? {
+            Some(AgentMsg::Register(info)) => info,
+            // An agent identity used as a client (e.g. `farm builds` with an agent's certificate):
+            // its requests are answered (with the role's refusal) until it goes.
+            None => {
+                conn.closed().await;
+                return Ok(());
+            }
+            Some(other) => {
                 return Err(PeerError::Proto(ProtoError::Unexpected {
                     expected: "Register",
                     got: format!("{other:?}"),

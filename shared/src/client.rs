@@ -252,6 +252,7 @@ pub async fn join(
     target: &str,
     token: &crate::tls::JoinToken,
     name: &str,
+    role: crate::tls::Role,
     limits: &TransportLimits,
     max_frame: usize,
 ) -> Result<Joined, ClientError> {
@@ -263,7 +264,7 @@ pub async fn join(
         HandshakeError::Proto(source) => client.stream_error(source),
     })?;
     let _ = send.finish();
-    let req = Request::Join { token_id: token.id.clone(), secret: token.secret.clone(), name: name.into(), csr };
+    let req = Request::Join { token_id: token.id.clone(), secret: token.secret.clone(), name: name.into(), csr, role };
     let resp = client.request(&req).await?;
     client.close();
     match resp {

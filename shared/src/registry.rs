@@ -60,6 +60,8 @@ impl fmt::Display for Credentials {
 pub enum RegistryError {
     #[error("registry {registry} unreachable: {reason} ({hint})")]
     Unreachable { registry: String, reason: String, hint: String },
+    #[error("registry {registry} answered in plain HTTP, not HTTPS: name it with --insecure-registry {registry}")]
+    PlainHttp { registry: String },
     #[error("registry {registry} refused the credentials for user {user:?}: check ~/.docker/config.json or run docker login")]
     BadCredentials { registry: String, user: String },
     #[error(
@@ -316,6 +318,12 @@ impl Registry {
     fn error(&self, target: &ImageRef, action: &'static str, what: &str, e: OciDistributionError) -> RegistryError {
         let registry = target.registry.clone();
         if let OciDistributionError::RequestError(re) = &e {
+            let cause = root_cause(re);
+            if !self.insecure.contains(&registry)
+                && (cause.contains("InvalidContentType") || cause.contains("http request to an https"))
+            {
+                return RegistryError::PlainHttp { registry };
+            }
             if re.is_connect() || re.is_timeout() {
                 let hint = if self.insecure.contains(&registry) {
                     "is it running?".to_owned()

@@ -331,7 +331,9 @@ impl CertAuthority {
     /// host); name and role are the CA's decision, not the request's.
     pub fn sign_csr(&self, csr_der: &[u8], name: &str, role: Role) -> Result<String, TlsError> {
         validate_name(name)?;
-        if RESERVED_NAMES.contains(&name) {
+        // "admin" is the identity `farm ca init` makes: an agent of that name could be mistaken
+        // for it, and revoking one (revocation is by name) would lock out the other.
+        if RESERVED_NAMES.contains(&name) || (name == "admin" && role != Role::Admin) {
             return Err(TlsError::ReservedName(name.to_string()));
         }
         if role == Role::Coordinator {

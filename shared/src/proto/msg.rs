@@ -225,6 +225,7 @@ pub enum Request {
         secret: String,
         name: String,
         csr: Vec<u8>,
+        role: Role,
     },
     /// (Admins) a new join token; answered with [`Response::Token`].
     CreateToken {
