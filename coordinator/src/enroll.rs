@@ -164,7 +164,9 @@ mod tests {
         assert_eq!(s.redeem(20, "aa", "secret", "pi2", Role::Agent).unwrap().1.uses_left, Some(0));
         assert_eq!(s.redeem(30, "aa", "secret", "pi3", Role::Agent).unwrap_err(), JoinError::UsedUp("aa".into()));
         s.create(0, "bb", "s2", Role::Client, Some(1_000), None, "admin");
-        let err = s.redeem(4_000, "bb", "s2", "me").unwrap_err();
+        let wrong = s.redeem(10, "bb", "s2", "me", Role::Agent).unwrap_err();
+        assert_eq!(wrong.to_string(), "join token bb makes a client, not an agent: use `farm login`");
+        let err = s.redeem(4_000, "bb", "s2", "me", Role::Client).unwrap_err();
         assert_eq!(err, JoinError::Expired { id: "bb".into(), ago_s: 3 });
         assert!(err.to_string().contains("expired 3 s ago"), "{err}");
         s.create(0, "cc", "s3", Role::Agent, None, None, "admin");
