@@ -84,7 +84,11 @@ fn a_coordinator_killed_at_each_step_of_a_build_ends_every_build_with_a_correct_
     // 2. Killed while its tasks run: the agent keeps building and reports to the new coordinator.
     let ctx = slow_context(&root, "running", 4);
     let id = submit(&args(&farm, &registry, &base, "linux/amd64,linux/arm64", "running:1", &ctx));
-    farm.agents["x86"].wait_for_line(&["task assigned", "linux/arm64"], Duration::from_secs(30));
+    // Both of this build's tasks (after the first build's two) have reached the agent.
+    let agent_log = &farm.agents["x86"];
+    wait_until("the agent to hold both tasks", Duration::from_secs(30), || {
+        (agent_log.log().matches("task assigned").count() >= 4).then_some(())
+    });
     farm.restart_coordinator();
     let b = farm.wait_build_end(&id, Duration::from_secs(120));
     assert_eq!(b["state"], "succeeded", "{b}");
