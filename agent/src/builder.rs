@@ -142,13 +142,15 @@ impl Buildah {
     /// buildah runs as PID 1 of its own PID namespace (`unshare --pid --fork --kill-child`):
     /// when it dies, however it dies, the kernel kills every process of the build with it (a
     /// RUN step's processes would otherwise outlive a killed agent, reparented to init).
-    fn command(&self) -> Command {
+    ///
+    /// Each platform has its own store (see [`Buildah::store`]).
+    fn command(&self, store: &Path) -> Command {
         let mut cmd = Command::new("unshare");
         cmd.args(["--pid", "--fork", "--kill-child", "buildah"])
             .arg("--root")
-            .arg(self.root.join("storage"))
+            .arg(store.join("storage"))
             .arg("--runroot")
-            .arg(self.root.join("run"))
+            .arg(store.join("run"))
             .arg("--storage-driver")
             .arg("overlay")
             .env("BUILDAH_ISOLATION", "chroot")
@@ -172,6 +174,20 @@ impl Buildah {
 }
 
 impl Buildah {
+    /// The store for one platform's builds. A multi-platform base tag pulled for two platforms at
+    /// once into one store races on its local name (buildah 1.28 then fails with "image not
+    /// known"); layers differ per platform anyway, so nothing is lost by keeping them apart.
+    fn store(&self, platform: &Platform) -> PathBuf {
+        self.root.join("stores").join(platform.to_string().replace('/', "-"))
+    }
+
+    /// Every platform's store that exists.
+    fn stores(&self) -> Vec<PathBuf> {
+        std::fs::read_dir(self.root.join("stores"))
+            .map(|d| d.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect())
+            .unwrap_or_default()
+    }
+
     /// Bytes used by this agent's buildah storage.
     pub fn cache_bytes(&self) -> u64 {
         fn walk(dir: &Path) -> u64 {
@@ -185,11 +201,11 @@ impl Buildah {
                 })
                 .sum()
         }
-        walk(&self.root.join("storage"))
+        walk(&self.root.join("stores"))
     }
 
-    async fn output(&self, args: &[&str]) -> Result<String, BuilderError> {
-        let out = self.command().args(args).output().await.map_err(BuilderError::Spawn)?;
+    async fn output(&self, store: &Path, args: &[&str]) -> Result<String, BuilderError> {
+        let out = self.command(store).args(args).output().await.map_err(BuilderError::Spawn)?;
         if !out.status.success() {
             let err = String::from_utf8_lossy(&out.stderr).trim().to_string();
             return Err(BuilderError::Failed(format!("buildah {}: {err}", args.join(" "))));
@@ -198,8 +214,8 @@ impl Buildah {
     }
 }
 
-/// Images in the store, oldest first, from `buildah images --json`.
-fn images_oldest_first(json: &str) -> Vec<String> {
+/// Images in a store with their creation time, oldest first, from `buildah images --json`.
+fn images_oldest_first(json: &str) -> Vec<(i64, String)> {
     let Ok(serde_json::Value::Array(images)) = serde_json::from_str::<serde_json::Value>(json) else { return vec![] };
     // `created` is Unix seconds in buildah's JSON.
     let mut v: Vec<(i64, String)> = images
@@ -207,7 +223,7 @@ fn images_oldest_first(json: &str) -> Vec<String> {
         .filter_map(|i| Some((i["created"].as_i64().unwrap_or(0), i["id"].as_str()?.to_string())))
         .collect();
     v.sort();
-    v.into_iter().map(|(_, id)| id).collect()
+    v
 }
 
 impl Builder for Buildah {
@@ -218,21 +234,31 @@ impl Builder for Buildah {
     fn prune(&self, limit: u64) -> BuildFuture<'_> {
         Box::pin(async move {
             if limit == 0 {
-                let _ = self.output(&["rm", "--all"]).await;
-                self.output(&["rmi", "--all", "--force"]).await?;
+                for store in self.stores() {
+                    let _ = self.output(&store, &["rm", "--all"]).await;
+                    self.output(&store, &["rmi", "--all", "--force"]).await?;
+                }
                 return Ok(());
             }
             if self.cache_bytes() <= limit {
                 return Ok(());
             }
-            let json = self.output(&["images", "--json"]).await?;
-            for id in images_oldest_first(&json) {
-                let _ = self.output(&["rmi", "--force", &id]).await;
+            // Oldest images first, across every platform's store.
+            let mut images = Vec::new();
+            for store in self.stores() {
+                let json = self.output(&store, &["images", "--json"]).await?;
+                images.extend(images_oldest_first(&json).into_iter().map(|(t, id)| (t, id, store.clone())));
+            }
+            images.sort();
+            for (_, id, store) in images {
+                let _ = self.output(&store, &["rmi", "--force", &id]).await;
                 if self.cache_bytes() <= limit {
                     break;
                 }
             }
-            let _ = self.output(&["rmi", "--prune"]).await;
+            for store in self.stores() {
+                let _ = self.output(&store, &["rmi", "--prune"]).await;
+            }
             Ok(())
         })
     }
@@ -246,7 +272,8 @@ impl Builder for Buildah {
             for warning in dockerfile_warnings(&job.context.join(job.dockerfile)) {
                 let _ = log.send(warning);
             }
-            let mut build = self.command();
+            let store = self.store(job.platform);
+            let mut build = self.command(&store);
             build.env("CONTAINERS_REGISTRIES_CONF", &conf).arg("build").arg("--layers");
             build.arg("--platform").arg(job.platform.to_string());
             build.arg("-f").arg(job.context.join(job.dockerfile));
@@ -269,7 +296,7 @@ impl Builder for Buildah {
             built?;
             let build_ms = started.elapsed().as_millis() as u64;
             let exporting = std::time::Instant::now();
-            let mut push = self.command();
+            let mut push = self.command(&store);
             push.arg("push").arg("--format").arg("oci").arg(job.name).arg(format!("oci:{}", job.output.display()));
             // The image stays: its layers are the cache of the next build. Removing it here would
             // race with other tasks' pushes (containers/storage finds layers by digest), so the
@@ -379,7 +406,8 @@ mod tests {
     #[test]
     fn images_are_pruned_oldest_first() {
         let json = r#"[{"id":"b","created":200},{"id":"a","created":100},{"id":"c","created":300}]"#;
-        assert_eq!(super::images_oldest_first(json), ["a", "b", "c"]);
+        let ids: Vec<String> = super::images_oldest_first(json).into_iter().map(|(_, id)| id).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
         assert!(super::images_oldest_first("not json").is_empty());
     }
 

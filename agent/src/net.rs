@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shared::client::{handshake, HandshakeError};
-use shared::proto::io::{expect_msg, read_msg, write_msg};
+use shared::proto::io::{reader, write_msg};
 use shared::proto::{AgentInfo, AgentMsg, Assignment, CoordMsg, Heartbeat, Held, ProtoError, TaskId};
 use shared::quic::QuicError;
 use shared::tls::Credentials;
@@ -134,9 +134,11 @@ impl Agent<'_> {
         sh: &mut Shared,
     ) -> Result<Ended, SessionError> {
         let max = self.config.max_frame_bytes;
-        let (mut send, mut recv) = handshake(conn, max).await?;
+        let (mut send, recv) = handshake(conn, max).await?;
         write_msg(&mut send, &AgentMsg::Register(self.info.clone()), max).await?;
-        let interval = match expect_msg(&mut recv, max, "a registration answer").await? {
+        let (mut incoming, _reader) = reader::<CoordMsg, _>(recv, max);
+        let first = incoming.recv().await.unwrap_or(Ok(None))?.ok_or(ProtoError::Closed("a registration answer"))?;
+        let interval = match first {
             CoordMsg::Registered { heartbeat_interval_ms } => Duration::from_millis(heartbeat_interval_ms.max(50)),
             CoordMsg::Refused { reason } => return Err(SessionError::Refused(reason)),
             other => return Err(ProtoError::Unexpected { expected: "Registered", got: format!("{other:?}") }.into()),
@@ -158,11 +160,12 @@ impl Agent<'_> {
                     told_draining = true;
                 }
                 if sh.running.lock().unwrap().is_empty() {
-                    let _ = send.finish();
+                    Self::goodbye(conn, &mut send).await;
                     return Ok(Ended::Drained);
                 }
                 if Instant::now() >= deadline {
                     self.hand_back(&mut send, sh).await?;
+                    Self::goodbye(conn, &mut send).await;
                     return Ok(Ended::Drained);
                 }
             }
@@ -183,7 +186,7 @@ impl Agent<'_> {
                         }
                     }
                 }
-                msg = read_msg::<CoordMsg, _>(&mut recv, max) => match msg? {
+                msg = incoming.recv() => match msg.unwrap_or(Ok(None))? {
                     Some(CoordMsg::Assign(a)) if drain_at.is_some() => {
                         write_msg(&mut send, &AgentMsg::Release { task: a.task, attempt: a.attempt }, max).await?;
                     }
@@ -204,6 +207,13 @@ impl Agent<'_> {
         }
     }
 
+    /// Ends the control stream and waits (briefly) for the coordinator to close the connection,
+    /// which it does only after reading everything sent, so a last `Release` is never lost.
+    async fn goodbye(conn: &quinn::Connection, send: &mut quinn::SendStream) {
+        let _ = send.finish();
+        let _ = tokio::time::timeout(Duration::from_secs(3), conn.closed()).await;
+    }
+
     /// The drain limit is up: cancel what still runs and give it back to the coordinator.
     async fn hand_back(&self, send: &mut quinn::SendStream, sh: &mut Shared) -> Result<(), SessionError> {
         let max = self.config.max_frame_bytes;
@@ -218,7 +228,6 @@ impl Agent<'_> {
                 write_msg(send, &AgentMsg::Release { task, attempt: e.attempt }, max).await?;
             }
         }
-        let _ = send.finish();
         Ok(())
     }
 

@@ -99,7 +99,7 @@ impl Net {
             return Err(PeerError::Refused(format!("{id} refused: its certificate was revoked")));
         }
         let address = conn.remote_address().to_string();
-        let (mut send, mut recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
+        let (mut send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
             let (mut send, mut recv) = conn.accept_bi().await?;
             let hello: Hello = expect_msg(&mut recv, self.max_frame, "a hello").await?;
             let reply = HelloReply::to(&hello);
@@ -122,7 +122,7 @@ impl Net {
         };
         self.gate.enter(&identity.name, conn_id, &conn);
         let name = identity.name.clone();
-        let result = self.serve_peer(conn, identity, address, conn_id, &mut send, &mut recv).await;
+        let result = self.serve_peer(conn, identity, address, conn_id, send, recv).await;
         self.gate.leave(&name, conn_id);
         result
     }
@@ -133,13 +133,13 @@ impl Net {
         identity: Identity,
         address: String,
         conn_id: ConnId,
-        send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
+        mut send: quinn::SendStream,
+        recv: quinn::RecvStream,
     ) -> Result<(), PeerError> {
         match identity.role {
             Role::Agent => {
                 let requests = tokio::spawn(self.clone().requests(conn.clone(), identity.clone()));
-                let r = self.agent(conn, identity, address, conn_id, send, recv).await;
+                let r = self.agent(conn, identity, address, conn_id, &mut send, recv).await;
                 requests.abort();
                 r
             }
@@ -186,10 +186,11 @@ impl Net {
         address: String,
         conn_id: ConnId,
         send: &mut quinn::SendStream,
-        recv: &mut quinn::RecvStream,
+        recv: quinn::RecvStream,
     ) -> Result<(), PeerError> {
         let name = identity.name;
-        let info = match read_msg(recv, self.max_frame).await? {
+        let (mut incoming, _reader) = shared::proto::io::reader::<AgentMsg, _>(recv, self.max_frame);
+        let info = match incoming.recv().await.unwrap_or(Ok(None))? {
             Some(AgentMsg::Register(info)) => info,
             // An agent identity used as a client (e.g. `farm builds` with an agent's certificate):
             // its requests are answered (with the role's refusal) until it goes.
@@ -211,7 +212,7 @@ impl Net {
         }
         let result = loop {
             tokio::select! {
-                msg = read_msg::<AgentMsg, _>(recv, self.max_frame) => match msg {
+                msg = incoming.recv() => match msg.unwrap_or(Ok(None)) {
                     Ok(Some(msg)) => {
                         if self.events.send(Event::Agent { name: name.clone(), conn: conn_id, msg }).await.is_err() {
                             break Ok(());

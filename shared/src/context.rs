@@ -237,8 +237,9 @@ impl ContextManifest {
             if target.contains('\0') {
                 return Err(bad("has a target containing a NUL byte"));
             }
-            if target.len() > MAX_PATH {
-                return Err(bad("has a target longer than 4096 bytes"));
+            // PATH_MAX counts the terminating NUL: Linux takes at most 4095 bytes.
+            if target.len() >= MAX_PATH {
+                return Err(bad("has a target of 4096 bytes or more (Linux allows 4095)"));
             }
             match tree.resolve(node, &mut resolved, 0) {
                 Ok(_) => {}
@@ -359,8 +360,8 @@ fn check_path(path: &str) -> Result<(), ContextError> {
         "is empty"
     } else if path.contains('\0') {
         "contains a NUL byte"
-    } else if path.len() > MAX_PATH {
-        "is longer than 4096 bytes"
+    } else if path.len() >= MAX_PATH {
+        "is 4096 bytes or longer (Linux allows 4095)"
     } else if path.split('/').any(|c| c.len() > MAX_NAME) {
         "has a component longer than 255 bytes"
     } else if path.starts_with('/') {
@@ -1321,7 +1322,11 @@ mod tests {
         assert!(refusal(vec![file("")]).contains("is empty"));
         assert!(refusal(vec![file("a\0b")]).contains("NUL"));
         assert!(refusal(vec![file(&"a".repeat(256))]).contains("longer than 255"));
-        assert!(refusal(vec![file("a/".repeat(2049).trim_end_matches('/'))]).contains("longer than 4096"));
+        assert!(refusal(vec![file("a/".repeat(2049).trim_end_matches('/'))]).contains("4096 bytes or longer"));
+        // symlink(2) refuses a 4096-byte target: refused here, before anything is written.
+        let long = "a/".repeat(2048);
+        assert_eq!(long.len(), 4096);
+        assert!(refusal(vec![link("l", &long)]).contains("4096 bytes or more"));
         assert_eq!(
             refusal(vec![file("b"), file("a")]),
             "context path \"a\" comes after \"b\"; manifest entries must be sorted by path (byte order)"

@@ -78,7 +78,7 @@ impl FrameDecoder {
             return Ok(());
         }
         let expected = match self.buf.first_chunk::<HEADER>() {
-            Some(h) => HEADER + u32::from_be_bytes(*h) as usize,
+            Some(h) => HEADER.saturating_add(u32::from_be_bytes(*h) as usize),
             None => HEADER,
         };
         Err(ProtoError::Truncated { expected, got: self.buf.len() })
@@ -130,6 +130,10 @@ mod tests {
         let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
         dec.push(&[0, 0]);
         assert!(matches!(dec.finish(), Err(ProtoError::Truncated { expected: 4, got: 2 })));
+        // A maximal length header, then the end: no overflow (32-bit agents), just truncation.
+        let mut dec = FrameDecoder::new(DEFAULT_MAX_FRAME);
+        dec.push(&[0xff; 4]);
+        assert!(matches!(dec.finish(), Err(ProtoError::Truncated { got: 4, .. })));
     }
 
     #[test]

@@ -90,6 +90,37 @@ pub async fn write_raw<W: AsyncWrite + Unpin, S: AsyncRead + Unpin>(
     Ok(())
 }
 
+/// Reads messages from `r` on a task of its own and hands them over a channel. A read raced
+/// against timers in `select!` would lose the bytes of a half-read frame when another branch
+/// wins; a channel receive loses nothing. The channel closes after the end of the stream, which
+/// is sent as `Ok(None)`, or after the first error. Drop the handle to stop reading.
+pub fn reader<T, R>(mut r: R, max: usize) -> (tokio::sync::mpsc::Receiver<Result<Option<T>, ProtoError>>, ReaderHandle)
+where
+    T: DeserializeOwned + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    let task = tokio::spawn(async move {
+        loop {
+            let msg = read_msg(&mut r, max).await;
+            let last = !matches!(msg, Ok(Some(_)));
+            if tx.send(msg).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    (rx, ReaderHandle(task))
+}
+
+/// Stops the reader task when dropped.
+pub struct ReaderHandle(tokio::task::JoinHandle<()>);
+
+impl Drop for ReaderHandle {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
