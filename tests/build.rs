@@ -13,32 +13,18 @@ use common::*;
 
 const PLATFORMS: &str = "linux/amd64,linux/arm64,linux/arm/v7";
 
+/// Client flags (none: the embedded farm), then the flags that build `context` for `platforms`.
 fn build_args(
     farm: Option<&Farm>,
     registry: &Registry,
     base: &str,
+    platforms: &str,
     tag: &str,
     context: &std::path::Path,
 ) -> Vec<String> {
     let mut a = farm.map(Farm::client_args).unwrap_or_default();
-    a.extend(
-        [
-            "--insecure-registry",
-            &registry.addr,
-            "--build-arg",
-            &format!("BASE={base}"),
-            "-t",
-            &format!("{}/{tag}", registry.addr),
-            context.to_str().unwrap(),
-        ]
-        .map(String::from),
-    );
+    a.extend(registry.build_flags(base, platforms, tag, context));
     a
-}
-
-fn with_platforms(mut args: Vec<String>, platforms: &str) -> Vec<String> {
-    args.splice(0..0, ["--platform".to_string(), platforms.to_string()]);
-    args
 }
 
 fn assert_hello_image(registry: &Registry, reference: &str) {
@@ -71,7 +57,7 @@ fn native_first_dispatch_emulation_fallback_labels_and_incremental_context() {
     let ctx = example("hello", farm.tmp.path());
 
     // Each platform runs on a native agent, and the CLI says so.
-    let mut args = with_platforms(build_args(Some(&farm), &registry, &base, "hello:1", &ctx), PLATFORMS);
+    let mut args = build_args(Some(&farm), &registry, &base, PLATFORMS, "hello:1", &ctx);
     args.insert(0, "--timings".into());
     let (ok, out, err) = build(&args);
     assert!(ok, "build failed:\n{out}\n{err}");
@@ -96,20 +82,18 @@ fn native_first_dispatch_emulation_fallback_labels_and_incremental_context() {
     assert_eq!(registry.tags("hello"), ["1"]);
 
     // The same context again: no file moves.
-    let (ok, out, err) =
-        build(&with_platforms(build_args(Some(&farm), &registry, &base, "hello:2", &ctx), "linux/amd64"));
+    let (ok, out, err) = build(&build_args(Some(&farm), &registry, &base, "linux/amd64", "hello:2", &ctx));
     assert!(ok, "{out}\n{err}");
     assert!(err.contains("uploaded 0 files (0 B)"), "{err}");
     // One file changed: only that file moves.
     std::fs::write(ctx.join("data/message.txt"), "farm built this again\n").unwrap();
-    let (ok, out, err) =
-        build(&with_platforms(build_args(Some(&farm), &registry, &base, "hello:3", &ctx), "linux/amd64"));
+    let (ok, out, err) = build(&build_args(Some(&farm), &registry, &base, "linux/amd64", "hello:3", &ctx));
     assert!(ok, "{out}\n{err}");
     assert!(err.contains("uploaded 1 file (22 B)"), "{err}");
     farm.coordinator.wait_for_line(&["context files received", "blobs=1", "bytes=22"], Duration::from_secs(5));
 
     // A build that requires a label runs only on the agent that has it.
-    let mut gpu = with_platforms(build_args(Some(&farm), &registry, &base, "cuda:1", &ctx), "linux/arm64");
+    let mut gpu = build_args(Some(&farm), &registry, &base, "linux/arm64", "cuda:1", &ctx);
     gpu.extend(["--require".into(), "gpu=nvidia".into()]);
     let (ok, out, err) = build(&gpu);
     assert!(ok, "{out}\n{err}");
@@ -118,8 +102,7 @@ fn native_first_dispatch_emulation_fallback_labels_and_incremental_context() {
     // Without its native agent, arm/v7 is emulated on the x86 agent, and the CLI says so.
     farm.agents.get_mut("pi32").unwrap().kill();
     farm.wait_agent("pi32", "offline");
-    let (ok, out, err) =
-        build(&with_platforms(build_args(Some(&farm), &registry, &base, "hello:4", &ctx), "linux/arm/v7"));
+    let (ok, out, err) = build(&build_args(Some(&farm), &registry, &base, "linux/arm/v7", "hello:4", &ctx));
     assert!(ok, "{out}\n{err}");
     assert_eq!(summary(&out)["linux/arm/v7"], ("x86".into(), "emulated".into()), "{out}");
     assert!(err.contains("[linux/arm/v7] started on x86 (emulated)"), "{err}");
@@ -129,7 +112,7 @@ fn native_first_dispatch_emulation_fallback_labels_and_incremental_context() {
     let mut never =
         vec!["build".to_string(), "--progress".into(), "plain".into(), "--emulation".into(), "never".into()];
     never.push("--no-cache".into());
-    never.extend(with_platforms(build_args(Some(&farm), &registry, &base, "hello:5", &ctx), "linux/arm/v7"));
+    never.extend(build_args(Some(&farm), &registry, &base, "linux/arm/v7", "hello:5", &ctx));
     let mut cmd = Command::new(farm_bin());
     cmd.args(&never).env("FARM_LOG", "warn");
     let waiting = Proc::spawn("farm build --emulation never", &mut cmd);
@@ -154,7 +137,7 @@ fn a_failing_platform_fails_the_build_and_pushes_no_tag() {
         "ARG BASE\nFROM ${BASE}\nARG TARGETARCH\nRUN echo building for $TARGETARCH\nRUN if [ \"$TARGETARCH\" = arm64 ]; then echo about to fail; false; fi\n",
     )
     .unwrap();
-    let args = with_platforms(build_args(Some(&farm), &registry, &base, "broken:1", &ctx), "linux/amd64,linux/arm64");
+    let args = build_args(Some(&farm), &registry, &base, "linux/amd64,linux/arm64", "broken:1", &ctx);
     let (ok, out, err) = build(&args);
     assert!(!ok, "the build must fail:\n{out}\n{err}");
     assert!(err.contains("linux/arm64 failed: buildah build failed"), "{err}");
@@ -169,7 +152,7 @@ fn with_no_coordinator_configured_the_farm_runs_inside_the_cli() {
     let base = registry.seed_busybox();
     let home = tempfile::tempdir().unwrap();
     let ctx = example("hello", home.path());
-    let args = with_platforms(build_args(None, &registry, &base, "embedded:1", &ctx), PLATFORMS);
+    let args = build_args(None, &registry, &base, PLATFORMS, "embedded:1", &ctx);
     let out = Command::new(farm_bin())
         .args(["build", "--progress", "plain"])
         .args(&args)

@@ -21,20 +21,7 @@ fn no_op_rebuilds_are_cached_changed_files_reuse_layers_and_moved_bases_miss() {
     let ctx = example("hello", farm.tmp.path());
     let args = |tag: &str| {
         let mut a = farm.client_args();
-        a.extend(
-            [
-                "--platform",
-                PLATFORMS,
-                "--insecure-registry",
-                &registry.addr,
-                "--build-arg",
-                &format!("BASE={base}"),
-                "-t",
-                &format!("{}/{tag}", registry.addr),
-                ctx.to_str().unwrap(),
-            ]
-            .map(String::from),
-        );
+        a.extend(registry.build_flags(&base, PLATFORMS, tag, &ctx));
         a
     };
     let (ok, out, err) = build(&args("hello:1"));

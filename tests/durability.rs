@@ -32,20 +32,7 @@ fn args(
     ctx: &std::path::Path,
 ) -> Vec<String> {
     let mut a = farm.client_args();
-    a.extend(
-        [
-            "--platform",
-            platforms,
-            "--insecure-registry",
-            &registry.addr,
-            "--build-arg",
-            &format!("BASE={base}"),
-            "-t",
-            &format!("{}/{tag}", registry.addr),
-            ctx.to_str().unwrap(),
-        ]
-        .map(String::from),
-    );
+    a.extend(registry.build_flags(base, platforms, tag, ctx));
     a
 }
 

@@ -57,6 +57,24 @@ impl Registry {
         format!("{}/busybox:latest", self.addr)
     }
 
+    /// `farm build` flags (after any client flags) that build `context` for `platforms` on the
+    /// seeded base image and push it as `tag` in this registry.
+    pub fn build_flags(&self, base: &str, platforms: &str, tag: &str, context: &std::path::Path) -> Vec<String> {
+        [
+            "--platform",
+            platforms,
+            "--insecure-registry",
+            &self.addr,
+            "--build-arg",
+            &format!("BASE={base}"),
+            "-t",
+            &format!("{}/{tag}", self.addr),
+            context.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
     /// Tags of a repository, or none if it does not exist.
     pub fn tags(&self, repo: &str) -> Vec<String> {
         match http_get(&self.addr, &format!("/v2/{repo}/tags/list")) {
