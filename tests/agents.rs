@@ -10,24 +10,8 @@ use common::*;
 
 const TIMEOUT_SECS: u64 = 3;
 
-fn coordinator(ca: &Ca, port: u16, state: &std::path::Path) -> Proc {
-    let listen = format!("127.0.0.1:{port}");
-    let p = Proc::farm(
-        "coordinator",
-        &[
-            "coordinator",
-            "--listen",
-            &listen,
-            "--ca-dir",
-            ca.path(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--heartbeat-timeout",
-            &TIMEOUT_SECS.to_string(),
-        ],
-    );
-    p.wait_for_line(&["coordinator listening", &listen], Duration::from_secs(20));
-    p
+fn coordinator(ca: &Ca, port: u16, root: &std::path::Path) -> Proc {
+    Farm::spawn_coordinator(ca, root, port, TIMEOUT_SECS)
 }
 
 fn agent_args<'a>(addr: &'a str, ca: &'a Ca, name: &'a str, work: &'a str) -> Vec<&'a str> {
@@ -66,8 +50,7 @@ fn agents_register_go_offline_and_come_back_after_a_coordinator_restart() {
     ca.issue("agent", "no-qemu");
     let port = free_udp_port();
     let addr = format!("127.0.0.1:{port}");
-    let state = tmp.path().join("state");
-    let mut coord = coordinator(&ca, port, &state);
+    let mut coord = coordinator(&ca, port, tmp.path());
 
     // Agent 1 sees the machine's real binfmt_misc handlers.
     let w1 = tmp.path().join("w1");
@@ -149,7 +132,7 @@ fn agents_register_go_offline_and_come_back_after_a_coordinator_restart() {
 
     // Restart the coordinator (SIGKILL, so it says goodbye to nobody): both agents come back by themselves.
     coord.kill();
-    coord = coordinator(&ca, port, &state);
+    coord = coordinator(&ca, port, tmp.path());
     wait_agent_state(&addr, &ca, "x86-box", "online", Duration::from_secs(30));
     wait_agent_state(&addr, &ca, "no-qemu", "online", Duration::from_secs(30));
 

@@ -30,18 +30,7 @@ fn token_join_build_revoke_and_refusals() {
     let t = token(farm, "agent", &["--ttl", "1h"]);
     assert!(t.starts_with("farm1."), "{t}");
     let dir = tmp.join("pi-home");
-    let out = farm_ok(&[
-        "agent",
-        "join",
-        "--token",
-        &t,
-        "--coordinator",
-        &farm.addr,
-        "--name",
-        "pi",
-        "--ca-dir",
-        dir.to_str().unwrap(),
-    ]);
+    let out = join_ok(&t, &farm.addr, "pi", &dir);
     assert!(out.contains("joined the farm") && out.contains("as agent \"pi\""), "{out}");
     let mode = std::fs::metadata(dir.join("pi.key")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
@@ -103,83 +92,28 @@ fn token_join_build_revoke_and_refusals() {
     assert_eq!(agent_state(farm, "pi"), "offline");
     // Nor can it join again under that name.
     let t2 = token(farm, "agent", &[]);
-    let out = common::farm(&[
-        "agent",
-        "join",
-        "--token",
-        &t2,
-        "--coordinator",
-        &farm.addr,
-        "--name",
-        "pi",
-        "--ca-dir",
-        tmp.join("again").to_str().unwrap(),
-    ]);
+    let out = join(&t2, &farm.addr, "pi", &tmp.join("again"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the name \"pi\" was revoked from this farm"), "{out:?}");
 
     // An expired token is refused, saying so.
     let short = token(farm, "agent", &["--ttl", "1s"]);
     let expired = wait_until("the token to expire", Duration::from_secs(10), || {
-        let out = common::farm(&[
-            "agent",
-            "join",
-            "--token",
-            &short,
-            "--coordinator",
-            &farm.addr,
-            "--name",
-            "late",
-            "--ca-dir",
-            tmp.join("late").to_str().unwrap(),
-        ]);
+        let out = join(&short, &farm.addr, "late", &tmp.join("late"));
         let err = String::from_utf8_lossy(&out.stderr).to_string();
         err.contains("expired").then_some(err)
     });
     assert!(expired.contains("create a new one with `farm token create`"), "{expired}");
     // A token limited to one use works once.
     let once = token(farm, "agent", &["--uses", "1"]);
-    farm_ok(&[
-        "agent",
-        "join",
-        "--token",
-        &once,
-        "--coordinator",
-        &farm.addr,
-        "--name",
-        "one",
-        "--ca-dir",
-        tmp.join("one").to_str().unwrap(),
-    ]);
-    let out = common::farm(&[
-        "agent",
-        "join",
-        "--token",
-        &once,
-        "--coordinator",
-        &farm.addr,
-        "--name",
-        "two",
-        "--ca-dir",
-        tmp.join("two").to_str().unwrap(),
-    ]);
+    join_ok(&once, &farm.addr, "one", &tmp.join("one"));
+    let out = join(&once, &farm.addr, "two", &tmp.join("two"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("has been used as often as it allows"), "{out:?}");
 
     // A token of another farm (another CA fingerprint) is refused before anything secret is sent.
     let mut parts: Vec<String> = t2.split('.').map(String::from).collect();
     parts[1] = "0".repeat(64);
     let forged = parts.join(".");
-    let out = common::farm(&[
-        "agent",
-        "join",
-        "--token",
-        &forged,
-        "--coordinator",
-        &farm.addr,
-        "--name",
-        "mallory",
-        "--ca-dir",
-        tmp.join("m").to_str().unwrap(),
-    ]);
+    let out = join(&forged, &farm.addr, "mallory", &tmp.join("m"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("does not match the join token's fingerprint"), "{err}");
     assert!(!farm.coordinator.log().contains("mallory"), "the coordinator heard from the forged join");
@@ -189,18 +123,7 @@ fn token_join_build_revoke_and_refusals() {
     rv.extend(farm.client_args());
     let rv: Vec<&str> = rv.iter().map(String::as_str).collect();
     farm_ok(&rv);
-    let out = common::farm(&[
-        "agent",
-        "join",
-        "--token",
-        &t2,
-        "--coordinator",
-        &farm.addr,
-        "--name",
-        "x",
-        "--ca-dir",
-        tmp.join("x").to_str().unwrap(),
-    ]);
+    let out = join(&t2, &farm.addr, "x", &tmp.join("x"));
     assert!(String::from_utf8_lossy(&out.stderr).contains("was revoked"), "{out:?}");
 
     // A client logs in; its config then finds the farm with no flags. It may not create tokens.
@@ -221,6 +144,29 @@ fn token_join_build_revoke_and_refusals() {
     assert!(out.status.success(), "{out:?}");
     let out = as_alice(&["token", "create", "--role", "agent"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("admin identities only"), "{out:?}");
+}
+
+/// `farm agent join` with a token, as `name`, storing the identity in `dir`.
+fn join(token: &str, addr: &str, name: &str, dir: &std::path::Path) -> std::process::Output {
+    common::farm(&[
+        "agent",
+        "join",
+        "--token",
+        token,
+        "--coordinator",
+        addr,
+        "--name",
+        name,
+        "--ca-dir",
+        dir.to_str().unwrap(),
+    ])
+}
+
+/// The same, which must succeed; returns stdout.
+fn join_ok(token: &str, addr: &str, name: &str, dir: &std::path::Path) -> String {
+    let out = join(token, addr, name, dir);
+    assert!(out.status.success(), "join as {name} failed: {out:?}");
+    String::from_utf8(out.stdout).unwrap()
 }
 
 fn agent_state(farm: &Farm, name: &str) -> String {

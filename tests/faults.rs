@@ -50,15 +50,8 @@ impl BuildRun {
 
     /// Waits for the CLI to exit; returns its stdout.
     fn wait_exit(&mut self, timeout: Duration) -> String {
-        let deadline = Instant::now() + timeout;
-        while self.proc.alive() {
-            assert!(
-                Instant::now() < deadline,
-                "farm build still running after {timeout:?}; its log:\n{}",
-                self.proc.log()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        let proc = &mut self.proc;
+        wait_until("farm build to exit", timeout, || (!proc.alive()).then_some(()));
         std::fs::read_to_string(&self.stdout).unwrap_or_default()
     }
 

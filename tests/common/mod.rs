@@ -211,7 +211,8 @@ impl Farm {
         Farm { tmp, ca, addr, port, timeout_secs, coordinator, agents: Default::default() }
     }
 
-    fn spawn_coordinator(ca: &Ca, root: &Path, port: u16, timeout_secs: u64) -> Proc {
+    /// Starts a coordinator on `port` with its state under `root/coordinator`, and waits until it listens.
+    pub fn spawn_coordinator(ca: &Ca, root: &Path, port: u16, timeout_secs: u64) -> Proc {
         Self::spawn_coordinator_env(ca, root, port, timeout_secs, &[])
     }
 
