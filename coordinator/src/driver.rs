@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use shared::proto::{AgentInfo, AgentMsg, BuildEvent, BuildSpec, CoordMsg, Request, Response};
-use shared::registry::Registry;
+use shared::registry::RegistryPool;
 use shared::tls::Identity;
 use shared::{Digest, Platform};
 use tokio::sync::{mpsc, oneshot};
@@ -28,6 +28,9 @@ pub enum Outbound {
     Send(CoordMsg),
     Close(String),
 }
+
+/// At most this many queued events are handled before their changes are committed together.
+const GROUP_COMMIT_EVENTS: usize = 256;
 
 pub type LogSink = mpsc::UnboundedSender<(Platform, String)>;
 
@@ -118,6 +121,7 @@ pub struct Driver {
     replies: Vec<Reply>,
     revoke_after_commit: Vec<String>,
     events: mpsc::Sender<Event>,
+    registries: Arc<RegistryPool>,
 }
 
 const NO_CA_KEY: &str = "this coordinator cannot enroll peers: its --ca-dir has no ca.key; issue certificates with \
@@ -151,6 +155,7 @@ impl Driver {
         security: Security,
         ca: Option<CertAuthority>,
         gate: Arc<Gate>,
+        registries: Arc<RegistryPool>,
         events: mpsc::Sender<Event>,
     ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
@@ -176,6 +181,7 @@ impl Driver {
             replies: Vec::new(),
             revoke_after_commit: Vec::new(),
             events,
+            registries,
         })
     }
 
@@ -185,7 +191,16 @@ impl Driver {
             let wake = self.core.poll_timeout().map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
             tokio::select! {
                 ev = events.recv() => match ev {
-                    Some(ev) => self.handle(ev),
+                    Some(ev) => {
+                        self.handle(ev);
+                        // Group commit: what is already queued joins this turn's one commit.
+                        for _ in 1..GROUP_COMMIT_EVENTS {
+                            match events.try_recv() {
+                                Ok(ev) => self.handle(ev),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => return Ok(()),
                 },
                 () = sleep_opt(wake) => self.core.handle_timeout(now_ms()),
@@ -348,13 +363,11 @@ impl Driver {
 
     /// Persists what changed, then acts: nothing is acknowledged before it is on disk.
     fn execute(&mut self) -> Result<(), StoreError> {
-        let batch = self.core.take_batch();
+        let mut batch = self.core.take_batch();
+        batch.extend(std::mem::take(&mut self.security_batch));
         if !batch.is_empty() {
-            self.store.commit(&batch)?;
-        }
-        let security = std::mem::take(&mut self.security_batch);
-        if !security.is_empty() {
-            self.store.commit(&security)?;
+            let store = &self.store;
+            off_the_async_threads(|| store.commit(&batch))?;
         }
         for name in self.revoke_after_commit.drain(..) {
             self.gate.revoke(&name);
@@ -384,8 +397,8 @@ impl Driver {
                 Action::Emit { build, event } => self.emit(build, event),
                 Action::CheckCached { task, repository, digest, insecure, credentials } => {
                     let events = self.events.clone();
+                    let registry = self.registries.get(&insecure, credentials.as_ref());
                     tokio::spawn(async move {
-                        let registry = Registry::new(&insecure, credentials);
                         let present = match repository.parse::<shared::oci::ImageRef>() {
                             Ok(repo) => registry.has_manifest(&repo, &digest).await.unwrap_or(false),
                             Err(_) => false,
@@ -396,9 +409,9 @@ impl Driver {
                 Action::Stitch { build, index, tags, insecure, credentials } => {
                     crash_point("stitch");
                     let events = self.events.clone();
+                    let registry = self.registries.get(&insecure, credentials.as_ref());
                     tokio::spawn(async move {
                         let started = std::time::Instant::now();
-                        let registry = Registry::new(&insecure, credentials);
                         let result = registry.push_index(&index, &tags).await.map_err(|e| e.to_string());
                         let ms = started.elapsed().as_millis() as u64;
                         let _ = events.send(Event::Stitched { build, result, ms }).await;
@@ -440,6 +453,15 @@ fn crash_point(point: &str) {
     if std::env::var("FARM_TEST_CRASH_BEFORE").is_ok_and(|p| p == point) {
         eprintln!("FARM_TEST_CRASH_BEFORE={point}: aborting");
         std::process::abort();
+    }
+}
+
+/// Runs `f`, which blocks (an fsync), without stalling the connection tasks that share this
+/// worker thread: on the multi-threaded runtime they move to another thread meanwhile.
+fn off_the_async_threads<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
     }
 }
 

@@ -119,7 +119,16 @@ impl Coordinator {
             Err(TlsError::NoCaKey { .. }) => None,
             Err(e) => return Err(e.into()),
         };
-        let driver = driver::Driver::new(&self.config, self.store, security, ca, gate.clone(), events.clone())?;
+        let registries = Arc::new(shared::registry::RegistryPool::default());
+        let driver = driver::Driver::new(
+            &self.config,
+            self.store,
+            security,
+            ca,
+            gate.clone(),
+            registries.clone(),
+            events.clone(),
+        )?;
         let mut driver = tokio::spawn(driver.run(rx));
         let net = net::Net {
             max_frame: self.config.max_frame_bytes,
@@ -127,6 +136,7 @@ impl Coordinator {
             store: self.blobs.clone(),
             limits: self.config.context_limits.clone(),
             gate,
+            registries,
         };
         // Every change is committed before it is acknowledged, so stopping needs no final save.
         let result = tokio::select! {

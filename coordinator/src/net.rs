@@ -33,6 +33,8 @@ pub struct Net {
     pub store: Arc<BlobStore>,
     pub limits: ContextLimits,
     pub gate: Arc<Gate>,
+    /// Registry clients, shared with the driver.
+    pub registries: Arc<shared::registry::RegistryPool>,
 }
 
 /// Who is connected, by name, and who may no longer connect. Shared by the connection tasks
@@ -413,9 +415,13 @@ impl Net {
         let entry = manifest.entries.iter().find(|e| e.path == spec.dockerfile)?;
         let shared::context::EntryKind::File { digest, .. } = &entry.kind else { return None };
         let text = String::from_utf8(std::fs::read(self.store.path(digest)).ok()?).ok()?;
-        let registry = shared::registry::Registry::new(&spec.insecure_registries, spec.credentials.clone());
+        let images = shared::dockerfile::base_images(&text, &spec.build_args);
+        if images.is_empty() {
+            return Some(vec![]);
+        }
+        let registry = self.registries.get(&spec.insecure_registries, spec.credentials.as_ref());
         let mut out = Vec::new();
-        for image in shared::dockerfile::base_images(&text, &spec.build_args) {
+        for image in images {
             let r: shared::oci::ImageRef = image.parse().ok()?;
             let (_, _, digest) = registry.fetch_manifest(&r).await.ok()?;
             out.push((image, digest));

@@ -105,6 +105,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Appends `other`'s changes after this one's, so both commit in one transaction.
+    pub fn extend(&mut self, other: Batch) {
+        self.ops.extend(other.ops);
+    }
+
     pub fn put_build<T: Serialize>(&mut self, id: &str, value: &T) -> &mut Self {
         let op = match postcard::to_allocvec(value) {
             Ok(bytes) => Op::PutBuild(id.to_owned(), bytes),

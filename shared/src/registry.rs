@@ -219,13 +219,66 @@ impl ImageRef {
     }
 }
 
-/// A registry client: one per process is enough, it serves every registry.
+/// A registry client for one set of credentials; it serves every registry. Cloning is cheap and
+/// shares the HTTP connection pool and the bearer-token cache.
+#[derive(Clone)]
 pub struct Registry {
     client: Client,
     auth: RegistryAuth,
     user: Option<String>,
     insecure: Vec<String>,
     stream_threshold: u64,
+}
+
+/// Registry clients kept for reuse, one per (plain-HTTP registries, credentials): building one
+/// loads TLS roots and costs milliseconds of CPU, so a coordinator that built one per build spent
+/// more on that than on scheduling. Clients are never shared between credentials, because a
+/// client caches the bearer tokens it was given. At most [`RegistryPool::CAPACITY`] are kept;
+/// past that the pool starts over (a cold client costs time, never correctness).
+#[derive(Default)]
+pub struct RegistryPool {
+    clients: std::sync::Mutex<std::collections::HashMap<PoolKey, Registry>>,
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct PoolKey {
+    insecure: Vec<String>,
+    /// The username and a SHA-256 of the password: the pool does not keep a second copy of it.
+    credentials: Option<(String, [u8; 32])>,
+}
+
+impl RegistryPool {
+    pub const CAPACITY: usize = 64;
+
+    /// The pooled client for these settings, made on first use.
+    pub fn get(&self, insecure: &[String], credentials: Option<&Credentials>) -> Registry {
+        use sha2::Digest as _;
+        let mut sorted = insecure.to_vec();
+        sorted.sort();
+        sorted.dedup();
+        let key = PoolKey {
+            insecure: sorted,
+            credentials: credentials.map(|c| (c.username.clone(), sha2::Sha256::digest(c.password.as_bytes()).into())),
+        };
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = clients.get(&key) {
+            return r.clone();
+        }
+        if clients.len() >= Self::CAPACITY {
+            clients.clear();
+        }
+        let r = Registry::new(insecure, credentials.cloned());
+        clients.insert(key, r.clone());
+        r
+    }
+
+    pub fn len(&self) -> usize {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl fmt::Debug for Registry {
@@ -618,6 +671,24 @@ mod tests {
         assert_eq!(format!("{c:?}"), r#"Credentials { username: "bob", password: "<redacted>" }"#);
         let r = Registry::new(&[], Some(c));
         assert!(!format!("{r:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn the_pool_reuses_a_client_per_credentials_and_never_mixes_them() {
+        let pool = RegistryPool::default();
+        let a = pool.get(&["r:1".into(), "q:2".into()], None);
+        let _ = pool.get(&["q:2".into(), "r:1".into(), "r:1".into()], None);
+        assert_eq!(pool.len(), 1, "the same settings in another order are the same client");
+        let bob = pool.get(&[], creds("bob", "pw").as_ref());
+        assert_eq!(bob.user.as_deref(), Some("bob"));
+        let _ = pool.get(&[], creds("bob", "other").as_ref());
+        let _ = pool.get(&[], creds("eve", "pw").as_ref());
+        assert_eq!(pool.len(), 4, "another password or user is another client");
+        assert!(a.user.is_none());
+        for i in 0..RegistryPool::CAPACITY {
+            let _ = pool.get(&[format!("r{i}:5000")], None);
+        }
+        assert!(pool.len() <= RegistryPool::CAPACITY, "the pool is bounded");
     }
 
     #[test]
