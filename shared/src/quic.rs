@@ -35,9 +35,11 @@ pub struct TransportLimits {
     pub connection_receive_window: u32,
     /// Bytes we buffer for sending on a connection (default 8 MiB).
     pub send_window: u64,
-    /// Concurrent bidirectional streams a peer may open (default 64).
+    /// Concurrent bidirectional streams a peer may open (default 16: a client uses one per
+    /// request or build it follows, an agent one or two per task; quinn reserves state for each
+    /// allowed stream up front on every connection).
     pub max_bidi_streams: u32,
-    /// Concurrent unidirectional streams a peer may open (default 64).
+    /// Concurrent unidirectional streams a peer may open (default 0: farm uses none).
     pub max_uni_streams: u32,
     /// Server only: connections waiting to be accepted or still handshaking (default 4096).
     pub max_incoming: usize,
@@ -53,8 +55,8 @@ impl Default for TransportLimits {
             stream_receive_window: MIB,
             connection_receive_window: 8 * MIB,
             send_window: 8 * u64::from(MIB),
-            max_bidi_streams: 64,
-            max_uni_streams: 64,
+            max_bidi_streams: 16,
+            max_uni_streams: 0,
             max_incoming: 4096,
         }
     }
@@ -527,7 +529,7 @@ mod tests {
         assert_eq!(limits.stream_receive_window, 1 << 20);
         assert_eq!(limits.connection_receive_window, 8 << 20);
         assert_eq!(limits.send_window, 8 << 20);
-        assert_eq!((limits.max_bidi_streams, limits.max_uni_streams), (64, 64));
+        assert_eq!((limits.max_bidi_streams, limits.max_uni_streams), (16, 0));
         assert_eq!(limits.max_incoming, 4096);
         let _ = transport_config(&limits);
 

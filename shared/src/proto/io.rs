@@ -94,7 +94,7 @@ pub async fn write_raw<W: AsyncWrite + Unpin, S: AsyncRead + Unpin>(
 /// against timers in `select!` would lose the bytes of a half-read frame when another branch
 /// wins; a channel receive loses nothing. The channel closes after the end of the stream, which
 /// is sent as `Ok(None)`, or after the first error. Drop the handle to stop reading.
-pub fn reader<T, R>(mut r: R, max: usize) -> (tokio::sync::mpsc::Receiver<Result<Option<T>, ProtoError>>, ReaderHandle)
+pub fn reader<T, R>(mut r: R, max: usize) -> (Incoming<T>, ReaderHandle)
 where
     T: DeserializeOwned + Send + 'static,
     R: AsyncRead + Unpin + Send + 'static,
@@ -104,12 +104,24 @@ where
         loop {
             let msg = read_msg(&mut r, max).await;
             let last = !matches!(msg, Ok(Some(_)));
-            if tx.send(msg).await.is_err() || last {
+            if tx.send(Box::new(msg)).await.is_err() || last {
                 return;
             }
         }
     });
-    (rx, ReaderHandle(task))
+    (Incoming(rx), ReaderHandle(task))
+}
+
+/// The receiving end of [`reader`]. Messages travel boxed: a channel allocates its slots in
+/// blocks of 32 of the item's size, and a coordinator holds one per agent connection, so an
+/// unboxed 150-byte message would cost every idle agent 5 KiB.
+pub struct Incoming<T>(tokio::sync::mpsc::Receiver<Box<Result<Option<T>, ProtoError>>>);
+
+impl<T> Incoming<T> {
+    /// The next message; `None` once the reader has stopped (after the end or an error).
+    pub async fn recv(&mut self) -> Option<Result<Option<T>, ProtoError>> {
+        self.0.recv().await.map(|b| *b)
+    }
 }
 
 /// Stops the reader task when dropped.
