@@ -830,6 +830,11 @@ impl Core {
 
     /// Hands every queued task that can run now to its agent, in submission order.
     fn schedule(&mut self, now: u64) {
+        let queued: Vec<TaskId> =
+            self.tasks.iter().filter(|(_, t)| matches!(t.state, TaskState::Queued)).map(|(id, _)| *id).collect();
+        if queued.is_empty() {
+            return;
+        }
         let mut free: HashMap<String, u32> = self.fleet.online().map(|(n, i)| (n.to_string(), i.capacity)).collect();
         for t in self.tasks.values() {
             if let TaskState::Running { agent, .. } = &t.state {
@@ -838,8 +843,6 @@ impl Core {
                 }
             }
         }
-        let queued: Vec<TaskId> =
-            self.tasks.iter().filter(|(_, t)| matches!(t.state, TaskState::Queued)).map(|(id, _)| *id).collect();
         for id in queued {
             let t = &self.tasks[&id];
             let b = &self.builds[&t.build];
