@@ -186,6 +186,11 @@ pub struct Loaded<B, T, A> {
     pub agents: Vec<(String, A)>,
 }
 
+/// redb's page cache. Its default (1 GiB) lets the coordinator's memory grow with the file, page
+/// by page, for as long as it runs; the store is read in full once, at start, and otherwise only
+/// written, so a small cache costs nothing measurable.
+const CACHE_BYTES: usize = 4 << 20;
+
 impl Store {
     /// Opens or creates `<dir>/state.redb` (creating dir), creates missing tables, checks/writes the
     /// schema version in a `meta` table.
@@ -198,6 +203,7 @@ impl Store {
         let path = dir.join(FILE_NAME);
         let db = Database::builder()
             .set_check_integrity_on_open(true)
+            .set_cache_size(CACHE_BYTES)
             .create(&path)
             .map_err(|e| classify(&path, "open", e.into()))?;
         let store = Store { db, path };
