@@ -194,7 +194,14 @@ pub struct Core {
     dirty_builds: BTreeSet<String>,
     dirty_tasks: BTreeSet<TaskId>,
     dirty_agents: BTreeSet<String>,
+    /// Ended builds in the order they ended; past `keep_ended`, the oldest leave memory (they
+    /// stay in the store), so a coordinator's memory does not grow with every build it ever ran.
+    ended: VecDeque<String>,
+    keep_ended: usize,
 }
+
+/// Ended builds kept in memory: as many as `farm builds` can list at once.
+pub const KEEP_ENDED_BUILDS: usize = 1000;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
@@ -229,7 +236,15 @@ impl Core {
             dirty_builds: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
             dirty_agents: BTreeSet::new(),
+            ended: VecDeque::new(),
+            keep_ended: KEEP_ENDED_BUILDS,
         }
+    }
+
+    /// Keeps at most `n` ended builds in memory (the rest remain in the store).
+    pub fn with_ended_builds_kept(mut self, n: usize) -> Self {
+        self.keep_ended = n;
+        self
     }
 
     pub fn with_limits(mut self, limits: Limits) -> Self {
@@ -257,13 +272,19 @@ impl Core {
             self.next_task = self.next_task.max(id + 1);
             self.tasks.insert(id, task);
         }
+        let mut ended = vec![];
         for (id, build) in loaded.builds {
             let stitching = matches!(build.state, BuildState::Stitching);
+            if !matches!(build.state, BuildState::Running | BuildState::Stitching) {
+                ended.push((build.created_ms, id.clone()));
+            }
             self.builds.insert(id.clone(), build);
             if stitching {
                 self.stitch(&id);
             }
         }
+        ended.sort();
+        self.ended.extend(ended.into_iter().map(|(_, id)| id));
         self.schedule(now);
     }
 
@@ -291,7 +312,21 @@ impl Core {
                 batch.put_agent(&name, &r);
             }
         }
+        // Only now, with every change collected: a build leaving memory is not a deletion.
+        self.forget_oldest_ended();
         batch
+    }
+
+    fn forget_oldest_ended(&mut self) {
+        while self.ended.len() > self.keep_ended {
+            let Some(id) = self.ended.pop_front() else { break };
+            if let Some(b) = self.builds.remove(&id) {
+                for t in &b.tasks {
+                    self.tasks.remove(t);
+                    self.claims.remove(t);
+                }
+            }
+        }
     }
 
     /// When [`Core::handle_timeout`] next has something to do.
@@ -825,6 +860,9 @@ impl Core {
     }
 
     fn emit(&mut self, build: &str, event: BuildEvent) {
+        if event.is_terminal() {
+            self.ended.push_back(build.to_owned());
+        }
         self.actions.push_back(Action::Emit { build: build.into(), event });
     }
 

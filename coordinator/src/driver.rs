@@ -256,6 +256,9 @@ impl Driver {
                             tracing::info!(%build, client = %peer.name, "build cancelled");
                             Response::Ok
                         }
+                        Err(_) if self.core.build_state(&build).is_none() && self.stored(&build) => {
+                            Response::Error(format!("build {build} has already ended"))
+                        }
                         Err(e) => Response::Error(e),
                     },
                     other => Response::Error(format!("request {other:?} is not handled here")),
@@ -277,6 +280,7 @@ impl Driver {
             }
             Event::Follow { build, events, reply } => {
                 let r = match self.core.build_state(&build) {
+                    None if self.stored(&build) => Err(format!("build {build} has already ended")),
                     None => Err(format!("no build {build}; `farm builds` lists them")),
                     Some(BuildState::Running | BuildState::Stitching) => {
                         self.followers.entry(build).or_default().push(events);
@@ -287,11 +291,15 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Event::Logs { build, platform, follow, sink, reply } => {
-                let Some(state) = self.core.build_state(&build) else {
-                    let _ = reply.send(Err(format!("no build {build}; `farm builds` lists them")));
-                    return;
+                let live = match self.core.build_state(&build) {
+                    Some(state) => matches!(state, BuildState::Running | BuildState::Stitching),
+                    // Ended long ago: out of memory, still in the store, its log still on disk.
+                    None if self.stored(&build) => false,
+                    None => {
+                        let _ = reply.send(Err(format!("no build {build}; `farm builds` lists them")));
+                        return;
+                    }
                 };
-                let live = matches!(state, BuildState::Running | BuildState::Stitching);
                 for line in self.logs.read(&build, platform.as_ref()) {
                     let _ = sink.send(line);
                 }
@@ -313,6 +321,14 @@ impl Driver {
                 self.core.stitched(&build, result, ms);
             }
         }
+    }
+
+    /// Whether the store knows `build` (an unreadable store answers no, and says why in the log).
+    fn stored(&self, build: &str) -> bool {
+        self.store.has_build(build).unwrap_or_else(|e| {
+            tracing::warn!(%build, "looking the build up in the store failed: {e}");
+            false
+        })
     }
 
     fn create_token(

@@ -282,6 +282,14 @@ impl Store {
         txn.commit().map_err(|e| fail(e.into()))
     }
 
+    /// Whether the builds table holds `id` (ended builds leave the coordinator's memory, not the store).
+    pub fn has_build(&self, id: &str) -> Result<bool, StoreError> {
+        let fail = |e: redb::Error| classify(&self.path, "read", e);
+        let txn = self.db.begin_read().map_err(|e| fail(e.into()))?;
+        let table = txn.open_table(BUILDS).map_err(|e| fail(e.into()))?;
+        Ok(table.get(id).map_err(|e| fail(e.into()))?.is_some())
+    }
+
     /// Everything, decoded. A record that fails to decode is an error naming table and key.
     pub fn load<B: DeserializeOwned, T: DeserializeOwned, A: DeserializeOwned>(
         &self,

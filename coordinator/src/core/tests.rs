@@ -465,3 +465,44 @@ fn identical_inputs_are_answered_from_the_cache_once_the_registry_confirms_and_a
     fresh.submit(4, "unresolved", "admin", spec(&["linux/arm64"]), None).unwrap();
     assert!(drain(&mut fresh).checks.is_empty());
 }
+
+#[test]
+fn only_the_newest_ended_builds_stay_in_memory_and_all_stay_in_the_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path()).unwrap();
+    let mut core = three_agent_farm().with_ended_builds_kept(2);
+    for (i, id) in ["b1", "b2", "b3", "b4"].into_iter().enumerate() {
+        core.submit(i as u64, id, "admin", spec(&["linux/amd64"]), None).unwrap();
+        drain(&mut core);
+        persist(&mut core, &store);
+        core.cancel(i as u64, id).unwrap();
+        drain(&mut core);
+        persist(&mut core, &store);
+    }
+    // A live build is never forgotten, however many end after it.
+    core.submit(10, "live", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (conn, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    persist(&mut core, &store);
+    let listed: Vec<String> = core.builds(100).into_iter().map(|b| b.id).collect();
+    assert_eq!(listed, ["live", "b4", "b3"]);
+    assert!(core.build_state("b1").is_none() && core.build_state("b2").is_none());
+    // Leaving memory deleted nothing: the store still has every build.
+    for id in ["b1", "b2", "b3", "b4", "live"] {
+        assert!(store.has_build(id).unwrap(), "{id} missing from the store");
+    }
+    // A restart keeps the same bound.
+    let mut again = restart(&store, 20).with_ended_builds_kept(2);
+    again.take_batch();
+    let listed: Vec<String> = again.builds(100).into_iter().map(|b| b.id).collect();
+    assert_eq!(listed, ["live", "b4", "b3"]);
+    // The live build still finishes, and ending pushes the oldest kept one out.
+    core.agent_msg(30, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
+    drain(&mut core);
+    core.stitched("live", Ok(digest(9)), 1);
+    drain(&mut core);
+    persist(&mut core, &store);
+    let listed: Vec<String> =
+        core.builds(100).into_iter().map(|b| (b.id, b.state)).map(|(i, s)| format!("{i}:{s}")).collect();
+    assert_eq!(listed, ["live:succeeded", "b4:cancelled"]);
+    assert!(store.has_build("b3").unwrap());
+}
