@@ -241,6 +241,13 @@ impl Core {
         }
     }
 
+    /// Task ids of this run start at `epoch << 40` (see [`crate::store::Store::begin_epoch`]):
+    /// the driver sends assignments while their commit is still under way, so an id must never
+    /// be reused, not even one a crashed run handed out without writing it down.
+    pub fn start_epoch(&mut self, epoch: u64) {
+        self.next_task = self.next_task.max(epoch << 40);
+    }
+
     /// Keeps at most `n` ended builds in memory (the rest remain in the store).
     pub fn with_ended_builds_kept(mut self, n: usize) -> Self {
         self.keep_ended = n;
@@ -873,12 +880,11 @@ impl Core {
         if queued.is_empty() {
             return;
         }
-        let mut free: HashMap<String, u32> = self.fleet.online().map(|(n, i)| (n.to_string(), i.capacity)).collect();
+        // Tasks running per agent: as many entries as busy agents, not one per agent online.
+        let mut running: HashMap<String, u32> = HashMap::new();
         for t in self.tasks.values() {
             if let TaskState::Running { agent, .. } = &t.state {
-                if let Some(f) = free.get_mut(agent) {
-                    *f = f.saturating_sub(1);
-                }
+                *running.entry(agent.clone()).or_default() += 1;
             }
         }
         for id in queued {
@@ -892,12 +898,12 @@ impl Core {
                 native: &info.native,
                 emulated: &info.emulated,
                 labels: &info.labels,
-                free: free.get(name).copied().unwrap_or(0),
+                free: info.capacity.saturating_sub(running.get(name).copied().unwrap_or(0)),
             });
             match sched::place(&need, candidates) {
                 Placement::Run { agent, emulated } => {
                     let conn = self.fleet.conn_of(&agent).expect("candidates are online");
-                    *free.get_mut(&agent).expect("candidates have slots") -= 1;
+                    *running.entry(agent.clone()).or_default() += 1;
                     let assignment = Assignment {
                         task: id,
                         attempt: t.attempt,

@@ -1,8 +1,21 @@
 //! The one task that owns the coordinator's state. Connection tasks send it [`Event`]s; it feeds
 //! them to the pure [`Core`] with the current time, **commits what changed to the store**, and
-//! only then carries out the actions the core returns and answers the requests that caused them:
-//! messages to agents, events to the clients following a build, index pushes to registries. Being
-//! the only owner, it needs no locks and sees events in one order.
+//! only then answers the requests that caused the changes and carries out the rest of what the
+//! core asks: events to the clients following a build, index pushes to registries, revocations.
+//! Being the only owner, it needs no locks and sees events in one order.
+//!
+//! Commits are pipelined: the fsync runs on a blocking thread while the driver goes on handling
+//! events; changes made meanwhile wait and go to disk together in the next commit (group commit),
+//! and what waits on a commit is released in order when it completes. Messages to agents
+//! (assignments, cancellations) do not wait: like a Raft leader that sends entries while it
+//! writes them to its own disk, the coordinator may tell an agent about a change before the
+//! change is durable, because every outcome of a crash in between is safe. No client was told
+//! (replies wait), so nothing acknowledged is lost; the restarted coordinator does not know the
+//! task, so the agent's `Holding` report gets it cancelled and its result is refused; and task
+//! ids are never reused across runs ([`Core::start_epoch`]), so such a result cannot be taken for
+//! another task's. A cancellation that did not become durable is undone by the same report (the
+//! task is requeued). This keeps a durable commit off the path from a task becoming ready to its
+//! agent hearing of it.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -99,6 +112,22 @@ pub enum Event {
     },
 }
 
+/// What a turn produced that may only happen once the turn's changes are on disk.
+#[derive(Default)]
+struct AfterCommit {
+    replies: Vec<Reply>,
+    revoke: Vec<String>,
+    actions: Vec<Action>,
+}
+
+impl AfterCommit {
+    fn append(&mut self, mut later: AfterCommit) {
+        self.replies.append(&mut later.replies);
+        self.revoke.append(&mut later.revoke);
+        self.actions.append(&mut later.actions);
+    }
+}
+
 /// An answer that may only be given once the change it acknowledges is on disk.
 enum Reply {
     Submitted(oneshot::Sender<Result<String, String>>, Result<String, String>),
@@ -113,7 +142,13 @@ pub struct Driver {
     gate: Arc<Gate>,
     /// Token and revocation records to commit with the next batch.
     security_batch: Batch,
-    store: Store,
+    store: Arc<Store>,
+    /// The commit under way, and what waits on it.
+    committing: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+    in_flight: AfterCommit,
+    /// Changes made since that commit started, and what waits on them.
+    next_batch: Batch,
+    next: AfterCommit,
     logs: Logs,
     links: HashMap<ConnId, mpsc::UnboundedSender<Outbound>>,
     followers: HashMap<String, Vec<mpsc::UnboundedSender<BuildEvent>>>,
@@ -163,6 +198,7 @@ impl Driver {
         let loaded = store.load()?;
         let (builds, tasks) = (loaded.builds.len(), loaded.tasks.len());
         core.recover(now_ms(), loaded);
+        core.start_epoch(store.begin_epoch()?);
         if builds > 0 {
             tracing::info!(builds, tasks, "state recovered from {}", store.path().display());
         }
@@ -173,7 +209,11 @@ impl Driver {
             ca,
             gate,
             security_batch: Batch::default(),
-            store,
+            store: Arc::new(store),
+            committing: None,
+            in_flight: AfterCommit::default(),
+            next_batch: Batch::default(),
+            next: AfterCommit::default(),
             logs,
             links: HashMap::new(),
             followers: HashMap::new(),
@@ -186,7 +226,7 @@ impl Driver {
     }
 
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>) -> Result<(), StoreError> {
-        self.execute()?;
+        self.step();
         loop {
             let wake = self.core.poll_timeout().map(|d| Duration::from_millis(d.saturating_sub(now_ms())));
             tokio::select! {
@@ -204,8 +244,19 @@ impl Driver {
                     None => return Ok(()),
                 },
                 () = sleep_opt(wake) => self.core.handle_timeout(now_ms()),
+                done = commit_done(&mut self.committing), if self.committing.is_some() => {
+                    self.committing = None;
+                    match done {
+                        Ok(result) => result?,
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        // The runtime is shutting down.
+                        Err(_) => return Ok(()),
+                    }
+                    let released = std::mem::take(&mut self.in_flight);
+                    self.release(released);
+                }
             }
-            self.execute()?;
+            self.step();
         }
     }
 
@@ -377,18 +428,46 @@ impl Driver {
         }
     }
 
-    /// Persists what changed, then acts: nothing is acknowledged before it is on disk.
-    fn execute(&mut self) -> Result<(), StoreError> {
+    /// Collects what the last events changed and caused: messages to agents go at once, the
+    /// changes join the next commit, and everything else waits for that commit.
+    fn step(&mut self) {
         let mut batch = self.core.take_batch();
         batch.extend(std::mem::take(&mut self.security_batch));
-        if !batch.is_empty() {
-            let store = &self.store;
-            off_the_async_threads(|| store.commit(&batch))?;
+        self.next_batch.extend(batch);
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Send { .. } | Action::Close { .. } => self.act(action),
+                later => self.next.actions.push(later),
+            }
         }
-        for name in self.revoke_after_commit.drain(..) {
+        self.next.replies.append(&mut self.replies);
+        self.next.revoke.append(&mut self.revoke_after_commit);
+        self.start_commit();
+    }
+
+    /// Hands the waiting changes to a blocking thread, unless a commit is under way (they go when
+    /// it completes). With no changes and no commit under way, what waits is released at once.
+    fn start_commit(&mut self) {
+        if self.committing.is_some() {
+            return;
+        }
+        let waiting = std::mem::take(&mut self.next);
+        if self.next_batch.is_empty() {
+            self.release(waiting);
+            return;
+        }
+        let batch = std::mem::take(&mut self.next_batch);
+        self.in_flight.append(waiting);
+        let store = self.store.clone();
+        self.committing = Some(tokio::task::spawn_blocking(move || store.commit(&batch)));
+    }
+
+    /// What waited on a commit, in the order it happened: revocations, replies, then actions.
+    fn release(&mut self, after: AfterCommit) {
+        for name in after.revoke {
             self.gate.revoke(&name);
         }
-        for reply in self.replies.drain(..) {
+        for reply in after.replies {
             match reply {
                 Reply::Submitted(tx, r) => {
                     let _ = tx.send(r);
@@ -398,45 +477,48 @@ impl Driver {
                 }
             }
         }
-        while let Some(action) = self.core.poll_action() {
-            match action {
-                Action::Send { conn, msg } => {
-                    if let Some(link) = self.links.get(&conn) {
-                        let _ = link.send(Outbound::Send(msg));
-                    }
-                }
-                Action::Close { conn, reason } => {
-                    if let Some(link) = self.links.remove(&conn) {
-                        let _ = link.send(Outbound::Close(reason));
-                    }
-                }
-                Action::Emit { build, event } => self.emit(build, event),
-                Action::CheckCached { task, repository, digest, insecure, credentials } => {
-                    let events = self.events.clone();
-                    let registry = self.registries.get(&insecure, credentials.as_ref());
-                    tokio::spawn(async move {
-                        let present = match repository.parse::<shared::oci::ImageRef>() {
-                            Ok(repo) => registry.has_manifest(&repo, &digest).await.unwrap_or(false),
-                            Err(_) => false,
-                        };
-                        let _ = events.send(Event::CacheChecked { task, present }).await;
-                    });
-                }
-                Action::Stitch { build, index, tags, insecure, credentials } => {
-                    crash_point("stitch");
-                    let events = self.events.clone();
-                    let registry = self.registries.get(&insecure, credentials.as_ref());
-                    tokio::spawn(async move {
-                        let started = std::time::Instant::now();
-                        let result = registry.push_index(&index, &tags).await.map_err(|e| e.to_string());
-                        let ms = started.elapsed().as_millis() as u64;
-                        let _ = events.send(Event::Stitched { build, result, ms }).await;
-                    });
-                }
-            }
+        for action in after.actions {
+            self.act(action);
         }
         self.logs.flush();
-        Ok(())
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Send { conn, msg } => {
+                if let Some(link) = self.links.get(&conn) {
+                    let _ = link.send(Outbound::Send(msg));
+                }
+            }
+            Action::Close { conn, reason } => {
+                if let Some(link) = self.links.remove(&conn) {
+                    let _ = link.send(Outbound::Close(reason));
+                }
+            }
+            Action::Emit { build, event } => self.emit(build, event),
+            Action::CheckCached { task, repository, digest, insecure, credentials } => {
+                let events = self.events.clone();
+                let registry = self.registries.get(&insecure, credentials.as_ref());
+                tokio::spawn(async move {
+                    let present = match repository.parse::<shared::oci::ImageRef>() {
+                        Ok(repo) => registry.has_manifest(&repo, &digest).await.unwrap_or(false),
+                        Err(_) => false,
+                    };
+                    let _ = events.send(Event::CacheChecked { task, present }).await;
+                });
+            }
+            Action::Stitch { build, index, tags, insecure, credentials } => {
+                crash_point("stitch");
+                let events = self.events.clone();
+                let registry = self.registries.get(&insecure, credentials.as_ref());
+                tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let result = registry.push_index(&index, &tags).await.map_err(|e| e.to_string());
+                    let ms = started.elapsed().as_millis() as u64;
+                    let _ = events.send(Event::Stitched { build, result, ms }).await;
+                });
+            }
+        }
     }
 
     fn emit(&mut self, build: String, event: BuildEvent) {
@@ -472,12 +554,12 @@ fn crash_point(point: &str) {
     }
 }
 
-/// Runs `f`, which blocks (an fsync), without stalling the connection tasks that share this
-/// worker thread: on the multi-threaded runtime they move to another thread meanwhile.
-fn off_the_async_threads<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
-        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
-        _ => f(),
+async fn commit_done(
+    committing: &mut Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
+) -> Result<Result<(), StoreError>, tokio::task::JoinError> {
+    match committing {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
     }
 }
 

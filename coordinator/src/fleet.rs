@@ -36,6 +36,10 @@ struct Agent {
 pub struct Fleet {
     agents: BTreeMap<String, Agent>,
     timeout_ms: u64,
+    /// No online agent expires before this (`None`: none was online at the last count). Kept
+    /// as a bound, not exact, because heartbeats only move deadlines later: it costs nothing per
+    /// heartbeat, and [`Fleet::expire`] makes it exact again when it is reached.
+    earliest: Option<u64>,
 }
 
 /// What registering an agent displaced.
@@ -49,7 +53,7 @@ pub enum Registered {
 
 impl Fleet {
     pub fn new(timeout_ms: u64) -> Self {
-        Self { agents: BTreeMap::new(), timeout_ms }
+        Self { agents: BTreeMap::new(), timeout_ms, earliest: None }
     }
 
     /// How often agents should heartbeat: a few beats fit in one timeout, so one or two lost
@@ -60,6 +64,8 @@ impl Fleet {
 
     pub fn register(&mut self, now: u64, name: &str, conn: ConnId, address: String, info: AgentInfo) -> Registered {
         let fresh = Agent { info, conn: Some(conn), last_seen: now, busy: 0, address, draining: false };
+        let deadline = now + self.timeout_ms;
+        self.earliest = Some(self.earliest.map_or(deadline, |e| e.min(deadline)));
         match self.agents.insert(name.to_string(), fresh) {
             None => Registered::New,
             Some(Agent { conn: Some(old), .. }) if old != conn => Registered::Replaced(old),
@@ -94,21 +100,27 @@ impl Fleet {
     /// Marks offline every agent silent for the timeout; returns them with the connection to close.
     pub fn expire(&mut self, now: u64) -> Vec<(String, ConnId)> {
         let mut lost = Vec::new();
+        let mut earliest = None::<u64>;
         for (name, a) in &mut self.agents {
             if let Some(conn) = a.conn {
                 if now.saturating_sub(a.last_seen) >= self.timeout_ms {
                     a.conn = None;
                     a.busy = 0;
                     lost.push((name.clone(), conn));
+                } else {
+                    let deadline = a.last_seen + self.timeout_ms;
+                    earliest = Some(earliest.map_or(deadline, |e| e.min(deadline)));
                 }
             }
         }
+        self.earliest = earliest;
         lost
     }
 
-    /// When [`Fleet::expire`] next has something to do.
+    /// When [`Fleet::expire`] may next have something to do: never later than the first online
+    /// agent's deadline, possibly earlier (then `expire` finds nothing and looks again later).
     pub fn next_deadline(&self) -> Option<u64> {
-        self.agents.values().filter(|a| a.conn.is_some()).map(|a| a.last_seen + self.timeout_ms).min()
+        self.earliest
     }
 
     /// An agent known from a previous run, offline until it connects.
@@ -203,6 +215,22 @@ mod tests {
         assert!(!f.is_online("pi"));
         assert_eq!(f.next_deadline(), None);
         assert_eq!(f.view()[0].state, AgentState::Offline);
+    }
+
+    #[test]
+    fn the_next_deadline_is_never_late_and_expire_makes_it_exact() {
+        let mut f = Fleet::new(15_000);
+        f.register(0, "a", 1, "x".into(), info());
+        f.register(1_000, "b", 2, "y".into(), info());
+        assert_eq!(f.next_deadline(), Some(15_000));
+        // A heartbeat moves a's deadline later; the bound may stay early, never late.
+        f.heartbeat(5_000, "a", 1, &Heartbeat { busy: 0 });
+        assert!(f.next_deadline().unwrap() <= 16_000);
+        // Woken at the bound, expire finds nobody silent and tightens it to b's deadline.
+        assert!(f.expire(15_000).is_empty());
+        assert_eq!(f.next_deadline(), Some(16_000));
+        assert_eq!(f.expire(16_000), vec![("b".to_string(), 2)]);
+        assert_eq!(f.next_deadline(), Some(20_000));
     }
 
     #[test]

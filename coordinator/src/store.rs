@@ -33,6 +33,7 @@ const TOKENS: TableDefinition<&str, &[u8]> = TableDefinition::new("tokens");
 /// Revoked identities by name.
 const REVOKED: TableDefinition<&str, &[u8]> = TableDefinition::new("revoked");
 const SCHEMA_KEY: &str = "schema_version";
+const EPOCH_KEY: &str = "epoch";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -282,6 +283,23 @@ impl Store {
         txn.commit().map_err(|e| fail(e.into()))
     }
 
+    /// Starts a new run of the coordinator: durably counts it and returns its number (1, 2, ...).
+    /// Task ids carry it ([`crate::core::Core::start_epoch`]), so an id handed to an agent in a
+    /// run that crashed before writing it down is never handed out again.
+    pub fn begin_epoch(&self) -> Result<u64, StoreError> {
+        let fail = |e: redb::Error| classify(&self.path, "write", e);
+        let mut txn = self.db.begin_write().map_err(|e| fail(e.into()))?;
+        txn.set_durability(Durability::Immediate).map_err(|e| fail(e.into()))?;
+        let epoch = {
+            let mut meta = txn.open_table(META).map_err(|e| fail(e.into()))?;
+            let last = meta.get(EPOCH_KEY).map_err(|e| fail(e.into()))?.map(|v| v.value()).unwrap_or(0);
+            meta.insert(EPOCH_KEY, last + 1).map_err(|e| fail(e.into()))?;
+            last + 1
+        };
+        txn.commit().map_err(|e| fail(e.into()))?;
+        Ok(epoch)
+    }
+
     /// Whether the builds table holds `id` (ended builds leave the coordinator's memory, not the store).
     pub fn has_build(&self, id: &str) -> Result<bool, StoreError> {
         let fail = |e: redb::Error| classify(&self.path, "read", e);
@@ -500,6 +518,18 @@ mod tests {
         assert_eq!(loaded.builds, vec![("web".into(), build("web:1"))]);
         assert_eq!(loaded.tasks, vec![(7, task("web", 3))]);
         assert_eq!(loaded.agents, vec![("arm1".into(), agent(2))]);
+    }
+
+    #[test]
+    fn each_run_gets_a_new_epoch_that_survives_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.begin_epoch().unwrap(), 1);
+            assert_eq!(store.begin_epoch().unwrap(), 2);
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.begin_epoch().unwrap(), 3);
     }
 
     #[test]

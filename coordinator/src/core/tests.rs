@@ -506,3 +506,23 @@ fn only_the_newest_ended_builds_stay_in_memory_and_all_stay_in_the_store() {
     assert_eq!(listed, ["live:succeeded", "b4:cancelled"]);
     assert!(store.has_build("b3").unwrap());
 }
+
+#[test]
+fn task_ids_of_a_new_run_never_meet_those_of_an_earlier_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = crate::store::Store::open(dir.path()).unwrap();
+    let mut core = three_agent_farm();
+    core.start_epoch(store.begin_epoch().unwrap());
+    core.submit(0, "b1", "admin", spec(&["linux/amd64"]), None).unwrap();
+    let (_, first, ..) = drain(&mut core).assigned[0].clone();
+    assert_eq!(first, 1 << 40);
+    // This run hands out another id but crashes before writing it down.
+    core.submit(1, "b2", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (_, unwritten, ..) = drain(&mut core).assigned[0].clone();
+    let mut again = restart(&store, 2);
+    again.start_epoch(store.begin_epoch().unwrap());
+    again.agent_up(2, "x86", 9, "a".into(), info(&["linux/amd64"], &[], &[]));
+    again.submit(2, "b3", "admin", spec(&["linux/amd64"]), None).unwrap();
+    let (_, next, ..) = drain(&mut again).assigned[0].clone();
+    assert!(next > unwritten && next >= 2 << 40, "{next} reuses an id of the crashed run");
+}
