@@ -99,11 +99,11 @@ fn manifests(c: &mut Criterion) {
     group.finish();
 }
 
-/// The coordinator builds a registry client for every submitted build (to resolve its base images
-/// for the result cache) and for every index it pushes.
+/// What building a registry client costs: why the coordinator keeps one per credentials
+/// (`shared::registry::RegistryPool`) instead of one per submitted build and pushed index.
 fn registry_client(c: &mut Criterion) {
     let insecure = vec!["127.0.0.1:5000".to_string()];
-    c.bench_function("registry/client construction (per submitted build)", |b| {
+    c.bench_function("registry/client construction (once per credentials; pooled)", |b| {
         b.iter(|| shared::registry::Registry::new(black_box(&insecure), None))
     });
 }

@@ -144,7 +144,7 @@ pub async fn cold_upload(env: &Env, coordinator: &str, sink: &str, pids: (u32, u
         Goal::RatioAtLeast(0.90),
     );
     row.farm_label = "Client::upload_context to the coordinator process (PutContext + PutBlobs; the coordinator \
-                      hashes and fsyncs each file into its store)"
+                      hashes, writes and fsyncs each file into its store on threads of its own)"
         .into();
     row.baseline_label = "one plain quinn bi-stream of the same bytes, same TLS and transport limits, to a separate \
                           process that writes them to one file (no hash, no fsync)"

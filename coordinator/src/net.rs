@@ -11,14 +11,17 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::context::{BlobStore, ContextLimits, ContextManifest};
-use shared::proto::io::{expect_msg, read_msg, read_raw, write_msg, write_raw};
+use shared::context::{BlobSink, BlobStore, ContextLimits, ContextManifest};
+use shared::proto::io::{expect_msg, read_msg, write_msg, write_raw};
 use shared::proto::{AgentMsg, BlobHeader, Hello, HelloReply, ProtoError, Request, Response};
 use shared::tls::{Identity, Role};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::driver::{Event, Outbound};
 use crate::fleet::ConnId;
+
+/// The most a context upload hands to the writing thread at a time (quinn's chunks are smaller).
+const RECEIVE_CHUNK: usize = 256 * 1024;
 
 /// How long a new connection may take to open its first stream and say hello.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -348,19 +351,40 @@ impl Net {
         Response::Missing(self.store.missing(&wanted))
     }
 
+    /// Receives blobs and stores them through a [`BlobSink`]: this task only reads the network;
+    /// hashing, writing and syncing happen on threads of their own, overlapping the transfer.
     async fn put_blobs(&self, peer: &Identity, recv: &mut quinn::RecvStream) -> Result<Response, ProtoError> {
+        let mut sink = BlobSink::new(self.store.clone());
         let (mut blobs, mut bytes) = (0u64, 0u64);
-        while let Some(header) = read_msg::<BlobHeader, _>(recv, self.max_frame).await? {
-            let mut writer = match self.store.writer(header.digest.clone()) {
-                Ok(w) => w,
-                Err(e) => return Ok(Response::Error(e.to_string())),
-            };
-            read_raw(recv, header.size, &mut writer).await?;
-            if let Err(e) = writer.commit() {
-                return Ok(Response::Error(format!("upload refused: {e}")));
+        'blobs: while let Some(header) = read_msg::<BlobHeader, _>(recv, self.max_frame).await? {
+            if !sink.start(header.digest.clone()).await {
+                break;
+            }
+            let mut left = header.size;
+            while left > 0 {
+                let want = left.min(RECEIVE_CHUNK as u64) as usize;
+                let chunk =
+                    recv.read_chunk(want, true).await.map_err(std::io::Error::from)?.ok_or(ProtoError::Truncated {
+                        expected: header.size as usize,
+                        got: (header.size - left) as usize,
+                    })?;
+                left -= chunk.bytes.len() as u64;
+                if !sink.bytes(chunk.bytes).await {
+                    break 'blobs;
+                }
+            }
+            if !sink.end().await {
+                break;
             }
             blobs += 1;
             bytes += header.size;
+        }
+        match sink.finish().await {
+            Ok(stored) if stored == blobs => {}
+            Ok(stored) => {
+                return Ok(Response::Error(format!("upload refused: only {stored} of {blobs} files could be stored")))
+            }
+            Err(e) => return Ok(Response::Error(format!("upload refused: {e}"))),
         }
         tracing::info!(client = %peer.name, blobs, bytes, "context files received");
         Ok(Response::Stored { blobs, bytes })

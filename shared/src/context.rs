@@ -156,6 +156,8 @@ pub enum ContextError {
         path.display()
     )]
     DestNotEmpty { path: PathBuf },
+    #[error("storing blobs failed: {0}")]
+    Sink(&'static str),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
@@ -964,13 +966,43 @@ impl BlobWriter {
     /// Checks the digest of what was written and, if it is the expected one, moves the blob into place
     /// (synced first, so a crash cannot leave a truncated blob under a valid name). Returns the number
     /// of bytes. On a mismatch the temp file is removed and nothing is stored.
-    pub fn commit(mut self) -> Result<u64, ContextError> {
+    pub fn commit(self) -> Result<u64, ContextError> {
+        self.finish()?.persist()
+    }
+
+    /// The first half of [`BlobWriter::commit`]: flushes and checks the digest. The blob is not in
+    /// the store until [`Written::persist`].
+    pub fn finish(mut self) -> Result<Written, ContextError> {
         self.file.flush().map_err(io_err(&self.tmp))?;
         let got = std::mem::take(&mut self.hasher).finish();
         if got != self.expected {
             return Err(ContextError::DigestMismatch { expected: self.expected.clone(), got });
         }
-        self.file.get_ref().sync_data().map_err(io_err(&self.tmp))?;
+        let file = self.file.get_ref().try_clone().map_err(io_err(&self.tmp))?;
+        self.done = true;
+        Ok(Written {
+            file,
+            tmp: std::mem::take(&mut self.tmp),
+            dest: std::mem::take(&mut self.dest),
+            written: self.written,
+            done: false,
+        })
+    }
+}
+
+/// A blob whose bytes and digest are right, still under its temporary name.
+pub struct Written {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    written: u64,
+    done: bool,
+}
+
+impl Written {
+    /// Syncs the blob to disk, then moves it into place; returns its size.
+    pub fn persist(mut self) -> Result<u64, ContextError> {
+        self.file.sync_data().map_err(io_err(&self.tmp))?;
         if let Some(parent) = self.dest.parent() {
             fs::create_dir_all(parent).map_err(io_err(parent))?;
         }
@@ -980,11 +1012,124 @@ impl BlobWriter {
     }
 }
 
+impl Drop for Written {
+    fn drop(&mut self) {
+        if !self.done {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 impl Drop for BlobWriter {
     fn drop(&mut self) {
         if !self.done {
             let _ = fs::remove_file(&self.tmp);
         }
+    }
+}
+
+/// Pieces of blobs in transit to a [`BlobSink`].
+enum Piece {
+    Start(Digest),
+    Bytes(bytes::Bytes),
+    End,
+}
+
+/// Blobs in flight to the [`BlobSink`]'s writer: enough to keep the network busy while it writes.
+const SINK_PIECES: usize = 64;
+/// Written blobs waiting for their sync: bounded, because each holds an open file.
+const SYNC_BACKLOG: usize = 64;
+/// Threads syncing written blobs.
+const SYNCERS: usize = 4;
+
+/// Stores a stream of blobs off the async threads, in two stages: one thread hashes and writes
+/// each blob as its bytes arrive, another syncs finished blobs to disk and moves them into
+/// place. Receiving the next bytes overlaps storing the last ones, and no fsync stands in the
+/// network's way; [`BlobSink::finish`] returns once every blob is durable, or with the first error.
+pub struct BlobSink {
+    tx: tokio::sync::mpsc::Sender<Piece>,
+    stages: tokio::task::JoinHandle<Result<u64, ContextError>>,
+}
+
+impl BlobSink {
+    pub fn new(store: std::sync::Arc<BlobStore>) -> Self {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Piece>(SINK_PIECES);
+        let stages = tokio::task::spawn_blocking(move || {
+            let (to_sync, synced) = std::sync::mpsc::sync_channel::<Written>(SYNC_BACKLOG);
+            // Several syncers: a file system commits concurrent fsyncs together, which is what
+            // makes thousands of small files cheap to make durable.
+            let synced = std::sync::Arc::new(std::sync::Mutex::new(synced));
+            let syncers: Vec<_> = (0..SYNCERS)
+                .map(|_| {
+                    let synced = synced.clone();
+                    std::thread::spawn(move || -> Result<u64, ContextError> {
+                        let mut n = 0;
+                        loop {
+                            let next = synced.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok(w) = next else { return Ok(n) };
+                            w.persist()?;
+                            n += 1;
+                        }
+                    })
+                })
+                .collect();
+            let wrote = (|| -> Result<(), ContextError> {
+                let mut current: Option<BlobWriter> = None;
+                while let Some(piece) = rx.blocking_recv() {
+                    match piece {
+                        Piece::Start(digest) => current = Some(store.writer(digest)?),
+                        Piece::Bytes(b) => {
+                            let w = current.as_mut().ok_or(ContextError::Sink("bytes before a blob"))?;
+                            w.write_all(&b).map_err(|e| io_err(&w.tmp)(e))?;
+                        }
+                        Piece::End => {
+                            let w = current.take().ok_or(ContextError::Sink("a blob ended that never began"))?;
+                            // The syncer stopped: its error is the one to report.
+                            if to_sync.send(w.finish()?).is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })();
+            drop(to_sync);
+            let mut stored = 0;
+            let mut failed = None;
+            for syncer in syncers {
+                match syncer.join() {
+                    Ok(Ok(n)) => stored += n,
+                    Ok(Err(e)) => failed = failed.or(Some(e)),
+                    Err(_) => failed = failed.or(Some(ContextError::Sink("a sync thread panicked"))),
+                }
+            }
+            if let Some(e) = failed {
+                return Err(e);
+            }
+            wrote?;
+            Ok(stored)
+        });
+        BlobSink { tx, stages }
+    }
+
+    /// A new blob begins; `false` once the sink has stopped (then [`BlobSink::finish`] says why).
+    pub async fn start(&mut self, digest: Digest) -> bool {
+        self.tx.send(Piece::Start(digest)).await.is_ok()
+    }
+
+    pub async fn bytes(&mut self, bytes: bytes::Bytes) -> bool {
+        self.tx.send(Piece::Bytes(bytes)).await.is_ok()
+    }
+
+    /// The current blob is complete: its digest is checked, then it is synced and moved into place.
+    pub async fn end(&mut self) -> bool {
+        self.tx.send(Piece::End).await.is_ok()
+    }
+
+    /// Waits until every blob is durable; returns how many were stored.
+    pub async fn finish(self) -> Result<u64, ContextError> {
+        drop(self.tx);
+        self.stages.await.map_err(|_| ContextError::Sink("the writing thread panicked"))?
     }
 }
 
@@ -1444,6 +1589,42 @@ mod tests {
         w.write_all(b"ght").unwrap();
         assert_eq!(w.commit().unwrap(), 5);
         assert!(store.has(&expected));
+    }
+
+    #[tokio::test]
+    async fn a_blob_sink_stores_every_blob_durably_and_refuses_a_wrong_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = std::sync::Arc::new(BlobStore::open(tmp.path()).unwrap());
+        let blobs: Vec<Vec<u8>> = (0..200u32).map(|i| vec![(i % 251) as u8; (i as usize * 97) % 5000]).collect();
+        let mut sink = BlobSink::new(store.clone());
+        for b in &blobs {
+            assert!(sink.start(Digest::of(b)).await);
+            // In pieces, as they come off the network.
+            for piece in b.chunks(1000) {
+                assert!(sink.bytes(bytes::Bytes::copy_from_slice(piece)).await);
+            }
+            assert!(sink.end().await);
+        }
+        assert_eq!(sink.finish().await.unwrap(), blobs.len() as u64);
+        for b in &blobs {
+            assert_eq!(fs::read(store.path(&Digest::of(b))).unwrap(), *b);
+        }
+        assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0);
+
+        // A blob that is not what its digest says stops the sink; nothing of it is stored.
+        let expected = Digest::of(b"right");
+        let mut sink = BlobSink::new(store.clone());
+        assert!(sink.start(expected.clone()).await);
+        assert!(sink.bytes(bytes::Bytes::from_static(b"wrong")).await);
+        let _ = sink.end().await;
+        // Whatever is sent after the failure is refused or ignored.
+        let _ = sink.start(Digest::of(b"later")).await;
+        match sink.finish().await {
+            Err(ContextError::DigestMismatch { expected: e, .. }) => assert_eq!(e, expected),
+            other => panic!("{other:?}"),
+        }
+        assert!(!store.has(&expected));
+        assert_eq!(fs::read_dir(tmp.path().join("tmp")).unwrap().count(), 0, "temp files removed");
     }
 
     #[test]
