@@ -99,6 +99,47 @@ fn a_coordinator_killed_at_each_step_of_a_build_ends_every_build_with_a_correct_
     assert_eq!(registry.tags("stitch"), ["1"]);
 }
 
+/// The coordinator tells an agent of its task while the commit that records it is under way.
+/// Killed in between (the failpoint makes that commit never complete), it must lose nothing it
+/// acknowledged and confuse nothing: the client, never answered, fails; the agent, whose task the
+/// restarted coordinator never heard of, is told to drop it; no tag appears; the farm goes on.
+#[test]
+fn a_task_sent_before_its_commit_completed_is_dropped_when_the_coordinator_dies_first() {
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("x86", &[]);
+    farm.restart_coordinator_env(&[("FARM_TEST_STALL_COMMIT", "build")]);
+    farm.wait_agent("x86", "online");
+    let root = farm.tmp.path().to_path_buf();
+
+    let ctx = slow_context(&root, "early", 60);
+    let mut a = vec!["build".to_string(), "--wait=false".into()];
+    a.extend(args(&farm, &registry, &base, "linux/amd64", "early:1", &ctx));
+    let a: Vec<&str> = a.iter().map(String::as_str).collect();
+    let mut client = Proc::farm("client", &a);
+    let agent_log = &farm.agents["x86"];
+    agent_log.wait_for_line(&["task assigned"], Duration::from_secs(60));
+    assert!(client.alive(), "the client was answered before the build was on disk:\n{}", client.log());
+    farm.coordinator.wait_for_line(&["FARM_TEST_STALL_COMMIT=build"], Duration::from_secs(10));
+
+    farm.restart_coordinator();
+    let status = wait_until("the unanswered client to give up", Duration::from_secs(60), || client.exit_status());
+    assert!(!status.success(), "the client reported success for a build never accepted:\n{}", client.log());
+    let agent_log = &farm.agents["x86"];
+    agent_log.wait_for_line(&["task cancelled by the coordinator"], Duration::from_secs(30));
+    assert_eq!(farm.builds().as_array().unwrap().len(), 0, "{}", farm.builds());
+    assert!(registry.tags("early").is_empty(), "a tag was pushed for a build never accepted");
+
+    // The farm goes on; the new run's task ids never meet the lost one's.
+    let ctx = slow_context(&root, "after", 1);
+    let id = submit(&args(&farm, &registry, &base, "linux/amd64", "after:1", &ctx));
+    let b = farm.wait_build_end(&id, Duration::from_secs(120));
+    assert_eq!(b["state"], "succeeded", "{b}");
+    assert_index(&registry, &format!("{}/after:1", registry.addr), &["linux/amd64"]);
+    assert!(registry.tags("early").is_empty());
+}
+
 #[test]
 fn ten_concurrent_builds_across_a_coordinator_restart_all_end_none_lost() {
     let registry = Registry::start();

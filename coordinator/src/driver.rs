@@ -459,7 +459,16 @@ impl Driver {
         let batch = std::mem::take(&mut self.next_batch);
         self.in_flight.append(waiting);
         let store = self.store.clone();
-        self.committing = Some(tokio::task::spawn_blocking(move || store.commit(&batch)));
+        let stall = batch.has_builds() && failpoint("FARM_TEST_STALL_COMMIT", "build");
+        self.committing = Some(tokio::task::spawn_blocking(move || {
+            if stall {
+                eprintln!("FARM_TEST_STALL_COMMIT=build: this commit never completes");
+                loop {
+                    std::thread::park();
+                }
+            }
+            store.commit(&batch)
+        }));
     }
 
     /// What waited on a commit, in the order it happened: revocations, replies, then actions.
@@ -548,10 +557,17 @@ impl Driver {
 /// SIGKILL would, so tests can stop it at an exact step (e.g. `stitch`: the build's stitching
 /// state is committed, the index not yet pushed). Unset in production, it costs one lookup.
 fn crash_point(point: &str) {
-    if std::env::var("FARM_TEST_CRASH_BEFORE").is_ok_and(|p| p == point) {
+    if failpoint("FARM_TEST_CRASH_BEFORE", point) {
         eprintln!("FARM_TEST_CRASH_BEFORE={point}: aborting");
         std::process::abort();
     }
+}
+
+/// Whether test failpoint `var` is set to `point`. With `FARM_TEST_STALL_COMMIT=build`, commits
+/// that write a build never complete, so a test can kill the coordinator after an agent was told
+/// of a task and before the task was on disk. Unset in production, each costs one lookup.
+fn failpoint(var: &str, point: &str) -> bool {
+    std::env::var(var).is_ok_and(|p| p == point)
 }
 
 async fn commit_done(

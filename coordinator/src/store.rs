@@ -106,6 +106,11 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Whether this batch writes a build record (for a test failpoint).
+    pub fn has_builds(&self) -> bool {
+        self.ops.iter().any(|op| matches!(op, Op::PutBuild(..)))
+    }
+
     /// Appends `other`'s changes after this one's, so both commit in one transaction.
     pub fn extend(&mut self, other: Batch) {
         self.ops.extend(other.ops);
