@@ -297,13 +297,7 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
             let dispatch_for = t_dispatch.elapsed();
             let cpu2 = procs::cpu_time(pid).context("coordinator CPU time")?;
             busy_cpu.farm.push(100.0 * (cpu2 - cpu1).as_secs_f64() / dispatch_for.as_secs_f64());
-            let assigned = seen.assigned.lock().expect("not poisoned").clone();
-            let mut latencies = vec![];
-            for (build, t0) in &submitted {
-                let at =
-                    assigned.get(build).with_context(|| format!("build {build} ended but no double saw its Assign"))?;
-                latencies.push(at.saturating_duration_since(*t0).as_secs_f64() * 1000.0);
-            }
+            let latencies = dispatch_latencies(&seen, &submitted)?;
             p50.farm.extend(percentile(&latencies, 50.0));
             p99.farm.extend(percentile(&latencies, 99.0));
             rss.farm.extend(sampler.max_between(from, Instant::now()).map(|b| b as f64 / (1024.0 * 1024.0)));
@@ -328,13 +322,7 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
                 1,
             )
             .await?;
-            let assigned = seen.assigned.lock().expect("not poisoned").clone();
-            let mut latencies = vec![];
-            for (build, t0) in &alone {
-                let at =
-                    assigned.get(build).with_context(|| format!("build {build} ended but no double saw its Assign"))?;
-                latencies.push(at.saturating_duration_since(*t0).as_secs_f64() * 1000.0);
-            }
+            let latencies = dispatch_latencies(&seen, &alone)?;
             unloaded_p50.extend(percentile(&latencies, 50.0));
             unloaded_p99.extend(percentile(&latencies, 99.0));
         }
@@ -384,6 +372,19 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
         Ok(()) => rows.into(),
         Err(e) => rows.into_iter().map(|r| r.failed(&e)).collect(),
     }
+}
+
+/// Milliseconds from each build's submission to its `Assign` being read by a double.
+fn dispatch_latencies(seen: &Seen, submitted: &[(String, Instant)]) -> Result<Vec<f64>> {
+    let assigned = seen.assigned.lock().expect("not poisoned");
+    submitted
+        .iter()
+        .map(|(build, t0)| {
+            let at =
+                assigned.get(build).with_context(|| format!("build {build} ended but no double saw its Assign"))?;
+            Ok(at.saturating_duration_since(*t0).as_secs_f64() * 1000.0)
+        })
+        .collect()
 }
 
 /// Submits `total` one-platform builds, `concurrency` at a time, each

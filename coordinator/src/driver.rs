@@ -120,14 +120,6 @@ struct AfterCommit {
     actions: Vec<Action>,
 }
 
-impl AfterCommit {
-    fn append(&mut self, mut later: AfterCommit) {
-        self.replies.append(&mut later.replies);
-        self.revoke.append(&mut later.revoke);
-        self.actions.append(&mut later.actions);
-    }
-}
-
 /// An answer that may only be given once the change it acknowledges is on disk.
 enum Reply {
     Submitted(oneshot::Sender<Result<String, String>>, Result<String, String>),
@@ -140,21 +132,18 @@ pub struct Driver {
     /// Signs joiners' certificates; `None` when this coordinator was given no CA key.
     ca: Option<CertAuthority>,
     gate: Arc<Gate>,
-    /// Token and revocation records to commit with the next batch.
-    security_batch: Batch,
     store: Arc<Store>,
     /// The commit under way, and what waits on it.
     committing: Option<tokio::task::JoinHandle<Result<(), StoreError>>>,
     in_flight: AfterCommit,
-    /// Changes made since that commit started, and what waits on them.
+    /// Changes made since that commit started (the core's, and token and revocation records),
+    /// and what waits on them.
     next_batch: Batch,
     next: AfterCommit,
     logs: Logs,
     links: HashMap<ConnId, mpsc::UnboundedSender<Outbound>>,
     followers: HashMap<String, Vec<mpsc::UnboundedSender<BuildEvent>>>,
     log_followers: HashMap<String, Vec<(Option<Platform>, LogSink)>>,
-    replies: Vec<Reply>,
-    revoke_after_commit: Vec<String>,
     events: mpsc::Sender<Event>,
     registries: Arc<RegistryPool>,
 }
@@ -208,7 +197,6 @@ impl Driver {
             security,
             ca,
             gate,
-            security_batch: Batch::default(),
             store: Arc::new(store),
             committing: None,
             in_flight: AfterCommit::default(),
@@ -218,8 +206,6 @@ impl Driver {
             links: HashMap::new(),
             followers: HashMap::new(),
             log_followers: HashMap::new(),
-            replies: Vec::new(),
-            revoke_after_commit: Vec::new(),
             events,
             registries,
         })
@@ -289,7 +275,7 @@ impl Driver {
                     }
                     Request::RevokeToken { id } => match self.security.revoke_token(&id) {
                         Some(record) => {
-                            self.security_batch.put_token(&id, &record);
+                            self.next_batch.put_token(&id, &record);
                             tracing::info!(token = %id, by = %peer.name, "join token revoked");
                             Response::Ok
                         }
@@ -297,8 +283,8 @@ impl Driver {
                     },
                     Request::Revoke { name } => {
                         let record = self.security.revoke_name(now, &name, &peer.name);
-                        self.security_batch.put_revoked(&name, &record);
-                        self.revoke_after_commit.push(name.clone());
+                        self.next_batch.put_revoked(&name, &record);
+                        self.next.revoke.push(name.clone());
                         tracing::warn!(identity = %name, by = %peer.name, "identity revoked");
                         Response::Ok
                     }
@@ -314,7 +300,7 @@ impl Driver {
                     },
                     other => Response::Error(format!("request {other:?} is not handled here")),
                 };
-                self.replies.push(Reply::Response(reply, resp));
+                self.next.replies.push(Reply::Response(reply, resp));
             }
             Event::Submit { peer, spec, bases, events, reply } => {
                 let id = new_build_id();
@@ -327,7 +313,7 @@ impl Driver {
                     }
                     Err(e) => Err(e.to_string()),
                 };
-                self.replies.push(Reply::Submitted(reply, result));
+                self.next.replies.push(Reply::Submitted(reply, result));
             }
             Event::Follow { build, events, reply } => {
                 let r = match self.core.build_state(&build) {
@@ -361,7 +347,7 @@ impl Driver {
             }
             Event::Join { token_id, secret, name, csr, role, reply } => {
                 let resp = self.join(now, &token_id, &secret, &name, &csr, role);
-                self.replies.push(Reply::Response(reply, resp));
+                self.next.replies.push(Reply::Response(reply, resp));
             }
             Event::CacheChecked { task, present } => self.core.cache_checked(now, task, present),
             Event::Stitched { build, result, ms } => {
@@ -398,7 +384,7 @@ impl Driver {
         let secret = format!("{:032x}", rand::random::<u128>());
         let ttl_ms = Some(ttl_secs.unwrap_or(24 * 3600).saturating_mul(1000));
         let record = self.security.create(now, &id, &secret, role, ttl_ms, uses, &peer.name);
-        self.security_batch.put_token(&id, &record);
+        self.next_batch.put_token(&id, &record);
         let ca_sha256 = shared::tls::sha256(ca.cert.as_ref());
         let token = JoinToken { ca_sha256, id: id.clone(), secret };
         tracing::info!(token = %id, %role, by = %peer.name, "join token created");
@@ -419,7 +405,7 @@ impl Driver {
         };
         match ca.sign_csr(csr, name, role) {
             Ok(cert_pem) => {
-                self.security_batch.put_token(token_id, &record);
+                self.next_batch.put_token(token_id, &record);
                 tracing::info!(%name, %role, token = %token_id, "joined the farm");
                 let ca_pem = pem("CERTIFICATE", ca.cert.as_ref());
                 Response::Joined { role, cert_pem, ca_pem }
@@ -431,17 +417,13 @@ impl Driver {
     /// Collects what the last events changed and caused: messages to agents go at once, the
     /// changes join the next commit, and everything else waits for that commit.
     fn step(&mut self) {
-        let mut batch = self.core.take_batch();
-        batch.extend(std::mem::take(&mut self.security_batch));
-        self.next_batch.extend(batch);
+        self.next_batch.extend(self.core.take_batch());
         while let Some(action) = self.core.poll_action() {
             match action {
                 Action::Send { .. } | Action::Close { .. } => self.act(action),
                 later => self.next.actions.push(later),
             }
         }
-        self.next.replies.append(&mut self.replies);
-        self.next.revoke.append(&mut self.revoke_after_commit);
         self.start_commit();
     }
 
@@ -457,7 +439,7 @@ impl Driver {
             return;
         }
         let batch = std::mem::take(&mut self.next_batch);
-        self.in_flight.append(waiting);
+        self.in_flight = waiting;
         let store = self.store.clone();
         let stall = batch.has_builds() && failpoint("FARM_TEST_STALL_COMMIT", "build");
         self.committing = Some(tokio::task::spawn_blocking(move || {

@@ -117,12 +117,7 @@ impl Batch {
     }
 
     pub fn put_build<T: Serialize>(&mut self, id: &str, value: &T) -> &mut Self {
-        let op = match postcard::to_allocvec(value) {
-            Ok(bytes) => Op::PutBuild(id.to_owned(), bytes),
-            Err(error) => Op::Unencodable { table: "builds", key: format!("{id:?}"), error },
-        };
-        self.ops.push(op);
-        self
+        self.put(value, "builds", || format!("{id:?}"), |bytes| Op::PutBuild(id.to_owned(), bytes))
     }
 
     pub fn delete_build(&mut self, id: &str) -> &mut Self {
@@ -131,12 +126,7 @@ impl Batch {
     }
 
     pub fn put_task<T: Serialize>(&mut self, id: u64, value: &T) -> &mut Self {
-        let op = match postcard::to_allocvec(value) {
-            Ok(bytes) => Op::PutTask(id, bytes),
-            Err(error) => Op::Unencodable { table: "tasks", key: id.to_string(), error },
-        };
-        self.ops.push(op);
-        self
+        self.put(value, "tasks", || id.to_string(), |bytes| Op::PutTask(id, bytes))
     }
 
     pub fn delete_task(&mut self, id: u64) -> &mut Self {
@@ -145,20 +135,11 @@ impl Batch {
     }
 
     pub fn put_agent<T: Serialize>(&mut self, name: &str, value: &T) -> &mut Self {
-        let op = match postcard::to_allocvec(value) {
-            Ok(bytes) => Op::PutAgent(name.to_owned(), bytes),
-            Err(error) => Op::Unencodable { table: "agents", key: format!("{name:?}"), error },
-        };
-        self.ops.push(op);
-        self
+        self.put(value, "agents", || format!("{name:?}"), |bytes| Op::PutAgent(name.to_owned(), bytes))
     }
 
     pub fn put_token<T: Serialize>(&mut self, id: &str, value: &T) -> &mut Self {
-        self.ops.push(match postcard::to_allocvec(value) {
-            Ok(bytes) => Op::PutToken(id.to_owned(), bytes),
-            Err(error) => Op::Unencodable { table: "tokens", key: format!("{id:?}"), error },
-        });
-        self
+        self.put(value, "tokens", || format!("{id:?}"), |bytes| Op::PutToken(id.to_owned(), bytes))
     }
 
     pub fn delete_token(&mut self, id: &str) -> &mut Self {
@@ -167,9 +148,21 @@ impl Batch {
     }
 
     pub fn put_revoked<T: Serialize>(&mut self, name: &str, value: &T) -> &mut Self {
+        self.put(value, "revoked", || format!("{name:?}"), |bytes| Op::PutRevoked(name.to_owned(), bytes))
+    }
+
+    /// Encodes `value` into the op `make` builds; a value that cannot be encoded becomes an op
+    /// that makes the whole commit fail, naming `table` and `key`.
+    fn put<T: Serialize>(
+        &mut self,
+        value: &T,
+        table: &'static str,
+        key: impl FnOnce() -> String,
+        make: impl FnOnce(Vec<u8>) -> Op,
+    ) -> &mut Self {
         self.ops.push(match postcard::to_allocvec(value) {
-            Ok(bytes) => Op::PutRevoked(name.to_owned(), bytes),
-            Err(error) => Op::Unencodable { table: "revoked", key: format!("{name:?}"), error },
+            Ok(bytes) => make(bytes),
+            Err(error) => Op::Unencodable { table, key: key(), error },
         });
         self
     }
