@@ -1108,17 +1108,13 @@ impl World {
             .stderr(err.try_clone().unwrap())
             .spawn()
             .expect("run farm");
-        let deadline = Instant::now() + CLI_TIMEOUT;
-        let code = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status.code();
-            }
-            if Instant::now() >= deadline {
+        let code = match poll_until(CLI_TIMEOUT, || child.try_wait().unwrap()) {
+            Some(status) => status.code(),
+            None => {
                 let _ = child.kill();
                 let _ = child.wait();
-                break None;
+                None
             }
-            std::thread::sleep(Duration::from_millis(20)); // poll interval
         };
         let read = |f: &mut std::fs::File| {
             let mut s = String::new();
@@ -1194,18 +1190,7 @@ impl World {
     fn join(&self, token: &str, name: &str, dir: &str) -> Run {
         let dir = self.scratch("joins").join(dir);
         let addr = &self.farm.addr;
-        self.cli(&[
-            "agent",
-            "join",
-            "--token",
-            token,
-            "--coordinator",
-            addr,
-            "--name",
-            name,
-            "--ca-dir",
-            dir.to_str().unwrap(),
-        ])
+        self.cli(&join_args(token, addr, name, &dir))
     }
 
     /// A join token made by the admin.

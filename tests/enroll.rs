@@ -148,18 +148,7 @@ fn token_join_build_revoke_and_refusals() {
 
 /// `farm agent join` with a token, as `name`, storing the identity in `dir`.
 fn join(token: &str, addr: &str, name: &str, dir: &std::path::Path) -> std::process::Output {
-    common::farm(&[
-        "agent",
-        "join",
-        "--token",
-        token,
-        "--coordinator",
-        addr,
-        "--name",
-        name,
-        "--ca-dir",
-        dir.to_str().unwrap(),
-    ])
+    common::farm(&common::join_args(token, addr, name, dir))
 }
 
 /// The same, which must succeed; returns stdout.

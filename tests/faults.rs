@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::netns::{processes_in, BoundRegistry, Leftovers, Netns};
+use common::netns::{processes_in, Leftovers, Netns};
 use common::registry::{read_image, Registry};
 use common::*;
 use shared::oci::{self, Descriptor, ImageRef};
@@ -143,14 +143,10 @@ fn tags(registry: &str, repo: &str) -> Vec<String> {
 /// Processes of a killed agent's build still alive after up to `grace` (none, if builds die with
 /// their agent).
 fn survivors(work: &Path, grace: Duration) -> Vec<String> {
-    let deadline = Instant::now() + grace;
-    loop {
-        let left = processes_in(work);
-        if left.is_empty() || Instant::now() >= deadline {
-            return left.into_iter().map(|(_, d)| d).collect();
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    if poll_until(grace, || processes_in(work).is_empty().then_some(())).is_some() {
+        return vec![];
     }
+    processes_in(work).into_iter().map(|(_, d)| d).collect()
 }
 
 // 1. A real agent SIGKILLed while its RUN step runs: the task moves to the other agent.
@@ -247,7 +243,7 @@ fn a_cut_link_moves_the_task_and_the_late_result_is_refused() {
     let mut ns = Netns::create();
     let data = ns.add_link();
     let (coord_ip, registry_ip) = (ns.links[0].host_ip, ns.links[data].host_ip);
-    let registry = BoundRegistry::start(registry_ip);
+    let registry = Registry::start_on(registry_ip);
     let base = push_busybox(&registry.addr, "busybox:latest");
     let tmp = tempfile::tempdir().unwrap();
     let _leftovers = Leftovers::new(tmp.path());
@@ -625,7 +621,7 @@ mod double {
 }
 
 use double::{Double, Script, Seen};
-use shared::proto::{AgentMsg, Assignment, CoordMsg, Heartbeat, Held};
+use shared::proto::{AgentMsg, CoordMsg, Heartbeat, Held};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
@@ -698,17 +694,19 @@ fn stale_results_from_a_presumed_dead_agent_are_all_refused() {
     let mut run = BuildRun::start(&args, &farm.tmp.path().join("build.out"));
 
     // Whichever double is handed attempt 1 plays the agent presumed dead.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let (a, b, first): (Double, Double, Assignment) = loop {
-        assert!(Instant::now() < deadline, "no double was assigned the task; CLI:\n{}", run.proc.log());
+    let assigned = poll_until(Duration::from_secs(60), || {
         if let Some(Seen::Msg(CoordMsg::Assign(x))) = one.try_next() {
-            break (one, two, *x);
+            return Some((true, *x));
         }
         if let Some(Seen::Msg(CoordMsg::Assign(x))) = two.try_next() {
-            break (two, one, *x);
+            return Some((false, *x));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        None
+    });
+    let Some((one_first, first)) = assigned else {
+        panic!("no double was assigned the task; CLI:\n{}", run.proc.log())
     };
+    let (a, b): (Double, Double) = if one_first { (one, two) } else { (two, one) };
     assert_eq!((first.attempt, first.platform.to_string()), (1, "linux/riscv64".to_string()));
     assert_eq!(first.repository, format!("{}/stale", registry.addr));
     let task = first.task;

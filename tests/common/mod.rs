@@ -147,16 +147,30 @@ impl Drop for Proc {
 }
 
 /// Re-evaluates `probe` until it returns `Some`, or panics at the deadline with `what`.
-/// The short pause between probes is a poll interval, not a synchronisation: the condition decides.
-pub fn wait_until<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> T {
+pub fn wait_until<T>(what: &str, timeout: Duration, probe: impl FnMut() -> Option<T>) -> T {
+    poll_until(timeout, probe).unwrap_or_else(|| panic!("timed out after {timeout:?} waiting for {what}"))
+}
+
+/// Re-evaluates `probe` until it returns `Some`; `None` if the deadline passes first (for callers
+/// to whom running out of time is an outcome, not a failure). The short pause between probes is
+/// a poll interval, not a synchronisation: the condition decides.
+pub fn poll_until<T>(timeout: Duration, mut probe: impl FnMut() -> Option<T>) -> Option<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = probe() {
-            return v;
+            return Some(v);
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(100));
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The arguments of `farm agent join` with `token`, as `name`, storing the identity in `dir`.
+pub fn join_args<'a>(token: &'a str, coordinator: &'a str, name: &'a str, dir: &'a Path) -> [&'a str; 10] {
+    let dir = dir.to_str().unwrap();
+    ["agent", "join", "--token", token, "--coordinator", coordinator, "--name", name, "--ca-dir", dir]
 }
 
 /// A farm CA in a temporary directory, with identities issued on demand.

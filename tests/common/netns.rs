@@ -5,13 +5,13 @@
 //! a guard that removes what an agent's builds leave behind. Everything is undone on drop, panics
 //! included.
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::{require_tool, wait_until, Proc};
+use super::poll_until;
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
@@ -124,39 +124,6 @@ fn kill(pid: u32) {
     let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).output();
 }
 
-/// A docker-registry (plain HTTP) bound to `ip`, e.g. the root side of a [`Netns`] link, so that
-/// both namespaces reach it.
-pub struct BoundRegistry {
-    pub addr: String,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
-}
-
-impl BoundRegistry {
-    pub fn start(ip: Ipv4Addr) -> BoundRegistry {
-        require_tool("docker-registry");
-        let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
-        let addr = format!("{ip}:{port}");
-        let config = dir.path().join("config.yml");
-        std::fs::write(
-            &config,
-            format!(
-                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                dir.path().join("data").display()
-            ),
-        )
-        .unwrap();
-        let mut cmd = Command::new("docker-registry");
-        cmd.arg("serve").arg(&config);
-        let proc = Proc::spawn("registry", &mut cmd);
-        wait_until("the registry to answer", Duration::from_secs(20), || {
-            std::net::TcpStream::connect(&addr).ok().map(|_| ())
-        });
-        BoundRegistry { addr, _proc: proc, _dir: dir }
-    }
-}
-
 /// On drop, ends (by pid) every process whose command line, working directory or root lies in
 /// `dir` (builds an agent left behind), then lazily unmounts whatever is still mounted there.
 /// Declare it after the owner of `dir`, so that it runs first.
@@ -172,16 +139,14 @@ impl Leftovers {
 
 impl Drop for Leftovers {
     fn drop(&mut self) {
-        for _ in 0..50 {
+        // Killed processes may have children of their own start meanwhile: kill until none is left.
+        poll_until(Duration::from_secs(5), || {
             let left = processes_in(&self.dir);
-            if left.is_empty() {
-                break;
+            for (pid, _) in &left {
+                kill(*pid);
             }
-            for (pid, _) in left {
-                kill(pid);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            left.is_empty().then_some(())
+        });
         let mut mounts = mounts_in(&self.dir);
         mounts.sort_by_key(|m| std::cmp::Reverse(m.len()));
         for m in mounts {

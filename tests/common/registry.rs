@@ -21,11 +21,18 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// A registry on 127.0.0.1.
     pub fn start() -> Registry {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// A registry bound to `ip`: loopback, or an address of a link a test created (e.g. the root
+    /// side of a [`super::netns::Netns`] link, so that both namespaces reach it).
+    pub fn start_on(ip: std::net::Ipv4Addr) -> Registry {
         require_tool("docker-registry");
         let dir = tempfile::tempdir().unwrap();
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let addr = format!("127.0.0.1:{port}");
+        let port = TcpListener::bind((ip, 0)).unwrap().local_addr().unwrap().port();
+        let addr = format!("{ip}:{port}");
         let config = dir.path().join("config.yml");
         std::fs::write(
             &config,
