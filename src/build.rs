@@ -14,6 +14,7 @@ use crate::{config, embedded, output};
 
 pub async fn run(args: BuildArgs) -> Result<()> {
     let file = config::load(args.client.config.config.as_deref(), true)?;
+    let insecure_from_file = file.insecure_registries.clone();
     let platforms = match config::platforms(&args.platforms)? {
         Some(p) if !p.is_empty() => p,
         _ => vec![host_platform()?],
@@ -22,7 +23,15 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         bail!("no tag given: pass -t REGISTRY/REPOSITORY:TAG (farm pushes every build to a registry)");
     }
     for t in &args.tags {
-        t.parse::<shared::oci::ImageRef>()?;
+        let r = t.parse::<shared::oci::ImageRef>()?;
+        if !shared::oci::names_registry(t) {
+            let name = r.repository.strip_prefix("library/").unwrap_or(&r.repository);
+            let tag = r.tag.as_deref().map(|t| format!(":{t}")).unwrap_or_default();
+            bail!(
+                "-t {t}: names no registry, so it would be pushed to Docker Hub; farm pushes every platform to a \
+                 registry: name yours (e.g. -t registry.lan:5000/{name}{tag}), or write docker.io/... to mean Docker Hub"
+            );
+        }
     }
     // Every flag is checked before anything is sent.
     let build_args = build_args(&args.build_args)?;
@@ -33,7 +42,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         bail!("build context {} is not a directory", context.display());
     }
     let dockerfile = dockerfile_in_context(&context, args.file.as_deref())?;
-    let mut insecure = file.insecure_registries.clone();
+    let mut insecure = insecure_from_file;
     insecure.extend(args.insecure_registries.iter().cloned());
     let registry = args.tags[0].parse::<shared::oci::ImageRef>()?.registry;
     let credentials = shared::registry::load_docker_credentials(&registry)
@@ -45,16 +54,24 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         .await?
         .with_context(|| format!("reading the build context {}", context.display()))?;
 
-    // A configured coordinator means the farm; none means a farm inside this process.
-    let remote = args.client.coordinator.is_some() || file.coordinator.is_some();
+    // A coordinator configured, or one answering at the default address, means the farm; none
+    // means a farm inside this process.
+    let target = crate::target(&args.client, file);
+    if args.embedded && target.configured && args.client.coordinator.is_some() {
+        bail!("--embedded and --coordinator contradict each other: --embedded builds on this machine alone");
+    }
+    let remote = !args.embedded && (target.configured || crate::answers(&target.addr).await);
     if !remote && !args.wait {
         bail!(
             "--wait=false needs a coordinator (--coordinator or config): with none, the farm runs inside this command"
         );
     }
     let (local, client) = if remote {
-        (None, crate::connect(&args.client).await?)
+        (None, crate::connect_to(&target).await?)
     } else {
+        if !args.embedded {
+            eprintln!("no coordinator configured or reachable: building on this machine (embedded farm)");
+        }
         let farm = embedded::Embedded::start().await?;
         let creds = shared::tls::load_credentials(&farm.ca_dir, embedded::CLIENT)?;
         let client =
@@ -95,7 +112,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     if !args.wait {
         println!("{id}");
         eprintln!("build {id} accepted; follow it with `farm logs {id} -f`, cancel it with `farm cancel {id}`");
-        client.close();
+        client.finish().await;
         return Ok(());
     }
     view.note(&format!("build {id} accepted"));
@@ -126,7 +143,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         }
     };
     view.finish();
-    client.close();
+    client.finish().await;
     drop(local);
     match end {
         Some(BuildEvent::Succeeded { index, tags, platforms, stitch_ms }) => {

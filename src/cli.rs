@@ -204,6 +204,9 @@ pub enum AgentsCommand {
         /// The identity's name
         #[arg(value_name = "NAME")]
         identity: String,
+        /// Revoke the name even if it has never connected (e.g. a stolen certificate)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -345,6 +348,10 @@ pub struct BuildArgs {
     /// Wait for the build to end (`--wait=false`: print the build id and return at once)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub wait: bool,
+    /// Build on this machine alone (a coordinator and an agent inside this command), even if a
+    /// coordinator is configured or answering at 127.0.0.1:3276
+    #[arg(long)]
+    pub embedded: bool,
     /// The build context: a directory
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,

@@ -130,3 +130,24 @@ pub fn platforms(values: &[String]) -> Result<Option<Vec<shared::Platform>>> {
 pub fn parse_all(values: &[String]) -> Result<Vec<shared::Platform>> {
     Ok(platforms(values)?.unwrap_or_default())
 }
+
+/// Writes the client config (`coordinator`, `ca_dir`, `name`) that `farm ca init` and `farm
+/// login` imply, unless the user already has one; says what it did.
+pub fn write_client(coordinator: &str, ca_dir: &Path, name: &str) -> Result<String> {
+    let path = config_home().join("config.toml");
+    if path.exists() {
+        return Ok(format!(
+            "{} exists and was left alone; to use this farm set coordinator = {coordinator:?}, ca_dir = {:?}, name = {name:?} in it",
+            path.display(),
+            ca_dir.display().to_string()
+        ));
+    }
+    std::fs::create_dir_all(config_home()).with_context(|| format!("creating {}", config_home().display()))?;
+    let ca_dir = &std::fs::canonicalize(ca_dir).unwrap_or_else(|_| ca_dir.to_path_buf());
+    let text = format!("coordinator = {coordinator:?}\nca_dir = {:?}\nname = {name:?}\n", ca_dir.display().to_string());
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(format!(
+        "wrote {}: farm commands on this machine now use the coordinator at {coordinator} as {name:?}",
+        path.display()
+    ))
+}

@@ -31,12 +31,26 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(dispatch(cli.command)) {
         Ok(()) => ExitCode::SUCCESS,
+        // Already said, in the command's own words.
+        Err(e) if e.is::<Quiet>() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("error: {}", explain(&e));
             ExitCode::FAILURE
         }
     }
 }
+
+/// A failure the command has already reported: exit non-zero, print nothing more.
+#[derive(Debug)]
+struct Quiet;
+
+impl std::fmt::Display for Quiet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("failed")
+    }
+}
+
+impl std::error::Error for Quiet {}
 
 /// An error and its causes, each cause shown once: library errors often quote their source in
 /// their own message already, and repeating it only makes the line harder to read.
@@ -58,7 +72,10 @@ fn explain(e: &anyhow::Error) -> String {
 fn init_logging(default: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("FARM_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // Colour only for a person at a terminal who has not asked for none (https://no-color.org).
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(colour).init();
 }
 
 async fn dispatch(command: Command) -> Result<()> {
@@ -89,7 +106,7 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Builds(args) => {
             let client = connect(&args.client).await?;
             let resp = client.request(&shared::proto::Request::ListBuilds { limit: args.limit }).await?;
-            client.close();
+            client.finish().await;
             let shared::proto::Response::Builds(builds) = resp else { bail!("unexpected answer: {resp:?}") };
             print!("{}", output::builds(&builds, args.format, coordinator::driver::now_ms())?);
             Ok(())
@@ -101,20 +118,31 @@ async fn dispatch(command: Command) -> Result<()> {
             while let Some((p, line)) = lines.next().await? {
                 println!("[{p}] {line}");
             }
-            client.close();
-            Ok(())
+            let resp = client.request(&shared::proto::Request::GetBuild { build: args.build.clone() }).await?;
+            client.finish().await;
+            let shared::proto::Response::Builds(found) = resp else { bail!("unexpected answer: {resp:?}") };
+            let build = found.into_iter().next().context("the coordinator answered with no build")?;
+            let (line, ok) = output::outcome(&build);
+            eprintln!("{line}");
+            if ok {
+                Ok(())
+            } else {
+                Err(Quiet.into())
+            }
         }
         Command::Cancel(args) => {
             let client = connect(&args.client).await?;
             client.request(&shared::proto::Request::Cancel { build: args.build.clone() }).await?;
-            client.close();
+            client.finish().await;
             println!("build {} cancelled", args.build);
             Ok(())
         }
-        Command::Agents(AgentsArgs { command: Some(AgentsCommand::Revoke { identity: name, client }), .. }) => {
+        Command::Agents(AgentsArgs {
+            command: Some(AgentsCommand::Revoke { identity: name, force, client }), ..
+        }) => {
             let client = connect(&client).await?;
-            client.request(&shared::proto::Request::Revoke { name: name.clone() }).await?;
-            client.close();
+            client.request(&shared::proto::Request::RevokeIdentity { name: name.clone(), force }).await?;
+            client.finish().await;
             println!("{name} revoked: its connections are closed and it cannot connect or join again");
             Ok(())
         }
@@ -129,7 +157,7 @@ async fn dispatch(command: Command) -> Result<()> {
                 .map(|d| d.as_secs().max(1));
             let client = connect(&client).await?;
             let resp = client.request(&shared::proto::Request::CreateToken { role, ttl_secs, uses }).await?;
-            client.close();
+            client.finish().await;
             let shared::proto::Response::Token { token, id, expires_ms } = resp else {
                 bail!("unexpected answer: {resp:?}")
             };
@@ -145,7 +173,7 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Token(TokenCommand::Revoke { client, id }) => {
             let client = connect(&client).await?;
             client.request(&shared::proto::Request::RevokeToken { id: id.clone() }).await?;
-            client.close();
+            client.finish().await;
             println!("join token {id} revoked");
             Ok(())
         }
@@ -153,7 +181,7 @@ async fn dispatch(command: Command) -> Result<()> {
         Command::Agents(args) => {
             let client = connect(&args.client).await?;
             let resp = client.request(&shared::proto::Request::ListAgents).await?;
-            client.close();
+            client.finish().await;
             let shared::proto::Response::Agents(agents) = resp else {
                 bail!("unexpected answer from the coordinator: {resp:?}")
             };
@@ -173,6 +201,8 @@ fn ca_init(dir: std::path::PathBuf, sans: &[String]) -> Result<()> {
     println!("created farm CA in {} (fingerprint {})", dir.display(), init.fingerprint);
     println!("coordinator certificate: {} for {}", init.coordinator_cert.display(), init.sans.join(", "));
     println!("admin client certificate: {}", admin.cert.display());
+    // The admin identity is this machine's client of the coordinator that runs here.
+    println!("{}", config::write_client(&default_coordinator(), &dir, "admin")?);
     println!("next: `farm ca issue --dir {} --role agent --name NAME` for each agent", dir.display());
     Ok(())
 }
@@ -289,20 +319,7 @@ async fn join(args: JoinArgs, agent: bool) -> Result<()> {
             dir.display()
         );
     } else {
-        let path = config::config_home().join("config.toml");
-        if !path.exists() {
-            std::fs::create_dir_all(config::config_home())?;
-            let text = format!(
-                "coordinator = {:?}\nca_dir = {:?}\nname = {:?}\n",
-                args.coordinator,
-                dir.display().to_string(),
-                name
-            );
-            std::fs::write(&path, text)?;
-            println!("wrote {}: `farm build` now uses this farm", path.display());
-        } else {
-            println!("{} exists; point it at this farm with coordinator, ca_dir and name", path.display());
-        }
+        println!("{}", config::write_client(&args.coordinator, &dir, &name)?);
     }
     Ok(())
 }
@@ -311,16 +328,75 @@ fn default_coordinator() -> String {
     format!("127.0.0.1:{}", coordinator::DEFAULT_PORT)
 }
 
+/// Where a client command finds its farm: flag or environment, then the user's config file,
+/// then 127.0.0.1:3276.
+pub struct Target {
+    pub addr: String,
+    pub ca_dir: std::path::PathBuf,
+    pub name: String,
+    /// Named by a flag, the environment or the config file (not the built-in default).
+    pub configured: bool,
+    pub limits: shared::quic::TransportLimits,
+    pub max_frame: usize,
+}
+
+pub fn target(args: &ClientArgs, file: config::FileConfig) -> Target {
+    let configured = args.coordinator.is_some() || file.coordinator.is_some();
+    Target {
+        addr: args.coordinator.clone().or(file.coordinator).unwrap_or_else(default_coordinator),
+        ca_dir: args.ca_dir.clone().or(file.ca_dir).unwrap_or_else(default_ca_dir),
+        name: args.name.clone().or(file.name).unwrap_or_else(|| "admin".into()),
+        configured,
+        limits: file.transport.unwrap_or_default(),
+        max_frame: file.max_frame_bytes.unwrap_or(shared::proto::DEFAULT_MAX_FRAME),
+    }
+}
+
+/// Whether anything listens on UDP `addr` on this machine, asked without a handshake: a
+/// datagram to a loopback port nobody holds comes back at once as "connection refused".
+/// Only loopback addresses are asked; anything else counts as not answering.
+pub async fn answers(addr: &str) -> bool {
+    let Ok(sa) = addr.parse::<std::net::SocketAddr>() else { return false };
+    if !sa.ip().is_loopback() {
+        return false;
+    }
+    let bind = if sa.is_ipv4() { "127.0.0.1:0" } else { "[::1]:0" };
+    let Ok(sock) = tokio::net::UdpSocket::bind(bind).await else { return false };
+    if sock.connect(sa).await.is_err() || sock.send(&[0]).await.is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 64];
+    match tokio::time::timeout(Duration::from_millis(200), sock.recv(&mut buf)).await {
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionRefused => false,
+        // Silence (a QUIC server drops a one-byte datagram) or an answer: someone is there.
+        _ => true,
+    }
+}
+
+/// How long a client waits for a coordinator to answer before saying what to check.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// Connects as a client, with identity and address from flags, environment or the user's config.
 async fn connect(args: &ClientArgs) -> Result<shared::client::Client> {
     let file = config::load(args.config.config.as_deref(), true)?;
-    let target = args.coordinator.clone().or(file.coordinator).unwrap_or_else(default_coordinator);
-    let ca_dir = args.ca_dir.clone().or(file.ca_dir).unwrap_or_else(default_ca_dir);
-    let name = args.name.clone().or(file.name).unwrap_or_else(|| "admin".into());
-    let creds = shared::tls::load_credentials(&ca_dir, &name)?;
-    let limits = file.transport.unwrap_or_default();
-    let max = file.max_frame_bytes.unwrap_or(shared::proto::DEFAULT_MAX_FRAME);
-    Ok(shared::client::Client::connect(&target, &creds, &limits, max).await?)
+    connect_to(&target(args, file)).await
+}
+
+pub async fn connect_to(t: &Target) -> Result<shared::client::Client> {
+    let creds = shared::tls::load_credentials(&t.ca_dir, &t.name)?;
+    let connecting = shared::client::Client::connect(&t.addr, &creds, &t.limits, t.max_frame);
+    match tokio::time::timeout(CONNECT_TIMEOUT, connecting).await {
+        Ok(client) => Ok(client?),
+        Err(_) => bail!(
+            "no coordinator answered at {addr} (UDP) within {secs} s: is `farm coordinator` running there, and is UDP \
+             port {port} open to this machine? Point farm at another one with --coordinator HOST:PORT, \
+             FARM_COORDINATOR or `coordinator = ...` in {config}",
+            addr = t.addr,
+            secs = CONNECT_TIMEOUT.as_secs(),
+            port = t.addr.rsplit(':').next().unwrap_or("?"),
+            config = config::config_home().join("config.toml").display()
+        ),
+    }
 }
 
 fn positive_secs(secs: f64, what: &str) -> Result<Duration> {

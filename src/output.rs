@@ -169,3 +169,19 @@ pub fn timings(platforms: &[PlatformResult], stitch_ms: u64) -> String {
     out += &format!("index push (stitch): {}", secs(stitch_ms));
     out
 }
+
+/// How a build ended, in one line, and whether that counts as success (for exit codes).
+pub fn outcome(b: &BuildView) -> (String, bool) {
+    match b.state.as_str() {
+        "succeeded" => {
+            let index = b.index.as_ref().map(|d| format!(": image index {d}")).unwrap_or_default();
+            (format!("build {} succeeded{index}", b.id), true)
+        }
+        "failed" => {
+            let why = b.error.as_deref().unwrap_or("no error recorded");
+            (format!("build {} failed: {why}", b.id), false)
+        }
+        "cancelled" => (format!("build {} was cancelled", b.id), false),
+        state => (format!("build {} is {state}; follow it with `farm logs {} -f`", b.id, b.id), true),
+    }
+}

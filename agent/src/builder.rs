@@ -349,7 +349,7 @@ async fn run(
             }
         }
     };
-    let (status, _, _) = tokio::join!(waited, out, err);
+    let (status, out_error, err_error) = tokio::join!(waited, out, err);
     // Whatever the builder started in its group goes with it.
     signal(libc::SIGKILL);
     match status {
@@ -359,19 +359,79 @@ async fn run(
             if status.success() {
                 Ok(())
             } else {
-                Err(BuilderError::Failed(format!("{what} failed ({status})")))
+                // The builder's own last error line says which step failed and why; the exit
+                // status only that it did.
+                Err(BuilderError::Failed(match err_error.or(out_error) {
+                    Some(line) => with_hint(line),
+                    None => format!("{what} failed ({status})"),
+                }))
             }
         }
     }
 }
 
-async fn pump(stream: impl AsyncRead + Unpin, log: mpsc::UnboundedSender<String>) {
+/// Forwards a builder's output line by line; returns its last error line.
+async fn pump(stream: impl AsyncRead + Unpin, log: mpsc::UnboundedSender<String>) -> Option<String> {
     let mut lines = BufReader::new(stream).lines();
+    let mut last_error = None;
     while let Ok(Some(line)) = lines.next_line().await {
-        if !is_noise(&line) {
-            let _ = log.send(line);
+        let Some(line) = clean(line) else { continue };
+        if let Some(e) = error_line(&line) {
+            last_error = Some(e.to_string());
         }
+        let _ = log.send(line);
     }
+    last_error
+}
+
+/// The build arguments builders set themselves (BuildKit's automatic platform arguments).
+const AUTOMATIC_ARGS: [&str; 8] = [
+    "TARGETPLATFORM",
+    "TARGETOS",
+    "TARGETARCH",
+    "TARGETVARIANT",
+    "BUILDPLATFORM",
+    "BUILDOS",
+    "BUILDARCH",
+    "BUILDVARIANT",
+];
+
+/// A builder's output line as the user should see it, or `None` for noise about what farm or
+/// the builder itself did (not the user's Dockerfile).
+fn clean(line: String) -> Option<String> {
+    if is_noise(&line) {
+        return None;
+    }
+    // buildah: `[Warning] one or more build args were not consumed: [TARGETOS TARGETPLATFORM]`
+    const UNCONSUMED: &str = "one or more build args were not consumed: [";
+    if let Some(i) = line.find(UNCONSUMED) {
+        let list = line[i + UNCONSUMED.len()..].trim_end().trim_end_matches(']');
+        let user: Vec<&str> = list.split_whitespace().filter(|a| !AUTOMATIC_ARGS.contains(a)).collect();
+        if user.is_empty() {
+            return None;
+        }
+        return Some(format!("{}{UNCONSUMED}{}]", &line[..i], user.join(" ")));
+    }
+    Some(line)
+}
+
+/// The message of a builder's error line: buildah's `Error: ...`, BuildKit's `ERROR: ...` /
+/// `error: ...`.
+fn error_line(line: &str) -> Option<&str> {
+    let line = line.trim();
+    ["Error: ", "ERROR: ", "error: "].iter().find_map(|p| line.strip_prefix(p)).map(str::trim).filter(|m| !m.is_empty())
+}
+
+/// Adds what to do to builder errors whose fix farm knows.
+fn with_hint(error: String) -> String {
+    if error.contains("server gave HTTP response to HTTPS client") {
+        // `Get "https://HOST/v2/": http: server gave HTTP response to HTTPS client`
+        let host = error.split("https://").nth(1).and_then(|rest| rest.split('/').next()).unwrap_or("REGISTRY");
+        return format!(
+            "{error}: the registry {host} answered in plain HTTP, not HTTPS: name it with --insecure-registry {host}"
+        );
+    }
+    error
 }
 
 /// buildah 1.28 warns that the automatic platform arguments are "missing" although it sets them.
@@ -409,6 +469,37 @@ mod tests {
         let ids: Vec<String> = super::images_oldest_first(json).into_iter().map(|(_, id)| id).collect();
         assert_eq!(ids, ["a", "b", "c"]);
         assert!(super::images_oldest_first("not json").is_empty());
+    }
+
+    #[test]
+    fn the_builder_s_error_line_is_the_error() {
+        let l = r#"Error: error building at STEP "RUN false": error while running runtime: exit status 1"#;
+        assert_eq!(
+            super::error_line(l),
+            Some(r#"error building at STEP "RUN false": error while running runtime: exit status 1"#)
+        );
+        assert_eq!(
+            super::error_line(
+                "ERROR: failed to solve: process \"/bin/sh -c false\" did not complete successfully: exit code: 1"
+            ),
+            Some("failed to solve: process \"/bin/sh -c false\" did not complete successfully: exit code: 1")
+        );
+        assert_eq!(super::error_line("STEP 2/3: RUN false"), None);
+        let http = r#"creating build container: initializing source docker://127.0.0.1:5000/busybox:1: pinging container registry 127.0.0.1:5000: Get "https://127.0.0.1:5000/v2/": http: server gave HTTP response to HTTPS client"#;
+        assert!(super::with_hint(http.into()).ends_with(
+            "the registry 127.0.0.1:5000 answered in plain HTTP, not HTTPS: name it with --insecure-registry 127.0.0.1:5000"
+        ));
+    }
+
+    #[test]
+    fn warnings_about_automatic_args_are_dropped() {
+        let w = |l: &str| super::clean(l.to_string());
+        assert_eq!(w("[Warning] one or more build args were not consumed: [TARGETOS TARGETPLATFORM]"), None);
+        assert_eq!(
+            w("[Warning] one or more build args were not consumed: [TARGETARCH VERSION]").as_deref(),
+            Some("[Warning] one or more build args were not consumed: [VERSION]")
+        );
+        assert_eq!(w("STEP 1/2: FROM x").as_deref(), Some("STEP 1/2: FROM x"));
     }
 
     #[test]

@@ -643,25 +643,36 @@ impl Core {
     pub fn builds(&self, limit: usize) -> Vec<BuildView> {
         let mut all: Vec<(&String, &Build)> = self.builds.iter().collect();
         all.sort_by_key(|(id, b)| (std::cmp::Reverse(b.created_ms), (*id).clone()));
-        all.into_iter()
-            .take(limit)
-            .map(|(id, b)| BuildView {
-                id: id.clone(),
-                state: state_name(&b.state).into(),
-                client: b.client.clone(),
-                created_ms: b.created_ms,
-                tags: b.spec.tags.clone(),
-                index: match &b.state {
-                    BuildState::Succeeded { index } => Some(index.clone()),
-                    _ => None,
-                },
-                error: match &b.state {
-                    BuildState::Failed { error } => Some(error.clone()),
-                    _ => None,
-                },
-                platforms: b.tasks.iter().map(|t| task_view(&self.tasks[t])).collect(),
-            })
-            .collect()
+        all.into_iter().take(limit).map(|(id, b)| self.view(id, b)).collect()
+    }
+
+    /// One build in memory, as `farm builds` shows it.
+    pub fn build_view(&self, id: &str) -> Option<BuildView> {
+        self.builds.get(id).map(|b| self.view(id, b))
+    }
+
+    /// Whether `client` submitted any build still in memory.
+    pub fn has_client(&self, client: &str) -> bool {
+        self.builds.values().any(|b| b.client == client)
+    }
+
+    /// Ids of the builds in memory that start with `prefix`.
+    pub fn builds_with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.builds.keys().filter(|id| id.starts_with(prefix)).cloned().collect()
+    }
+
+    fn view(&self, id: &str, b: &Build) -> BuildView {
+        let platforms: Vec<TaskView> = b.tasks.iter().map(|t| task_view(&self.tasks[t])).collect();
+        let state = match &b.state {
+            // Nothing has reached an agent yet: the build waits in the queue.
+            BuildState::Running
+                if platforms.iter().all(|t| matches!(t.state.as_str(), "queued" | "checking cache")) =>
+            {
+                "queued"
+            }
+            s => state_name(s),
+        };
+        BuildView { platforms, state: state.into(), ..stored_view(id, b) }
     }
 
     pub fn agents(&self) -> Vec<AgentView> {
@@ -954,6 +965,26 @@ pub fn state_name(s: &BuildState) -> &'static str {
         BuildState::Succeeded { .. } => "succeeded",
         BuildState::Failed { .. } => "failed",
         BuildState::Cancelled => "cancelled",
+    }
+}
+
+/// A build as its stored record shows it (a build that has left memory: no platform detail).
+pub fn stored_view(id: &str, b: &Build) -> BuildView {
+    BuildView {
+        id: id.to_string(),
+        state: state_name(&b.state).into(),
+        client: b.client.clone(),
+        created_ms: b.created_ms,
+        tags: b.spec.tags.clone(),
+        index: match &b.state {
+            BuildState::Succeeded { index } => Some(index.clone()),
+            _ => None,
+        },
+        error: match &b.state {
+            BuildState::Failed { error } => Some(error.clone()),
+            _ => None,
+        },
+        platforms: vec![],
     }
 }
 

@@ -281,20 +281,32 @@ impl Driver {
                         }
                         None => Response::Error(format!("no join token {id}")),
                     },
-                    Request::Revoke { name } => {
-                        let record = self.security.revoke_name(now, &name, &peer.name);
-                        self.next_batch.put_revoked(&name, &record);
-                        self.next.revoke.push(name.clone());
-                        tracing::warn!(identity = %name, by = %peer.name, "identity revoked");
-                        Response::Ok
+                    Request::Revoke { name } => self.revoke(now, &peer, name),
+                    Request::RevokeIdentity { name, force } => {
+                        if force || self.known_identity(&name) {
+                            self.revoke(now, &peer, name)
+                        } else {
+                            Response::Error(format!(
+                                "no agent or client named {name:?} has ever connected to this farm (`farm agents` \
+                                 lists agents); check the name, or revoke it anyway with `farm agents revoke --force {name}`"
+                            ))
+                        }
                     }
-                    Request::Cancel { build } => match self.core.cancel(now, &build) {
-                        Ok(()) => {
+                    Request::GetBuild { build } => match self.resolve(&build) {
+                        Ok(id) => match self.core.build_view(&id) {
+                            Some(view) => Response::Builds(vec![view]),
+                            None => match self.store.get_build::<crate::core::Build>(&id) {
+                                Ok(Some(b)) => Response::Builds(vec![crate::core::stored_view(&id, &b)]),
+                                Ok(None) => Response::Error(format!("no build {id}; `farm builds` lists them")),
+                                Err(e) => Response::Error(format!("reading build {id} from the store: {e}")),
+                            },
+                        },
+                        Err(e) => Response::Error(e),
+                    },
+                    Request::Cancel { build } => match self.cancel(now, &build) {
+                        Ok(build) => {
                             tracing::info!(%build, client = %peer.name, "build cancelled");
                             Response::Ok
-                        }
-                        Err(_) if self.core.build_state(&build).is_none() && self.stored(&build) => {
-                            Response::Error(format!("build {build} has already ended"))
                         }
                         Err(e) => Response::Error(e),
                     },
@@ -316,6 +328,13 @@ impl Driver {
                 self.next.replies.push(Reply::Submitted(reply, result));
             }
             Event::Follow { build, events, reply } => {
+                let build = match self.resolve(&build) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
                 let r = match self.core.build_state(&build) {
                     None if self.stored(&build) => Err(format!("build {build} has already ended")),
                     None => Err(format!("no build {build}; `farm builds` lists them")),
@@ -328,6 +347,13 @@ impl Driver {
                 let _ = reply.send(r);
             }
             Event::Logs { build, platform, follow, sink, reply } => {
+                let build = match self.resolve(&build) {
+                    Ok(id) => id,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
                 let live = match self.core.build_state(&build) {
                     Some(state) => matches!(state, BuildState::Running | BuildState::Stitching),
                     // Ended long ago: out of memory, still in the store, its log still on disk.
@@ -361,6 +387,52 @@ impl Driver {
     }
 
     /// Whether the store knows `build` (an unreadable store answers no, and says why in the log).
+    /// The full id of the build `wanted` names: itself, or the one build whose id starts with it.
+    fn resolve(&self, wanted: &str) -> Result<String, String> {
+        if self.core.build_state(wanted).is_some() || self.stored(wanted) {
+            return Ok(wanted.to_string());
+        }
+        let mut ids = Vec::new();
+        if !wanted.is_empty() {
+            ids = self.core.builds_with_prefix(wanted);
+            ids.extend(self.store.builds_with_prefix(wanted, 10).unwrap_or_default());
+            ids.sort();
+            ids.dedup();
+        }
+        match ids.as_slice() {
+            [] => Err(format!("no build {wanted}; `farm builds` lists them")),
+            [one] => Ok(one.clone()),
+            many => Err(format!(
+                "build id {wanted:?} is ambiguous: {} builds start with it ({}); give more of the id",
+                many.len(),
+                many.join(", ")
+            )),
+        }
+    }
+
+    /// Cancels the build `wanted` names; returns its full id.
+    fn cancel(&mut self, now: u64, wanted: &str) -> Result<String, String> {
+        let id = self.resolve(wanted)?;
+        match self.core.cancel(now, &id) {
+            Ok(()) => Ok(id),
+            Err(_) if self.core.build_state(&id).is_none() => Err(format!("build {id} has already ended")),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn revoke(&mut self, now: u64, peer: &Identity, name: String) -> Response {
+        let record = self.security.revoke_name(now, &name, &peer.name);
+        self.next_batch.put_revoked(&name, &record);
+        self.next.revoke.push(name.clone());
+        tracing::warn!(identity = %name, by = %peer.name, "identity revoked");
+        Response::Ok
+    }
+
+    /// Whether `name` is an agent the farm knows or has ever submitted a build.
+    fn known_identity(&self, name: &str) -> bool {
+        self.core.agents().iter().any(|a| a.name == name) || self.core.has_client(name)
+    }
+
     fn stored(&self, build: &str) -> bool {
         self.store.has_build(build).unwrap_or_else(|e| {
             tracing::warn!(%build, "looking the build up in the store failed: {e}");

@@ -89,8 +89,10 @@ impl Net {
             let net = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                if let Err(e) = net.handle(incoming, conn_id).await {
-                    tracing::warn!(%remote, "connection ended: {e}");
+                match net.handle(incoming, conn_id).await {
+                    Ok(()) => {}
+                    Err(e) if e.is_routine() => tracing::debug!(%remote, "connection ended: {e}"),
+                    Err(e) => tracing::warn!(%remote, "connection ended: {e}"),
                 }
             });
         }
@@ -294,13 +296,17 @@ impl Net {
             | Request::Logs { .. }
             | Request::Cancel { .. }
             | Request::Follow { .. }
+            | Request::GetBuild { .. }
                 if agent =>
             {
                 refuse("submit, list, follow or cancel builds (agent identities only build)")
             }
             Request::GetContext(_) | Request::GetBlobs(_) if !agent => refuse("fetch contexts (agents only)"),
             Request::Join { .. } => Response::Error(format!("{peer} is already a member of this farm")),
-            Request::CreateToken { .. } | Request::RevokeToken { .. } | Request::Revoke { .. }
+            Request::CreateToken { .. }
+            | Request::RevokeToken { .. }
+            | Request::Revoke { .. }
+            | Request::RevokeIdentity { .. }
                 if peer.role != Role::Admin =>
             {
                 refuse("create or revoke tokens or identities (admin identities only)")
@@ -486,6 +492,21 @@ impl Net {
             write_msg(send, &Response::LogLine { platform, line }, self.max_frame).await?;
         }
         Ok(())
+    }
+}
+
+impl PeerError {
+    /// A peer that went away (closed, timed out, reset): nothing an operator should act on.
+    fn is_routine(&self) -> bool {
+        use quinn::ConnectionError as E;
+        let routine = |e: &E| {
+            matches!(e, E::ApplicationClosed(_) | E::ConnectionClosed(_) | E::LocallyClosed | E::TimedOut | E::Reset)
+        };
+        match self {
+            PeerError::Connection(e) => routine(e),
+            PeerError::Proto(ProtoError::Io(_) | ProtoError::Truncated { .. }) => true,
+            _ => false,
+        }
     }
 }
 

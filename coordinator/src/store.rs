@@ -306,6 +306,32 @@ impl Store {
         Ok(table.get(id).map_err(|e| fail(e.into()))?.is_some())
     }
 
+    /// Ids in the builds table that start with `prefix` (at most `limit`).
+    pub fn builds_with_prefix(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let fail = |e: redb::Error| classify(&self.path, "read", e);
+        let txn = self.db.begin_read().map_err(|e| fail(e.into()))?;
+        let table = txn.open_table(BUILDS).map_err(|e| fail(e.into()))?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..).map_err(|e| fail(e.into()))? {
+            let (key, _) = entry.map_err(|e| fail(e.into()))?;
+            let id = key.value();
+            if !id.starts_with(prefix) || out.len() == limit {
+                break;
+            }
+            out.push(id.to_owned());
+        }
+        Ok(out)
+    }
+
+    /// One build's record, decoded.
+    pub fn get_build<B: DeserializeOwned>(&self, id: &str) -> Result<Option<B>, StoreError> {
+        let fail = |e: redb::Error| classify(&self.path, "read", e);
+        let txn = self.db.begin_read().map_err(|e| fail(e.into()))?;
+        let table = txn.open_table(BUILDS).map_err(|e| fail(e.into()))?;
+        let Some(value) = table.get(id).map_err(|e| fail(e.into()))? else { return Ok(None) };
+        Ok(Some(self.decode(value.value(), "builds", || format!("{id:?}"))?))
+    }
+
     /// Everything, decoded. A record that fails to decode is an error naming table and key.
     pub fn load<B: DeserializeOwned, T: DeserializeOwned, A: DeserializeOwned>(
         &self,

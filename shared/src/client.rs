@@ -88,6 +88,13 @@ impl Client {
     pub fn close(&self) {
         self.conn.close(0u32.into(), b"bye");
     }
+
+    /// Closes the connection and gives the goodbye a moment to leave, so that the coordinator
+    /// sees a peer that said goodbye, not one that vanished (which it would wait out).
+    pub async fn finish(self) {
+        self.close();
+        let _ = tokio::time::timeout(std::time::Duration::from_millis(50), self._endpoint.wait_idle()).await;
+    }
 }
 
 /// What uploading a context moved.

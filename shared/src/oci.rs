@@ -81,6 +81,12 @@ impl ImageRef {
     }
 }
 
+/// Whether a reference names its registry (`registry.lan:5000/app`, `localhost/app`,
+/// `docker.io/me/app`) rather than leaving Docker Hub implied (`app`, `me/app`).
+pub fn names_registry(input: &str) -> bool {
+    input.split_once('/').is_some_and(|(first, _)| first.contains(['.', ':']) || first == "localhost")
+}
+
 impl FromStr for ImageRef {
     type Err = ImageRefError;
 
@@ -458,6 +464,16 @@ mod tests {
 
     fn parse(s: &str) -> ImageRef {
         s.parse().unwrap_or_else(|e| panic!("{s:?} should parse: {e}"))
+    }
+
+    #[test]
+    fn references_that_name_their_registry() {
+        for r in ["registry.lan:5000/app:1", "localhost/app", "docker.io/me/app", "127.0.0.1:5000/a/b:2"] {
+            assert!(names_registry(r), "{r}");
+        }
+        for r in ["app:1", "me/app", "app", "library/app:1"] {
+            assert!(!names_registry(r), "{r}");
+        }
     }
 
     #[test]

@@ -241,6 +241,16 @@ pub enum Request {
     Revoke {
         name: String,
     },
+    /// One build, by id or unique id prefix; answered with [`Response::Builds`] holding it.
+    GetBuild {
+        build: String,
+    },
+    /// (Admins) as `Revoke`, but a name the coordinator has never seen is refused unless `force`
+    /// (for a stolen certificate that has not connected yet).
+    RevokeIdentity {
+        name: String,
+        force: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
