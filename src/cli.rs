@@ -345,6 +345,9 @@ pub struct BuildArgs {
     /// export, push) and the index push
     #[arg(long)]
     pub timings: bool,
+    /// Push the result (buildx's flag; farm always pushes to the registry -t names)
+    #[arg(long)]
+    pub push: bool,
     /// Wait for the build to end (`--wait=false`: print the build id and return at once)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub wait: bool,
@@ -357,11 +360,74 @@ pub struct BuildArgs {
     pub context: PathBuf,
 }
 
+/// buildx flags `farm build` does not have, and what to do instead.
+const BUILDX_FLAGS: &[(&str, &str)] = &[
+    ("--load", "farm builds on other machines and cannot load into this machine's Docker; pull the pushed tag instead"),
+    ("--output", "farm pushes to the registry that -t names"),
+    ("--cache-from", "agents keep their layer cache between builds by themselves"),
+    ("--cache-to", "agents keep their layer cache between builds by themselves"),
+    ("--builder", "farm picks agents itself; use --require KEY=VALUE to choose by label"),
+    ("--provenance", "farm does not attach provenance yet"),
+    ("--sbom", "farm does not attach SBOMs yet"),
+    ("--attest", "farm does not attach attestations yet"),
+    ("--metadata-file", "the image index digest is printed at the end of the build (--progress json for scripts)"),
+    ("--iidfile", "the image index digest is printed at the end of the build (--progress json for scripts)"),
+    ("--annotation", "farm does not set annotations yet"),
+    ("--build-context", "farm does not take named contexts yet"),
+    ("--ssh", "farm does not forward SSH agents; use --secret"),
+    ("--pull", "farm resolves base images at every build"),
+    ("--network", "RUN steps use the agent's default network"),
+    ("--add-host", "RUN steps use the agent's name resolution"),
+    ("--label", "put LABEL lines in the Dockerfile"),
+    ("--quiet", "use --progress plain or json"),
+    ("--shm-size", "not supported"),
+    ("--ulimit", "not supported"),
+    ("--allow", "not supported"),
+    ("--cgroup-parent", "not supported"),
+    ("--no-cache-filter", "use --no-cache"),
+];
+
+/// A clear refusal for a `docker buildx build` flag that `farm build` lacks (clap would suggest
+/// passing it as a value).
+pub fn unsupported_buildx_flag(e: &clap::Error) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if e.kind() != ErrorKind::UnknownArgument {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else { return None };
+    let flag = arg.split('=').next().unwrap_or(arg);
+    let flag = match flag {
+        "-o" => "--output",
+        "-q" => "--quiet",
+        f => f,
+    };
+    let (_, instead) = BUILDX_FLAGS.iter().find(|(f, _)| *f == flag)?;
+    Some(format!(
+        "farm build has no {flag} (a docker buildx build flag): {instead}; `farm build --help` lists its flags"
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn the_command_line_is_well_formed() {
         use clap::CommandFactory;
         super::Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn buildx_flags_farm_lacks_are_named() {
+        use clap::Parser;
+        let e = super::Cli::try_parse_from(["farm", "build", "--load", "."]).unwrap_err();
+        assert_eq!(
+            super::unsupported_buildx_flag(&e).unwrap(),
+            "farm build has no --load (a docker buildx build flag): farm builds on other machines and cannot load \
+             into this machine's Docker; pull the pushed tag instead; `farm build --help` lists its flags"
+        );
+        let e = super::Cli::try_parse_from(["farm", "build", "--cache-to=type=registry", "."]).unwrap_err();
+        assert!(super::unsupported_buildx_flag(&e).unwrap().starts_with("farm build has no --cache-to "));
+        let e = super::Cli::try_parse_from(["farm", "build", "--nonsense", "."]).unwrap_err();
+        assert_eq!(super::unsupported_buildx_flag(&e), None);
+        assert!(super::Cli::try_parse_from(["farm", "build", "--push", "-t", "r:5000/a:1", "."]).is_ok());
     }
 }

@@ -19,7 +19,16 @@ use cli::{
 };
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            if let Some(message) = cli::unsupported_buildx_flag(&e) {
+                eprintln!("error: {message}");
+                return ExitCode::from(2);
+            }
+            e.exit()
+        }
+    };
     let quiet = !matches!(cli.command, Command::Coordinator(_) | Command::Agent(_));
     init_logging(if quiet { "warn" } else { "info" });
     let runtime = match tokio::runtime::Runtime::new() {

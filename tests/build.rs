@@ -140,10 +140,23 @@ fn a_failing_platform_fails_the_build_and_pushes_no_tag() {
     let args = build_args(Some(&farm), &registry, &base, "linux/amd64,linux/arm64", "broken:1", &ctx);
     let (ok, out, err) = build(&args);
     assert!(!ok, "the build must fail:\n{out}\n{err}");
-    assert!(err.contains("linux/arm64 failed: buildah build failed"), "{err}");
+    // The builder's own error line names the failing step, not just an exit status.
+    assert!(err.contains("linux/arm64 failed: building at STEP \"RUN if ["), "{err}");
+    assert!(!err.contains("exit status: 1)"), "{err}");
     assert!(err.contains("last log lines of linux/arm64:") && err.contains("about to fail"), "{err}");
     assert!(err.contains("no tag was pushed"), "{err}");
     assert!(registry.tags("broken").is_empty(), "no tag may be pushed: {:?}", registry.tags("broken"));
+
+    // `farm logs` of it, by a short prefix of its id, ends with the outcome and fails.
+    let id = farm.builds()[0]["id"].as_str().unwrap().to_string();
+    let mut logs = vec!["logs".to_string(), id[..6].to_string()];
+    logs.extend(farm.client_args());
+    let logs: Vec<&str> = logs.iter().map(String::as_str).collect();
+    let out = common::farm(&logs);
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(1), "{so}\n{se}");
+    assert!(so.contains("[linux/arm64] about to fail"), "{so}");
+    assert!(se.starts_with(&format!("build {id} failed: linux/arm64 failed: building at STEP \"RUN if [")), "{se}");
 }
 
 #[test]
@@ -165,6 +178,10 @@ fn with_no_coordinator_configured_the_farm_runs_inside_the_cli() {
         .unwrap();
     let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{so}\n{se}");
+    assert!(
+        se.starts_with("no coordinator configured or reachable: building on this machine (embedded farm)\n"),
+        "{se}"
+    );
     let rows = summary(&so);
     assert_eq!(rows["linux/amd64"], ("local".into(), "native".into()));
     assert_eq!(rows["linux/arm64"].1, "emulated");
