@@ -89,6 +89,8 @@ fn bad_input_is_refused_with_the_exact_message_and_a_normal_build_succeeds_right
     w.normal_build("refused configurations");
     registries(&mut w);
     w.normal_build("registry failures");
+    first_hour(&mut w);
+    w.normal_build("a newcomer's first-hour mistakes");
     w.nothing_accepted_was_lost();
 
     w.finish(started);
@@ -264,6 +266,90 @@ fn cli_refuses_before_sending_anything(w: &mut World) {
             ignore.display()
         ),
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1b. A newcomer's first-hour mistakes: each refused at once, before anything is uploaded or built.
+
+fn first_hour(w: &mut World) {
+    let reg = w.registry.addr.clone();
+    let ctx = w.ok_ctx.clone();
+
+    let before = w.work_done();
+    let run = w.build(&["--platform", "linux/amd64,linux/arm64", "-t", "myapp:1"], &ctx);
+    w.refused(
+        "a tag without a registry",
+        &run,
+        &format!(
+            "error: -t myapp:1: names no registry, so it would be pushed to Docker Hub; farm pushes every platform \
+             to a registry: name yours (e.g. -t registry.lan:5000/myapp:1), or write docker.io/... to mean Docker Hub"
+        ),
+    );
+    w.nothing_done_since("a tag without a registry", before);
+
+    let nobody = free_udp_port();
+    let started = Instant::now();
+    let run = w.cli(&[
+        "build",
+        "--coordinator",
+        &format!("127.0.0.1:{nobody}"),
+        "--ca-dir",
+        w.farm.ca.path(),
+        "-t",
+        &format!("{reg}/app:1"),
+        ctx.to_str().unwrap(),
+    ]);
+    let config = w.home.join(".config/farm/config.toml");
+    w.refused(
+        "a coordinator address where nothing answers",
+        &run,
+        &format!(
+            "error: no coordinator answered at 127.0.0.1:{nobody} (UDP) within 3 s: is `farm coordinator` running \
+             there, and is UDP port {nobody} open to this machine? Point farm at another one with --coordinator \
+             HOST:PORT, FARM_COORDINATOR or `coordinator = ...` in {}",
+            config.display()
+        ),
+    );
+    let took = started.elapsed();
+    w.check("an unreachable coordinator fails within 5 s", took < Duration::from_secs(5), || format!("{took:?}"));
+    w.nothing_done_since("a coordinator address where nothing answers", before);
+
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--load"], &ctx);
+    w.check("a buildx flag farm lacks exits 2", run.code == Some(2), || run.tail());
+    w.only_error(
+        "a buildx flag farm lacks is named, with what to do instead",
+        &run,
+        "error: farm build has no --load (a docker buildx build flag): farm builds on other machines and cannot \
+         load into this machine's Docker; pull the pushed tag instead; `farm build --help` lists its flags",
+    );
+    w.nothing_done_since("a buildx flag farm lacks", before);
+
+    let run = w.cli(&[&["agents", "revoke", "nosuch"][..], &w.client_args()].concat());
+    w.refused(
+        "revoking a name that never connected",
+        &run,
+        &format!(
+            "error: coordinator at {} answered with an error: no agent or client named \"nosuch\" has ever \
+             connected to this farm (`farm agents` lists agents); check the name, or revoke it anyway with `farm \
+             agents revoke --force nosuch`",
+            w.farm.addr
+        ),
+    );
+    let run = w.cli(&[&["agents", "revoke", "--force", "stolen"][..], &w.client_args()].concat());
+    w.check("--force revokes a name that never connected", run.code == Some(0), || run.tail());
+
+    // A base image on a plain-HTTP registry that the build did not name with --insecure-registry:
+    // the builder's error, with the same fix as a push gets.
+    let second = Registry::start();
+    let base = second.seed_busybox();
+    let plain = w.context(&w.scratch("plain-base"), "ctx", &format!("FROM {base}\nRUN true\n"));
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1")], &plain);
+    let hint = format!(
+        "the registry {a} answered in plain HTTP, not HTTPS: name it with --insecure-registry {a}; no tag was pushed",
+        a = second.addr
+    );
+    let ok = run.failed() && run.error_line().ends_with(&hint) && run.error_line().contains("linux/amd64 failed: ");
+    w.check("a plain-HTTP base registry gets the --insecure-registry hint", ok, || run.tail());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1048,6 +1134,25 @@ impl World {
         let ok =
             run.failed() && !id.is_empty() && run.stderr.lines().any(|l| l == platform) && run.error_line() == want;
         self.check(case, ok, || format!("expected the lines\n    {platform}\n    {want}\ngot {}", run.tail()));
+    }
+
+    /// How much work the farm has taken on so far: contexts received, builds accepted, tasks assigned.
+    fn work_done(&self) -> usize {
+        let count = |log: String, what: &str| log.lines().filter(|l| l.contains(what)).count();
+        let coordinator = self.farm.coordinator.log();
+        count(coordinator.clone(), "context files received")
+            + count(coordinator, "build accepted")
+            + self.farm.agents.values().map(|a| count(a.log(), "task assigned")).sum::<usize>()
+    }
+
+    /// Nothing was uploaded, accepted or built since `before` (from [`World::work_done`]).
+    fn nothing_done_since(&mut self, case: &str, before: usize) {
+        let now = self.work_done();
+        self.check(&format!("{case}: nothing uploaded or built"), now == before, || format!("{before} -> {now}"));
+    }
+
+    fn client_args(&self) -> Vec<&str> {
+        vec!["--coordinator", &self.farm.addr, "--ca-dir", self.farm.ca.path(), "--name", "admin"]
     }
 
     /// Every normal build is still listed as succeeded, and every tag it pushed is still there.

@@ -428,9 +428,10 @@ impl Driver {
         Response::Ok
     }
 
-    /// Whether `name` is an agent the farm knows or has ever submitted a build.
+    /// Whether `name` is an agent the farm knows, has connected since the coordinator started,
+    /// or submitted a build still in memory.
     fn known_identity(&self, name: &str) -> bool {
-        self.core.agents().iter().any(|a| a.name == name) || self.core.has_client(name)
+        self.gate.has_seen(name) || self.core.agents().iter().any(|a| a.name == name) || self.core.has_client(name)
     }
 
     fn stored(&self, build: &str) -> bool {

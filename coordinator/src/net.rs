@@ -46,11 +46,22 @@ pub struct Net {
 pub struct Gate {
     revoked: std::sync::RwLock<std::collections::HashSet<String>>,
     live: std::sync::Mutex<std::collections::HashMap<String, Vec<(ConnId, quinn::Connection)>>>,
+    /// Every identity that has connected since the coordinator started.
+    seen: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 impl Gate {
     pub fn new(revoked: impl IntoIterator<Item = String>) -> Gate {
-        Gate { revoked: std::sync::RwLock::new(revoked.into_iter().collect()), live: Default::default() }
+        Gate {
+            revoked: std::sync::RwLock::new(revoked.into_iter().collect()),
+            live: Default::default(),
+            seen: Default::default(),
+        }
+    }
+
+    /// Whether `name` has connected since the coordinator started.
+    pub fn has_seen(&self, name: &str) -> bool {
+        self.seen.lock().unwrap().contains(name)
     }
 
     pub fn is_revoked(&self, name: &str) -> bool {
@@ -66,6 +77,9 @@ impl Gate {
     }
 
     fn enter(&self, name: &str, id: ConnId, conn: &quinn::Connection) {
+        if !self.has_seen(name) {
+            self.seen.lock().unwrap().insert(name.to_string());
+        }
         self.live.lock().unwrap().entry(name.to_string()).or_default().push((id, conn.clone()));
     }
 

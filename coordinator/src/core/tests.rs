@@ -526,3 +526,20 @@ fn task_ids_of_a_new_run_never_meet_those_of_an_earlier_one() {
     let (_, next, ..) = drain(&mut again).assigned[0].clone();
     assert!(next > unwritten && next >= 2 << 40, "{next} reuses an id of the crashed run");
 }
+
+#[test]
+fn a_build_is_queued_until_a_platform_reaches_an_agent_and_found_by_a_unique_prefix() {
+    let mut core = Core::new(15_000, 3);
+    core.submit(0, "b1aaaa", "alice", spec(&["linux/arm64"]), None).unwrap();
+    core.submit(0, "b1bbbb", "alice", spec(&["linux/arm64"]), None).unwrap();
+    assert_eq!(core.build_view("b1aaaa").unwrap().state, "queued");
+    assert_eq!(core.builds_with_prefix("b1a"), ["b1aaaa"]);
+    let mut both = core.builds_with_prefix("b1");
+    both.sort();
+    assert_eq!(both, ["b1aaaa", "b1bbbb"]);
+    assert!(core.has_client("alice") && !core.has_client("bob"));
+    core.agent_up(1, "pi64", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    drain(&mut core);
+    let states: Vec<String> = core.builds(10).into_iter().map(|b| b.state).collect();
+    assert!(states.contains(&"running".to_string()), "{states:?}");
+}
