@@ -162,7 +162,7 @@ pub enum DockerfileError {
     LaterStage { file: String, line: usize, what: String, stage: String, defined: usize },
     #[error("{file}:{line}: {what} refers to stage {stage}, which is this stage: a stage can use earlier stages only")]
     ThisStage { file: String, line: usize, what: String, stage: String },
-    #[error("{file}:{line}: {what} refers to stage {index}, but {file} has only {count} stages (0 to {last})", last = count - 1)]
+    #[error("{file}:{line}: {what} refers to stage {index}, but {file} has only {count} stages (0 to {last})", last = count.saturating_sub(1))]
     NoSuchStageIndex { file: String, line: usize, what: String, index: i64, count: usize },
     #[error("--target {target:?}: no stage of that name in {file} ({stages})")]
     UnknownTarget { file: String, target: String, stages: String },
@@ -416,17 +416,25 @@ struct Instruction {
 
 type Errors = Vec<(usize, DockerfileError)>;
 
+/// An instruction's text as messages show it: at most 100 characters.
+fn brief(text: &str) -> String {
+    match text.char_indices().nth(97) {
+        Some((at, _)) if text.chars().count() > 100 => format!("{}...", &text[..at]),
+        _ => text.to_owned(),
+    }
+}
+
 /// The stage model and every problem found (with its line); never gives up.
 fn read(text: &str, file: &str) -> (Dockerfile, Errors) {
     let (escape, instructions, mut errors) = lex(text, file);
     let mut df = Dockerfile { stages: Vec::new(), global_args: Vec::new(), escape };
     let mut scope: Vec<(String, Option<String>)> = Vec::new();
     for ins in &instructions {
-        let (line, text) = (ins.line, ins.text.clone());
-        if let Some(stage) = df.stages.last_mut() {
+        let (line, text) = (ins.line, brief(&ins.text));
+        let upper = ins.keyword.to_ascii_uppercase();
+        if let Some(stage) = df.stages.last_mut().filter(|_| upper != "FROM") {
             stage.last_line = ins.last_line;
         }
-        let upper = ins.keyword.to_ascii_uppercase();
         if !INSTRUCTIONS.contains(&upper.as_str()) {
             let suggestion = suggest(&upper);
             let instruction = ins.keyword.clone();
@@ -507,11 +515,12 @@ fn read(text: &str, file: &str) -> (Dockerfile, Errors) {
     for stage in &df.stages {
         for r in stage.refs.iter().filter(|r| r.kind != DepKind::Base && !r.raw.contains('$')) {
             let (file, line, what) = (file.to_owned(), r.line, r.what.clone());
+            let value = unquote(&r.raw, escape);
             let shown = |i: usize| match &df.stages[i].name {
-                Some(name) if !r.raw.bytes().all(|b| b.is_ascii_digit()) => format!("{name:?}"),
+                Some(name) if value.parse::<i64>().is_err() => format!("{name:?}"),
                 _ => i.to_string(),
             };
-            let e = match classify(&df.stages, &unquote(&r.raw, escape), stage.index) {
+            let e = match classify(&df.stages, &value, stage.index) {
                 Ref::Stage(_) | Ref::Image => continue,
                 Ref::ThisStage => DockerfileError::ThisStage { file, line, what, stage: shown(stage.index) },
                 Ref::Later(i) => {
@@ -534,7 +543,7 @@ fn read(text: &str, file: &str) -> (Dockerfile, Errors) {
 /// `FROM [--platform=<p>] <image> [AS <name>]`: a new stage, even a malformed one (so that the
 /// lenient reading still finds its image).
 fn from(df: &mut Dockerfile, ins: &Instruction, file: &str, errors: &mut Errors) {
-    let (line, text) = (ins.line, &ins.text);
+    let (line, text) = (ins.line, &brief(&ins.text));
     let mut problem = |e: DockerfileError| errors.push((line, e));
     let (flags, args) = take_flags(&ins.rest, df.escape);
     let mut platform: Option<String> = None;
@@ -617,7 +626,7 @@ fn arg(ins: &Instruction, escape: char, file: &str, errors: &mut Errors) -> Vec<
         if name.is_empty() {
             errors.push((
                 ins.line,
-                DockerfileError::ArgWithoutName { file: file.into(), line: ins.line, text: ins.text.clone() },
+                DockerfileError::ArgWithoutName { file: file.into(), line: ins.line, text: brief(&ins.text) },
             ));
             continue;
         }
@@ -626,7 +635,7 @@ fn arg(ins: &Instruction, escape: char, file: &str, errors: &mut Errors) -> Vec<
     if words.is_empty() {
         errors.push((
             ins.line,
-            DockerfileError::ArgWithoutName { file: file.into(), line: ins.line, text: ins.text.clone() },
+            DockerfileError::ArgWithoutName { file: file.into(), line: ins.line, text: brief(&ins.text) },
         ));
     }
     out
@@ -786,7 +795,7 @@ fn lex(text: &str, file: &str) -> (char, Vec<Instruction>, Errors) {
                 }
                 ins.last_line = i.max(ins.last_line);
                 if !closed {
-                    let (line, name, text) = (ins.line, doc.name, ins.text.clone());
+                    let (line, name, text) = (ins.line, doc.name, brief(&ins.text));
                     errors.push((line, DockerfileError::UnterminatedHeredoc { file: file.into(), line, name, text }));
                     break;
                 }
