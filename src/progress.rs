@@ -80,13 +80,11 @@ impl View {
         let start = Instant::now();
         let env = |k: &str| std::env::var(k).ok();
         let look = decide(mode, std::io::stderr().is_terminal(), env("TERM").as_deref(), env("NO_COLOR").as_deref());
+        let tail = tail_lines(env("FARM_PROGRESS_LINES").as_deref())?;
         Ok(match look.kind {
             Kind::Json => View::Json { start },
             Kind::Plain => View::Plain { start },
-            Kind::Live => {
-                let tail = tail_lines(env("FARM_PROGRESS_LINES").as_deref())?;
-                View::Live(Live::start(Board::new(platforms, tail, start), look.colour))
-            }
+            Kind::Live => View::Live(Live::start(Board::new(platforms, tail, start), look.colour)),
         })
     }
 
@@ -525,10 +523,12 @@ impl Screen {
         if self.drawn > 0 {
             s += &format!("\x1b[{}A", self.drawn);
         }
+        // Old lines are overwritten, each cleared to its end, never the screen at once: some
+        // terminals (tmux) push a whole cleared screen into the history, which would repeat it.
         if let Some(above) = above {
-            s += "\x1b[J\x1b[?7h";
+            s += "\x1b[?7h";
             s += above;
-            s += "\n\x1b[?7l";
+            s += "\x1b[K\n\x1b[?7l";
         }
         for line in &lines {
             s += line;
