@@ -81,7 +81,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         (Some(farm), client)
     };
 
-    let mut view = View::new(args.progress, &platforms);
+    let mut view = View::new(args.progress, &platforms)?;
     let upload = client.upload_context(&scanned).await?;
     view.note(&format!(
         "context: {} ({}), uploaded {} ({})",
@@ -143,12 +143,13 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         }
     };
     view.finish();
+    let wall = view.elapsed();
     client.finish().await;
     drop(local);
     match end {
         Some(BuildEvent::Succeeded { index, tags, platforms, stitch_ms }) => {
             if args.progress != Progress::Json {
-                println!("{}", output::build_summary(&index, &tags, &platforms, progress::mode));
+                println!("{}", output::build_summary(&index, &tags, &platforms, progress::mode, wall));
                 if args.timings {
                     println!("{}", output::timings(&platforms, stitch_ms));
                 }

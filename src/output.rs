@@ -77,14 +77,23 @@ fn table<const N: usize>(header: &[&str; N], rows: &[[String; N]]) -> String {
     out
 }
 
-/// The end of a successful build: the index, where it went, and one row per platform.
+/// The end of a successful build: how long it took, the index, where it went, and one row per
+/// platform.
 pub fn build_summary(
     index: &Digest,
     tags: &[String],
     platforms: &[PlatformResult],
     mode: fn(&PlatformResult) -> &'static str,
+    wall: Duration,
 ) -> String {
-    let mut out = format!("pushed image index {index}\n");
+    let n = platforms.len();
+    let mut out = format!("built {n} platform{} in {:.1}s", if n == 1 { "" } else { "s" }, wall.as_secs_f64());
+    match platforms.iter().filter(|r| r.cached).count() {
+        0 => {}
+        c if c == n => out += " (all cached)",
+        c => out += &format!(" ({c} cached)"),
+    }
+    out += &format!("\npushed image index {index}\n");
     for t in tags {
         out += &format!("  as {t}\n");
     }
