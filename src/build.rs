@@ -53,6 +53,14 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let scanned = tokio::task::spawn_blocking(move || shared::context::scan(&scan_root, &df))
         .await?
         .with_context(|| format!("reading the build context {}", context.display()))?;
+    // The Dockerfile is read here, before anything is sent: its mistakes are found in a
+    // moment, with file and line, not on every agent after the upload.
+    let shown = match &args.file {
+        Some(f) => f.display().to_string(),
+        None => context.join("Dockerfile").display().to_string(),
+    };
+    let text = std::fs::read_to_string(context.join(&dockerfile)).with_context(|| format!("reading {shown}"))?;
+    shared::dockerfile::parse(&text, &shown)?.check_target(args.target.as_deref(), &shown)?;
 
     // A coordinator configured, or one answering at the default address, means the farm; none
     // means a farm inside this process.

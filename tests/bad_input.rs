@@ -287,6 +287,43 @@ fn first_hour(w: &mut World) {
     );
     w.nothing_done_since("a tag without a registry", before);
 
+    let typo = w.context(&w.scratch("typo"), "ctx", "ARG BASE\nFROM ${BASE}\nRUNN make\n");
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1")], &typo);
+    w.refused(
+        "a Dockerfile with an unknown instruction",
+        &run,
+        &format!(
+            "error: {}:3: unknown instruction \"RUNN\" in \"RUNN make\"; did you mean RUN?",
+            typo.join("Dockerfile").display()
+        ),
+    );
+    w.nothing_done_since("a Dockerfile with an unknown instruction", before);
+
+    let stages = w.context(
+        &w.scratch("stages"),
+        "ctx",
+        "ARG BASE\nFROM ${BASE} AS build\nRUN true\nFROM ${BASE} AS final\nCOPY --from=later /x /x\nFROM ${BASE} AS later\n",
+    );
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1")], &stages);
+    w.refused(
+        "COPY --from a stage defined later",
+        &run,
+        &format!(
+            "error: {}:5: COPY --from=later refers to stage \"later\", which is defined after this one (line 6)",
+            stages.join("Dockerfile").display()
+        ),
+    );
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--target", "tset"], &ctx);
+    w.refused(
+        "--target naming no stage",
+        &run,
+        &format!(
+            "error: --target \"tset\": no stage of that name in {} (stages: 0)",
+            ctx.join("Dockerfile").display()
+        ),
+    );
+    w.nothing_done_since("Dockerfile stage mistakes", before);
+
     let nobody = free_udp_port();
     let started = Instant::now();
     let run = w.cli(&[
