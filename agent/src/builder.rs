@@ -2,10 +2,14 @@
 //! process tree per build, its own storage root per agent); the [`Builder`] trait is small so that
 //! docker buildx or BuildKit can follow, and so that control-plane tests can use a scripted double.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::os::fd::AsRawFd as _;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use shared::Platform;
 use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
@@ -111,15 +115,79 @@ pub trait Builder: Send + Sync {
         Box::pin(async { Ok(()) })
     }
     /// Builds `job`, sending log lines as they happen, until done or `job.cancel` fires; returns
-    /// the time its phases took (`build`, `export`).
+    /// the time its phases took (`build`, `export`). However the build ends, it leaves nothing
+    /// behind on this machine but its layer cache.
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> Timed<'a>;
+    /// Removes what builds of an earlier run of this agent left when it was killed (containers,
+    /// mounts, temporary files). Called once at agent start, before any build. Resolves to
+    /// whether this agent has its work directory to itself, so that the caller may sweep its own
+    /// leftovers there too (another agent sharing it may be building: then nothing is swept).
+    fn sweep(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(async { true })
+    }
 }
 
 /// buildah with its own storage under the agent's work directory, chroot isolation (works as
 /// root without cgroup delegation), and layer caching between builds.
+///
+/// Nothing outlives a build: buildah runs in its own PID and mount namespaces (see
+/// [`Buildah::command`]), so its processes and overlay mounts end with it however it ends;
+/// `--force-rm` removes its containers when a step fails; its temporary files are in a
+/// directory of its own, removed after it. What a killed buildah leaves in its store (containers
+/// and their mount counts) is swept once no build of this agent uses that store, and at agent
+/// start (see [`Builder::sweep`]).
 pub struct Buildah {
     info: BuilderInfo,
     root: PathBuf,
+    /// Names this work directory's secret files in /dev/shm (a hash of its path).
+    tag: String,
+    /// `<root>/lock`, flocked shared while this agent runs; exclusively to sweep, so that two
+    /// agents sharing one work directory (embedded farms started side by side) never sweep
+    /// under each other's builds. Set by [`Builder::sweep`].
+    lock: OnceLock<std::fs::File>,
+    stores: Mutex<HashMap<PathBuf, Arc<StoreUse>>>,
+    /// One store sweep at a time (they share the exclusive lock).
+    sweeping: tokio::sync::Mutex<()>,
+}
+
+/// This agent's use of one platform's store.
+#[derive(Default)]
+struct StoreUse {
+    /// Held shared by each build in this store, exclusively by a sweep.
+    builds: tokio::sync::RwLock<()>,
+    /// A build here did not succeed: it may have left containers.
+    dirty: AtomicBool,
+}
+
+/// Marks a store dirty when dropped before the build was known to succeed (failed, cancelled,
+/// or the build's future dropped).
+struct Outcome<'a> {
+    dirty: &'a AtomicBool,
+    succeeded: bool,
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        if !self.succeeded {
+            self.dirty.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// A build's own TMPDIR (buildah keeps copies of the context and its RUN scripts there), removed
+/// when the build ends however it ends.
+struct TempDir(PathBuf);
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// flock(2) on `file`; whether it was granted.
+fn flock(file: &std::fs::File, op: libc::c_int) -> bool {
+    // SAFETY: flock on a file descriptor we own.
+    unsafe { libc::flock(file.as_raw_fd(), op) == 0 }
 }
 
 /// Finds buildah and its version (`buildah version 1.28.2 (image-spec ...)`).
@@ -130,7 +198,16 @@ pub fn detect(work_dir: &Path) -> Result<Buildah, BuilderError> {
     }
     let text = String::from_utf8_lossy(&out.stdout);
     let version = parse_version(&text).ok_or_else(|| BuilderError::Version(format!("unexpected output {text:?}")))?;
-    Ok(Buildah { info: BuilderInfo { name: "buildah".into(), version }, root: work_dir.join("buildah") })
+    let root = work_dir.join("buildah");
+    let tag = shared::Digest::of(root.as_os_str().as_encoded_bytes()).hex()[..12].to_string();
+    Ok(Buildah {
+        info: BuilderInfo { name: "buildah".into(), version },
+        root,
+        tag,
+        lock: OnceLock::new(),
+        stores: Mutex::default(),
+        sweeping: tokio::sync::Mutex::const_new(()),
+    })
 }
 
 fn parse_version(text: &str) -> Option<String> {
@@ -143,10 +220,16 @@ impl Buildah {
     /// when it dies, however it dies, the kernel kills every process of the build with it (a
     /// RUN step's processes would otherwise outlive a killed agent, reparented to init).
     ///
+    /// And in its own mount namespace, private (`--mount --propagation private`): the overlay
+    /// mounts it makes are seen by no one else and go with the namespace when its last process
+    /// ends, SIGKILL included (they would otherwise stay on the host, one `merged` per killed or
+    /// failed RUN). The mount counts a killed buildah leaves in the store's run root are harmless:
+    /// `buildah rm` of its container finds nothing to unmount and goes on.
+    ///
     /// Each platform has its own store (see [`Buildah::store`]).
     fn command(&self, store: &Path) -> Command {
         let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--kill-child", "buildah"])
+        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "buildah"])
             .arg("--root")
             .arg(store.join("storage"))
             .arg("--runroot")
@@ -265,16 +348,138 @@ impl Builder for Buildah {
 
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> Timed<'a> {
         Box::pin(async move {
-            let started = std::time::Instant::now();
+            let store = self.store(job.platform);
+            let used = self.store_use(&store);
+            let mut outcome = Outcome { dirty: &used.dirty, succeeded: false };
+            let result = {
+                let _building = used.builds.read().await;
+                self.build_in(&store, job, log).await
+            };
+            outcome.succeeded = result.is_ok();
+            drop(outcome);
+            if used.dirty.load(Ordering::SeqCst) {
+                self.sweep_store(&store, &used).await;
+            }
+            result
+        })
+    }
+
+    fn sweep(&self) -> Pin<Box<dyn Future<Output = bool> + Send + '_>> {
+        Box::pin(self.sweep_at_start())
+    }
+}
+
+impl Buildah {
+    fn store_use(&self, store: &Path) -> Arc<StoreUse> {
+        self.stores.lock().unwrap().entry(store.to_path_buf()).or_default().clone()
+    }
+
+    /// Removes the containers of builds that did not succeed in `store` (those buildah could not
+    /// remove itself: killed on cancel, or dying), once no build of this agent uses the store and
+    /// no other agent shares the work directory; else a later build's end does it.
+    async fn sweep_store(&self, store: &Path, used: &StoreUse) {
+        let _one = self.sweeping.lock().await;
+        let Ok(_alone_in_store) = used.builds.try_write() else { return };
+        let Some(lock) = self.lock.get() else { return };
+        if !flock(lock, libc::LOCK_EX | libc::LOCK_NB) {
+            return;
+        }
+        if used.dirty.swap(false, Ordering::SeqCst) {
+            match self.output(store, &["rm", "--all"]).await {
+                Ok(removed) if !removed.trim().is_empty() => {
+                    tracing::info!(store = %store.display(), "removed {} leftover container(s)", removed.lines().count());
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    used.dirty.store(true, Ordering::SeqCst);
+                    tracing::warn!("removing leftover containers: {e}");
+                }
+            }
+        }
+        flock(lock, libc::LOCK_SH);
+    }
+
+    /// At agent start, with the work directory to itself (an exclusive lock), removes what a
+    /// killed agent's builds left: every store's run root (mount counts of mounts that died with
+    /// their namespaces, as after a reboot) and containers, mounts of older farm versions under
+    /// the root, temporary files, and this work directory's secret files. Then holds the lock
+    /// shared for as long as the agent runs.
+    async fn sweep_at_start(&self) -> bool {
+        let path = self.root.join("lock");
+        let file = std::fs::create_dir_all(&self.root)
+            .and_then(|()| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path));
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!("cannot open {}: {e}; not sweeping leftovers of earlier builds", path.display());
+                return false;
+            }
+        };
+        let alone = flock(&file, libc::LOCK_EX | libc::LOCK_NB);
+        if alone {
+            for target in mounts_under(&std::fs::canonicalize(&self.root).unwrap_or_else(|_| self.root.clone())) {
+                let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()).expect("no NUL in a path");
+                // SAFETY: umount2 on a path under our own root.
+                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+                tracing::info!("unmounted leftover {}", target.display());
+            }
+            for store in self.stores() {
+                let _ = std::fs::remove_dir_all(store.join("run"));
+                match self.output(&store, &["rm", "--all"]).await {
+                    Ok(removed) if !removed.trim().is_empty() => tracing::info!(
+                        store = %store.display(),
+                        "removed {} container(s) left by an earlier run",
+                        removed.lines().count()
+                    ),
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!("removing containers left by an earlier run: {e}"),
+                }
+            }
             let tmp = self.root.join("tmp");
-            std::fs::create_dir_all(&tmp).map_err(|source| BuilderError::Io { path: tmp, source })?;
+            let _ = std::fs::remove_dir_all(&tmp);
+            let _ = std::fs::create_dir_all(&tmp);
+            let prefix = format!("farm-secrets-{}-", self.tag);
+            for e in std::fs::read_dir("/dev/shm").into_iter().flatten().filter_map(Result::ok) {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = std::fs::remove_dir_all(e.path());
+                }
+            }
+        } else {
+            tracing::info!(
+                "another agent is using {}: leftovers of earlier builds are swept when an agent starts alone",
+                self.root.display()
+            );
+        }
+        // Shared from now on; waits if another agent is sweeping.
+        let file = tokio::task::spawn_blocking(move || {
+            flock(&file, libc::LOCK_SH);
+            file
+        })
+        .await
+        .expect("flock does not panic");
+        let _ = self.lock.set(file);
+        alone
+    }
+
+    async fn build_in(
+        &self,
+        store: &Path,
+        job: Job<'_>,
+        log: mpsc::UnboundedSender<String>,
+    ) -> Result<Vec<shared::proto::Phase>, BuilderError> {
+        {
+            let started = std::time::Instant::now();
+            let tmp = TempDir(self.root.join("tmp").join(job.name));
+            let _ = std::fs::remove_dir_all(&tmp.0);
+            std::fs::create_dir_all(&tmp.0).map_err(|source| BuilderError::Io { path: tmp.0.clone(), source })?;
             let conf = self.registries_conf(&job)?;
             for warning in dockerfile_warnings(&job.context.join(job.dockerfile)) {
                 let _ = log.send(warning);
             }
-            let store = self.store(job.platform);
-            let mut build = self.command(&store);
-            build.env("CONTAINERS_REGISTRIES_CONF", &conf).arg("build").arg("--layers");
+            let mut build = self.command(store);
+            // --force-rm: a failed step's container goes too (buildah 1.28 keeps it by default).
+            build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", &tmp.0);
+            build.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
             build.arg("--platform").arg(job.platform.to_string());
             build.arg("-f").arg(job.context.join(job.dockerfile));
             for (k, v) in job.build_args {
@@ -286,7 +491,7 @@ impl Builder for Buildah {
             if job.no_cache {
                 build.arg("--no-cache");
             }
-            let secrets = SecretFiles::write(&self.root.join("tmp"), job.name, job.secrets)?;
+            let secrets = SecretFiles::write(&tmp.0, &format!("{}-{}", self.tag, job.name), job.secrets)?;
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
             }
@@ -296,16 +501,57 @@ impl Builder for Buildah {
             built?;
             let build_ms = started.elapsed().as_millis() as u64;
             let exporting = std::time::Instant::now();
-            let mut push = self.command(&store);
-            push.arg("push").arg("--format").arg("oci").arg(job.name).arg(format!("oci:{}", job.output.display()));
+            let mut push = self.command(store);
+            push.env("TMPDIR", &tmp.0)
+                .arg("push")
+                .arg("--format")
+                .arg("oci")
+                .arg(job.name)
+                .arg(format!("oci:{}", job.output.display()));
             // The image stays: its layers are the cache of the next build. Removing it here would
             // race with other tasks' pushes (containers/storage finds layers by digest), so the
             // store is trimmed only when the agent is idle (see `prune`).
             run(push, &log, "buildah push", &job.cancel).await?;
             let phase = |name: &str, ms| shared::proto::Phase { name: name.into(), ms };
             Ok(vec![phase("build", build_ms), phase("export", exporting.elapsed().as_millis() as u64)])
-        })
+        }
     }
+}
+
+/// Mount points under `root` in this mount namespace, deepest first (`/proc/self/mountinfo`'s
+/// fifth field, octal escapes decoded).
+fn mounts_under(root: &Path) -> Vec<PathBuf> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|m| PathBuf::from(unescape_mountinfo(m)))
+        .filter(|p| p.starts_with(root) && p != root)
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    found
+}
+
+/// mountinfo writes space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) if b[i] == b'\\' => {
+                out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                i += 4;
+            }
+            _ => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Runs a builder command in its own process group, streaming its stdout and stderr line by
@@ -500,6 +746,13 @@ mod tests {
             Some("[Warning] one or more build args were not consumed: [VERSION]")
         );
         assert_eq!(w("STEP 1/2: FROM x").as_deref(), Some("STEP 1/2: FROM x"));
+    }
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(super::unescape_mountinfo(r"/w/a\040b/merged"), "/w/a b/merged");
+        assert_eq!(super::unescape_mountinfo(r"/w/a\134b"), r"/w/a\b");
+        assert_eq!(super::unescape_mountinfo(r"/w/\04"), r"/w/\04");
     }
 
     #[test]

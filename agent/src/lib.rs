@@ -119,6 +119,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         builder = %format!("{} {}", info.builder, info.builder_version),
         "agent starting"
     );
+    if builder.sweep().await {
+        sweep_tasks(&config.work_dir);
+    }
     let store = BlobStore::open(&config.work_dir.join("blobs"))?;
     let runner = Arc::new(task::Runner {
         cache_lock: tokio::sync::RwLock::new(()),
@@ -131,6 +134,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     });
     net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
     Ok(())
+}
+
+/// Removes the directories of tasks an earlier run of this agent was killed in the middle of
+/// (a task removes its own however it ends, as long as the agent lives).
+fn sweep_tasks(work_dir: &std::path::Path) {
+    let tasks = work_dir.join("tasks");
+    for e in std::fs::read_dir(&tasks).into_iter().flatten().filter_map(Result::ok) {
+        tracing::info!("removing {}, left by an earlier run", e.path().display());
+        let _ = std::fs::remove_dir_all(e.path());
+    }
 }
 
 /// `farm agent prune`: empties this work directory's layer cache. Run it while the agent is stopped.
