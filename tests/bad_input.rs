@@ -318,7 +318,8 @@ fn first_hour(w: &mut World) {
         "--target naming no stage",
         &run,
         &format!(
-            "error: --target \"tset\": no stage of that name in {} (stages: 0)",
+            "error: --target \"tset\": no stage of that name in {} (no stage has a name: name one with FROM \
+             <image> AS <name>)",
             ctx.join("Dockerfile").display()
         ),
     );
