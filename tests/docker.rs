@@ -85,6 +85,22 @@ fn the_docker_builder_builds_like_buildah_leaves_no_tag_keeps_secrets_and_cancel
     let bah = farm.agent("bah", &["--builder", "buildah", "--capacity", "2"]);
     assert_eq!((bah["builder"].as_str(), bah["labels"]["builder"].as_str()), (Some("buildah"), Some("buildah")));
 
+    // Without buildah on PATH, an agent picks the engine DOCKER_HOST names by itself.
+    farm.ca.issue("agent", "auto");
+    let empty = farm.tmp.path().join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let work = farm.tmp.path().join("agent-auto");
+    let mut cmd = Command::new(farm_bin());
+    cmd.args(["agent", "--coordinator", &farm.addr, "--ca-dir", farm.ca.path(), "--name", "auto", "--work-dir"])
+        .arg(&work)
+        .env("PATH", &empty)
+        .env("DOCKER_HOST", &engine.host)
+        .env("FARM_LOG", "info");
+    let auto = Proc::spawn("agent auto", &mut cmd);
+    let listed = farm.wait_agent("auto", "online");
+    assert_eq!((listed["builder"].as_str(), listed["labels"]["builder"].as_str()), (Some("docker"), Some("docker")));
+    drop(auto);
+
     // (a) examples/hello for three platforms on each builder: the same platforms, the same files.
     let ctx = example("hello", farm.tmp.path());
     let (ok, out, err) = build(&build_on(&farm, &registry, &base, "docker", PLATFORMS, "hello:docker", &ctx));
@@ -236,4 +252,23 @@ fn an_agent_told_to_use_docker_without_an_engine_says_how_to_fix_it() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("unknown builder \"podman\": expected buildah, docker or auto"), "{err}");
+
+    // Neither buildah nor an engine: the error names both fixes.
+    let out = Command::new(farm_bin())
+        .args(["agent", "--coordinator", &farm.addr, "--ca-dir", farm.ca.path(), "--name", "nodock"])
+        .arg("--work-dir")
+        .arg(farm.tmp.path().join("w"))
+        .env("PATH", farm.tmp.path())
+        .env("DOCKER_HOST", format!("unix://{}", missing.display()))
+        .env("FARM_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no builder on this machine: buildah is not installed")
+            && err.contains(&format!("no Docker Engine answers at unix://{}", missing.display()))
+            && err.contains("Install buildah (`deploy/install.sh`), or start Docker / set `docker_host`"),
+        "{err}"
+    );
 }
