@@ -185,13 +185,15 @@ pub struct JoinArgs {
 pub enum AgentCommand {
     /// Enroll this machine as an agent with a join token; then run `farm agent`
     Join(JoinArgs),
-    /// Empty this agent's layer cache (its buildah storage); run it while the agent is stopped
+    /// Empty this agent's layer cache (its buildah storage, or the Docker Engine's build cache); run it while the agent is stopped
     Prune {
         #[command(flatten)]
         config: ConfigArg,
         /// The agent's work directory
         #[arg(long, env = "FARM_WORK_DIR", value_name = "DIR")]
         work_dir: Option<PathBuf>,
+        #[command(flatten)]
+        builder: BuilderArgs,
     },
 }
 
@@ -250,6 +252,18 @@ pub struct AgentArgs {
     /// Disk the layer cache may use, in GiB; the oldest images go first when it is exceeded [default: 20]
     #[arg(long, value_name = "GIB")]
     pub cache_limit_gb: Option<f64>,
+    #[command(flatten)]
+    pub builder: BuilderArgs,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct BuilderArgs {
+    /// The builder: buildah or docker [default: buildah if installed, else a Docker Engine that answers]
+    #[arg(long, env = "FARM_BUILDER", value_name = "buildah|docker")]
+    pub builder: Option<String>,
+    /// The Docker Engine to build with, unix:///PATH or tcp://HOST:PORT [default: $DOCKER_HOST, else unix:///var/run/docker.sock]
+    #[arg(long, env = "FARM_DOCKER_HOST", value_name = "URL")]
+    pub docker_host: Option<String>,
 }
 
 #[derive(Args, Debug, Clone)]

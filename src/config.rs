@@ -23,6 +23,10 @@ pub struct FileConfig {
     pub capacity: Option<u32>,
     pub drain_timeout_secs: Option<f64>,
     pub cache_limit_gb: Option<f64>,
+    /// `buildah`, `docker` or `auto`.
+    pub builder: Option<String>,
+    /// The Docker Engine, `unix:///PATH` or `tcp://HOST:PORT`.
+    pub docker_host: Option<String>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
     pub max_context_files: Option<usize>,
@@ -150,4 +154,18 @@ pub fn write_client(coordinator: &str, ca_dir: &Path, name: &str) -> Result<Stri
         "wrote {}: farm commands on this machine now use the coordinator at {coordinator} as {name:?}",
         path.display()
     ))
+}
+
+/// The agent's builder and Docker Engine: flags (and FARM_BUILDER, FARM_DOCKER_HOST), then the file.
+pub fn builder(
+    flag: Option<&str>,
+    flag_host: Option<&str>,
+    file_builder: Option<&str>,
+    file_host: Option<&str>,
+) -> Result<(agent::BuilderChoice, Option<String>)> {
+    let choice = match flag.or(file_builder) {
+        Some(b) => b.parse().map_err(anyhow::Error::msg)?,
+        None => agent::BuilderChoice::Auto,
+    };
+    Ok((choice, flag_host.or(file_host).map(str::to_string)))
 }

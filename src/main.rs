@@ -103,10 +103,16 @@ async fn dispatch(command: Command) -> Result<()> {
         }
         Command::Coordinator(args) => coordinator(args).await,
         Command::Agent(AgentArgs { command: Some(AgentCommand::Join(args)), .. }) => join(args, true).await,
-        Command::Agent(AgentArgs { command: Some(AgentCommand::Prune { config, work_dir }), .. }) => {
+        Command::Agent(AgentArgs { command: Some(AgentCommand::Prune { config, work_dir, builder }), .. }) => {
             let file = config::load(config.config.as_deref(), false)?;
+            let (choice, docker_host) = config::builder(
+                builder.builder.as_deref(),
+                builder.docker_host.as_deref(),
+                file.builder.as_deref(),
+                file.docker_host.as_deref(),
+            )?;
             let dir = work_dir.or(file.work_dir).unwrap_or_else(|| config::state_home().join("agent"));
-            let freed = agent::prune(&dir).await?;
+            let freed = agent::prune(&dir, choice, docker_host.as_deref()).await?;
             println!("freed {} of layer cache in {}", output::bytes(freed), dir.display());
             Ok(())
         }
@@ -274,6 +280,12 @@ async fn agent(args: AgentArgs) -> Result<()> {
     let work_dir = args.work_dir.or(file.work_dir).unwrap_or_else(|| config::state_home().join("agent"));
     let mut cfg = agent::Config::new(coordinator, ca_dir, name, work_dir);
     cfg.labels = config::labels(&file.labels, &args.labels)?;
+    (cfg.builder, cfg.docker_host) = config::builder(
+        args.builder.builder.as_deref(),
+        args.builder.docker_host.as_deref(),
+        file.builder.as_deref(),
+        file.docker_host.as_deref(),
+    )?;
     cfg.capacity = args.capacity.or(file.capacity).unwrap_or(1);
     let pf = file.platforms;
     cfg.platforms = agent::PlatformConfig {

@@ -40,6 +40,8 @@ pub enum BuilderError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("cancelled")]
     Cancelled,
+    #[error(transparent)]
+    Docker(#[from] crate::docker::DockerError),
 }
 
 /// One platform's build, as the agent hands it to its builder.
@@ -64,13 +66,17 @@ pub struct Job<'a> {
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
 /// in a 0700 directory, removed when the build ends however it ends.
-struct SecretFiles {
+pub(crate) struct SecretFiles {
     dir: Option<PathBuf>,
-    args: Vec<String>,
+    pub(crate) args: Vec<String>,
 }
 
 impl SecretFiles {
-    fn write(fallback: &Path, name: &str, secrets: &[shared::proto::Secret]) -> Result<SecretFiles, BuilderError> {
+    pub(crate) fn write(
+        fallback: &Path,
+        name: &str,
+        secrets: &[shared::proto::Secret],
+    ) -> Result<SecretFiles, BuilderError> {
         use std::io::Write as _;
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         if secrets.is_empty() {
@@ -558,7 +564,7 @@ fn unescape_mountinfo(s: &str) -> String {
 /// line. Cancelled, the whole group gets SIGTERM, then SIGKILL after [`CANCEL_GRACE`]. If the
 /// agent itself dies, the kernel kills the builder too (PR_SET_PDEATHSIG), so a lost agent does
 /// not leave a build running that nobody will collect.
-async fn run(
+pub(crate) async fn run(
     mut cmd: Command,
     log: &mpsc::UnboundedSender<String>,
     what: &str,

@@ -4,6 +4,7 @@
 //!
 //! - [`session`]: pure pieces: the registration an agent sends, reconnect backoff;
 //! - [`builder`]: the builder this agent drives (buildah), behind a small interface;
+//! - [`docker`]: the same interface over a Docker Engine's BuildKit;
 //! - [`task`]: one assignment: context, build, push by digest;
 //! - [`net`]: the connection loop over QUIC, running assignments as they come.
 //!
@@ -11,6 +12,7 @@
 //! embedded single-machine mode.
 
 pub mod builder;
+pub mod docker;
 pub mod net;
 pub mod session;
 pub mod task;
@@ -38,6 +40,28 @@ pub struct PlatformConfig {
     pub extra_emulated: Vec<Platform>,
 }
 
+/// Which builder an agent drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BuilderChoice {
+    /// buildah if it is installed, else a Docker Engine if one answers.
+    #[default]
+    Auto,
+    Buildah,
+    Docker,
+}
+
+impl std::str::FromStr for BuilderChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(BuilderChoice::Auto),
+            "buildah" => Ok(BuilderChoice::Buildah),
+            "docker" => Ok(BuilderChoice::Docker),
+            other => Err(format!("unknown builder {other:?}: expected buildah, docker or auto")),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Config {
     /// `HOST:PORT` of the coordinator.
@@ -56,6 +80,10 @@ pub struct Config {
     pub cache_limit: u64,
     pub max_frame_bytes: usize,
     pub transport: TransportLimits,
+    pub builder: BuilderChoice,
+    /// The Docker Engine to build with (`unix:///PATH` or `tcp://HOST:PORT`); else DOCKER_HOST,
+    /// else the default socket.
+    pub docker_host: Option<String>,
 }
 
 impl Config {
@@ -74,6 +102,8 @@ impl Config {
             cache_limit: 20 << 30,
             max_frame_bytes: shared::proto::DEFAULT_MAX_FRAME,
             transport: TransportLimits::default(),
+            builder: BuilderChoice::Auto,
+            docker_host: None,
         }
     }
 }
@@ -93,6 +123,11 @@ pub enum AgentError {
     Builder(#[from] builder::BuilderError),
     #[error("agent work directory: {0}")]
     Store(#[from] ContextError),
+    #[error(
+        "no builder on this machine: buildah is not installed ({buildah}), and {docker}. Install buildah \
+         (`deploy/install.sh`), or start Docker / set `docker_host`; `builder = \"buildah\"|\"docker\"` picks one"
+    )]
+    NoBuilder { buildah: String, docker: String },
     #[error("agent {name:?} can build no platform: nothing native detected or configured")]
     NoPlatforms { name: String },
 }
@@ -106,7 +141,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|source| AgentError::WorkDir { path: config.work_dir.clone(), source })?;
-    let builder = builder::detect(&config.work_dir)?;
+    let builder = select(config.builder, &config.work_dir, config.docker_host.as_deref()).await?;
     let host = shared::host::detect(&config.binfmt_dir);
     let info = session::agent_info(&config, host, builder.info());
     if info.native.is_empty() && info.emulated.is_empty() {
@@ -119,6 +154,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         builder = %format!("{} {}", info.builder, info.builder_version),
         "agent starting"
     );
+    let builder = builder.into_builder();
     if builder.sweep().await {
         sweep_tasks(&config.work_dir);
     }
@@ -129,7 +165,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         name: config.name.clone(),
         work_dir: config.work_dir.clone(),
         store,
-        builder: Arc::new(builder),
+        builder,
         max_frame: config.max_frame_bytes,
     });
     net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
@@ -146,10 +182,74 @@ fn sweep_tasks(work_dir: &std::path::Path) {
     }
 }
 
-/// `farm agent prune`: empties this work directory's layer cache. Run it while the agent is stopped.
-pub async fn prune(work_dir: &std::path::Path) -> Result<u64, AgentError> {
-    let b = builder::detect(work_dir)?;
-    let before = b.cache_bytes();
+/// The builder an agent drives.
+pub enum Chosen {
+    Buildah(builder::Buildah),
+    Docker(docker::Docker),
+}
+
+impl Chosen {
+    pub fn info(&self) -> &builder::BuilderInfo {
+        match self {
+            Chosen::Buildah(b) => b.info(),
+            Chosen::Docker(d) => d.info(),
+        }
+    }
+
+    pub fn into_builder(self) -> Arc<dyn builder::Builder> {
+        match self {
+            Chosen::Buildah(b) => Arc::new(b),
+            Chosen::Docker(d) => Arc::new(d),
+        }
+    }
+
+    /// Bytes held by the layer cache.
+    pub async fn cache_bytes(&self) -> Result<u64, AgentError> {
+        Ok(match self {
+            Chosen::Buildah(b) => b.cache_bytes(),
+            Chosen::Docker(d) => d.cache_bytes().await?,
+        })
+    }
+
+    async fn prune(&self, limit: u64) -> Result<(), AgentError> {
+        match self {
+            Chosen::Buildah(b) => b.prune(limit).await?,
+            Chosen::Docker(d) => d.prune(limit).await?,
+        }
+        Ok(())
+    }
+}
+
+/// The builder `choice` names; `Auto`: buildah if it is installed, else the Docker Engine if one
+/// answers, else an error naming both fixes.
+pub async fn select(
+    choice: BuilderChoice,
+    work_dir: &std::path::Path,
+    docker_host: Option<&str>,
+) -> Result<Chosen, AgentError> {
+    let docker = || async { docker::connect(work_dir, docker_host).await.map(Chosen::Docker) };
+    match choice {
+        BuilderChoice::Buildah => Ok(Chosen::Buildah(builder::detect(work_dir)?)),
+        BuilderChoice::Docker => Ok(docker().await.map_err(builder::BuilderError::from)?),
+        BuilderChoice::Auto => match builder::detect(work_dir) {
+            Ok(b) => Ok(Chosen::Buildah(b)),
+            Err(builder::BuilderError::Missing(missing)) => docker()
+                .await
+                .map_err(|e| AgentError::NoBuilder { buildah: missing.to_string(), docker: e.to_string() }),
+            Err(e) => Err(e.into()),
+        },
+    }
+}
+
+/// `farm agent prune`: empties this work directory's layer cache (the engine's build cache, for
+/// Docker). Run it while the agent is stopped.
+pub async fn prune(
+    work_dir: &std::path::Path,
+    choice: BuilderChoice,
+    docker_host: Option<&str>,
+) -> Result<u64, AgentError> {
+    let b = select(choice, work_dir, docker_host).await?;
+    let before = b.cache_bytes().await?;
     b.prune(0).await?;
-    Ok(before.saturating_sub(b.cache_bytes()))
+    Ok(before.saturating_sub(b.cache_bytes().await?))
 }

@@ -11,7 +11,8 @@ use crate::builder::BuilderInfo;
 use crate::Config;
 
 /// The registration: detected platforms, corrected by configuration. A platform listed as native
-/// is never also offered as emulated.
+/// is never also offered as emulated. The label `builder=<name>` is added, so that builds can
+/// `--require builder=docker`; it names the builder actually used, over a configured one.
 pub fn agent_info(config: &Config, host: HostPlatforms, builder: &BuilderInfo) -> AgentInfo {
     let pc = &config.platforms;
     let mut native = pc.native.clone().unwrap_or(host.native);
@@ -19,10 +20,12 @@ pub fn agent_info(config: &Config, host: HostPlatforms, builder: &BuilderInfo) -
     let mut emulated = pc.emulated.clone().unwrap_or(host.emulated);
     extend_unique(&mut emulated, &pc.extra_emulated);
     emulated.retain(|p| !native.contains(p));
+    let mut labels = config.labels.clone();
+    labels.insert("builder".into(), builder.name.clone());
     AgentInfo {
         native,
         emulated,
-        labels: config.labels.clone(),
+        labels,
         capacity: config.capacity.max(1),
         builder: builder.name.clone(),
         builder_version: builder.version.clone(),
@@ -101,6 +104,14 @@ mod tests {
         assert_eq!(info.native, host().native);
         assert_eq!(info.emulated, host().emulated);
         assert_eq!(info.builder_version, "1.28.2");
+        assert_eq!(info.labels.get("builder").map(String::as_str), Some("buildah"));
+        let docker = BuilderInfo { name: "docker".into(), version: "20.10.24".into() };
+        let mut c = config();
+        c.labels.insert("builder".into(), "configured".into());
+        c.labels.insert("gpu".into(), "nvidia".into());
+        let info = agent_info(&c, host(), &docker);
+        assert_eq!(info.labels.get("builder").map(String::as_str), Some("docker"));
+        assert_eq!(info.labels.get("gpu").map(String::as_str), Some("nvidia"));
     }
 
     #[test]

@@ -449,14 +449,16 @@ impl Core {
         }
     }
 
-    /// An earlier result is usable if an agent that could build the platform now runs the same
-    /// builder version that produced it.
-    fn cached(&self, key: &str, platform: &Platform) -> Option<ManifestRef> {
+    /// An earlier result is usable if an agent that could build the platform, with the labels the
+    /// build requires (`builder=docker`, ...), now runs the same builder version that produced it.
+    fn cached(&self, key: &str, platform: &Platform, require: &BTreeMap<String, String>) -> Option<ManifestRef> {
         let e = self.cache.get(key)?;
         self.fleet
             .online()
             .any(|(_, i)| {
-                (i.native.contains(platform) || i.emulated.contains(platform)) && i.builder_version == e.builder_version
+                (i.native.contains(platform) || i.emulated.contains(platform))
+                    && i.builder_version == e.builder_version
+                    && require.iter().all(|(k, v)| i.labels.get(k) == Some(v))
             })
             .then(|| e.manifest.clone())
     }
@@ -548,7 +550,8 @@ impl Core {
             let tid = self.next_task;
             self.next_task += 1;
             let cache_key = bases.as_ref().map(|b| cache_key(&spec, platform, b));
-            let hit = cache_key.as_ref().filter(|_| !spec.no_cache).and_then(|k| self.cached(k, platform));
+            let hit =
+                cache_key.as_ref().filter(|_| !spec.no_cache).and_then(|k| self.cached(k, platform, &spec.require));
             let state = match hit {
                 Some(manifest) => {
                     self.actions.push_back(Action::CheckCached {

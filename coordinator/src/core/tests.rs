@@ -467,6 +467,29 @@ fn identical_inputs_are_answered_from_the_cache_once_the_registry_confirms_and_a
 }
 
 #[test]
+fn a_cached_result_answers_only_builds_whose_required_labels_an_agent_of_that_builder_has() {
+    let mut core = three_agent_farm();
+    let bases = || Some(vec![("reg/busybox:latest".to_string(), digest(7))]);
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), bases()).unwrap();
+    let (conn, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    assert_eq!(conn, 2, "built by pi64 (buildah 1.28.2)");
+    core.agent_msg(1, "pi64", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(3), timings: vec![] });
+    drain(&mut core);
+    let mut jetson = info(&["linux/arm64"], &[], &[("builder", "docker")]);
+    jetson.builder = "docker".into();
+    jetson.builder_version = "20.10.24".into();
+    core.agent_up(1, "jetson", 4, "d".into(), jetson);
+    drain(&mut core);
+    // Requiring builder=docker: pi64's result is not that builder's; jetson builds it.
+    let mut on_docker = spec(&["linux/arm64"]);
+    on_docker.require.insert("builder".into(), "docker".into());
+    core.submit(2, "b2", "admin", on_docker, bases()).unwrap();
+    let out = drain(&mut core);
+    assert!(out.checks.is_empty(), "{out:?}");
+    assert_eq!(out.assigned.iter().map(|a| a.0).collect::<Vec<_>>(), [4]);
+}
+
+#[test]
 fn only_the_newest_ended_builds_stay_in_memory_and_all_stay_in_the_store() {
     let dir = tempfile::tempdir().unwrap();
     let store = crate::store::Store::open(dir.path()).unwrap();
