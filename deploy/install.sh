@@ -8,7 +8,8 @@
 # --emulation  on a non-x86_64 host, also install qemu-user-static and register handlers
 #              (x86_64 hosts emulate by default)
 # --test-deps  also fetch what farm's tests and quick start need: Debian's busybox-static for
-#              amd64, arm64 and armhf (the multi-arch base image, since no outside registry is used)
+#              amd64, arm64 and armhf (the multi-arch base image, since no outside registry is used),
+#              docker.io (a Docker Engine the tests start themselves) and tmux
 # Safe to run again: installed packages and correct handlers are left alone.
 set -euo pipefail
 
@@ -36,6 +37,9 @@ done
 install_packages() {
   local pkgs=(buildah docker-registry skopeo jq curl ca-certificates iproute2) missing=()
   ((emulation)) && pkgs+=(qemu-user-static)
+  # The tests also start their own Docker Engine (the Docker builder's tests) and drive the live
+  # view in a terminal multiplexer.
+  ((test_deps)) && pkgs+=(docker.io tmux)
   for p in "${pkgs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
   done
