@@ -66,7 +66,8 @@ fn the_readme_s_steps_build_on_the_coordinator_s_agent_and_nothing_configured_bu
         eprintln!("$ {line}");
         if let Some(cmd) = line.strip_suffix('&') {
             let mut c = shell(home.path(), &ctx, cmd.trim());
-            c.env("FARM_LOG", "info");
+            // As a user would run them, logs redirected to a file: no NO_COLOR, no terminal.
+            c.env("FARM_LOG", "info").env_remove("NO_COLOR");
             let proc = Proc::spawn(cmd.trim(), &mut c);
             if cmd.starts_with("farm coordinator") {
                 proc.wait_for_line(&["coordinator listening", "127.0.0.1:3276"], Duration::from_secs(20));
@@ -96,6 +97,13 @@ fn the_readme_s_steps_build_on_the_coordinator_s_agent_and_nothing_configured_bu
     assert_eq!(rows.keys().cloned().collect::<Vec<_>>(), ["linux/amd64", "linux/arm64"]);
     for (platform, (agent, _)) in &rows {
         assert_eq!(agent, &host, "{platform} must run on the README's agent");
+    }
+    // Quiet by default: no colour codes in logs that go to a file, and no warning for the CLI's
+    // connections ending as they should.
+    for p in &background {
+        let log = p.log();
+        assert!(!log.contains('\u{1b}'), "{}: colour codes in a log that is not a terminal:\n{log}", p.name);
+        assert!(!log.lines().any(|l| l.contains("WARN") && l.contains("connection ended")), "{}:\n{log}", p.name);
     }
     drop(background);
 }
