@@ -280,10 +280,8 @@ fn first_hour(w: &mut World) {
     w.refused(
         "a tag without a registry",
         &run,
-        &format!(
-            "error: -t myapp:1: names no registry, so it would be pushed to Docker Hub; farm pushes every platform \
-             to a registry: name yours (e.g. -t registry.lan:5000/myapp:1), or write docker.io/... to mean Docker Hub"
-        ),
+        "error: -t myapp:1: names no registry, so it would be pushed to Docker Hub; farm pushes every platform to a \
+         registry: name yours (e.g. -t registry.lan:5000/myapp:1), or write docker.io/... to mean Docker Hub",
     );
     w.nothing_done_since("a tag without a registry", before);
 
