@@ -36,16 +36,6 @@ fn args(
     a
 }
 
-/// Submits without waiting; returns the build id.
-fn submit(a: &[String]) -> String {
-    let mut full = vec!["build".to_string(), "--wait=false".into()];
-    full.extend(a.iter().cloned());
-    let full: Vec<&str> = full.iter().map(String::as_str).collect();
-    let id = farm_ok(&full).trim().to_string();
-    assert_eq!(id.len(), 12, "expected a build id, got {id:?}");
-    id
-}
-
 fn assert_index(registry: &Registry, reference: &str, platforms: &[&str]) {
     let (_, _, images) = read_image(registry, reference);
     let got: Vec<&str> = images.iter().map(|i| i.platform.as_str()).collect();

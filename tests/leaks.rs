@@ -122,16 +122,6 @@ fn build_args(farm: &Farm, registry: &Registry, base: &str, tag: &str, ctx: &Pat
     a
 }
 
-/// Submits without waiting; returns the build id.
-fn submit(a: &[String]) -> String {
-    let mut full = vec!["build".to_string(), "--wait=false".into()];
-    full.extend(a.iter().cloned());
-    let full: Vec<&str> = full.iter().map(String::as_str).collect();
-    let id = farm_ok(&full).trim().to_string();
-    assert_eq!(id.len(), 12, "expected a build id, got {id:?}");
-    id
-}
-
 /// `farm logs ID -f`, to wait for a build's log lines.
 fn follow(farm: &Farm, id: &str) -> Proc {
     let mut args = vec!["logs".to_string(), id.to_string(), "-f".into()];

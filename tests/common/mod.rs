@@ -310,6 +310,16 @@ impl Farm {
     }
 }
 
+/// `farm build --wait=false ARGS`: submits without waiting; returns the build id.
+pub fn submit(a: &[String]) -> String {
+    let mut full = vec!["build".to_string(), "--wait=false".into()];
+    full.extend(a.iter().cloned());
+    let full: Vec<&str> = full.iter().map(String::as_str).collect();
+    let id = farm_ok(&full).trim().to_string();
+    assert_eq!(id.len(), 12, "expected a build id, got {id:?}");
+    id
+}
+
 /// `farm build` with `args`; returns (success, stdout, stderr).
 pub fn build(args: &[String]) -> (bool, String, String) {
     let mut full = vec!["build".to_string(), "--progress".into(), "plain".into()];
