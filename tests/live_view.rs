@@ -77,8 +77,10 @@ impl Tmux {
     /// The command's exit status, once it has exited.
     fn exit_status(&self) -> Option<i32> {
         let s = self.tmux(&["display-message", "-p", "#{pane_dead} #{pane_dead_status}"]);
+        // tmux marks the pane dead when its terminal closes, and records the status only once it
+        // has reaped the process: until then the status is empty, so ask again.
         let (dead, status) = s.trim().split_once(' ').unwrap_or((s.trim(), ""));
-        (dead == "1").then(|| status.parse().unwrap_or_else(|_| panic!("pane exit status {s:?}")))
+        (dead == "1" && !status.is_empty()).then(|| status.parse().unwrap_or_else(|_| panic!("pane exit status {s:?}")))
     }
 
     fn wait_exit(&self, timeout: Duration) -> i32 {
