@@ -143,7 +143,10 @@ pub enum AgentError {
     #[error(transparent)]
     Memory(#[from] cgroup::CgroupError),
     #[error(
-        "memory_limit is not supported with the Docker builder: BuildKit (`docker build`) applies no per-build          memory limit, so a RUN could still take the host down. Remove memory_limit / --memory-limit, or use          buildah (`builder = \"buildah\"`); with Docker, limit the engine itself (e.g. systemd MemoryMax= for          docker.service)"
+        "memory_limit is not supported with the Docker builder: BuildKit (`docker build`) applies no per-build \
+         memory limit, so a RUN could still take the host down. Remove memory_limit / --memory-limit, or use \
+         buildah (`builder = \"buildah\"`); with Docker, limit the engine itself (e.g. systemd MemoryMax= for \
+         docker.service)"
     )]
     MemoryLimitWithDocker,
 }
@@ -157,6 +160,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|source| AgentError::WorkDir { path: config.work_dir.clone(), source })?;
+    if config.memory_limit.is_some() && config.builder == BuilderChoice::Docker {
+        return Err(AgentError::MemoryLimitWithDocker);
+    }
     let builder = select(config.builder, &config.work_dir, config.docker_host.as_deref()).await?;
     let memory = match config.memory_limit {
         Some(_) if matches!(builder, Chosen::Docker(_)) => return Err(AgentError::MemoryLimitWithDocker),
