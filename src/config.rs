@@ -194,3 +194,22 @@ pub fn builder(
     };
     Ok((choice, flag_host.or(file_host).map(str::to_string)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_example_config_parses_with_its_limits_and_mirrors() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent.toml.example");
+        let file = load(Some(&path), false).unwrap();
+        assert_eq!(memory_limit(None, file.memory_limit.as_ref()).unwrap(), Some(2 << 30));
+        assert_eq!(file.mirrors.get("docker.io").map(String::as_str), Some("mirror.lan:5000"));
+        // The flag wins; a number of bytes is a size too; errors name the key they came from.
+        assert_eq!(memory_limit(Some("512MiB"), file.memory_limit.as_ref()).unwrap(), Some(512 << 20));
+        assert_eq!(memory_limit(None, Some(&Size::Bytes(1 << 30))).unwrap(), Some(1 << 30));
+        let e = memory_limit(None, Some(&Size::Text("big".into()))).unwrap_err().to_string();
+        assert!(e.starts_with("memory_limit: \"big\" is not a size"), "{e}");
+        assert_eq!(memory_limit(None, None).unwrap(), None);
+    }
+}
