@@ -42,6 +42,8 @@ fn a_run_past_memory_limit_fails_naming_it_and_the_agent_builds_the_next_task() 
     let base = registry.seed_busybox();
     let mut farm = Farm::start(3);
 
+    // 256 MiB, not less: buildah with chroot isolation (itself and its re-executed runtime) uses
+    // some 60-100 MiB of the build's cgroup; under 64 MiB the kernel kills buildah, not the RUN.
     // The limit and the capacity, in JSON (bytes) and in the table.
     let listed = farm.agent("small", &["--memory-limit", "256MiB", "--capacity", "2"]);
     assert_eq!(listed["memory_limit"], 256u64 << 20, "{listed}");
