@@ -252,6 +252,9 @@ pub struct AgentArgs {
     /// Disk the layer cache may use, in GiB; the oldest images go first when it is exceeded [default: 20]
     #[arg(long, value_name = "GIB")]
     pub cache_limit_gb: Option<f64>,
+    /// Memory each build may use, e.g. 512MiB, 2GiB or 1.5G; a build that needs more fails [default: no limit; buildah only]
+    #[arg(long, env = "FARM_MEMORY_LIMIT", value_name = "SIZE")]
+    pub memory_limit: Option<String>,
     #[command(flatten)]
     pub builder: BuilderArgs,
 }

@@ -27,6 +27,11 @@ pub struct FileConfig {
     pub builder: Option<String>,
     /// The Docker Engine, `unix:///PATH` or `tcp://HOST:PORT`.
     pub docker_host: Option<String>,
+    /// Each build's memory limit: `"2GiB"`, `"512MiB"`, `"1.5G"` or a number of bytes.
+    pub memory_limit: Option<Size>,
+    /// Registry host → mirror to pull base images from.
+    #[serde(default)]
+    pub mirrors: BTreeMap<String, String>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
     pub max_context_files: Option<usize>,
@@ -58,6 +63,26 @@ pub struct PlatformsFile {
     #[serde(default)]
     pub extra_emulated: Vec<String>,
     pub binfmt_dir: Option<PathBuf>,
+}
+
+/// A size in a config file: a string with a unit, or a number of bytes.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Size {
+    Bytes(u64),
+    Text(String),
+}
+
+/// The agent's `memory_limit`: the flag (and FARM_MEMORY_LIMIT), then the file; an error names
+/// the key.
+pub fn memory_limit(flag: Option<&str>, file: Option<&Size>) -> Result<Option<u64>> {
+    let (text, key) = match (flag, file) {
+        (Some(f), _) => (f.to_string(), "--memory-limit"),
+        (None, Some(Size::Text(t))) => (t.clone(), "memory_limit"),
+        (None, Some(Size::Bytes(b))) => (b.to_string(), "memory_limit"),
+        (None, None) => return Ok(None),
+    };
+    agent::cgroup::parse_size(&text).map(Some).map_err(|e| anyhow::anyhow!("{key}: {e}"))
 }
 
 /// `$XDG_CONFIG_HOME/farm`, else `~/.config/farm`.
@@ -168,4 +193,23 @@ pub fn builder(
         None => agent::BuilderChoice::Auto,
     };
     Ok((choice, flag_host.or(file_host).map(str::to_string)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_agent_example_config_parses_with_its_limits_and_mirrors() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/agent.toml.example");
+        let file = load(Some(&path), false).unwrap();
+        assert_eq!(memory_limit(None, file.memory_limit.as_ref()).unwrap(), Some(2 << 30));
+        assert_eq!(file.mirrors.get("docker.io").map(String::as_str), Some("mirror.lan:5000"));
+        // The flag wins; a number of bytes is a size too; errors name the key they came from.
+        assert_eq!(memory_limit(Some("512MiB"), file.memory_limit.as_ref()).unwrap(), Some(512 << 20));
+        assert_eq!(memory_limit(None, Some(&Size::Bytes(1 << 30))).unwrap(), Some(1 << 30));
+        let e = memory_limit(None, Some(&Size::Text("big".into()))).unwrap_err().to_string();
+        assert!(e.starts_with("memory_limit: \"big\" is not a size"), "{e}");
+        assert_eq!(memory_limit(None, None).unwrap(), None);
+    }
 }

@@ -287,6 +287,8 @@ async fn agent(args: AgentArgs) -> Result<()> {
         file.docker_host.as_deref(),
     )?;
     cfg.capacity = args.capacity.or(file.capacity).unwrap_or(1);
+    cfg.memory_limit = config::memory_limit(args.memory_limit.as_deref(), file.memory_limit.as_ref())?;
+    cfg.mirrors = agent::mirrors::normalise(&file.mirrors).map_err(anyhow::Error::msg)?;
     let pf = file.platforms;
     cfg.platforms = agent::PlatformConfig {
         native: config::platforms(&args.native)?.or(pf.native.as_deref().map(config::parse_all).transpose()?),

@@ -19,8 +19,8 @@ pub fn agents(agents: &[AgentView], format: Format, now_ms: u64) -> Result<Strin
         }
         return Ok(serde_json::to_string_pretty(&rows)? + "\n");
     }
-    let header = ["NAME", "STATE", "NATIVE", "EMULATED", "LABELS", "CAPACITY", "BUSY", "LAST SEEN"];
-    let rows: Vec<[String; 8]> = agents
+    let header = ["NAME", "STATE", "NATIVE", "EMULATED", "LABELS", "CAPACITY", "MEMORY", "BUSY", "LAST SEEN"];
+    let rows: Vec<[String; 9]> = agents
         .iter()
         .map(|a| {
             [
@@ -30,6 +30,7 @@ pub fn agents(agents: &[AgentView], format: Format, now_ms: u64) -> Result<Strin
                 list(a.emulated.iter().map(ToString::to_string)),
                 list(a.labels.iter().map(|(k, v)| format!("{k}={v}"))),
                 a.capacity.to_string(),
+                a.memory_limit.map(agent::cgroup::format_size).unwrap_or_else(|| "-".into()),
                 a.busy.to_string(),
                 ago(now_ms.saturating_sub(a.last_seen_ms)),
             ]

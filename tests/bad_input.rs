@@ -1428,6 +1428,7 @@ impl World {
             builder: "bad-input double".into(),
             builder_version: "0".into(),
             farm_version: shared::FARM_VERSION.into(),
+            memory_limit: None,
         };
         self.rt.block_on(async {
             let (_endpoint, conn) = shared::quic::connect(&self.farm.addr, &creds, &TransportLimits::default())

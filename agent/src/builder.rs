@@ -42,6 +42,8 @@ pub enum BuilderError {
     Cancelled,
     #[error(transparent)]
     Docker(#[from] crate::docker::DockerError),
+    #[error(transparent)]
+    Memory(#[from] crate::cgroup::CgroupError),
 }
 
 /// One platform's build, as the agent hands it to its builder.
@@ -62,6 +64,10 @@ pub struct Job<'a> {
     pub cancel: CancellationToken,
     /// Build secrets, for `RUN --mount=type=secret,id=...`.
     pub secrets: &'a [shared::proto::Secret],
+    /// Registry host → mirror to pull base images from (`[mirrors]`).
+    pub mirrors: &'a crate::mirrors::Mirrors,
+    /// `memory_limit`: the build runs in a memory cgroup of its own with this limit.
+    pub memory: Option<&'a crate::cgroup::MemoryLimit>,
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -249,14 +255,11 @@ impl Buildah {
         cmd
     }
 
-    /// buildah reads plain-HTTP registries from a registries.conf; this one lists the build's.
+    /// buildah reads plain-HTTP registries and mirrors from a registries.conf; this one lists the
+    /// build's.
     fn registries_conf(&self, job: &Job<'_>) -> Result<PathBuf, BuilderError> {
         let path = job.output.with_extension("registries.conf");
-        let mut text =
-            String::from("unqualified-search-registries = [\"docker.io\"]\nshort-name-mode = \"permissive\"\n");
-        for r in job.insecure_registries {
-            text += &format!("\n[[registry]]\nlocation = {r:?}\ninsecure = true\n");
-        }
+        let text = crate::mirrors::registries_conf(job.insecure_registries, job.mirrors);
         std::fs::write(&path, text).map_err(|source| BuilderError::Io { path: path.clone(), source })?;
         Ok(path)
     }
@@ -502,9 +505,16 @@ impl Buildah {
                 build.arg("--secret").arg(s);
             }
             build.arg("--tag").arg(job.name).arg(job.context);
+            let cgroup = job.memory.map(|m| m.create(job.name)).transpose().map_err(BuilderError::Memory)?;
+            if let Some(c) = &cgroup {
+                c.join(&mut build);
+            }
             let built = run(build, &log, "buildah build", &job.cancel).await;
             drop(secrets);
-            built?;
+            match cgroup {
+                Some(c) => out_of_memory(c, built).await?,
+                None => built?,
+            }
             let build_ms = started.elapsed().as_millis() as u64;
             let exporting = std::time::Instant::now();
             let mut push = self.command(store);
@@ -522,6 +532,22 @@ impl Buildah {
             Ok(vec![phase("build", build_ms), phase("export", exporting.elapsed().as_millis() as u64)])
         }
     }
+}
+
+/// A build that ran in `cgroup`: failed because the kernel killed a process for using more
+/// than the memory limit, its error says so first. The cgroup is removed.
+async fn out_of_memory(
+    cgroup: crate::cgroup::BuildCgroup,
+    built: Result<(), BuilderError>,
+) -> Result<(), BuilderError> {
+    let built = built.map_err(|e| match e {
+        BuilderError::Failed(why) if cgroup.oom_killed() => {
+            BuilderError::Failed(format!("{} ({why})", cgroup.limit().out_of_memory()))
+        }
+        e => e,
+    });
+    cgroup.remove().await;
+    built
 }
 
 /// Mount points under `root` in this mount namespace, deepest first (`/proc/self/mountinfo`'s

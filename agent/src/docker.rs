@@ -248,13 +248,14 @@ fn builder_size(df: &[u8]) -> Option<u64> {
     Some(records.iter().filter(|r| !r["Shared"].as_bool().unwrap_or(false)).filter_map(|r| r["Size"].as_u64()).sum())
 }
 
-/// `docker build` arguments (after the global ones) for `job`.
-fn build_args(job: &Job<'_>, secrets: &[String]) -> Vec<String> {
+/// `docker build` arguments (after the global ones) for `job`, with `dockerfile` (the job's, or
+/// its copy with base images pointed at mirrors).
+fn build_args(job: &Job<'_>, dockerfile: &Path, secrets: &[String]) -> Vec<String> {
     let mut a: Vec<String> =
         ["build", "--progress", "plain", "--network", "host", "--platform"].map(String::from).into();
     a.push(job.platform.to_string());
     a.push("-f".into());
-    a.push(job.context.join(job.dockerfile).display().to_string());
+    a.push(dockerfile.display().to_string());
     for (k, v) in job.build_args {
         a.push("--build-arg".into());
         a.push(format!("{k}={v}"));
@@ -293,6 +294,23 @@ fn insecure_notes(job: &Job<'_>) -> Vec<String> {
         .collect()
 }
 
+/// With `[mirrors]`: a copy of the job's Dockerfile whose `FROM` images on mirrored registries
+/// point at their mirrors (the engine pulls them from there), written beside the task's output,
+/// outside the context; `None` if nothing is mirrored.
+fn mirrored_dockerfile(job: &Job<'_>) -> Result<Option<PathBuf>, BuilderError> {
+    if job.mirrors.is_empty() {
+        return Ok(None);
+    }
+    let original = job.context.join(job.dockerfile);
+    let text = std::fs::read_to_string(&original).map_err(|source| BuilderError::Io { path: original, source })?;
+    let Some(rewritten) = crate::mirrors::rewrite_dockerfile(&text, job.build_args, job.mirrors) else {
+        return Ok(None);
+    };
+    let path = job.output.with_extension("Dockerfile");
+    std::fs::write(&path, rewritten).map_err(|source| BuilderError::Io { path: path.clone(), source })?;
+    Ok(Some(path))
+}
+
 impl Builder for Docker {
     fn info(&self) -> &BuilderInfo {
         &self.info
@@ -319,11 +337,19 @@ impl Builder for Docker {
             for note in insecure_notes(&job) {
                 let _ = log.send(note);
             }
+            let dockerfile = mirrored_dockerfile(&job)?;
             let secrets = SecretFiles::write(&tmp, job.name, job.secrets)?;
             let mut build = self.command();
-            build.args(build_args(&job, &secrets.args));
+            build.args(build_args(
+                &job,
+                dockerfile.as_deref().unwrap_or(&job.context.join(job.dockerfile)),
+                &secrets.args,
+            ));
             let built = run(build, &log, "docker build", &job.cancel).await;
             drop(secrets);
+            if let Some(path) = dockerfile {
+                let _ = std::fs::remove_file(path);
+            }
             if let Err(e) = built {
                 // A build cancelled as it finished may have tagged its image.
                 self.untag(job.name).await;

@@ -5,6 +5,8 @@
 //! - [`session`]: pure pieces: the registration an agent sends, reconnect backoff;
 //! - [`builder`]: the builder this agent drives (buildah), behind a small interface;
 //! - [`docker`]: the same interface over a Docker Engine's BuildKit;
+//! - [`cgroup`]: `memory_limit`, each build in a memory cgroup of its own;
+//! - [`mirrors`]: `[mirrors]`, base images pulled from a mirror;
 //! - [`task`]: one assignment: context, build, push by digest;
 //! - [`net`]: the connection loop over QUIC, running assignments as they come.
 //!
@@ -12,7 +14,9 @@
 //! embedded single-machine mode.
 
 pub mod builder;
+pub mod cgroup;
 pub mod docker;
+pub mod mirrors;
 pub mod net;
 pub mod session;
 pub mod task;
@@ -84,6 +88,10 @@ pub struct Config {
     /// The Docker Engine to build with (`unix:///PATH` or `tcp://HOST:PORT`); else DOCKER_HOST,
     /// else the default socket.
     pub docker_host: Option<String>,
+    /// `memory_limit`: bytes each build may use (its process tree, in a memory cgroup of its own).
+    pub memory_limit: Option<u64>,
+    /// `[mirrors]`: registry host → mirror that base images are pulled from.
+    pub mirrors: mirrors::Mirrors,
 }
 
 impl Config {
@@ -104,6 +112,8 @@ impl Config {
             transport: TransportLimits::default(),
             builder: BuilderChoice::Auto,
             docker_host: None,
+            memory_limit: None,
+            mirrors: mirrors::Mirrors::new(),
         }
     }
 }
@@ -130,6 +140,15 @@ pub enum AgentError {
     NoBuilder { buildah: String, docker: String },
     #[error("agent {name:?} can build no platform: nothing native detected or configured")]
     NoPlatforms { name: String },
+    #[error(transparent)]
+    Memory(#[from] cgroup::CgroupError),
+    #[error(
+        "memory_limit is not supported with the Docker builder: BuildKit (`docker build`) applies no per-build \
+         memory limit, so a RUN could still take the host down. Remove memory_limit / --memory-limit, or use \
+         buildah (`builder = \"buildah\"`); with Docker, limit the engine itself (e.g. systemd MemoryMax= for \
+         docker.service)"
+    )]
+    MemoryLimitWithDocker,
 }
 
 /// Runs the agent until `shutdown` resolves. Connection failures are retried forever with capped
@@ -141,7 +160,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|source| AgentError::WorkDir { path: config.work_dir.clone(), source })?;
+    if config.memory_limit.is_some() && config.builder == BuilderChoice::Docker {
+        return Err(AgentError::MemoryLimitWithDocker);
+    }
     let builder = select(config.builder, &config.work_dir, config.docker_host.as_deref()).await?;
+    let memory = match config.memory_limit {
+        Some(_) if matches!(builder, Chosen::Docker(_)) => return Err(AgentError::MemoryLimitWithDocker),
+        Some(bytes) => Some(cgroup::MemoryLimit::setup(bytes, &config.name)?),
+        None => None,
+    };
     let host = shared::host::detect(&config.binfmt_dir);
     let info = session::agent_info(&config, host, builder.info());
     if info.native.is_empty() && info.emulated.is_empty() {
@@ -152,6 +179,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         native = %session::list(&info.native),
         emulated = %session::list(&info.emulated),
         builder = %format!("{} {}", info.builder, info.builder_version),
+        memory_limit = %config.memory_limit.map(cgroup::format_size).unwrap_or_else(|| "none".into()),
+        mirrors = ?config.mirrors,
         "agent starting"
     );
     let builder = builder.into_builder();
@@ -167,6 +196,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         store,
         builder,
         max_frame: config.max_frame_bytes,
+        mirrors: config.mirrors.clone(),
+        memory,
     });
     net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
     Ok(())

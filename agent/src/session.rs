@@ -30,6 +30,7 @@ pub fn agent_info(config: &Config, host: HostPlatforms, builder: &BuilderInfo) -
         builder: builder.name.clone(),
         builder_version: builder.version.clone(),
         farm_version: shared::FARM_VERSION.to_string(),
+        memory_limit: config.memory_limit,
     }
 }
 

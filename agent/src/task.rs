@@ -72,6 +72,10 @@ pub struct Runner {
     pub store: BlobStore,
     pub builder: Arc<dyn Builder>,
     pub max_frame: usize,
+    /// Registry host → mirror for base images.
+    pub mirrors: crate::mirrors::Mirrors,
+    /// Each build's memory limit, if configured.
+    pub memory: Option<crate::cgroup::MemoryLimit>,
 }
 
 impl Runner {
@@ -135,6 +139,8 @@ impl Runner {
             name: &name,
             cancel,
             secrets: &a.secrets,
+            mirrors: &self.mirrors,
+            memory: self.memory.as_ref(),
         };
         let built = self.builder.build(job, log).await;
         let _ = forward.await;

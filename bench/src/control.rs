@@ -84,6 +84,7 @@ impl ScriptedAgent {
             builder: "scripted-double".into(),
             builder_version: "0".into(),
             farm_version: shared::FARM_VERSION.into(),
+            memory_limit: None,
         };
         write_msg(&mut send, &AgentMsg::Register(info), max).await?;
         let interval = match expect_msg(&mut recv, max, "a registration answer").await? {

@@ -183,6 +183,7 @@ impl Fleet {
                 builder: a.info.builder.clone(),
                 builder_version: a.info.builder_version.clone(),
                 farm_version: a.info.farm_version.clone(),
+                memory_limit: a.info.memory_limit,
             })
             .collect()
     }
@@ -201,6 +202,7 @@ mod tests {
             builder: "buildah".into(),
             builder_version: "1.28".into(),
             farm_version: "0.1.0".into(),
+            memory_limit: None,
         }
     }
 

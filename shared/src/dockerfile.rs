@@ -218,19 +218,29 @@ impl Dockerfile {
     /// The distinct image references the stages start from, in order, global `ARG`s substituted
     /// (build args over defaults); stage names and `scratch` are not images.
     pub fn base_images(&self, build_args: &[(String, String)]) -> Vec<String> {
-        let vars = self.meta_vars(build_args, HashMap::new());
         let mut images: Vec<String> = Vec::new();
-        for (i, stage) in self.stages.iter().enumerate() {
-            let image = expand(&stage.base, &vars, self.escape);
-            if image.is_empty() || image.eq_ignore_ascii_case("scratch") || images.contains(&image) {
-                continue;
+        for image in self.stage_images(build_args).into_iter().flatten() {
+            if !images.contains(&image) {
+                images.push(image);
             }
-            if self.stages[..i].iter().any(|s| s.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&image))) {
-                continue;
-            }
-            images.push(image);
         }
         images
+    }
+
+    /// Per stage, the image reference it starts from, global `ARG`s substituted (build args over
+    /// defaults); `None` for a stage that starts from an earlier stage or from `scratch`.
+    pub fn stage_images(&self, build_args: &[(String, String)]) -> Vec<Option<String>> {
+        let vars = self.meta_vars(build_args, HashMap::new());
+        self.stages
+            .iter()
+            .enumerate()
+            .map(|(i, stage)| {
+                let image = expand(&stage.base, &vars, self.escape);
+                let is_stage =
+                    self.stages[..i].iter().any(|s| s.name.as_deref().is_some_and(|n| n.eq_ignore_ascii_case(&image)));
+                (!image.is_empty() && !image.eq_ignore_ascii_case("scratch") && !is_stage).then_some(image)
+            })
+            .collect()
     }
 
     /// The stages a build of `target` runs: `target` and every stage it uses, transitively, in

@@ -53,15 +53,21 @@ impl Registry {
 
     /// Pushes the multi-arch busybox base image; returns its reference.
     pub fn seed_busybox(&self) -> String {
+        self.seed_busybox_as("busybox:latest")
+    }
+
+    /// Pushes the multi-arch busybox base image as `repository:tag` (e.g. `library/busybox:1.35`,
+    /// as a Docker Hub mirror holds it); returns its reference.
+    pub fn seed_busybox_as(&self, repository_tag: &str) -> String {
         require_tool("buildah");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/busybox-image.sh");
-        let out = Command::new("bash").arg(script).args(["push", &self.addr]).output().unwrap();
+        let out = Command::new("bash").arg(script).args(["push", &self.addr, repository_tag]).output().unwrap();
         assert!(
             out.status.success(),
             "pushing the busybox base image failed (run `deploy/install.sh --test-deps`): {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        format!("{}/busybox:latest", self.addr)
+        format!("{}/{repository_tag}", self.addr)
     }
 
     /// `farm build` flags (after any client flags) that build `context` for `platforms` on the

@@ -20,6 +20,7 @@ fn info(native: &[&str], emulated: &[&str], labels: &[(&str, &str)]) -> AgentInf
         builder: "buildah".into(),
         builder_version: "1.28.2".into(),
         farm_version: "0.1.0".into(),
+        memory_limit: None,
     }
 }
 

@@ -31,6 +31,8 @@ pub struct AgentInfo {
     pub builder: String,
     pub builder_version: String,
     pub farm_version: String,
+    /// Bytes each build may use (`memory_limit`); `None`: no limit.
+    pub memory_limit: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -397,6 +399,8 @@ pub struct AgentView {
     pub builder: String,
     pub builder_version: String,
     pub farm_version: String,
+    /// Bytes each build may use (`memory_limit`); `None`: no limit.
+    pub memory_limit: Option<u64>,
 }
 
 #[cfg(test)]
@@ -423,6 +427,7 @@ mod tests {
             builder: "buildah".into(),
             builder_version: "1.28.2".into(),
             farm_version: "0.1.0".into(),
+            memory_limit: Some(2 << 30),
         };
         round_trip(AgentMsg::Register(info.clone()));
         round_trip(AgentMsg::Heartbeat(Heartbeat { busy: 3 }));
@@ -444,6 +449,7 @@ mod tests {
             builder: "buildah".into(),
             builder_version: "1.28.2".into(),
             farm_version: "0.1.0".into(),
+            memory_limit: Some(2 << 30),
         }]));
     }
 
