@@ -234,7 +234,7 @@ pub struct AgentArgs {
     /// A label KEY=VALUE that builds can require, e.g. gpu=nvidia or board=pi4 (repeatable)
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
-    /// Concurrent builds this agent accepts [default: 1]
+    /// Concurrent builds this agent accepts [default: from the host: cores + 1, at most one per GiB of memory]
     #[arg(long)]
     pub capacity: Option<u32>,
     /// Native platform, replacing detection (repeatable or comma-separated); for hosts where detection is wrong

@@ -286,7 +286,7 @@ async fn agent(args: AgentArgs) -> Result<()> {
         file.builder.as_deref(),
         file.docker_host.as_deref(),
     )?;
-    cfg.capacity = args.capacity.or(file.capacity).unwrap_or(1);
+    cfg.capacity = args.capacity.or(file.capacity).unwrap_or_else(agent::default_capacity);
     cfg.memory_limit = config::memory_limit(args.memory_limit.as_deref(), file.memory_limit.as_ref())?;
     cfg.mirrors = agent::mirrors::normalise(&file.mirrors).map_err(anyhow::Error::msg)?;
     let pf = file.platforms;

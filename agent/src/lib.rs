@@ -284,3 +284,10 @@ pub async fn prune(
     b.prune(0).await?;
     Ok(before.saturating_sub(b.cache_bytes().await?))
 }
+
+/// This host's default capacity ([`session::default_capacity`] of its cores and memory).
+pub fn default_capacity() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let memory = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| session::mem_total(&m)).unwrap_or(0);
+    session::default_capacity(cores, memory)
+}

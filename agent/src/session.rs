@@ -34,6 +34,22 @@ pub fn agent_info(config: &Config, host: HostPlatforms, builder: &BuilderInfo) -
     }
 }
 
+/// How many builds a host runs at once unless told: one more than its cores (builds also wait on
+/// the network and the disk), but no more than one per GiB of memory, and at least one. A Pi Zero 2 W
+/// (4 cores, 512 MiB) gets 1, a Pi 4 with 2 GiB gets 2, an 8-core box with 32 GiB gets 9.
+pub fn default_capacity(cores: usize, memory_bytes: u64) -> u32 {
+    let by_cpu = cores as u64 + 1;
+    let by_memory = memory_bytes / (1 << 30);
+    by_cpu.min(by_memory).clamp(1, 32) as u32
+}
+
+/// `MemTotal` from /proc/meminfo's text, in bytes.
+pub fn mem_total(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn extend_unique(list: &mut Vec<Platform>, more: &[Platform]) {
     for p in more {
         if !list.contains(p) {
@@ -141,5 +157,18 @@ mod tests {
         assert_eq!(full, [200, 400, 800, 1600, 2000, 2000].map(Duration::from_millis).to_vec());
         b.reset();
         assert_eq!(b.next(0.0), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn default_capacity_follows_cores_and_memory() {
+        const GIB: u64 = 1 << 30;
+        assert_eq!(super::default_capacity(4, 512 << 20), 1, "Pi Zero 2 W");
+        assert_eq!(super::default_capacity(4, 2 * GIB), 2, "Pi 4, 2 GiB");
+        assert_eq!(super::default_capacity(4, 8 * GIB), 5, "Pi 5, 8 GiB");
+        assert_eq!(super::default_capacity(2, 24 * GIB), 3, "a 2-core x86 box");
+        assert_eq!(super::default_capacity(64, 512 * GIB), 32, "capped");
+        assert_eq!(super::default_capacity(0, 0), 1);
+        assert_eq!(super::mem_total("MemTotal:       24576000 kB\nMemFree: 1 kB\n"), Some(24576000 * 1024));
+        assert_eq!(super::mem_total("nonsense"), None);
     }
 }
