@@ -141,9 +141,12 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     }
     std::fs::create_dir_all(&config.work_dir)
         .map_err(|source| AgentError::WorkDir { path: config.work_dir.clone(), source })?;
-    let builder = select(config.builder, &config.work_dir, config.docker_host.as_deref()).await?;
+    let mut builder = select(config.builder, &config.work_dir, config.docker_host.as_deref()).await?;
     let host = shared::host::detect(&config.binfmt_dir);
     let info = session::agent_info(&config, host, builder.info());
+    if let Chosen::Buildah(b) = &mut builder {
+        b.set_native(info.native.first().cloned());
+    }
     if info.native.is_empty() && info.emulated.is_empty() {
         return Err(AgentError::NoPlatforms { name: config.name.clone() });
     }
