@@ -17,6 +17,10 @@ use tokio::process::Command;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+// A child module, so that it builds with the stores and runner below.
+#[path = "crossbuild.rs"]
+mod crossbuild;
+
 /// How long a cancelled build gets between SIGTERM and SIGKILL.
 pub const CANCEL_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -160,6 +164,9 @@ pub struct Buildah {
     stores: Mutex<HashMap<PathBuf, Arc<StoreUse>>>,
     /// One store sweep at a time (they share the exclusive lock).
     sweeping: tokio::sync::Mutex<()>,
+    /// This machine's own platform: `FROM --platform=$BUILDPLATFORM` stages run on it (see
+    /// [`crossbuild`]). Unset: every stage runs as the task's platform.
+    native: Option<Platform>,
 }
 
 /// This agent's use of one platform's store.
@@ -219,6 +226,7 @@ pub fn detect(work_dir: &Path) -> Result<Buildah, BuilderError> {
         lock: OnceLock::new(),
         stores: Mutex::default(),
         sweeping: tokio::sync::Mutex::const_new(()),
+        native: None,
     })
 }
 
@@ -357,7 +365,7 @@ impl Builder for Buildah {
 
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> Timed<'a> {
         Box::pin(async move {
-            let store = self.store(job.platform);
+            let store = self.store(self.store_platform(&job));
             let used = self.store_use(&store);
             let mut outcome = Outcome { dirty: &used.dirty, succeeded: false };
             let result = {
@@ -482,15 +490,12 @@ impl Buildah {
             let _ = std::fs::remove_dir_all(&tmp.0);
             std::fs::create_dir_all(&tmp.0).map_err(|source| BuilderError::Io { path: tmp.0.clone(), source })?;
             let conf = self.registries_conf(&job)?;
-            for warning in dockerfile_warnings(&job.context.join(job.dockerfile)) {
-                let _ = log.send(warning);
-            }
+            let cross = self.prepare(&job, &tmp.0, &conf, &log).await?;
             let mut build = self.command(store);
             // --force-rm: a failed step's container goes too (buildah 1.28 keeps it by default).
             build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", &tmp.0);
             build.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
-            build.arg("--platform").arg(job.platform.to_string());
-            build.arg("-f").arg(job.context.join(job.dockerfile));
+            cross.add_args(&mut build, &job);
             for (k, v) in job.build_args {
                 build.arg("--build-arg").arg(format!("{k}={v}"));
             }
@@ -715,21 +720,6 @@ fn with_hint(error: String) -> String {
 /// buildah 1.28 warns that the automatic platform arguments are "missing" although it sets them.
 fn is_noise(line: &str) -> bool {
     line.contains("missing \\\"TARGET") || line.contains("missing \\\"BUILD")
-}
-
-/// Known buildah pitfalls, told to the user in the build log.
-fn dockerfile_warnings(dockerfile: &Path) -> Vec<String> {
-    let Ok(text) = std::fs::read_to_string(dockerfile) else { return vec![] };
-    let from_platform = text.lines().any(|l| {
-        let l = l.trim_start().to_ascii_uppercase();
-        l.starts_with("FROM") && l.contains("--PLATFORM")
-    });
-    if from_platform {
-        vec!["farm: warning: buildah 1.28 ignores `FROM --platform=...`; every stage builds for the target platform"
-            .into()]
-    } else {
-        vec![]
-    }
 }
 
 #[cfg(test)]

@@ -163,7 +163,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     if config.memory_limit.is_some() && config.builder == BuilderChoice::Docker {
         return Err(AgentError::MemoryLimitWithDocker);
     }
-    let builder = select(config.builder, &config.work_dir, config.docker_host.as_deref()).await?;
+    let mut builder = select(config.builder, &config.work_dir, config.docker_host.as_deref()).await?;
     let memory = match config.memory_limit {
         Some(_) if matches!(builder, Chosen::Docker(_)) => return Err(AgentError::MemoryLimitWithDocker),
         Some(bytes) => Some(cgroup::MemoryLimit::setup(bytes, &config.name)?),
@@ -171,6 +171,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
     };
     let host = shared::host::detect(&config.binfmt_dir);
     let info = session::agent_info(&config, host, builder.info());
+    if let Chosen::Buildah(b) = &mut builder {
+        b.set_native(info.native.first().cloned());
+    }
     if info.native.is_empty() && info.emulated.is_empty() {
         return Err(AgentError::NoPlatforms { name: config.name.clone() });
     }

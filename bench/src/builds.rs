@@ -459,6 +459,80 @@ impl<'a> Builds<'a> {
             Err(e) => vec![noop.failed(&e), changed.failed(&e)],
         }
     }
+
+    /// Row 14: the cross-compile pattern. The workload with its build stage declared
+    /// `FROM --platform=$BUILDPLATFORM` (as a Go or Rust cross-compile is written): farm's agent
+    /// runs that stage natively for every platform, while buildah 1.28 on its own ignores
+    /// `FROM --platform` and runs it under QEMU for ARM.
+    pub fn cross_compile(&self) -> Row {
+        let mut row = Row::new(
+            "14",
+            "three platforms, cross-compile Dockerfile (FROM --platform=$BUILDPLATFORM), one agent vs single host",
+            Unit::Seconds,
+            Goal::RatioAtMost(0.5),
+        );
+        row.farm_label = format!(
+            "farm build --platform {THREE}, one x86_64 agent of capacity {SOLO_CAPACITY}: the build stage runs \
+             natively for every platform"
+        );
+        row.baseline_label = "buildah build --platform ... --jobs 3 --manifest + buildah manifest push --all (buildah \
+                              1.28 runs the build stage under QEMU for ARM)"
+            .into();
+        row.note(
+            "cache state: layer cache off on both sides (--no-cache), base image already in every storage, base \
+             layers already in every registry repository",
+        );
+        let ctx = match self.cross_context() {
+            Ok(c) => c,
+            Err(e) => return row.failed(&e),
+        };
+        let (mut phases, mut direct) = (vec![], vec![]);
+        let result: Result<()> = (|| {
+            if self.warm_up {
+                eprintln!("farm-bench: warm-up builds for row 14 (not measured)");
+                self.side(Side::Solo, THREE, "xwarm", &ctx, true)?;
+                self.side(Side::Direct, THREE, "xwarm", &ctx, true)?;
+            }
+            for rep in 0..self.reps {
+                eprintln!("farm-bench: row 14, repetition {}/{}", rep + 1, self.reps);
+                let order = if rep % 2 == 0 { [Side::Solo, Side::Direct] } else { [Side::Direct, Side::Solo] };
+                for side in order {
+                    match self.side(side, THREE, &format!("x{rep}"), &ctx, true)? {
+                        Sample::Direct(d) => {
+                            row.baseline.push(d.wall);
+                            direct.push(direct_phases_of(&d));
+                        }
+                        Sample::Farm(f) => {
+                            row.farm.push(f.wall);
+                            phases.push(farm_phases(&f));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        let failures = self.take_failures();
+        if !failures.is_empty() {
+            row.note(format!("builds that failed and were run again: {}", failures.join("; ")));
+        }
+        row.breakdown = median_phases(&phases);
+        row.baseline_breakdown = median_phases(&direct);
+        match result {
+            Ok(()) => row,
+            Err(e) => row.failed(&e),
+        }
+    }
+
+    /// The workload with its build stage on the build platform.
+    fn cross_context(&self) -> Result<PathBuf> {
+        let ctx = self.context("ctx-cross")?;
+        let file = ctx.join("Dockerfile");
+        let text = std::fs::read_to_string(&file)?;
+        let from = "FROM ${BASE} AS build";
+        anyhow::ensure!(text.contains(from), "bench/workload/Dockerfile has no {from:?}");
+        std::fs::write(&file, text.replace(from, "FROM --platform=$BUILDPLATFORM ${BASE} AS build"))?;
+        Ok(ctx)
+    }
 }
 
 enum Sample {

@@ -251,6 +251,8 @@ async fn run(env: &mut Env, groups: &BTreeSet<Group>, sizes: &Sizes, exe: &Path)
         rows.extend(b.clean_builds());
         procs::check_interrupted()?;
         rows.extend(b.rebuilds());
+        procs::check_interrupted()?;
+        rows.push(b.cross_compile());
         if let Some(pid) = env.agent_pid(builds::SOLO) {
             if let Some(r) = procs::rss_bytes(pid) {
                 eprintln!(

@@ -256,6 +256,12 @@ impl Dockerfile {
         closure(target, &self.resolve(build_args))
     }
 
+    /// Every stage's uses of earlier stages under the build's `--build-arg` values (what
+    /// [`Stage::deps`] holds for the defaults), indexed like [`Dockerfile::stages`].
+    pub fn deps_with_args(&self, build_args: &[(String, String)]) -> Vec<Vec<StageDep>> {
+        self.resolve(build_args)
+    }
+
     /// The stages needed for `target` that run on the build machine's own platform: their
     /// `--platform` (with `BUILDPLATFORM`/`BUILDOS`/`BUILDARCH`/`BUILDVARIANT` from `native`, global
     /// `ARG`s and build args substituted) is `native`, or they start from such a stage. Stages for
