@@ -103,8 +103,17 @@ fn the_docker_builder_builds_like_buildah_leaves_no_tag_keeps_secrets_and_cancel
 
     // (a) examples/hello for three platforms on each builder: the same platforms, the same files.
     let ctx = example("hello", farm.tmp.path());
-    let (ok, out, err) = build(&build_on(&farm, &registry, &base, "docker", PLATFORMS, "hello:docker", &ctx));
+    let mut args = build_on(&farm, &registry, &base, "docker", PLATFORMS, "hello:docker", &ctx);
+    args.insert(0, "--timings".into());
+    let (ok, out, err) = build(&args);
     assert!(ok, "docker build failed:\n{out}\n{err}\n{}", farm.agents["dock"].log());
+    // Phase timings as with buildah: every phase of every platform has a time.
+    for p in PLATFORMS.split(',') {
+        let table = out.split("CONTEXT SYNC").nth(1).unwrap_or_default();
+        let row = table.lines().find(|l| l.starts_with(p)).unwrap_or_default();
+        let cells: Vec<&str> = row.split_whitespace().collect();
+        assert!(cells.len() == 7 && cells[1..].iter().all(|c| c.ends_with('s') && c != &"-"), "{p}: {out}");
+    }
     let rows = summary(&out);
     assert_eq!(rows.len(), 3, "{out}");
     assert!(rows.values().all(|(agent, _)| agent == "dock"), "--require builder=docker builds on dock: {out}");
