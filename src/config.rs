@@ -27,6 +27,10 @@ pub struct FileConfig {
     pub builder: Option<String>,
     /// The Docker Engine, `unix:///PATH` or `tcp://HOST:PORT`.
     pub docker_host: Option<String>,
+    /// Builds may ask for the host's network (`farm build --network host`).
+    pub allow_host_network: Option<bool>,
+    /// Builds may ask for every capability and no seccomp (`--allow security.insecure`).
+    pub allow_insecure: Option<bool>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
     pub max_context_files: Option<usize>,

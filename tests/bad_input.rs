@@ -1428,6 +1428,7 @@ impl World {
             builder: "bad-input double".into(),
             builder_version: "0".into(),
             farm_version: shared::FARM_VERSION.into(),
+            allowed: vec![],
         };
         self.rt.block_on(async {
             let (_endpoint, conn) = shared::quic::connect(&self.farm.addr, &creds, &TransportLimits::default())
@@ -1511,6 +1512,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         insecure_registries: vec![registry.to_string()],
         credentials: None,
         secrets: vec![],
+        entitlements: vec![],
     }
 }
 

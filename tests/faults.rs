@@ -470,6 +470,7 @@ mod double {
                 builder: "scripted-double".into(),
                 builder_version: "0".into(),
                 farm_version: shared::FARM_VERSION.into(),
+                allowed: vec![],
             };
             let (cmds, rx) = mpsc::unbounded_channel();
             let (tx, seen) = std::sync::mpsc::channel();

@@ -62,6 +62,8 @@ pub struct Job<'a> {
     pub cancel: CancellationToken,
     /// Build secrets, for `RUN --mount=type=secret,id=...`.
     pub secrets: &'a [shared::proto::Secret],
+    /// What the build may have beyond the default sandbox (the agent allows it).
+    pub entitlements: &'a [shared::proto::Entitlement],
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -133,8 +135,9 @@ pub trait Builder: Send + Sync {
     }
 }
 
-/// buildah with its own storage under the agent's work directory, chroot isolation (works as
-/// root without cgroup delegation), and layer caching between builds.
+/// buildah with its own storage under the agent's work directory, each RUN in its own
+/// namespaces through runc (`--isolation oci`, see [`crate::isolation`]), and layer caching
+/// between builds.
 ///
 /// Nothing outlives a build: buildah runs in its own PID and mount namespaces (see
 /// [`Buildah::command`]), so its processes and overlay mounts end with it however it ends;
@@ -242,7 +245,7 @@ impl Buildah {
             .arg(store.join("run"))
             .arg("--storage-driver")
             .arg("overlay")
-            .env("BUILDAH_ISOLATION", "chroot")
+            .envs(crate::isolation::BUILDAH_ENV)
             .env("TMPDIR", self.root.join("tmp"))
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -441,6 +444,7 @@ impl Buildah {
                     Err(e) => tracing::warn!("removing containers left by an earlier run: {e}"),
                 }
             }
+            let _ = std::fs::remove_dir_all(self.root.join("netns"));
             let tmp = self.root.join("tmp");
             let _ = std::fs::remove_dir_all(&tmp);
             let _ = std::fs::create_dir_all(&tmp);
@@ -501,8 +505,13 @@ impl Buildah {
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
             }
+            let sandbox = crate::isolation::Isolation::prepare(&self.root.join("netns"), job.name, job.entitlements)
+                .await
+                .map_err(|e| BuilderError::Failed(e.to_string()))?;
+            sandbox.apply(&mut build);
             build.arg("--tag").arg(job.name).arg(job.context);
             let built = run(build, &log, "buildah build", &job.cancel).await;
+            drop(sandbox);
             drop(secrets);
             built?;
             let build_ms = started.elapsed().as_millis() as u64;

@@ -248,10 +248,13 @@ fn builder_size(df: &[u8]) -> Option<u64> {
     Some(records.iter().filter(|r| !r["Shared"].as_bool().unwrap_or(false)).filter_map(|r| r["Size"].as_u64()).sum())
 }
 
-/// `docker build` arguments (after the global ones) for `job`.
+/// `docker build` arguments (after the global ones) for `job`. BuildKit runs each RUN in its own
+/// namespaces with a private /proc; its network is the engine's default (its bridge, or none
+/// if the engine has no bridge), the host's only with the `network.host` entitlement.
 fn build_args(job: &Job<'_>, secrets: &[String]) -> Vec<String> {
+    let network = if job.entitlements.contains(&shared::proto::Entitlement::NetworkHost) { "host" } else { "default" };
     let mut a: Vec<String> =
-        ["build", "--progress", "plain", "--network", "host", "--platform"].map(String::from).into();
+        ["build", "--progress", "plain", "--network", network, "--platform"].map(String::from).into();
     a.push(job.platform.to_string());
     a.push("-f".into());
     a.push(job.context.join(job.dockerfile).display().to_string());
@@ -313,6 +316,13 @@ impl Builder for Docker {
 
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> Timed<'a> {
         Box::pin(async move {
+            if job.entitlements.contains(&shared::proto::Entitlement::SecurityInsecure) {
+                return Err(BuilderError::Failed(
+                    "the build asks for security.insecure, which farm's Docker builder cannot grant (`docker build` \
+                     has no --allow): build it on a buildah agent with allow_insecure = true"
+                        .into(),
+                ));
+            }
             let started = std::time::Instant::now();
             let tmp = self.root.join("tmp");
             std::fs::create_dir_all(&tmp).map_err(|source| BuilderError::Io { path: tmp.clone(), source })?;

@@ -13,6 +13,7 @@
 
 pub mod builder;
 pub mod docker;
+pub mod isolation;
 pub mod net;
 pub mod session;
 pub mod task;
@@ -84,6 +85,25 @@ pub struct Config {
     /// The Docker Engine to build with (`unix:///PATH` or `tcp://HOST:PORT`); else DOCKER_HOST,
     /// else the default socket.
     pub docker_host: Option<String>,
+    /// `allow_host_network`: builds may ask for the host's network (`--network host`).
+    pub allow_host_network: bool,
+    /// `allow_insecure`: builds may ask for every capability and no seccomp (`--allow security.insecure`).
+    pub allow_insecure: bool,
+}
+
+impl Config {
+    /// The entitlements this agent's config allows.
+    pub fn allowed(&self) -> Vec<shared::proto::Entitlement> {
+        use shared::proto::Entitlement;
+        let mut out = vec![];
+        if self.allow_host_network {
+            out.push(Entitlement::NetworkHost);
+        }
+        if self.allow_insecure {
+            out.push(Entitlement::SecurityInsecure);
+        }
+        out
+    }
 }
 
 impl Config {
@@ -104,6 +124,8 @@ impl Config {
             transport: TransportLimits::default(),
             builder: BuilderChoice::Auto,
             docker_host: None,
+            allow_host_network: false,
+            allow_insecure: false,
         }
     }
 }
@@ -167,6 +189,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         store,
         builder,
         max_frame: config.max_frame_bytes,
+        allowed: config.allowed(),
     });
     net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
     Ok(())

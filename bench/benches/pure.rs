@@ -68,6 +68,7 @@ fn framing(c: &mut Criterion) {
         insecure_registries: vec!["registry.lan:5000".into()],
         credentials: None,
         secrets: vec![],
+        entitlements: vec![],
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

@@ -201,6 +201,7 @@ mod tests {
             builder: "buildah".into(),
             builder_version: "1.28".into(),
             farm_version: "0.1.0".into(),
+            allowed: vec![],
         }
     }
 

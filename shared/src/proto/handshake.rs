@@ -7,7 +7,7 @@ use super::ProtoError;
 
 /// Bumped whenever a message changes incompatibly. ALPN (`farm/1`) gates the transport; this
 /// gates the messages.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 const MAGIC: [u8; 4] = *b"FARM";
 
