@@ -235,10 +235,13 @@ impl Buildah {
     /// failed RUN). The mount counts a killed buildah leaves in the store's run root are harmless:
     /// `buildah rm` of its container finds nothing to unmount and goes on.
     ///
+    /// With a /proc of that PID namespace (`--mount-proc`): runc, which runs each RUN step, finds
+    /// its container's processes by the PIDs it sees.
+    ///
     /// Each platform has its own store (see [`Buildah::store`]).
     fn command(&self, store: &Path) -> Command {
         let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "buildah"])
+        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--mount-proc", "buildah"])
             .arg("--root")
             .arg(store.join("storage"))
             .arg("--runroot")
