@@ -248,11 +248,22 @@ fn builder_size(df: &[u8]) -> Option<u64> {
     Some(records.iter().filter(|r| !r["Shared"].as_bool().unwrap_or(false)).filter_map(|r| r["Size"].as_u64()).sum())
 }
 
+/// The network of a build's RUN steps: the host's only with the `network.host` entitlement; else
+/// the engine's bridge (`default`), or `none` when the engine has no bridge (`dockerd
+/// --bridge=none`), where BuildKit's default would fail every RUN with "network bridge not found".
+fn network(job: &Job<'_>, has_bridge: bool) -> &'static str {
+    if job.entitlements.contains(&shared::proto::Entitlement::NetworkHost) {
+        "host"
+    } else if has_bridge {
+        "default"
+    } else {
+        "none"
+    }
+}
+
 /// `docker build` arguments (after the global ones) for `job`. BuildKit runs each RUN in its own
-/// namespaces with a private /proc; its network is the engine's default (its bridge, or none
-/// if the engine has no bridge), the host's only with the `network.host` entitlement.
-fn build_args(job: &Job<'_>, secrets: &[String]) -> Vec<String> {
-    let network = if job.entitlements.contains(&shared::proto::Entitlement::NetworkHost) { "host" } else { "default" };
+/// namespaces with a private /proc; `network` is [`network`]'s.
+fn build_args(job: &Job<'_>, secrets: &[String], network: &str) -> Vec<String> {
     let mut a: Vec<String> =
         ["build", "--progress", "plain", "--network", network, "--platform"].map(String::from).into();
     a.push(job.platform.to_string());
@@ -330,8 +341,17 @@ impl Builder for Docker {
                 let _ = log.send(note);
             }
             let secrets = SecretFiles::write(&tmp, job.name, job.secrets)?;
+            let has_bridge = matches!(api(&self.host, "GET", "/networks/bridge").await, Ok((200, _)));
+            let network = network(&job, has_bridge);
+            if network == "none" {
+                let _ = log.send(
+                    "farm: note: the Docker Engine has no bridge network, so RUN steps have no network; give \
+                     dockerd a bridge for outbound access"
+                        .into(),
+                );
+            }
             let mut build = self.command();
-            build.args(build_args(&job, &secrets.args));
+            build.args(build_args(&job, &secrets.args, network));
             let built = run(build, &log, "docker build", &job.cancel).await;
             drop(secrets);
             if let Err(e) = built {
