@@ -170,7 +170,7 @@ impl BuildNetwork {
                 )
                 .await;
             }
-            let why = why.lines().filter(|l| !l.contains("experimental")).last().unwrap_or("").trim().to_string();
+            let why = why.lines().rfind(|l| !l.contains("experimental")).unwrap_or("").trim().to_string();
             return Err(IsolationError::Slirp(if why.is_empty() {
                 "did not configure the namespace within 10 s".to_string()
             } else {

@@ -105,7 +105,8 @@ fn describe(require: &BTreeMap<String, String>, entitlements: &[Entitlement]) ->
         out += &format!(" with labels {}", l.join(","));
     }
     if !entitlements.is_empty() {
-        let e: Vec<String> = entitlements.iter().map(|e| format!("{e} (agent config {} = true)", e.config_key())).collect();
+        let e: Vec<String> =
+            entitlements.iter().map(|e| format!("{e} (agent config {} = true)", e.config_key())).collect();
         out += &format!(" allowing {}", e.join(", "));
     }
     out
@@ -226,11 +227,12 @@ mod tests {
         let agents = [x86("strict", 2), open];
         let none = BTreeMap::new();
         let host = [Entitlement::NetworkHost];
-        let asks = Need { entitlements: &host, ..need(&p("linux/amd64"), &none) };
+        let amd64 = p("linux/amd64");
+        let asks = Need { entitlements: &host, ..need(&amd64, &none) };
         assert_eq!(place(&asks, cands(&agents)), run("open", false));
-        assert_eq!(place(&need(&p("linux/amd64"), &none), cands(&agents)), run("strict", false));
+        assert_eq!(place(&need(&amd64, &none), cands(&agents)), run("strict", false));
         let insecure = [Entitlement::SecurityInsecure];
-        let asks = Need { entitlements: &insecure, ..need(&p("linux/amd64"), &none) };
+        let asks = Need { entitlements: &insecure, ..need(&amd64, &none) };
         assert_eq!(
             place(&asks, cands(&agents)),
             Placement::Wait(
