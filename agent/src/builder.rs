@@ -240,8 +240,16 @@ impl Buildah {
     ///
     /// Each platform has its own store (see [`Buildah::store`]).
     fn command(&self, store: &Path) -> Command {
+        self.command_in(store, &[])
+    }
+
+    /// As [`Buildah::command`], with `prelude` run inside the namespaces before it execs buildah
+    /// (see [`crate::isolation::Isolation::prelude`]).
+    fn command_in(&self, store: &Path, prelude: &[String]) -> Command {
         let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--mount-proc", "buildah"])
+        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--mount-proc"])
+            .args(prelude)
+            .arg("buildah")
             .arg("--root")
             .arg(store.join("storage"))
             .arg("--runroot")
@@ -489,7 +497,10 @@ impl Buildah {
             for warning in dockerfile_warnings(&job.context.join(job.dockerfile)) {
                 let _ = log.send(warning);
             }
-            let mut build = self.command(store);
+            let sandbox = crate::isolation::Isolation::prepare(&self.root.join("netns"), job.name, job.entitlements)
+                .await
+                .map_err(|e| BuilderError::Failed(e.to_string()))?;
+            let mut build = self.command_in(store, &sandbox.prelude());
             // --force-rm: a failed step's container goes too (buildah 1.28 keeps it by default).
             build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", &tmp.0);
             build.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
@@ -508,9 +519,6 @@ impl Buildah {
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
             }
-            let sandbox = crate::isolation::Isolation::prepare(&self.root.join("netns"), job.name, job.entitlements)
-                .await
-                .map_err(|e| BuilderError::Failed(e.to_string()))?;
             sandbox.apply(&mut build);
             build.arg("--tag").arg(job.name).arg(job.context);
             let built = run(build, &log, "buildah build", &job.cancel).await;

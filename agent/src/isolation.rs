@@ -73,6 +73,20 @@ impl Isolation {
     /// process).
     pub fn apply(&self, build: &mut Command) {
         build.args(&self.args);
+        if let Some(net) = &self.network {
+            let fd = net.netns.as_raw_fd();
+            // SAFETY: dup2 and fcntl are async-signal-safe and touch only the child.
+            unsafe {
+                build.pre_exec(move || {
+                    let done =
+                        if fd == NETNS_FD { libc::fcntl(fd, libc::F_SETFD, 0) } else { libc::dup2(fd, NETNS_FD) };
+                    if done < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         if self.no_new_privs {
             // SAFETY: prctl is async-signal-safe and touches only the calling (child) process.
             unsafe {
@@ -90,19 +104,51 @@ impl Isolation {
     pub fn netns(&self) -> Option<&Path> {
         self.network.as_ref().map(|n| n.path.as_path())
     }
+
+    /// What buildah's wrapper runs inside buildah's own mount namespace before it execs buildah:
+    /// bind-mounts the build's network namespace (passed as descriptor 7) at its path, where
+    /// `--network ns:PATH` finds it. The mount ends with that namespace.
+    pub fn prelude(&self) -> Vec<String> {
+        match &self.network {
+            None => vec![],
+            Some(net) => vec![
+                "sh".into(),
+                "-c".into(),
+                format!("mount --bind /proc/self/fd/{NETNS_FD} \"$0\" && exec \"$@\""),
+                net.path.display().to_string(),
+            ],
+        }
+    }
 }
 
 /// The environment of buildah's RUN steps: the OCI runtime `runc` (each RUN in its own
 /// namespaces with a private /proc), not chroot isolation (which shares the host's).
 pub const BUILDAH_ENV: [(&str, &str); 2] = [("BUILDAH_ISOLATION", "oci"), ("BUILDAH_RUNTIME", "runc")];
 
-/// A network namespace bound at `path`, with slirp4netns giving it outbound access but not the
-/// host's loopback. Dropped: slirp4netns is killed and the namespace unmounted and removed (it
-/// ends with its last user). A killed agent leaves the bind mount under its work directory, where
-/// the sweep at the next start unmounts it; slirp4netns dies with the agent (PR_SET_PDEATHSIG).
+/// The descriptor by which buildah's wrapper receives the build's network namespace.
+const NETNS_FD: i32 = 7;
+
+/// A network namespace, held open by the agent, with slirp4netns giving it outbound access but
+/// not the host's loopback. It is never mounted on the host: buildah's wrapper bind-mounts it at
+/// `path` inside buildah's own private mount namespace (see [`Isolation::prelude`]), so the mount
+/// ends with buildah however buildah ends. Dropped: slirp4netns and the holder are killed and the
+/// namespace ends with its last user. Both die with the agent (PR_SET_PDEATHSIG).
 pub struct BuildNetwork {
+    /// An empty file, the mount point inside buildah's mount namespace.
     path: PathBuf,
-    slirp: Option<tokio::process::Child>,
+    netns: std::fs::File,
+    _holder: tokio::process::Child,
+    _slirp: tokio::process::Child,
+}
+
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: prctl is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
 }
 
 impl BuildNetwork {
@@ -110,32 +156,41 @@ impl BuildNetwork {
         let path = dir.join(name);
         let netns = |why: String| IsolationError::Netns { path: path.clone(), why };
         std::fs::create_dir_all(dir).map_err(|e| netns(e.to_string()))?;
-        remove_netns(&path);
         std::fs::File::create(&path).map_err(|e| netns(e.to_string()))?;
-        // From here on, Drop cleans up whatever exists.
-        let mut net = BuildNetwork { path: path.clone(), slirp: None };
-        let out = Command::new("unshare")
-            .arg(format!("--net={}", path.display()))
-            .arg("true")
+        // A process that holds the new namespace until it is opened; it says when it is inside.
+        let mut holder = Command::new("unshare");
+        holder
+            .args(["--net", "sh", "-c", "echo ready; exec sleep infinity"])
             .stdin(Stdio::null())
-            .output()
-            .await
-            .map_err(|e| netns(format!("unshare: {e}")))?;
-        if !out.status.success() {
-            return Err(netns(format!("unshare: {}", String::from_utf8_lossy(&out.stderr).trim())));
-        }
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        die_with_parent(&mut holder);
+        let mut holder = holder.spawn().map_err(|e| netns(format!("unshare: {e}")))?;
+        let mut line = String::new();
+        let out = holder.stdout.take().expect("piped");
+        let mut out = tokio::io::BufReader::new(out);
+        let read = tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line);
+        let _ = tokio::time::timeout(READY_TIMEOUT, read).await;
+        let pid = holder
+            .id()
+            .filter(|_| line.trim() == "ready")
+            .ok_or_else(|| netns("`unshare --net` did not start (are we root, with CAP_SYS_ADMIN?)".to_string()))?;
+        let file = std::fs::File::open(format!("/proc/{pid}/ns/net")).map_err(|e| netns(e.to_string()))?;
+
         let (ready_read, ready_write) = pipe().map_err(|e| IsolationError::Slirp(format!("pipe: {e}")))?;
         let write_fd = ready_write.as_raw_fd();
         let mut cmd = Command::new("slirp4netns");
         cmd.args(["--configure", "--mtu=65520", "--disable-host-loopback", "--enable-sandbox", "--enable-seccomp"])
-            .args(["--netns-type=path", "--ready-fd=3"])
-            .arg(&path)
+            .arg("--ready-fd=3")
+            .arg(pid.to_string())
             .arg("tap0")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        // SAFETY: dup2 and prctl are async-signal-safe and touch only the child.
+        die_with_parent(&mut cmd);
+        // SAFETY: dup2 and fcntl are async-signal-safe and touch only the child.
         unsafe {
             cmd.pre_exec(move || {
                 // dup2 onto itself would keep close-on-exec: clear it instead.
@@ -143,14 +198,12 @@ impl BuildNetwork {
                 if done < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
                 Ok(())
             });
         }
-        let mut child = cmd.spawn().map_err(|e| IsolationError::Slirp(e.to_string()))?;
+        let mut slirp = cmd.spawn().map_err(|e| IsolationError::Slirp(e.to_string()))?;
         drop(ready_write);
-        let stderr = child.stderr.take();
-        net.slirp = Some(child);
+        let stderr = slirp.stderr.take();
         // slirp4netns writes "1" once the interface is up; EOF means it died.
         let ready = tokio::time::timeout(READY_TIMEOUT, async {
             let mut f = tokio::fs::File::from_std(std::fs::File::from(ready_read));
@@ -159,9 +212,7 @@ impl BuildNetwork {
         })
         .await;
         if !matches!(ready, Ok(Ok(true))) {
-            if let Some(c) = net.slirp.as_mut() {
-                let _ = c.start_kill();
-            }
+            let _ = slirp.start_kill();
             let mut why = String::new();
             if let Some(mut e) = stderr {
                 let _ = tokio::time::timeout(
@@ -170,6 +221,7 @@ impl BuildNetwork {
                 )
                 .await;
             }
+            let _ = std::fs::remove_file(&path);
             let why = why.lines().rfind(|l| !l.contains("experimental")).unwrap_or("").trim().to_string();
             return Err(IsolationError::Slirp(if why.is_empty() {
                 "did not configure the namespace within 10 s".to_string()
@@ -180,11 +232,10 @@ impl BuildNetwork {
         if let Some(mut e) = stderr {
             // Keep draining what it says, so that it never blocks on a full pipe.
             tokio::spawn(async move {
-                let mut sink = tokio::io::sink();
-                let _ = tokio::io::copy(&mut e, &mut sink).await;
+                let _ = tokio::io::copy(&mut e, &mut tokio::io::sink()).await;
             });
         }
-        Ok(net)
+        Ok(BuildNetwork { path, netns: file, _holder: holder, _slirp: slirp })
     }
 
     pub fn path(&self) -> &Path {
@@ -194,20 +245,9 @@ impl BuildNetwork {
 
 impl Drop for BuildNetwork {
     fn drop(&mut self) {
-        if let Some(c) = self.slirp.as_mut() {
-            let _ = c.start_kill();
-        }
-        remove_netns(&self.path);
+        // The children are killed on drop; the mount point is a plain file on the host.
+        let _ = std::fs::remove_file(&self.path);
     }
-}
-
-/// Unmounts and removes a namespace file, if there is one.
-fn remove_netns(path: &Path) {
-    if let Ok(c) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) {
-        // SAFETY: umount2 on a path of our own; failure (not mounted) is fine.
-        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    }
-    let _ = std::fs::remove_file(path);
 }
 
 /// A pipe whose read end is close-on-exec; the write end is dup'ed to fd 3 in the child.
