@@ -292,6 +292,8 @@ fn a_cut_link_moves_the_task_and_the_late_result_is_refused() {
             "linux/arm64",
             "--emulated",
             "none",
+            // The RUN below tells the agents apart by their interfaces: it asks for host networking.
+            "--allow-host-network",
         ]
         .map(String::from)
         .to_vec()
@@ -333,6 +335,8 @@ fn a_cut_link_moves_the_task_and_the_late_result_is_refused() {
         "admin",
         "--platform",
         "linux/arm64",
+        "--network",
+        "host",
         "--insecure-registry",
         &registry.addr,
         "--build-arg",
