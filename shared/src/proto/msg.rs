@@ -75,9 +75,10 @@ impl std::fmt::Display for Entitlement {
 impl std::str::FromStr for Entitlement {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        Entitlement::ALL.into_iter().find(|e| e.name() == s).ok_or_else(|| {
-            format!("unknown entitlement {s:?}: farm knows network.host and security.insecure")
-        })
+        Entitlement::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("unknown entitlement {s:?}: farm knows network.host and security.insecure"))
     }
 }
 
