@@ -35,7 +35,7 @@ done
 [[ $EUID -eq 0 ]] || die "must run as root"
 
 install_packages() {
-  local pkgs=(buildah docker-registry skopeo jq curl ca-certificates iproute2) missing=()
+  local pkgs=(buildah runc slirp4netns docker-registry skopeo jq curl ca-certificates iproute2) missing=()
   ((emulation)) && pkgs+=(qemu-user-static)
   # The tests also start their own Docker Engine (the Docker builder's tests) and drive the live
   # view in a terminal multiplexer.

@@ -37,6 +37,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let build_args = build_args(&args.build_args)?;
     let secrets = secrets(&args.secrets)?;
     let require = config::labels_flag(&BTreeMap::new(), &args.require, "--require")?;
+    let entitlements = entitlements(&args.network, &args.allow)?;
     let context = args.context.clone();
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
@@ -114,6 +115,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         insecure_registries: insecure,
         credentials,
         secrets,
+        entitlements,
     };
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();
@@ -251,4 +253,24 @@ fn plural(n: u64, what: &str) -> String {
     } else {
         format!("{n} {what}s")
     }
+}
+
+/// `--network` and `--allow` as buildx takes them: `--network host` is the `network.host`
+/// entitlement (so is `--allow network.host`).
+fn entitlements(network: &str, allow: &[String]) -> Result<Vec<shared::proto::Entitlement>> {
+    use shared::proto::Entitlement;
+    let mut out: Vec<Entitlement> = Vec::new();
+    match network {
+        "default" => {}
+        "host" => out.push(Entitlement::NetworkHost),
+        other => bail!("--network {other:?}: farm takes default (the build's own network) or host"),
+    }
+    for a in allow.iter().flat_map(|a| a.split(',')) {
+        let e: Entitlement = a.trim().parse().map_err(|e: String| anyhow::anyhow!("--allow: {e}"))?;
+        if !out.contains(&e) {
+            out.push(e);
+        }
+    }
+    out.sort();
+    Ok(out)
 }

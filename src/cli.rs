@@ -255,6 +255,12 @@ pub struct AgentArgs {
     /// Memory each build may use, e.g. 512MiB, 2GiB or 1.5G; a build that needs more fails [default: no limit; buildah only]
     #[arg(long, env = "FARM_MEMORY_LIMIT", value_name = "SIZE")]
     pub memory_limit: Option<String>,
+    /// Let builds ask for the host's network (`farm build --network host`) [default: false]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_host_network: Option<bool>,
+    /// Let builds ask for every capability and no seccomp (`--allow security.insecure`) [default: false]
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub allow_insecure: Option<bool>,
     #[command(flatten)]
     pub builder: BuilderArgs,
 }
@@ -355,6 +361,14 @@ pub struct BuildArgs {
     /// the RUN that mounts it, never a layer, a log or the coordinator's disk
     #[arg(long = "secret", value_name = "id=ID,src=FILE")]
     pub secrets: Vec<String>,
+    /// The network of RUN steps: `default` (their own, with outbound access but not the agent's
+    /// loopback) or `host` (the agent host's; needs an agent with allow_host_network = true)
+    #[arg(long, value_name = "default|host", default_value = "default")]
+    pub network: String,
+    /// An entitlement beyond the sandbox: network.host, security.insecure (repeatable); only
+    /// agents whose config allows it (allow_host_network, allow_insecure) take the build
+    #[arg(long = "allow", value_name = "ENTITLEMENT")]
+    pub allow: Vec<String>,
     /// A registry to reach over plain HTTP, HOST:PORT (repeatable); all others use HTTPS
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
@@ -393,13 +407,11 @@ const BUILDX_FLAGS: &[(&str, &str)] = &[
     ("--build-context", "farm does not take named contexts yet"),
     ("--ssh", "farm does not forward SSH agents; use --secret"),
     ("--pull", "farm resolves base images at every build"),
-    ("--network", "RUN steps use the agent's default network"),
     ("--add-host", "RUN steps use the agent's name resolution"),
     ("--label", "put LABEL lines in the Dockerfile"),
     ("--quiet", "use --progress plain or json"),
     ("--shm-size", "not supported"),
     ("--ulimit", "not supported"),
-    ("--allow", "not supported"),
     ("--cgroup-parent", "not supported"),
     ("--no-cache-filter", "use --no-cache"),
 ];

@@ -32,6 +32,10 @@ pub struct FileConfig {
     /// Registry host → mirror to pull base images from.
     #[serde(default)]
     pub mirrors: BTreeMap<String, String>,
+    /// Builds may ask for the host's network (`farm build --network host`).
+    pub allow_host_network: Option<bool>,
+    /// Builds may ask for every capability and no seccomp (`--allow security.insecure`).
+    pub allow_insecure: Option<bool>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
     pub max_context_files: Option<usize>,

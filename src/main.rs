@@ -314,6 +314,8 @@ async fn agent(args: AgentArgs) -> Result<()> {
     if let Some(t) = file.transport {
         cfg.transport = t;
     }
+    cfg.allow_host_network = args.allow_host_network.or(file.allow_host_network).unwrap_or(false);
+    cfg.allow_insecure = args.allow_insecure.or(file.allow_insecure).unwrap_or(false);
     agent::run(cfg, shutdown_signal()).await.context("agent stopped")?;
     Ok(())
 }

@@ -1429,6 +1429,7 @@ impl World {
             builder_version: "0".into(),
             farm_version: shared::FARM_VERSION.into(),
             memory_limit: None,
+            allowed: vec![],
         };
         self.rt.block_on(async {
             let (_endpoint, conn) = shared::quic::connect(&self.farm.addr, &creds, &TransportLimits::default())
@@ -1512,6 +1513,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         insecure_registries: vec![registry.to_string()],
         credentials: None,
         secrets: vec![],
+        entitlements: vec![],
     }
 }
 

@@ -281,3 +281,53 @@ fn an_agent_told_to_use_docker_without_an_engine_says_how_to_fix_it() {
         "{err}"
     );
 }
+
+/// BuildKit runs each RUN in its own namespaces: it sees only its own processes and, with the
+/// engine's default network (here the engine has no bridge), not the host's loopback services.
+#[test]
+fn a_docker_run_sees_only_its_own_processes_and_not_the_host_loopback() {
+    require_tool("buildah");
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let engine = Engine::start();
+    let mut farm = Farm::start(3);
+    farm.agent("dock", &["--builder", "docker", "--docker-host", &engine.host]);
+    // A service on the host's loopback the RUN must not reach.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let served = std::thread::spawn(move || {
+        use std::io::Write as _;
+        listener.set_nonblocking(false).unwrap();
+        // Any connection gets an answer; the test asserts the RUN never got one.
+        for mut s in listener.incoming().flatten() {
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhost-loopback-answer");
+        }
+    });
+    drop(served);
+    let ctx = farm.tmp.path().join("probe");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nARG PORT\nRUN (echo processes:; ps -o pid,args; grep CapEff /proc/self/status; \
+         timeout 3 wget -q -O - http://127.0.0.1:$PORT/ && echo loopback: REACHED || echo loopback: refused) \
+         > /probe.txt 2>&1; cat /probe.txt\n",
+    )
+    .unwrap();
+    let mut args = farm.client_args();
+    args.extend(["--build-arg".into(), format!("PORT={port}")]);
+    args.extend(registry.build_flags(&base, "linux/amd64", "probe:1", &ctx));
+    let (ok, out, err) = build(&args);
+    assert!(ok, "{out}\n{err}\n{}", farm.agents["dock"].log());
+    let (_, _, images) = read_image(&registry, &format!("{}/probe:1", registry.addr));
+    let seen = images[0].text("probe.txt");
+    eprintln!("the RUN saw:\n{seen}");
+    assert!(seen.contains("loopback: refused") && !seen.contains("host-loopback-answer"), "{seen}");
+    let processes: Vec<&str> = seen.lines().skip(2).take_while(|l| !l.starts_with("CapEff")).collect();
+    assert!(!processes.is_empty() && processes.len() <= 4, "{seen}");
+    for p in processes {
+        assert!(p.contains("/bin/sh -c") || p.contains("ps -o") || p.contains("{ps}"), "not the RUN's own: {p}");
+    }
+    let line = seen.lines().find(|l| l.starts_with("CapEff:")).unwrap();
+    let caps = u64::from_str_radix(line["CapEff:".len()..].trim(), 16).unwrap();
+    assert_eq!(caps & ((1 << 21) | (1 << 19)), 0, "CAP_SYS_ADMIN or CAP_SYS_PTRACE in {caps:x}");
+}

@@ -292,6 +292,8 @@ fn a_cut_link_moves_the_task_and_the_late_result_is_refused() {
             "linux/arm64",
             "--emulated",
             "none",
+            // The RUN below tells the agents apart by their interfaces: it asks for host networking.
+            "--allow-host-network",
         ]
         .map(String::from)
         .to_vec()
@@ -333,6 +335,8 @@ fn a_cut_link_moves_the_task_and_the_late_result_is_refused() {
         "admin",
         "--platform",
         "linux/arm64",
+        "--network",
+        "host",
         "--insecure-registry",
         &registry.addr,
         "--build-arg",
@@ -471,6 +475,7 @@ mod double {
                 builder_version: "0".into(),
                 farm_version: shared::FARM_VERSION.into(),
                 memory_limit: None,
+                allowed: vec![],
             };
             let (cmds, rx) = mpsc::unbounded_channel();
             let (tx, seen) = std::sync::mpsc::channel();

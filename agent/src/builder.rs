@@ -72,6 +72,8 @@ pub struct Job<'a> {
     pub mirrors: &'a crate::mirrors::Mirrors,
     /// `memory_limit`: the build runs in a memory cgroup of its own with this limit.
     pub memory: Option<&'a crate::cgroup::MemoryLimit>,
+    /// What the build may have beyond the default sandbox (the agent allows it).
+    pub entitlements: &'a [shared::proto::Entitlement],
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -143,8 +145,9 @@ pub trait Builder: Send + Sync {
     }
 }
 
-/// buildah with its own storage under the agent's work directory, chroot isolation (works as
-/// root without cgroup delegation), and layer caching between builds.
+/// buildah with its own storage under the agent's work directory, each RUN in its own
+/// namespaces through runc (`--isolation oci`, see [`crate::isolation`]), and layer caching
+/// between builds.
 ///
 /// Nothing outlives a build: buildah runs in its own PID and mount namespaces (see
 /// [`Buildah::command`]), so its processes and overlay mounts end with it however it ends;
@@ -246,17 +249,28 @@ impl Buildah {
     /// failed RUN). The mount counts a killed buildah leaves in the store's run root are harmless:
     /// `buildah rm` of its container finds nothing to unmount and goes on.
     ///
+    /// With a /proc of that PID namespace (`--mount-proc`): runc, which runs each RUN step, finds
+    /// its container's processes by the PIDs it sees.
+    ///
     /// Each platform has its own store (see [`Buildah::store`]).
     fn command(&self, store: &Path) -> Command {
+        self.command_in(store, &[])
+    }
+
+    /// As [`Buildah::command`], with `prelude` run inside the namespaces before it execs buildah
+    /// (see [`crate::isolation::Isolation::prelude`]).
+    fn command_in(&self, store: &Path, prelude: &[String]) -> Command {
         let mut cmd = Command::new("unshare");
-        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "buildah"])
+        cmd.args(["--pid", "--fork", "--kill-child", "--mount", "--propagation", "private", "--mount-proc"])
+            .args(prelude)
+            .arg("buildah")
             .arg("--root")
             .arg(store.join("storage"))
             .arg("--runroot")
             .arg(store.join("run"))
             .arg("--storage-driver")
             .arg("overlay")
-            .env("BUILDAH_ISOLATION", "chroot")
+            .envs(crate::isolation::BUILDAH_ENV)
             .env("TMPDIR", self.root.join("tmp"))
             .stdin(Stdio::null())
             .kill_on_drop(true);
@@ -452,6 +466,7 @@ impl Buildah {
                     Err(e) => tracing::warn!("removing containers left by an earlier run: {e}"),
                 }
             }
+            let _ = std::fs::remove_dir_all(self.root.join("netns"));
             let tmp = self.root.join("tmp");
             let _ = std::fs::remove_dir_all(&tmp);
             let _ = std::fs::create_dir_all(&tmp);
@@ -490,8 +505,11 @@ impl Buildah {
             let _ = std::fs::remove_dir_all(&tmp.0);
             std::fs::create_dir_all(&tmp.0).map_err(|source| BuilderError::Io { path: tmp.0.clone(), source })?;
             let conf = self.registries_conf(&job)?;
-            let cross = self.prepare(&job, &tmp.0, &conf, &log).await?;
-            let mut build = self.command(store);
+            let sandbox = crate::isolation::Isolation::prepare(&self.root.join("netns"), job.name, job.entitlements)
+                .await
+                .map_err(|e| BuilderError::Failed(e.to_string()))?;
+            let cross = self.prepare(&job, &tmp.0, &conf, &log, &sandbox).await?;
+            let mut build = self.command_in(store, &sandbox.prelude());
             // --force-rm: a failed step's container goes too (buildah 1.28 keeps it by default).
             build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", &tmp.0);
             build.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
@@ -509,12 +527,14 @@ impl Buildah {
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
             }
+            sandbox.apply(&mut build);
             build.arg("--tag").arg(job.name).arg(job.context);
             let cgroup = job.memory.map(|m| m.create(job.name)).transpose().map_err(BuilderError::Memory)?;
             if let Some(c) = &cgroup {
                 c.join(&mut build);
             }
             let built = run(build, &log, "buildah build", &job.cancel).await;
+            drop(sandbox);
             drop(secrets);
             match cgroup {
                 Some(c) => out_of_memory(c, built).await?,

@@ -411,6 +411,7 @@ impl Buildah {
         tmp: &Path,
         conf: &Path,
         log: &mpsc::UnboundedSender<String>,
+        sandbox: &crate::isolation::Isolation,
     ) -> Result<Prepared, BuilderError> {
         let (plan, notes) = self.plan_job(job);
         for note in notes {
@@ -442,7 +443,8 @@ impl Buildah {
             let secrets = SecretFiles::write(tmp, &format!("{}-{}-native", self.tag, job.name), job.secrets)?;
             for (_, label) in &stages {
                 let dest = tmp.join(format!("native-{label}"));
-                let mut cmd = self.command(&store);
+                // The same sandbox as the target build: its namespaces, network and privileges.
+                let mut cmd = self.command_in(&store, &sandbox.prelude());
                 cmd.env("CONTAINERS_REGISTRIES_CONF", conf).env("TMPDIR", tmp);
                 cmd.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
                 cmd.arg("--platform").arg(native.to_string());
@@ -458,6 +460,7 @@ impl Buildah {
                 for s in &secrets.args {
                     cmd.arg("--secret").arg(s);
                 }
+                sandbox.apply(&mut cmd);
                 cmd.arg("--output").arg(format!("type=local,dest={}", dest.display())).arg(job.context);
                 run(cmd, log, &format!("buildah build of stage {label:?} (native)"), &job.cancel).await?;
                 prepared.contexts.push((format!("{CONTEXT_PREFIX}{label}"), dest));

@@ -248,11 +248,25 @@ fn builder_size(df: &[u8]) -> Option<u64> {
     Some(records.iter().filter(|r| !r["Shared"].as_bool().unwrap_or(false)).filter_map(|r| r["Size"].as_u64()).sum())
 }
 
+/// The network of a build's RUN steps: the host's only with the `network.host` entitlement; else
+/// the engine's bridge (`default`), or `none` when the engine has no bridge (`dockerd
+/// --bridge=none`), where BuildKit's default would fail every RUN with "network bridge not found".
+fn network(job: &Job<'_>, has_bridge: bool) -> &'static str {
+    if job.entitlements.contains(&shared::proto::Entitlement::NetworkHost) {
+        "host"
+    } else if has_bridge {
+        "default"
+    } else {
+        "none"
+    }
+}
+
 /// `docker build` arguments (after the global ones) for `job`, with `dockerfile` (the job's, or
-/// its copy with base images pointed at mirrors).
-fn build_args(job: &Job<'_>, dockerfile: &Path, secrets: &[String]) -> Vec<String> {
+/// its copy with base images pointed at mirrors). BuildKit runs each RUN in its own namespaces
+/// with a private /proc; `network` is [`network`]'s.
+fn build_args(job: &Job<'_>, dockerfile: &Path, secrets: &[String], network: &str) -> Vec<String> {
     let mut a: Vec<String> =
-        ["build", "--progress", "plain", "--network", "host", "--platform"].map(String::from).into();
+        ["build", "--progress", "plain", "--network", network, "--platform"].map(String::from).into();
     a.push(job.platform.to_string());
     a.push("-f".into());
     a.push(dockerfile.display().to_string());
@@ -331,6 +345,13 @@ impl Builder for Docker {
 
     fn build<'a>(&'a self, job: Job<'a>, log: mpsc::UnboundedSender<String>) -> Timed<'a> {
         Box::pin(async move {
+            if job.entitlements.contains(&shared::proto::Entitlement::SecurityInsecure) {
+                return Err(BuilderError::Failed(
+                    "the build asks for security.insecure, which farm's Docker builder cannot grant (`docker build` \
+                     has no --allow): build it on a buildah agent with allow_insecure = true"
+                        .into(),
+                ));
+            }
             let started = std::time::Instant::now();
             let tmp = self.root.join("tmp");
             std::fs::create_dir_all(&tmp).map_err(|source| BuilderError::Io { path: tmp.clone(), source })?;
@@ -339,11 +360,21 @@ impl Builder for Docker {
             }
             let dockerfile = mirrored_dockerfile(&job)?;
             let secrets = SecretFiles::write(&tmp, job.name, job.secrets)?;
+            let has_bridge = matches!(api(&self.host, "GET", "/networks/bridge").await, Ok((200, _)));
+            let network = network(&job, has_bridge);
+            if network == "none" {
+                let _ = log.send(
+                    "farm: note: the Docker Engine has no bridge network, so RUN steps have no network; give \
+                     dockerd a bridge for outbound access"
+                        .into(),
+                );
+            }
             let mut build = self.command();
             build.args(build_args(
                 &job,
                 dockerfile.as_deref().unwrap_or(&job.context.join(job.dockerfile)),
                 &secrets.args,
+                network,
             ));
             let built = run(build, &log, "docker build", &job.cancel).await;
             drop(secrets);

@@ -16,6 +16,7 @@
 pub mod builder;
 pub mod cgroup;
 pub mod docker;
+pub mod isolation;
 pub mod mirrors;
 pub mod net;
 pub mod session;
@@ -92,6 +93,25 @@ pub struct Config {
     pub memory_limit: Option<u64>,
     /// `[mirrors]`: registry host → mirror that base images are pulled from.
     pub mirrors: mirrors::Mirrors,
+    /// `allow_host_network`: builds may ask for the host's network (`--network host`).
+    pub allow_host_network: bool,
+    /// `allow_insecure`: builds may ask for every capability and no seccomp (`--allow security.insecure`).
+    pub allow_insecure: bool,
+}
+
+impl Config {
+    /// The entitlements this agent's config allows.
+    pub fn allowed(&self) -> Vec<shared::proto::Entitlement> {
+        use shared::proto::Entitlement;
+        let mut out = vec![];
+        if self.allow_host_network {
+            out.push(Entitlement::NetworkHost);
+        }
+        if self.allow_insecure {
+            out.push(Entitlement::SecurityInsecure);
+        }
+        out
+    }
 }
 
 impl Config {
@@ -114,6 +134,8 @@ impl Config {
             docker_host: None,
             memory_limit: None,
             mirrors: mirrors::Mirrors::new(),
+            allow_host_network: false,
+            allow_insecure: false,
         }
     }
 }
@@ -201,6 +223,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         max_frame: config.max_frame_bytes,
         mirrors: config.mirrors.clone(),
         memory,
+        allowed: config.allowed(),
     });
     net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
     Ok(())

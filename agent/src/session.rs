@@ -31,6 +31,12 @@ pub fn agent_info(config: &Config, host: HostPlatforms, builder: &BuilderInfo) -
         builder_version: builder.version.clone(),
         farm_version: shared::FARM_VERSION.to_string(),
         memory_limit: config.memory_limit,
+        // farm's Docker builder cannot grant security.insecure (`docker build` has no --allow).
+        allowed: config
+            .allowed()
+            .into_iter()
+            .filter(|e| builder.name != "docker" || *e != shared::proto::Entitlement::SecurityInsecure)
+            .collect(),
     }
 }
 

@@ -76,6 +76,8 @@ pub struct Runner {
     pub mirrors: crate::mirrors::Mirrors,
     /// Each build's memory limit, if configured.
     pub memory: Option<crate::cgroup::MemoryLimit>,
+    /// The entitlements this agent's config allows; a task asking for more is refused.
+    pub allowed: Vec<shared::proto::Entitlement>,
 }
 
 impl Runner {
@@ -108,6 +110,15 @@ impl Runner {
             let _ = out.send(AgentMsg::TaskLog { task, attempt, line });
         };
         let mode = if a.emulated { "emulated with QEMU" } else { "native" };
+        // The coordinator places a build only on agents that allow its entitlements; an agent
+        // whose config changed since it registered still refuses.
+        if let Some(e) = a.entitlements.iter().find(|e| !self.allowed.contains(e)) {
+            return Err(TaskError::Other(format!(
+                "the build asks for {e}, which agent {} does not allow (its config key {} is false)",
+                self.name,
+                e.config_key()
+            )));
+        }
         say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
         let _ = std::fs::remove_dir_all(dir);
         let manifest = self.fetch_context(conn, &a.context).await?;
@@ -141,6 +152,7 @@ impl Runner {
             secrets: &a.secrets,
             mirrors: &self.mirrors,
             memory: self.memory.as_ref(),
+            entitlements: &a.entitlements,
         };
         let built = self.builder.build(job, log).await;
         let _ = forward.await;

@@ -32,11 +32,13 @@ fn scheduler(c: &mut Criterion) {
                 native: &natives,
                 emulated: &none,
                 labels: &labels,
+                allowed: &[],
                 free: u32::from(i >= free_from),
             })
             .collect()
     };
-    let need = Need { platform: &riscv, require: &require, emulation: Emulation::Fallback, warm: None };
+    let need =
+        Need { platform: &riscv, require: &require, emulation: Emulation::Fallback, entitlements: &[], warm: None };
     let all_free = fleet(0);
     let last_free = fleet(999);
     assert!(matches!(place(&need, all_free.iter().cloned()), Placement::Run { .. }));
@@ -68,6 +70,7 @@ fn framing(c: &mut Criterion) {
         insecure_registries: vec!["registry.lan:5000".into()],
         credentials: None,
         secrets: vec![],
+        entitlements: vec![],
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

@@ -85,6 +85,7 @@ impl ScriptedAgent {
             builder_version: "0".into(),
             farm_version: shared::FARM_VERSION.into(),
             memory_limit: None,
+            allowed: vec![],
         };
         write_msg(&mut send, &AgentMsg::Register(info), max).await?;
         let interval = match expect_msg(&mut recv, max, "a registration answer").await? {
@@ -418,6 +419,7 @@ async fn submit_builds(
             insecure_registries: vec![registry.to_string()],
             credentials: None,
             secrets: vec![],
+            entitlements: vec![],
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

@@ -84,6 +84,7 @@ pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest
         platform,
         bases,
         secrets,
+        &spec.entitlements,
     );
     shared::tls::sha256(&postcard::to_allocvec(&inputs).expect("plain data encodes"))
 }
@@ -905,13 +906,19 @@ impl Core {
             let t = &self.tasks[&id];
             let b = &self.builds[&t.build];
             let warm = self.warm.get(&(t.platform.clone(), b.spec.context.clone())).map(String::as_str);
-            let need =
-                sched::Need { platform: &t.platform, require: &b.spec.require, emulation: b.spec.emulation, warm };
+            let need = sched::Need {
+                platform: &t.platform,
+                require: &b.spec.require,
+                emulation: b.spec.emulation,
+                entitlements: &b.spec.entitlements,
+                warm,
+            };
             let candidates = self.fleet.online().map(|(name, info)| Candidate {
                 name,
                 native: &info.native,
                 emulated: &info.emulated,
                 labels: &info.labels,
+                allowed: &info.allowed,
                 free: info.capacity.saturating_sub(running.get(name).copied().unwrap_or(0)),
             });
             match sched::place(&need, candidates) {
@@ -933,6 +940,7 @@ impl Core {
                         insecure_registries: b.spec.insecure_registries.clone(),
                         credentials: b.credentials.clone(),
                         secrets: b.secrets.clone(),
+                        entitlements: b.spec.entitlements.clone(),
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

@@ -203,6 +203,7 @@ mod tests {
             builder_version: "1.28".into(),
             farm_version: "0.1.0".into(),
             memory_limit: None,
+            allowed: vec![],
         }
     }
 

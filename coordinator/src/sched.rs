@@ -11,6 +11,7 @@
 use std::collections::BTreeMap;
 
 pub use shared::proto::Emulation;
+use shared::proto::Entitlement;
 use shared::Platform;
 
 /// One online agent as the scheduler sees it.
@@ -20,6 +21,8 @@ pub struct Candidate<'a> {
     pub native: &'a [Platform],
     pub emulated: &'a [Platform],
     pub labels: &'a BTreeMap<String, String>,
+    /// The entitlements its config allows.
+    pub allowed: &'a [Entitlement],
     /// Capacity minus tasks assigned to it.
     pub free: u32,
 }
@@ -38,14 +41,20 @@ pub struct Need<'a> {
     pub platform: &'a Platform,
     pub require: &'a BTreeMap<String, String>,
     pub emulation: Emulation,
+    /// What the build asks for beyond the default sandbox: only agents allowing all of it qualify.
+    pub entitlements: &'a [Entitlement],
     /// The agent that last built the same context for this platform, if any.
     pub warm: Option<&'a str>,
 }
 
 pub fn place<'a>(need: &Need<'_>, agents: impl IntoIterator<Item = Candidate<'a>> + Clone) -> Placement {
     let p = need.platform;
-    let labelled =
-        || agents.clone().into_iter().filter(|a| need.require.iter().all(|(k, v)| a.labels.get(k) == Some(v)));
+    let labelled = || {
+        agents.clone().into_iter().filter(|a| {
+            need.require.iter().all(|(k, v)| a.labels.get(k) == Some(v))
+                && need.entitlements.iter().all(|e| a.allowed.contains(e))
+        })
+    };
     let natives: Vec<Candidate> = labelled().filter(|a| a.native.contains(p)).collect();
     if !natives.is_empty() {
         return pick(need, &natives, false).unwrap_or_else(|| {
@@ -53,7 +62,7 @@ pub fn place<'a>(need: &Need<'_>, agents: impl IntoIterator<Item = Candidate<'a>
         });
     }
     let emulators: Vec<Candidate> = labelled().filter(|a| a.emulated.contains(p)).collect();
-    let labels = describe(need.require);
+    let labels = describe(need.require, need.entitlements);
     match need.emulation {
         Emulation::Never if emulators.is_empty() => {
             Placement::Wait(format!("waiting for an agent that runs {p} natively{labels}; none is connected"))
@@ -89,12 +98,18 @@ fn names(c: &[Candidate<'_>]) -> String {
     c.iter().map(|a| a.name).collect::<Vec<_>>().join(", ")
 }
 
-fn describe(require: &BTreeMap<String, String>) -> String {
-    if require.is_empty() {
-        return String::new();
+fn describe(require: &BTreeMap<String, String>, entitlements: &[Entitlement]) -> String {
+    let mut out = String::new();
+    if !require.is_empty() {
+        let l: Vec<String> = require.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        out += &format!(" with labels {}", l.join(","));
     }
-    let l: Vec<String> = require.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!(" with labels {}", l.join(","))
+    if !entitlements.is_empty() {
+        let e: Vec<String> =
+            entitlements.iter().map(|e| format!("{e} (agent config {} = true)", e.config_key())).collect();
+        out += &format!(" allowing {}", e.join(", "));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -110,6 +125,7 @@ mod tests {
         native: Vec<Platform>,
         emulated: Vec<Platform>,
         labels: BTreeMap<String, String>,
+        allowed: Vec<Entitlement>,
         free: u32,
     }
 
@@ -119,12 +135,13 @@ mod tests {
             native: vec![p("linux/amd64"), p("linux/386")],
             emulated: vec![p("linux/arm64"), p("linux/arm/v7"), p("linux/arm/v6")],
             labels: BTreeMap::new(),
+            allowed: vec![],
             free,
         }
     }
 
     fn arm(name: &'static str, plat: &str, free: u32) -> A {
-        A { name, native: vec![p(plat)], emulated: vec![], labels: BTreeMap::new(), free }
+        A { name, native: vec![p(plat)], emulated: vec![], labels: BTreeMap::new(), allowed: vec![], free }
     }
 
     fn cands(agents: &[A]) -> Vec<Candidate<'_>> {
@@ -135,6 +152,7 @@ mod tests {
                 native: &a.native,
                 emulated: &a.emulated,
                 labels: &a.labels,
+                allowed: &a.allowed,
                 free: a.free,
             })
             .collect()
@@ -145,7 +163,7 @@ mod tests {
     }
 
     fn need<'a>(platform: &'a Platform, require: &'a BTreeMap<String, String>) -> Need<'a> {
-        Need { platform, require, emulation: Emulation::Fallback, warm: None }
+        Need { platform, require, emulation: Emulation::Fallback, entitlements: &[], warm: None }
     }
 
     #[test]
@@ -197,6 +215,29 @@ mod tests {
             place(&need(&p("linux/amd64"), &gpu), cands(&agents)),
             Placement::Wait(
                 "waiting for an agent that runs or emulates linux/amd64 with labels gpu=nvidia; none is connected"
+                    .into()
+            )
+        );
+    }
+
+    #[test]
+    fn entitlements_go_only_to_agents_that_allow_them() {
+        let mut open = x86("open", 1);
+        open.allowed = vec![Entitlement::NetworkHost];
+        let agents = [x86("strict", 2), open];
+        let none = BTreeMap::new();
+        let host = [Entitlement::NetworkHost];
+        let amd64 = p("linux/amd64");
+        let asks = Need { entitlements: &host, ..need(&amd64, &none) };
+        assert_eq!(place(&asks, cands(&agents)), run("open", false));
+        assert_eq!(place(&need(&amd64, &none), cands(&agents)), run("strict", false));
+        let insecure = [Entitlement::SecurityInsecure];
+        let asks = Need { entitlements: &insecure, ..need(&amd64, &none) };
+        assert_eq!(
+            place(&asks, cands(&agents)),
+            Placement::Wait(
+                "waiting for an agent that runs or emulates linux/amd64 allowing security.insecure \
+                 (agent config allow_insecure = true); none is connected"
                     .into()
             )
         );

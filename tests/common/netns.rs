@@ -88,10 +88,12 @@ impl Netns {
         self.links.len() - 1
     }
 
-    /// A command that runs `program` inside the namespace.
+    /// A command that runs `program` inside the namespace. Only the network namespace changes
+    /// (`nsenter`, not `ip netns exec`, which also remounts /sys and so hides the cgroup mounts
+    /// runc needs to run a build's RUN steps).
     pub fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.name, program]);
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--net=/run/netns/{}", self.name)).arg(program);
         cmd
     }
 

@@ -21,6 +21,7 @@ fn info(native: &[&str], emulated: &[&str], labels: &[(&str, &str)]) -> AgentInf
         builder_version: "1.28.2".into(),
         farm_version: "0.1.0".into(),
         memory_limit: None,
+        allowed: vec![],
     }
 }
 
@@ -38,6 +39,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         insecure_registries: vec!["127.0.0.1:5000".into()],
         credentials: None,
         secrets: vec![],
+        entitlements: vec![],
     }
 }
 

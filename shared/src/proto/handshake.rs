@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 use super::ProtoError;
 
 /// Bumped whenever a message changes incompatibly. ALPN (`farm/1`) gates the transport; this
-/// gates the messages. 3: `AgentInfo` and `AgentView` gained `memory_limit`.
+/// gates the messages. 3: `AgentInfo` and `AgentView` gained `memory_limit`; `BuildSpec`,
+/// `Assignment` and `AgentInfo` gained entitlements.
 pub const PROTOCOL_VERSION: u32 = 3;
 
 const MAGIC: [u8; 4] = *b"FARM";

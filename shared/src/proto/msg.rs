@@ -33,6 +33,55 @@ pub struct AgentInfo {
     pub farm_version: String,
     /// Bytes each build may use (`memory_limit`); `None`: no limit.
     pub memory_limit: Option<u64>,
+    /// The entitlements this agent's config allows builds to ask for (`allow_host_network`,
+    /// `allow_insecure`); a build asking for others is not placed on it.
+    pub allowed: Vec<Entitlement>,
+}
+
+/// What a build may ask for beyond the default sandbox, as buildx's `--allow` spells it. Each
+/// needs the agent's config to allow it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Entitlement {
+    /// `network.host`: RUN steps share the agent host's network, its loopback services included.
+    NetworkHost,
+    /// `security.insecure`: RUN steps run with every capability and no seccomp filter.
+    SecurityInsecure,
+}
+
+impl Entitlement {
+    pub const ALL: [Entitlement; 2] = [Entitlement::NetworkHost, Entitlement::SecurityInsecure];
+
+    /// buildx's name: `network.host`, `security.insecure`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Entitlement::NetworkHost => "network.host",
+            Entitlement::SecurityInsecure => "security.insecure",
+        }
+    }
+
+    /// The agent config key that allows it.
+    pub fn config_key(self) -> &'static str {
+        match self {
+            Entitlement::NetworkHost => "allow_host_network",
+            Entitlement::SecurityInsecure => "allow_insecure",
+        }
+    }
+}
+
+impl std::fmt::Display for Entitlement {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Entitlement {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Entitlement::ALL
+            .into_iter()
+            .find(|e| e.name() == s)
+            .ok_or_else(|| format!("unknown entitlement {s:?}: farm knows network.host and security.insecure"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -133,6 +182,8 @@ pub struct BuildSpec {
     pub credentials: Option<Credentials>,
     /// `--secret id=ID,src=FILE`: handed to the RUN steps that mount them, held in memory only.
     pub secrets: Vec<Secret>,
+    /// `--allow` / `--network host`: what the build asks for beyond the default sandbox.
+    pub entitlements: Vec<Entitlement>,
 }
 
 /// A build secret. Its value never appears in Debug output, logs or the state file.
@@ -166,6 +217,8 @@ pub struct Assignment {
     pub insecure_registries: Vec<String>,
     pub credentials: Option<Credentials>,
     pub secrets: Vec<Secret>,
+    /// The build's entitlements; the agent was chosen because its config allows them.
+    pub entitlements: Vec<Entitlement>,
 }
 
 /// How long one phase of a task took (context sync, materialise, build, export, push).
@@ -428,6 +481,7 @@ mod tests {
             builder_version: "1.28.2".into(),
             farm_version: "0.1.0".into(),
             memory_limit: Some(2 << 30),
+            allowed: vec![Entitlement::NetworkHost],
         };
         round_trip(AgentMsg::Register(info.clone()));
         round_trip(AgentMsg::Heartbeat(Heartbeat { busy: 3 }));
