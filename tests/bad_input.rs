@@ -280,8 +280,9 @@ fn first_hour(w: &mut World) {
     w.refused(
         "a tag without a registry",
         &run,
-        "error: -t myapp:1: names no registry, so it would be pushed to Docker Hub; farm pushes every platform to a \
-         registry: name yours (e.g. -t registry.lan:5000/myapp:1), or write docker.io/... to mean Docker Hub",
+        "error: -t myapp:1: names no registry, so it would be pushed to Docker Hub; name yours (e.g. -t \
+         registry.lan:5000/myapp:1), write docker.io/... to mean Docker Hub, or choose an output that needs no \
+         registry: -o type=oci,dest=FILE, -o type=local,dest=DIR or --load",
     );
     w.nothing_done_since("a tag without a registry", before);
 
@@ -350,13 +351,13 @@ fn first_hour(w: &mut World) {
     w.check("an unreachable coordinator fails within 5 s", took < Duration::from_secs(5), || format!("{took:?}"));
     w.nothing_done_since("a coordinator address where nothing answers", before);
 
-    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--load"], &ctx);
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--cache-to", "type=inline"], &ctx);
     w.check("a buildx flag farm lacks exits 2", run.code == Some(2), || run.tail());
     w.only_error(
         "a buildx flag farm lacks is named, with what to do instead",
         &run,
-        "error: farm build has no --load (a docker buildx build flag): farm builds on other machines and cannot \
-         load into this machine's Docker; pull the pushed tag instead; `farm build --help` lists its flags",
+        "error: farm build has no --cache-to (a docker buildx build flag): agents keep their layer cache between \
+         builds by themselves; `farm build --help` lists its flags",
     );
     w.nothing_done_since("a buildx flag farm lacks", before);
 

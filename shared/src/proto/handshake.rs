@@ -6,8 +6,9 @@ use serde::{Deserialize, Serialize};
 use super::ProtoError;
 
 /// Bumped whenever a message changes incompatibly. ALPN (`farm/1`) gates the transport; this
-/// gates the messages. 3: `AgentInfo` and `AgentView` gained `memory_limit`.
-pub const PROTOCOL_VERSION: u32 = 3;
+/// gates the messages. 3: `AgentInfo` and `AgentView` gained `memory_limit`. 4: a build without tags
+/// (and an assignment with an empty repository) means "push nothing: results to the coordinator".
+pub const PROTOCOL_VERSION: u32 = 4;
 
 const MAGIC: [u8; 4] = *b"FARM";
 
