@@ -406,7 +406,7 @@ impl Net {
             }
             Err(e) => return Ok(Response::Error(format!("upload refused: {e}"))),
         }
-        tracing::info!(client = %peer.name, blobs, bytes, "blobs received");
+        tracing::info!(client = %peer.name, blobs, bytes, "context files received");
         Ok(Response::Stored { blobs, bytes })
     }
 
