@@ -175,6 +175,7 @@ fn new_build_id() -> String {
 
 impl Driver {
     /// Loads what a previous run persisted.
+    #[allow(clippy::too_many_arguments)] // each is a separate shared resource the coordinator owns
     pub fn new(
         config: &crate::Config,
         store: Store,
