@@ -19,18 +19,26 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         Some(p) if !p.is_empty() => p,
         _ => vec![host_platform()?],
     };
-    if args.tags.is_empty() {
-        bail!("no tag given: pass -t REGISTRY/REPOSITORY:TAG (farm pushes every build to a registry)");
-    }
-    for t in &args.tags {
-        let r = t.parse::<shared::oci::ImageRef>()?;
-        if !shared::oci::names_registry(t) {
-            let name = r.repository.strip_prefix("library/").unwrap_or(&r.repository);
-            let tag = r.tag.as_deref().map(|t| format!(":{t}")).unwrap_or_default();
+    // Every flag is checked before anything is sent.
+    let plan = crate::results::plan(&args, &platforms)?;
+    if plan.registry {
+        if args.tags.is_empty() {
             bail!(
-                "-t {t}: names no registry, so it would be pushed to Docker Hub; farm pushes every platform to a \
-                 registry: name yours (e.g. -t registry.lan:5000/{name}{tag}), or write docker.io/... to mean Docker Hub"
+                "no tag given: pass -t REGISTRY/REPOSITORY:TAG to push to a registry, or choose an output that needs \
+                 none: -o type=oci,dest=FILE, -o type=local,dest=DIR or --load"
             );
+        }
+        for t in &args.tags {
+            let r = t.parse::<shared::oci::ImageRef>()?;
+            if !shared::oci::names_registry(t) {
+                let name = r.repository.strip_prefix("library/").unwrap_or(&r.repository);
+                let tag = r.tag.as_deref().map(|t| format!(":{t}")).unwrap_or_default();
+                bail!(
+                    "-t {t}: names no registry, so it would be pushed to Docker Hub; name yours (e.g. -t \
+                     registry.lan:5000/{name}{tag}), write docker.io/... to mean Docker Hub, or choose an output that \
+                     needs no registry: -o type=oci,dest=FILE, -o type=local,dest=DIR or --load"
+                );
+            }
         }
     }
     // Every flag is checked before anything is sent.
@@ -45,9 +53,14 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let dockerfile = dockerfile_in_context(&context, args.file.as_deref())?;
     let mut insecure = insecure_from_file;
     insecure.extend(args.insecure_registries.iter().cloned());
-    let registry = args.tags[0].parse::<shared::oci::ImageRef>()?.registry;
-    let credentials = shared::registry::load_docker_credentials(&registry)
-        .with_context(|| format!("reading registry credentials for {registry}"))?;
+    let credentials = match args.tags.first().filter(|_| plan.registry) {
+        Some(t) => {
+            let registry = t.parse::<shared::oci::ImageRef>()?.registry;
+            shared::registry::load_docker_credentials(&registry)
+                .with_context(|| format!("reading registry credentials for {registry}"))?
+        }
+        None => None,
+    };
 
     let scan_root = context.clone();
     let df = dockerfile.clone();
@@ -90,6 +103,10 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         (Some(farm), client)
     };
 
+    // Checked once connected, before the upload: an agent can build the platform --load wants.
+    if let Some(load) = &plan.load {
+        crate::results::check_load_platform(&client, load, args.emulation == EmulationArg::Never).await?;
+    }
     let mut view = View::new(args.progress, &platforms)?;
     let upload = client.upload_context(&scanned).await?;
     view.note(&format!(
@@ -101,7 +118,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     ));
     let spec = BuildSpec {
         platforms: platforms.clone(),
-        tags: args.tags.clone(),
+        // No tags: nothing is pushed; the results come back through the coordinator.
+        tags: if plan.registry { args.tags.clone() } else { vec![] },
         dockerfile,
         build_args,
         target: args.target.clone(),
@@ -120,6 +138,9 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();
     if !args.wait {
+        if let Some(path) = &args.metadata_file {
+            crate::results::write_atomically(path, &crate::results::pending_metadata(&id))?;
+        }
         println!("{id}");
         eprintln!("build {id} accepted; follow it with `farm logs {id} -f`, cancel it with `farm cancel {id}`");
         client.finish().await;
@@ -154,11 +175,18 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     };
     view.finish();
     let wall = view.elapsed();
+    let delivered = match &end {
+        Some(BuildEvent::Succeeded { index, platforms, .. }) => {
+            Some(crate::results::deliver(&client, &plan, &args, &id, index, platforms).await)
+        }
+        _ => None,
+    };
     client.finish().await;
     drop(local);
+    delivered.transpose()?;
     match end {
         Some(BuildEvent::Succeeded { index, tags, platforms, stitch_ms }) => {
-            if args.progress != Progress::Json {
+            if args.progress != Progress::Json && !plan.stdout {
                 println!("{}", output::build_summary(&index, &tags, &platforms, progress::mode, wall));
                 if args.timings {
                     println!("{}", output::timings(&platforms, stitch_ms));
@@ -184,7 +212,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
 }
 
 /// The platform this machine builds natively (buildx's default).
-fn host_platform() -> Result<Platform> {
+pub(crate) fn host_platform() -> Result<Platform> {
     let host = shared::host::detect(Path::new(shared::host::DEFAULT_BINFMT_DIR));
     host.native.into_iter().next().context("cannot tell this machine's platform; pass --platform")
 }

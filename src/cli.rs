@@ -325,6 +325,15 @@ pub enum EmulationArg {
     Never,
 }
 
+/// Which local image store `--load` fills.
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LoadInto {
+    /// containers-storage, where podman and buildah find images (`skopeo copy ... containers-storage:`)
+    Podman,
+    /// The local Docker Engine (`skopeo copy ... docker-daemon:`)
+    Docker,
+}
+
 #[derive(Args, Debug)]
 pub struct BuildArgs {
     #[command(flatten)]
@@ -376,9 +385,31 @@ pub struct BuildArgs {
     /// export, push) and the index push
     #[arg(long)]
     pub timings: bool,
-    /// Push the result (buildx's flag; farm always pushes to the registry -t names)
+    /// Push the result to the registry -t names (buildx's shorthand for -o type=registry; the
+    /// default when -t names a registry and no other output is given)
     #[arg(long)]
     pub push: bool,
+    /// Where the image goes, as buildx spells it (repeatable): type=registry (push to the
+    /// registry -t names), type=oci,dest=FILE (an OCI layout archive of every platform; dest=- for
+    /// stdout; dest=DIR,tar=false for a directory), type=local,dest=DIR (each platform's root
+    /// filesystem in DIR/linux_amd64/...; one platform: in DIR), type=tar,dest=FILE (the same as a
+    /// tar). Without a registry output nothing is pushed anywhere: the results come back through
+    /// the coordinator
+    #[arg(short = 'o', long = "output", value_name = "type=TYPE,dest=PATH")]
+    pub outputs: Vec<String>,
+    /// Load the image for this machine's platform (or the one --platform names) into the local
+    /// image store: podman/buildah's containers-storage (the default, `--load`), or the Docker
+    /// Engine's (`--load=docker`); -t names it
+    #[arg(long, value_enum, num_args = 0..=1, require_equals = true, default_missing_value = "podman", value_name = "podman|docker")]
+    pub load: Option<LoadInto>,
+    /// Write the build's result as JSON to FILE (buildx's keys: containerimage.digest,
+    /// containerimage.descriptor, image.name, buildx.build.ref; farm.build.ref and per platform
+    /// farm.platforms); with --wait=false: the build id and "status": "pending"
+    #[arg(long, value_name = "FILE")]
+    pub metadata_file: Option<PathBuf>,
+    /// Write the image index digest to FILE
+    #[arg(long, value_name = "FILE")]
+    pub iidfile: Option<PathBuf>,
     /// Wait for the build to end (`--wait=false`: print the build id and return at once)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub wait: bool,
@@ -393,16 +424,12 @@ pub struct BuildArgs {
 
 /// buildx flags `farm build` does not have, and what to do instead.
 const BUILDX_FLAGS: &[(&str, &str)] = &[
-    ("--load", "farm builds on other machines and cannot load into this machine's Docker; pull the pushed tag instead"),
-    ("--output", "farm pushes to the registry that -t names"),
     ("--cache-from", "agents keep their layer cache between builds by themselves"),
     ("--cache-to", "agents keep their layer cache between builds by themselves"),
     ("--builder", "farm picks agents itself; use --require KEY=VALUE to choose by label"),
     ("--provenance", "farm does not attach provenance yet"),
     ("--sbom", "farm does not attach SBOMs yet"),
     ("--attest", "farm does not attach attestations yet"),
-    ("--metadata-file", "the image index digest is printed at the end of the build (--progress json for scripts)"),
-    ("--iidfile", "the image index digest is printed at the end of the build (--progress json for scripts)"),
     ("--annotation", "farm does not set annotations yet"),
     ("--build-context", "farm does not take named contexts yet"),
     ("--ssh", "farm does not forward SSH agents; use --secret"),
@@ -426,7 +453,6 @@ pub fn unsupported_buildx_flag(e: &clap::Error) -> Option<String> {
     let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else { return None };
     let flag = arg.split('=').next().unwrap_or(arg);
     let flag = match flag {
-        "-o" => "--output",
         "-q" => "--quiet",
         f => f,
     };
@@ -447,16 +473,22 @@ mod tests {
     #[test]
     fn buildx_flags_farm_lacks_are_named() {
         use clap::Parser;
-        let e = super::Cli::try_parse_from(["farm", "build", "--load", "."]).unwrap_err();
+        let e = super::Cli::try_parse_from(["farm", "build", "--ssh", "default", "."]).unwrap_err();
         assert_eq!(
             super::unsupported_buildx_flag(&e).unwrap(),
-            "farm build has no --load (a docker buildx build flag): farm builds on other machines and cannot load \
-             into this machine's Docker; pull the pushed tag instead; `farm build --help` lists its flags"
+            "farm build has no --ssh (a docker buildx build flag): farm does not forward SSH agents; use --secret; \
+             `farm build --help` lists its flags"
         );
         let e = super::Cli::try_parse_from(["farm", "build", "--cache-to=type=registry", "."]).unwrap_err();
         assert!(super::unsupported_buildx_flag(&e).unwrap().starts_with("farm build has no --cache-to "));
         let e = super::Cli::try_parse_from(["farm", "build", "--nonsense", "."]).unwrap_err();
         assert_eq!(super::unsupported_buildx_flag(&e), None);
         assert!(super::Cli::try_parse_from(["farm", "build", "--push", "-t", "r:5000/a:1", "."]).is_ok());
+        for ok in [
+            &["farm", "build", "-o", "type=oci,dest=x.tar", "--load", "."][..],
+            &["farm", "build", "--load=docker", "--metadata-file", "m.json", "--iidfile", "i", "."],
+        ] {
+            assert!(super::Cli::try_parse_from(ok).is_ok(), "{ok:?}");
+        }
     }
 }

@@ -6,6 +6,7 @@ mod config;
 mod embedded;
 mod output;
 mod progress;
+mod results;
 
 use std::process::ExitCode;
 use std::time::Duration;

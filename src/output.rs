@@ -94,7 +94,11 @@ pub fn build_summary(
         c if c == n => out += " (all cached)",
         c => out += &format!(" ({c} cached)"),
     }
-    out += &format!("\npushed image index {index}\n");
+    if tags.is_empty() {
+        out += &format!("\nimage index {index} (pushed to no registry)\n");
+    } else {
+        out += &format!("\npushed image index {index}\n");
+    }
     for t in tags {
         out += &format!("  as {t}\n");
     }

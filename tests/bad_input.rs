@@ -140,7 +140,8 @@ fn cli_refuses_before_sending_anything(w: &mut World) {
     w.refused(
         "no tag",
         &run,
-        "error: no tag given: pass -t REGISTRY/REPOSITORY:TAG (farm pushes every build to a registry)",
+        "error: no tag given: pass -t REGISTRY/REPOSITORY:TAG to push to a registry, or choose an output that needs \
+         none: -o type=oci,dest=FILE, -o type=local,dest=DIR or --load",
     );
 
     let empty = root.join("empty");
@@ -280,10 +281,46 @@ fn first_hour(w: &mut World) {
     w.refused(
         "a tag without a registry",
         &run,
-        "error: -t myapp:1: names no registry, so it would be pushed to Docker Hub; farm pushes every platform to a \
-         registry: name yours (e.g. -t registry.lan:5000/myapp:1), or write docker.io/... to mean Docker Hub",
+        "error: -t myapp:1: names no registry, so it would be pushed to Docker Hub; name yours (e.g. -t \
+         registry.lan:5000/myapp:1), write docker.io/... to mean Docker Hub, or choose an output that needs no \
+         registry: -o type=oci,dest=FILE, -o type=local,dest=DIR or --load",
     );
     w.nothing_done_since("a tag without a registry", before);
+
+    // Output specs: refused before anything is uploaded, naming the flag and the fix.
+    let run = w.build(&["--platform", "linux/amd64", "-t", "myapp:1", "-o", "type=nope"], &ctx);
+    w.refused(
+        "an unknown output type",
+        &run,
+        "error: -o type=nope: unknown output type \"nope\": farm writes type=registry, type=oci, type=local or type=tar",
+    );
+    let run = w.build(&["--platform", "linux/amd64", "-t", "myapp:1", "-o", "type=oci"], &ctx);
+    w.refused(
+        "type=oci without dest",
+        &run,
+        "error: -o type=oci: type=oci needs dest=FILE (a tar; dest=- for stdout), or dest=DIR,tar=false for a \
+         directory",
+    );
+    let nowhere = w.scratch("outputs").join("missing");
+    let oci = format!("type=oci,dest={}/out.tar", nowhere.display());
+    let run = w.build(&["--platform", "linux/amd64", "-t", "myapp:1", "-o", &oci], &ctx);
+    w.refused(
+        "an output in a missing directory",
+        &run,
+        &format!(
+            "error: -o {oci}: the directory {} does not exist: create it first, or give a dest= in a directory that \
+             exists",
+            nowhere.display()
+        ),
+    );
+    let run = w.build(&["--platform", "linux/arm64", "--emulation", "never", "-t", "myapp:1", "--load"], &ctx);
+    w.refused(
+        "--load of a platform no agent builds",
+        &run,
+        "error: --load linux/arm64: no connected agent builds linux/arm64 (`farm agents` lists what each builds); \
+         start an agent that runs it, or drop --load and use -o type=oci,dest=FILE",
+    );
+    w.nothing_done_since("bad output specs", before);
 
     let typo = w.context(&w.scratch("typo"), "ctx", "ARG BASE\nFROM ${BASE}\nRUNN make\n");
     let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1")], &typo);
@@ -350,13 +387,13 @@ fn first_hour(w: &mut World) {
     w.check("an unreachable coordinator fails within 5 s", took < Duration::from_secs(5), || format!("{took:?}"));
     w.nothing_done_since("a coordinator address where nothing answers", before);
 
-    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--load"], &ctx);
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--cache-to", "type=inline"], &ctx);
     w.check("a buildx flag farm lacks exits 2", run.code == Some(2), || run.tail());
     w.only_error(
         "a buildx flag farm lacks is named, with what to do instead",
         &run,
-        "error: farm build has no --load (a docker buildx build flag): farm builds on other machines and cannot \
-         load into this machine's Docker; pull the pushed tag instead; `farm build --help` lists its flags",
+        "error: farm build has no --cache-to (a docker buildx build flag): agents keep their layer cache between \
+         builds by themselves; `farm build --help` lists its flags",
     );
     w.nothing_done_since("a buildx flag farm lacks", before);
 

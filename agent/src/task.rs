@@ -160,6 +160,20 @@ impl Runner {
         laps.clock = std::time::Instant::now();
 
         let layout = oci::read_layout(&output)?;
+        if a.repository.is_empty() {
+            // A build without tags pushes nothing: the image goes to the coordinator's store.
+            let (sent, bytes, had) = self.upload_layout(conn, &layout).await?;
+            laps.lap("upload");
+            say(format!(
+                "farm: uploaded {} to the coordinator ({sent} blobs, {bytes} bytes; {had} already there)",
+                layout.manifest.digest
+            ));
+            let m = &layout.manifest;
+            return Ok((
+                ManifestRef { media_type: m.media_type.clone(), digest: m.digest.clone(), size: m.size },
+                laps.timings,
+            ));
+        }
         let repo: ImageRef = a.repository.parse().map_err(|e: oci::ImageRefError| TaskError::Other(e.to_string()))?;
         let registry = Registry::new(&a.insecure_registries, a.credentials.clone());
         let report = registry.push_layout(&layout, &repo).await?;
@@ -174,6 +188,75 @@ impl Runner {
             size: report.manifest.size,
         };
         Ok((manifest, laps.timings))
+    }
+
+    /// Uploads the layout's config, layers and manifest (manifest last, so that a manifest in
+    /// the store always has its blobs) that the coordinator's store lacks, over the current
+    /// session; a session lost on the way is waited for and the upload resumes with what is
+    /// still missing, for up to [`FETCH_PATIENCE`]. Returns blobs and bytes sent, and how many
+    /// were already there.
+    async fn upload_layout(&self, conn: &Conn, layout: &oci::Layout) -> Result<(usize, u64, usize), TaskError> {
+        let mut blobs: Vec<(Digest, u64)> = vec![(layout.config.digest.clone(), layout.config.size)];
+        blobs.extend(layout.layers.iter().map(|l| (l.digest.clone(), l.size)));
+        blobs.push((layout.manifest.digest.clone(), layout.manifest.size));
+        let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
+        let mut conns = conn.clone();
+        loop {
+            let current = match tokio::time::timeout_at(deadline, conns.wait_for(Option::is_some)).await {
+                Ok(Ok(c)) => c.clone().expect("waited for Some"),
+                _ => return Err(TaskError::Other("no connection to the coordinator to upload the image".into())),
+            };
+            match self.upload_once(&current, &layout.dir, &blobs).await {
+                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                    tracing::info!("uploading the image: {e}; resuming on the next session");
+                    let id = current.stable_id();
+                    let changed = conns.wait_for(|c| c.as_ref().is_none_or(|c| c.stable_id() != id));
+                    let _ = tokio::time::timeout_at(deadline, changed).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn upload_once(
+        &self,
+        conn: &quinn::Connection,
+        dir: &std::path::Path,
+        blobs: &[(Digest, u64)],
+    ) -> Result<(usize, u64, usize), TaskError> {
+        let max = self.max_frame;
+        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(&mut send, &Request::HaveBlobs(digests), max).await?;
+        let _ = send.finish();
+        let missing = match expect_msg(&mut recv, max, "the missing blobs").await? {
+            Response::Missing(m) => m,
+            other => return Err(TaskError::Unexpected(format!("{other:?}"))),
+        };
+        let mut unique = std::collections::HashSet::new();
+        let total = blobs.iter().filter(|(d, _)| unique.insert(d.clone())).count();
+        if missing.is_empty() {
+            return Ok((0, 0, total));
+        }
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(&mut send, &Request::PutBlobs, max).await?;
+        let mut bytes = 0;
+        let mut sent = std::collections::HashSet::new();
+        // In the layout's order (the manifest last), whatever order the answer came in.
+        for (digest, size) in blobs.iter().filter(|(d, _)| missing.contains(d) && sent.insert(d.clone())) {
+            let mut file = tokio::fs::File::open(oci::blob_path(dir, digest))
+                .await
+                .map_err(|e| TaskError::Other(format!("reading the built image: {e}")))?;
+            write_msg(&mut send, &BlobHeader { digest: digest.clone(), size: *size }, max).await?;
+            shared::proto::io::write_raw(&mut send, &mut file, *size).await?;
+            bytes += size;
+        }
+        let _ = send.finish();
+        match expect_msg(&mut recv, max, "the upload's result").await? {
+            Response::Stored { blobs, .. } if blobs as usize == missing.len() => {}
+            other => return Err(TaskError::Unexpected(format!("{other:?} to the image upload"))),
+        }
+        Ok((missing.len(), bytes, total - missing.len()))
     }
 
     /// Trims the layer cache to its limit if no build is running (else the next idle moment will).

@@ -46,7 +46,8 @@ pub enum Action {
         build: String,
         event: BuildEvent,
     },
-    /// Push `index` under every tag; report back with [`Core::stitched`].
+    /// Push `index` under every tag (no tags: keep it in the content store); report back with
+    /// [`Core::stitched`].
     Stitch {
         build: String,
         index: Vec<u8>,
@@ -54,7 +55,8 @@ pub enum Action {
         insecure: Vec<String>,
         credentials: Option<Credentials>,
     },
-    /// Does the registry still hold this earlier result? Report with [`Core::cache_checked`].
+    /// Does the registry (an empty repository: the content store) still hold this earlier
+    /// result? Report with [`Core::cache_checked`].
     CheckCached {
         task: TaskId,
         repository: String,
@@ -208,8 +210,6 @@ pub const KEEP_ENDED_BUILDS: usize = 1000;
 pub enum SubmitError {
     #[error("no platform given: pass --platform, e.g. --platform linux/amd64,linux/arm64")]
     NoPlatforms,
-    #[error("no tag given: pass -t REGISTRY/REPOSITORY:TAG; farm pushes every build to a registry")]
-    NoTags,
     #[error("{0}")]
     BadTag(String),
     #[error("tags {0} and {1} name different repositories; all tags of one build must share one repository")]
@@ -541,11 +541,17 @@ impl Core {
             .map(|t| t.parse::<ImageRef>())
             .collect::<Result<_, _>>()
             .map_err(|e| SubmitError::BadTag(e.to_string()))?;
-        let first = tags.first().ok_or(SubmitError::NoTags)?.clone();
-        if let Some(other) = tags.iter().find(|t| !t.same_repository(&first)) {
-            return Err(SubmitError::MixedRepositories(first.to_string(), other.to_string()));
-        }
-        let repository = format!("{}/{}", first.registry, first.repository);
+        // No tags: nothing goes to a registry; the agents upload to the content store and the
+        // index is kept there (an empty repository says so to the agents and the driver).
+        let repository = match tags.first() {
+            Some(first) => {
+                if let Some(other) = tags.iter().find(|t| !t.same_repository(first)) {
+                    return Err(SubmitError::MixedRepositories(first.to_string(), other.to_string()));
+                }
+                format!("{}/{}", first.registry, first.repository)
+            }
+            None => String::new(),
+        };
         let mut task_ids = Vec::new();
         for platform in &spec.platforms {
             let tid = self.next_task;

@@ -146,6 +146,8 @@ pub struct Driver {
     log_followers: HashMap<String, Vec<(Option<Platform>, LogSink)>>,
     events: mpsc::Sender<Event>,
     registries: Arc<RegistryPool>,
+    /// The content store: contexts, and the results of builds without tags.
+    blobs: Arc<shared::context::BlobStore>,
 }
 
 const NO_CA_KEY: &str = "this coordinator cannot enroll peers: its --ca-dir has no ca.key; issue certificates with \
@@ -173,6 +175,7 @@ fn new_build_id() -> String {
 
 impl Driver {
     /// Loads what a previous run persisted.
+    #[allow(clippy::too_many_arguments)] // each is a separate shared resource the coordinator owns
     pub fn new(
         config: &crate::Config,
         store: Store,
@@ -180,6 +183,7 @@ impl Driver {
         ca: Option<CertAuthority>,
         gate: Arc<Gate>,
         registries: Arc<RegistryPool>,
+        blobs: Arc<shared::context::BlobStore>,
         events: mpsc::Sender<Event>,
     ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
@@ -208,6 +212,7 @@ impl Driver {
             log_followers: HashMap::new(),
             events,
             registries,
+            blobs,
         })
     }
 
@@ -563,10 +568,16 @@ impl Driver {
             Action::CheckCached { task, repository, digest, insecure, credentials } => {
                 let events = self.events.clone();
                 let registry = self.registries.get(&insecure, credentials.as_ref());
+                let blobs = self.blobs.clone();
                 tokio::spawn(async move {
-                    let present = match repository.parse::<shared::oci::ImageRef>() {
-                        Ok(repo) => registry.has_manifest(&repo, &digest).await.unwrap_or(false),
-                        Err(_) => false,
+                    let present = if repository.is_empty() {
+                        let blobs = blobs.clone();
+                        tokio::task::spawn_blocking(move || image_in_store(&blobs, &digest)).await.unwrap_or(false)
+                    } else {
+                        match repository.parse::<shared::oci::ImageRef>() {
+                            Ok(repo) => registry.has_manifest(&repo, &digest).await.unwrap_or(false),
+                            Err(_) => false,
+                        }
                     };
                     let _ = events.send(Event::CacheChecked { task, present }).await;
                 });
@@ -575,9 +586,15 @@ impl Driver {
                 crash_point("stitch");
                 let events = self.events.clone();
                 let registry = self.registries.get(&insecure, credentials.as_ref());
+                let blobs = self.blobs.clone();
                 tokio::spawn(async move {
                     let started = std::time::Instant::now();
-                    let result = registry.push_index(&index, &tags).await.map_err(|e| e.to_string());
+                    let result = if tags.is_empty() {
+                        // Nothing for a registry: the index joins its manifests in the store.
+                        blobs.put(&index).map_err(|e| format!("storing the image index: {e}"))
+                    } else {
+                        registry.push_index(&index, &tags).await.map_err(|e| e.to_string())
+                    };
                     let ms = started.elapsed().as_millis() as u64;
                     let _ = events.send(Event::Stitched { build, result, ms }).await;
                 });
@@ -646,4 +663,12 @@ fn join(ps: &[shared::Platform]) -> String {
         return "-".into();
     }
     ps.iter().map(|p| p.to_string()).collect::<Vec<_>>().join(",")
+}
+
+/// Whether the content store holds the image manifest `digest` and every blob it names (an
+/// earlier result of a build without tags, before the result cache reuses it).
+fn image_in_store(blobs: &shared::context::BlobStore, digest: &shared::Digest) -> bool {
+    let Ok(bytes) = std::fs::read(blobs.path(digest)) else { return false };
+    let Ok(blobs_named) = shared::export::manifest_blobs(&bytes) else { return false };
+    blobs_named.iter().all(|d| blobs.has(&d.digest))
 }

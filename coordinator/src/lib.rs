@@ -127,6 +127,7 @@ impl Coordinator {
             ca,
             gate.clone(),
             registries.clone(),
+            self.blobs.clone(),
             events.clone(),
         )?;
         let mut driver = tokio::spawn(driver.run(rx));

@@ -304,7 +304,6 @@ impl Net {
         let refuse = |what: &str| Response::Error(format!("{peer} may not {what}"));
         let resp = match req {
             Request::PutContext(_)
-            | Request::PutBlobs
             | Request::Build(_)
             | Request::ListBuilds { .. }
             | Request::Logs { .. }
@@ -315,7 +314,7 @@ impl Net {
             {
                 refuse("submit, list, follow or cancel builds (agent identities only build)")
             }
-            Request::GetContext(_) | Request::GetBlobs(_) if !agent => refuse("fetch contexts (agents only)"),
+            Request::GetContext(_) if !agent => refuse("fetch contexts (agents only)"),
             Request::Join { .. } => Response::Error(format!("{peer} is already a member of this farm")),
             Request::CreateToken { .. }
             | Request::RevokeToken { .. }
@@ -326,6 +325,7 @@ impl Net {
                 refuse("create or revoke tokens or identities (admin identities only)")
             }
             Request::PutContext(manifest) => self.put_context(&manifest),
+            Request::HaveBlobs(digests) => Response::Missing(self.store.missing(&digests)),
             Request::PutBlobs => self.put_blobs(&peer, recv).await?,
             Request::GetContext(digest) => match self.read_manifest(&digest) {
                 Ok(m) => Response::Context(m),
@@ -415,7 +415,17 @@ impl Net {
         postcard::from_bytes(&bytes).map_err(|e| format!("context {digest} is damaged: {e}"))
     }
 
+    /// Agents fetch context files, clients a build's results (a build without tags): by digest,
+    /// which names the content; a digest nobody was told cannot be guessed.
     async fn get_blobs(&self, digests: &[shared::Digest], send: &mut quinn::SendStream) -> Result<(), ProtoError> {
+        if let Some(d) = digests.iter().find(|d| !self.store.has(d)) {
+            return write_msg(
+                send,
+                &Response::Error(format!("blob {d} is not in the coordinator's store")),
+                self.max_frame,
+            )
+            .await;
+        }
         for d in digests {
             let mut file = tokio::fs::File::open(self.store.path(d)).await?;
             let size = file.metadata().await?.len();

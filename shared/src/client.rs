@@ -204,6 +204,47 @@ impl Client {
         }
     }
 
+    /// Fetches the blobs in `digests` (a build's results, by digest) into `store`, which
+    /// verifies each against its digest; those `store` already holds are not asked for.
+    /// Returns the bytes received.
+    pub async fn fetch_blobs(&self, digests: &[Digest], store: &crate::context::BlobStore) -> Result<u64, ClientError> {
+        let missing = store.missing(digests);
+        if missing.is_empty() {
+            return Ok(0);
+        }
+        let (mut send, mut recv) = self.open(&Request::HaveBlobs(missing.clone())).await?;
+        let _ = send.finish();
+        match self.answer(&mut recv).await? {
+            Response::Missing(gone) if gone.is_empty() => {}
+            Response::Missing(gone) => {
+                return Err(ClientError::Remote {
+                    target: self.target.clone(),
+                    message: format!("the coordinator's store no longer holds {} (of this build's results)", gone[0]),
+                })
+            }
+            other => return Err(self.unexpected("Missing", other)),
+        }
+        let (mut send, mut recv) = self.open(&Request::GetBlobs(missing.clone())).await?;
+        let _ = send.finish();
+        let mut bytes = 0;
+        for want in &missing {
+            let header: BlobHeader =
+                expect_msg(&mut recv, self.max_frame, "a blob").await.map_err(|e| self.stream_error(e))?;
+            if &header.digest != want {
+                return Err(self.unexpected("the blob asked for", Response::Missing(vec![header.digest])));
+            }
+            let mut writer = store.writer(header.digest.clone()).map_err(|e| self.local(e))?;
+            crate::proto::io::read_raw(&mut recv, header.size, &mut writer).await.map_err(|e| self.stream_error(e))?;
+            writer.commit().map_err(|e| self.local(e))?;
+            bytes += header.size;
+        }
+        Ok(bytes)
+    }
+
+    fn local(&self, e: crate::context::ContextError) -> ClientError {
+        ClientError::Remote { target: self.target.clone(), message: format!("storing what it sent: {e}") }
+    }
+
     fn unexpected(&self, expected: &'static str, got: Response) -> ClientError {
         ClientError::Proto {
             target: self.target.clone(),

@@ -22,6 +22,7 @@ pub mod client;
 pub mod context;
 pub mod digest;
 pub mod dockerfile;
+pub mod export;
 pub mod host;
 pub mod oci;
 pub mod platform;

@@ -102,6 +102,18 @@ impl Registry {
         }
     }
 
+    /// The repositories the registry holds (its catalog).
+    #[allow(dead_code)]
+    pub fn catalog(&self) -> Vec<String> {
+        match http_get(&self.addr, "/v2/_catalog") {
+            Some((200, body)) => {
+                let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+                v["repositories"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect()
+            }
+            other => panic!("the registry's catalog: {other:?}"),
+        }
+    }
+
     /// Where the registry keeps its blobs.
     pub fn data_dir(&self) -> std::path::PathBuf {
         self._dir.path().join("data")

@@ -166,7 +166,9 @@ pub enum Emulation {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildSpec {
     pub platforms: Vec<Platform>,
-    /// Full image references with tags, all in one repository.
+    /// Full image references with tags, all in one repository. None: nothing is pushed to any
+    /// registry; the agents upload each platform's image to the coordinator's content store, and
+    /// the index is kept there, for the client to fetch (`GetBlobs`) and write out.
     pub tags: Vec<String>,
     /// The Dockerfile's path inside the context.
     pub dockerfile: String,
@@ -207,7 +209,8 @@ pub struct Assignment {
     pub build: String,
     pub platform: Platform,
     pub emulated: bool,
-    /// Where to push the image by digest: `registry/repository`, no tag.
+    /// Where to push the image by digest: `registry/repository`, no tag. Empty: push nothing;
+    /// upload the image's blobs and manifest to the coordinator's content store instead.
     pub repository: String,
     pub context: Digest,
     pub dockerfile: String,
@@ -306,6 +309,11 @@ pub enum Request {
         name: String,
         force: bool,
     },
+    /// Which of these blobs the coordinator's content store lacks; answered with
+    /// [`Response::Missing`]. Agents ask it before uploading a build's result (a build without
+    /// tags pushes nothing to a registry: its image goes to the coordinator), so each blob
+    /// travels once.
+    HaveBlobs(Vec<Digest>),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
