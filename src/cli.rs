@@ -30,7 +30,7 @@ pub enum Command {
     /// Run an agent on this machine: registers its platforms and builds what it is given
     ///
     /// `farm agent join --token T --coordinator ADDR` first enrolls this machine with a join token.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// List the agents the coordinator knows, with their platforms and state; `revoke NAME` throws one out
     Agents(AgentsArgs),
     /// Create or revoke join tokens (admins)

@@ -103,21 +103,23 @@ async fn dispatch(command: Command) -> Result<()> {
             Ok(())
         }
         Command::Coordinator(args) => coordinator(args).await,
-        Command::Agent(AgentArgs { command: Some(AgentCommand::Join(args)), .. }) => join(args, true).await,
-        Command::Agent(AgentArgs { command: Some(AgentCommand::Prune { config, work_dir, builder }), .. }) => {
-            let file = config::load(config.config.as_deref(), false)?;
-            let (choice, docker_host) = config::builder(
-                builder.builder.as_deref(),
-                builder.docker_host.as_deref(),
-                file.builder.as_deref(),
-                file.docker_host.as_deref(),
-            )?;
-            let dir = work_dir.or(file.work_dir).unwrap_or_else(|| config::state_home().join("agent"));
-            let freed = agent::prune(&dir, choice, docker_host.as_deref()).await?;
-            println!("freed {} of layer cache in {}", output::bytes(freed), dir.display());
-            Ok(())
-        }
-        Command::Agent(args) => agent(args).await,
+        Command::Agent(mut args) => match args.command.take() {
+            Some(AgentCommand::Join(join_args)) => join(join_args, true).await,
+            Some(AgentCommand::Prune { config, work_dir, builder }) => {
+                let file = config::load(config.config.as_deref(), false)?;
+                let (choice, docker_host) = config::builder(
+                    builder.builder.as_deref(),
+                    builder.docker_host.as_deref(),
+                    file.builder.as_deref(),
+                    file.docker_host.as_deref(),
+                )?;
+                let dir = work_dir.or(file.work_dir).unwrap_or_else(|| config::state_home().join("agent"));
+                let freed = agent::prune(&dir, choice, docker_host.as_deref()).await?;
+                println!("freed {} of layer cache in {}", output::bytes(freed), dir.display());
+                Ok(())
+            }
+            None => agent(*args).await,
+        },
         Command::Build(args) => build::run(*args).await,
         Command::Builds(args) => {
             let client = connect(&args.client).await?;
