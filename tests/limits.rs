@@ -73,7 +73,7 @@ fn a_run_past_memory_limit_fails_naming_it_and_the_agent_builds_the_next_task() 
     assert!(!err.lines().any(|l| l.trim() == "allocated"), "the RUN should not have finished: {err}");
     // The kernel killed the RUN's process (SIGKILL: 137), not buildah: buildah says which step failed.
     assert!(
-        err.contains(&format!("{expected} (building at STEP \"RUN dd if=/dev/zero of=/dev/null bs=600M count=1 && echo allocated\": exit status 137)")),
+        err.contains(&format!("{expected} (building at STEP \"RUN dd if=/dev/zero of=/dev/null bs=600M count=1 && echo allocated\": while running runtime: exit status 137)")),
         "{err}"
     );
     eprintln!("the failed build said: {}", err.lines().find(|l| l.contains(expected)).unwrap());

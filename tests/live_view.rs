@@ -18,6 +18,8 @@ const DOCKERFILE: &str = "ARG BASE\nFROM ${BASE}\nRUN for i in 1 2 3 4 5 6; do e
 struct Tmux {
     socket: String,
     _conf: tempfile::NamedTempFile,
+    /// Where the pane's shell writes the command's exit status when it ends.
+    status: tempfile::TempPath,
 }
 
 impl Tmux {
@@ -29,14 +31,19 @@ impl Tmux {
             .unwrap();
         let socket = format!("farm-live-{}-{}", std::process::id(), free_udp_port());
         let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
-        let mut line = "exec env -u NO_COLOR".to_string();
+        // The shell survives the Ctrl-C (its trap is a handler, which the command does not
+        // inherit) and writes the command's exit status to a file: tmux's own pane status proved
+        // unreliable to read under load.
+        let status = tempfile::NamedTempFile::new().unwrap().into_temp_path();
+        let mut line = "trap : INT; env -u NO_COLOR".to_string();
         for (k, v) in env {
             line += &format!(" {k}={}", quote(v));
         }
         for a in argv {
             line += &format!(" {}", quote(a));
         }
-        let tmux = Tmux { socket, _conf: conf };
+        line += &format!("; echo $? > {}", quote(status.to_str().unwrap()));
+        let tmux = Tmux { socket, _conf: conf, status };
         let st = tmux
             .cmd()
             .args(["-f", tmux._conf.path().to_str().unwrap(), "new-session", "-d", "-x", "160", "-y", "50", &line])
@@ -76,11 +83,8 @@ impl Tmux {
 
     /// The command's exit status, once it has exited.
     fn exit_status(&self) -> Option<i32> {
-        let s = self.tmux(&["display-message", "-p", "#{pane_dead} #{pane_dead_status}"]);
-        // tmux marks the pane dead when its terminal closes, and records the status only once it
-        // has reaped the process: until then the status is empty, so ask again.
-        let (dead, status) = s.trim().split_once(' ').unwrap_or((s.trim(), ""));
-        (dead == "1" && !status.is_empty()).then(|| status.parse().unwrap_or_else(|_| panic!("pane exit status {s:?}")))
+        let text = std::fs::read_to_string(&self.status).ok()?;
+        text.trim().parse().ok()
     }
 
     fn wait_exit(&self, timeout: Duration) -> i32 {

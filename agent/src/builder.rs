@@ -566,13 +566,20 @@ async fn out_of_memory(
     built: Result<(), BuilderError>,
 ) -> Result<(), BuilderError> {
     let built = built.map_err(|e| match e {
-        BuilderError::Failed(why) if cgroup.oom_killed() => {
+        // A RUN killed by the kernel (SIGKILL: 137) in a build that hit its limit: under runc the
+        // RUN has a cgroup of its own below the build's, where v1 counts the kill.
+        BuilderError::Failed(why) if cgroup.oom_killed() || (killed(&why) && cgroup.hit_limit()) => {
             BuilderError::Failed(format!("{} ({why})", cgroup.limit().out_of_memory()))
         }
         e => e,
     });
     cgroup.remove().await;
     built
+}
+
+/// Whether a builder's error says its process was killed (SIGKILL, exit status 137).
+fn killed(error: &str) -> bool {
+    error.contains("exit status 137") || error.contains("signal: killed")
 }
 
 /// Mount points under `root` in this mount namespace, deepest first (`/proc/self/mountinfo`'s

@@ -395,6 +395,28 @@ impl BuildCgroup {
         }
     }
 
+    /// Whether the build's memory use reached the limit at least once (v1 `memory.failcnt` or
+    /// `memory.memsw.failcnt`, v2 `max` in `memory.events`; charges of the cgroup's descendants,
+    /// such as runc's cgroup of a RUN, count here).
+    pub fn hit_limit(&self) -> bool {
+        let read = |f: &str| std::fs::read_to_string(self.dir.join(f)).unwrap_or_default();
+        match self.version {
+            Version::V2 => read("memory.events").lines().any(|l| {
+                l.split_whitespace().collect::<Vec<_>>().as_slice().first() == Some(&"max") && !l.ends_with(" 0")
+            }),
+            // The peak reaching the limit is the sign that holds here (the failure counters can
+            // stay at 0 when a descendant's task is the one killed).
+            Version::V1 => {
+                let num = |f: &str| read(f).trim().parse::<u64>().ok();
+                let peaked = matches!(
+                    (num("memory.max_usage_in_bytes"), num("memory.limit_in_bytes")),
+                    (Some(peak), Some(limit)) if peak >= limit
+                );
+                peaked || ["memory.failcnt", "memory.memsw.failcnt"].iter().any(|f| num(f).unwrap_or(0) > 0)
+            }
+        }
+    }
+
     /// The limit this cgroup enforces.
     pub fn limit(&self) -> &MemoryLimit {
         &self.limit
