@@ -2,7 +2,8 @@
 //!
 //! Farm's side runs the real CLI (`farm build --progress json`), whose JSON events give the
 //! breakdown; the direct side runs buildah exactly as farm's agents do (own `--root/--runroot`,
-//! overlay, `--isolation chroot` via BUILDAH_ISOLATION, a registries.conf naming the plain-HTTP
+//! overlay, `--isolation oci` with runc via BUILDAH_ISOLATION/BUILDAH_RUNTIME (also buildah's own
+//! default as root), a registries.conf naming the plain-HTTP
 //! registry, `--layers`), then pushes. The two sides of a comparison alternate within each
 //! repetition, so neither always runs first.
 
@@ -169,7 +170,10 @@ impl<'a> Builds<'a> {
             .arg("--storage-driver")
             .arg("overlay");
         self.env.isolate(&mut cmd);
-        cmd.env("BUILDAH_ISOLATION", "chroot")
+        // As farm's agents run buildah (`agent::isolation::BUILDAH_ENV`), and as buildah runs as
+        // root by default: each RUN in its own namespaces under runc.
+        cmd.env("BUILDAH_ISOLATION", "oci")
+            .env("BUILDAH_RUNTIME", "runc")
             .env("TMPDIR", self.direct.join("tmp"))
             .env("CONTAINERS_REGISTRIES_CONF", &self.registries_conf);
         cmd
