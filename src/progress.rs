@@ -127,13 +127,7 @@ impl View {
 }
 
 pub fn mode(r: &PlatformResult) -> &'static str {
-    if r.cached {
-        "cached"
-    } else if r.emulated {
-        "emulated"
-    } else {
-        "native"
-    }
+    r.mode()
 }
 
 /// The step a builder's log line announces, as `[2/5] RUN make`: buildah's `STEP 2/5: RUN make`

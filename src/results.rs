@@ -342,13 +342,7 @@ fn metadata(
     let per: serde_json::Map<String, serde_json::Value> = platforms
         .iter()
         .map(|r| {
-            let mode = if r.cached {
-                "cached"
-            } else if r.emulated {
-                "emulated"
-            } else {
-                "native"
-            };
+            let mode = r.mode();
             let (builder, version) = builders.get(&r.agent).cloned().unwrap_or_default();
             let timings: serde_json::Map<String, serde_json::Value> =
                 r.timings.iter().map(|p| (p.name.clone(), json!(p.ms))).collect();

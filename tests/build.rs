@@ -166,16 +166,7 @@ fn with_no_coordinator_configured_the_farm_runs_inside_the_cli() {
     let home = tempfile::tempdir().unwrap();
     let ctx = example("hello", home.path());
     let args = build_args(None, &registry, &base, PLATFORMS, "embedded:1", &ctx);
-    let out = Command::new(farm_bin())
-        .args(["build", "--progress", "plain"])
-        .args(&args)
-        .env("HOME", home.path())
-        .env_remove("XDG_CONFIG_HOME")
-        .env_remove("XDG_STATE_HOME")
-        .env_remove("FARM_COORDINATOR")
-        .env("FARM_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = embedded_build(home.path(), &args);
     let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{so}\n{se}");
     assert!(

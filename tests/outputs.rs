@@ -201,16 +201,7 @@ fn the_embedded_farm_writes_an_oci_archive_without_a_registry() {
     let ctx = example("hello", home.path());
     let archive = home.path().join("app.tar");
     let oci = format!("type=oci,dest={}", archive.display());
-    let out = Command::new(farm_bin())
-        .args(["build", "--progress", "plain"])
-        .args(flags(&registry, &base, PLATFORMS, &["-o", &oci, "-t", "hello:1"], &ctx))
-        .env("HOME", home.path())
-        .env_remove("XDG_CONFIG_HOME")
-        .env_remove("XDG_STATE_HOME")
-        .env_remove("FARM_COORDINATOR")
-        .env("FARM_LOG", "warn")
-        .output()
-        .unwrap();
+    let out = embedded_build(home.path(), &flags(&registry, &base, PLATFORMS, &["-o", &oci, "-t", "hello:1"], &ctx));
     let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{so}\n{se}");
     assert!(se.starts_with("no coordinator configured or reachable: building on this machine (embedded farm)\n"));

@@ -320,6 +320,21 @@ pub fn submit(a: &[String]) -> String {
     id
 }
 
+/// `farm build --progress plain ARGS` as a user with nothing configured would run it: HOME is
+/// `home`, no farm variables, so the farm runs inside the command (embedded).
+pub fn embedded_build(home: &Path, args: &[String]) -> Output {
+    Command::new(farm_bin())
+        .args(["build", "--progress", "plain"])
+        .args(args)
+        .env("HOME", home)
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("FARM_COORDINATOR")
+        .env("FARM_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
 /// `farm build` with `args`; returns (success, stdout, stderr).
 pub fn build(args: &[String]) -> (bool, String, String) {
     let mut full = vec!["build".to_string(), "--progress".into(), "plain".into()];

@@ -397,14 +397,7 @@ impl BuildEvent {
             BuildEvent::Log { platform, line } => (platform.clone(), line.clone()),
             BuildEvent::Retrying { platform, reason } => (platform.clone(), reason.clone()),
             BuildEvent::PlatformDone(r) => {
-                let mode = if r.cached {
-                    "cached"
-                } else if r.emulated {
-                    "emulated"
-                } else {
-                    "native"
-                };
-                (r.platform.clone(), format!("done: {} on {} ({mode})", r.manifest.digest, r.agent))
+                (r.platform.clone(), format!("done: {} on {} ({})", r.manifest.digest, r.agent, r.mode()))
             }
             BuildEvent::PlatformFailed { platform, error, .. } => (platform.clone(), format!("failed: {error}")),
             BuildEvent::Succeeded { .. } | BuildEvent::Failed { .. } | BuildEvent::Cancelled => return None,
@@ -423,6 +416,20 @@ pub struct PlatformResult {
     pub cached: bool,
     /// Where the agent's time went.
     pub timings: Vec<Phase>,
+}
+
+impl PlatformResult {
+    /// How it was made: `cached` (answered from the result cache), `emulated` (under QEMU) or
+    /// `native`.
+    pub fn mode(&self) -> &'static str {
+        if self.cached {
+            "cached"
+        } else if self.emulated {
+            "emulated"
+        } else {
+            "native"
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
