@@ -199,23 +199,9 @@ impl Runner {
         let mut blobs: Vec<(Digest, u64)> = vec![(layout.config.digest.clone(), layout.config.size)];
         blobs.extend(layout.layers.iter().map(|l| (l.digest.clone(), l.size)));
         blobs.push((layout.manifest.digest.clone(), layout.manifest.size));
-        let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
-        let mut conns = conn.clone();
-        loop {
-            let current = match tokio::time::timeout_at(deadline, conns.wait_for(Option::is_some)).await {
-                Ok(Ok(c)) => c.clone().expect("waited for Some"),
-                _ => return Err(TaskError::Other("no connection to the coordinator to upload the image".into())),
-            };
-            match self.upload_once(&current, &layout.dir, &blobs).await {
-                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
-                    tracing::info!("uploading the image: {e}; resuming on the next session");
-                    let id = current.stable_id();
-                    let changed = conns.wait_for(|c| c.as_ref().is_none_or(|c| c.stable_id() != id));
-                    let _ = tokio::time::timeout_at(deadline, changed).await;
-                }
-                r => return r,
-            }
-        }
+        let blobs = &blobs;
+        across_sessions(conn, "upload the image", |c| async move { self.upload_once(&c, &layout.dir, blobs).await })
+            .await
     }
 
     async fn upload_once(
@@ -272,23 +258,7 @@ impl Runner {
     /// is not the build's fault: the fetch waits for the next session and resumes, for up to
     /// [`FETCH_PATIENCE`].
     async fn fetch_context(&self, conn: &Conn, digest: &Digest) -> Result<ContextManifest, TaskError> {
-        let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
-        let mut conns = conn.clone();
-        loop {
-            let current = match tokio::time::timeout_at(deadline, conns.wait_for(Option::is_some)).await {
-                Ok(Ok(c)) => c.clone().expect("waited for Some"),
-                _ => return Err(TaskError::Other("no connection to the coordinator to fetch the context".into())),
-            };
-            match self.fetch_once(&current, digest).await {
-                Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
-                    tracing::info!("fetching the context: {e}; resuming on the next session");
-                    let id = current.stable_id();
-                    let changed = conns.wait_for(|c| c.as_ref().is_none_or(|c| c.stable_id() != id));
-                    let _ = tokio::time::timeout_at(deadline, changed).await;
-                }
-                r => return r,
-            }
-        }
+        across_sessions(conn, "fetch the context", |c| async move { self.fetch_once(&c, digest).await }).await
     }
 
     async fn fetch_once(&self, conn: &quinn::Connection, digest: &Digest) -> Result<ContextManifest, TaskError> {
@@ -332,5 +302,32 @@ impl Runner {
             self.store.put(&bytes)?;
         }
         Ok(manifest)
+    }
+}
+
+/// Runs `attempt` over the current session; when the link fails on the way (a coordinator
+/// restarting, Wi-Fi dropping: not the build's fault), waits for the next session and tries again,
+/// for up to [`FETCH_PATIENCE`]. `what` completes "no connection to the coordinator to ...".
+async fn across_sessions<T, F, Fut>(conn: &Conn, what: &str, mut attempt: F) -> Result<T, TaskError>
+where
+    F: FnMut(quinn::Connection) -> Fut,
+    Fut: std::future::Future<Output = Result<T, TaskError>>,
+{
+    let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
+    let mut conns = conn.clone();
+    loop {
+        let current = match tokio::time::timeout_at(deadline, conns.wait_for(Option::is_some)).await {
+            Ok(Ok(c)) => c.clone().expect("waited for Some"),
+            _ => return Err(TaskError::Other(format!("no connection to the coordinator to {what}"))),
+        };
+        let id = current.stable_id();
+        match attempt(current).await {
+            Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
+                tracing::info!("{what}: {e}; resuming on the next session");
+                let changed = conns.wait_for(|c| c.as_ref().is_none_or(|c| c.stable_id() != id));
+                let _ = tokio::time::timeout_at(deadline, changed).await;
+            }
+            r => return r,
+        }
     }
 }
