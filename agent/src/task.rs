@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use shared::context::{materialise, BlobStore, ContextError, ContextLimits, ContextManifest};
+use shared::context::{materialise, BlobStore, ContextError, ContextLimits, ContextManifest, ValidManifest};
 use shared::oci::{self, ImageRef};
 use shared::proto::io::{expect_msg, read_raw, write_msg};
 use shared::proto::{AgentMsg, Assignment, BlobHeader, ManifestRef, Phase, ProtoError, Request, Response};
@@ -121,10 +121,14 @@ impl Runner {
         }
         say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
         let _ = std::fs::remove_dir_all(dir);
-        let manifest = self.fetch_context(conn, &a.context).await?;
+        let manifest = self.fetch_context(conn, &a.context, &a.context_limits.into()).await?;
         laps.lap("context sync");
         let context = dir.join("context");
-        materialise(&manifest, &self.store, &context)?;
+        // Thousands of files: off the runtime's threads, so heartbeats keep going meanwhile.
+        let (store, dest) = (self.store.clone(), context.clone());
+        tokio::task::spawn_blocking(move || materialise(&manifest, &store, &dest))
+            .await
+            .map_err(|e| TaskError::Other(format!("materialising the context: {e}")))??;
         laps.lap("materialise");
 
         let (log, mut lines) = mpsc::unbounded_channel();
@@ -257,11 +261,23 @@ impl Runner {
     /// current session. A connection lost on the way (a coordinator restarting, Wi-Fi dropping)
     /// is not the build's fault: the fetch waits for the next session and resumes, for up to
     /// [`FETCH_PATIENCE`].
-    async fn fetch_context(&self, conn: &Conn, digest: &Digest) -> Result<ContextManifest, TaskError> {
-        across_sessions(conn, "fetch the context", |c| async move { self.fetch_once(&c, digest).await }).await
+    /// The manifest is checked against `limits`, the coordinator's (under which it accepted the
+    /// context), before any file is fetched.
+    async fn fetch_context(
+        &self,
+        conn: &Conn,
+        digest: &Digest,
+        limits: &ContextLimits,
+    ) -> Result<ValidManifest, TaskError> {
+        across_sessions(conn, "fetch the context", |c| async move { self.fetch_once(&c, digest, limits).await }).await
     }
 
-    async fn fetch_once(&self, conn: &quinn::Connection, digest: &Digest) -> Result<ContextManifest, TaskError> {
+    async fn fetch_once(
+        &self,
+        conn: &quinn::Connection,
+        digest: &Digest,
+        limits: &ContextLimits,
+    ) -> Result<ValidManifest, TaskError> {
         let max = self.max_frame;
         let manifest: ContextManifest = if self.store.has(digest) {
             let bytes = std::fs::read(self.store.path(digest))
@@ -280,7 +296,7 @@ impl Runner {
             }
             m
         };
-        manifest.validate(&ContextLimits::default())?;
+        let manifest = manifest.into_valid(limits)?;
         let wanted: Vec<Digest> = manifest.blobs().into_iter().map(|(d, _)| d).collect();
         let missing = self.store.missing(&wanted);
         if !missing.is_empty() {
@@ -298,7 +314,7 @@ impl Runner {
             }
         }
         if !self.store.has(digest) {
-            let bytes = postcard::to_allocvec(&manifest).map_err(|e| TaskError::Other(e.to_string()))?;
+            let bytes = postcard::to_allocvec(&*manifest).map_err(|e| TaskError::Other(e.to_string()))?;
             self.store.put(&bytes)?;
         }
         Ok(manifest)

@@ -19,8 +19,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use shared::oci::{self, Descriptor, ImageRef};
 use shared::proto::{
-    AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, CoordMsg, Held, ManifestRef, Phase,
-    PlatformResult, Secret, TaskId, TaskView,
+    AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, ContextLimits, CoordMsg, Held,
+    ManifestRef, Phase, PlatformResult, Secret, TaskId, TaskView,
 };
 use shared::registry::Credentials;
 use shared::{Digest, Platform};
@@ -126,6 +126,9 @@ pub struct Limits {
     pub max_tags: usize,
     pub max_secrets: usize,
     pub max_secret_bytes: usize,
+    /// The coordinator's `max_context_files` / `max_context_bytes`, handed to agents with each
+    /// assignment so that they check a context against the limits it was accepted under.
+    pub context: ContextLimits,
 }
 
 impl Default for Limits {
@@ -138,6 +141,7 @@ impl Default for Limits {
             max_tags: 16,
             max_secrets: 16,
             max_secret_bytes: 512 << 10,
+            context: shared::context::ContextLimits::default().wire(),
         }
     }
 }
@@ -947,6 +951,7 @@ impl Core {
                         credentials: b.credentials.clone(),
                         secrets: b.secrets.clone(),
                         entitlements: b.spec.entitlements.clone(),
+                        context_limits: self.limits.context,
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

@@ -333,6 +333,7 @@ fn materialise_in_sandbox(m: &ContextManifest, blobs: &[Vec<u8>]) {
         store.put(b).expect("put blob");
     }
     let dest = sandbox.path().join("root");
+    let m = m.clone().into_valid(&ContextLimits::default()).expect("validated by the caller");
     materialise(&m, &store, &dest).unwrap_or_else(|e| panic!("materialising an accepted manifest failed: {e}"));
 
     let top: BTreeSet<String> =

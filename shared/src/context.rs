@@ -8,7 +8,7 @@
 //! A manifest comes from another machine, so it is [validated](ContextManifest::validate) before
 //! anything is written: an agent must never write outside its work directory, whatever a manifest
 //! says. Paths are relative and clean, nothing sits under a file or a symlink, and no symlink points
-//! out of the context, not even through other symlinks. [`materialise`] validates before it writes,
+//! out of the context, not even through other symlinks. [`materialise`] takes only a validated manifest,
 //! and the blob store renames a blob into place only once its bytes hash to the expected digest.
 //!
 //! On the sending side, [`scan`] walks a directory with Docker's `.dockerignore` rules
@@ -80,6 +80,17 @@ impl ContextLimits {
     /// No size limits: structural checks only.
     fn unlimited() -> Self {
         ContextLimits { max_files: usize::MAX, max_total_bytes: u64::MAX }
+    }
+
+    /// The form sent to agents with each assignment.
+    pub fn wire(&self) -> crate::proto::ContextLimits {
+        crate::proto::ContextLimits { max_files: self.max_files as u64, max_bytes: self.max_total_bytes }
+    }
+}
+
+impl From<crate::proto::ContextLimits> for ContextLimits {
+    fn from(l: crate::proto::ContextLimits) -> Self {
+        ContextLimits { max_files: usize::try_from(l.max_files).unwrap_or(usize::MAX), max_total_bytes: l.max_bytes }
     }
 }
 
@@ -1136,14 +1147,34 @@ impl BlobSink {
 // ---------------------------------------------------------------------------------------------
 // Materialising
 
+/// A manifest that passed [`ContextManifest::validate`] under some limits: the only kind
+/// [`materialise`] accepts, so the checks that keep its writes inside the destination cannot be
+/// skipped, and each receiver validates a manifest once (when it arrives, before fetching its files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidManifest(ContextManifest);
+
+impl ContextManifest {
+    /// Validates (see [`ContextManifest::validate`]) and marks the manifest as checked.
+    pub fn into_valid(self, limits: &ContextLimits) -> Result<ValidManifest, ContextError> {
+        self.validate(limits)?;
+        Ok(ValidManifest(self))
+    }
+}
+
+impl std::ops::Deref for ValidManifest {
+    type Target = ContextManifest;
+    fn deref(&self) -> &ContextManifest {
+        &self.0
+    }
+}
+
 /// Recreates the context in `dest` (an empty or absent directory) from blobs in `store`: directories,
 /// files (copied, not linked, so a build cannot alter the store; modes applied) and symlinks.
 ///
-/// The manifest is validated first (default limits) and every blob checked present before anything is
-/// written, so a refused manifest leaves no trace; validation is also what keeps every write inside
-/// `dest` (no "..", nothing created under a symlink, files created with `O_EXCL | O_NOFOLLOW`).
-pub fn materialise(manifest: &ContextManifest, store: &BlobStore, dest: &Path) -> Result<(), ContextError> {
-    manifest.validate(&ContextLimits::default())?;
+/// Every blob is checked present before anything is written, so a refused manifest leaves no trace;
+/// the manifest's validation (required by its type) is what keeps every write inside `dest` (no "..",
+/// nothing created under a symlink), and files are created with `O_EXCL | O_NOFOLLOW`.
+pub fn materialise(manifest: &ValidManifest, store: &BlobStore, dest: &Path) -> Result<(), ContextError> {
     let digests: Vec<Digest> = manifest.blobs().into_iter().map(|(d, _)| d).collect();
     if let Some(d) = store.missing(&digests).into_iter().next() {
         return Err(ContextError::MissingBlob(d));
@@ -1673,12 +1704,13 @@ mod tests {
         let store = BlobStore::open(&tmp.path().join("store")).unwrap();
 
         let dest = tmp.path().join("work/ctx");
-        let err = materialise(&scanned.manifest, &store, &dest).unwrap_err();
+        let valid = scanned.manifest.clone().into_valid(&ContextLimits::default()).unwrap();
+        let err = materialise(&valid, &store, &dest).unwrap_err();
         assert!(matches!(err, ContextError::MissingBlob(_)), "{err:?}");
         assert!(!dest.exists(), "nothing written before the blobs are there");
 
         store_all(&scanned, &store);
-        materialise(&scanned.manifest, &store, &dest).unwrap();
+        materialise(&valid, &store, &dest).unwrap();
         let again = scan(&dest, "Dockerfile").unwrap();
         assert_eq!(again.manifest, scanned.manifest);
         assert_eq!(again.manifest.digest(), scanned.manifest.digest());
@@ -1686,7 +1718,7 @@ mod tests {
         fs::write(dest.join("src/b.rs"), b"changed").unwrap();
         assert_eq!(fs::read(store.path(&Digest::of(b"same"))).unwrap(), b"same");
 
-        let err = materialise(&scanned.manifest, &store, &dest).unwrap_err();
+        let err = materialise(&valid, &store, &dest).unwrap_err();
         assert!(matches!(err, ContextError::DestNotEmpty { .. }), "{err:?}");
     }
 
@@ -1701,7 +1733,8 @@ mod tests {
             mode: 0o644,
             kind: EntryKind::File { size: 1, digest: x.clone() },
         }]);
-        let err = materialise(&escaping, &store, &dest).unwrap_err();
+        // Validation is what stands between a manifest and the disk: materialise takes nothing else.
+        let err = escaping.into_valid(&ContextLimits::default()).unwrap_err();
         assert!(matches!(err, ContextError::InvalidPath { .. }), "{err:?}");
         assert!(!tmp.path().join("x").exists());
         assert!(!dest.exists());
@@ -1711,7 +1744,7 @@ mod tests {
             link("a/l", "../../outside"),
             Entry { path: "b".into(), mode: 0o644, kind: EntryKind::File { size: 1, digest: x } },
         ]);
-        let err = materialise(&through_link, &store, &dest).unwrap_err();
+        let err = through_link.into_valid(&ContextLimits::default()).unwrap_err();
         assert!(matches!(err, ContextError::SymlinkEscape { .. }), "{err:?}");
         assert!(!dest.exists());
         assert_eq!(fs::read_dir(tmp.path()).unwrap().count(), 1, "only the store exists");

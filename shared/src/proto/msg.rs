@@ -222,6 +222,17 @@ pub struct Assignment {
     pub secrets: Vec<Secret>,
     /// The build's entitlements; the agent was chosen because its config allows them.
     pub entitlements: Vec<Entitlement>,
+    /// The limits under which the coordinator accepted the context (its `max_context_files` and
+    /// `max_context_bytes`); the agent checks the fetched manifest against these, not its own
+    /// defaults, so a context the coordinator accepted is one every agent accepts.
+    pub context_limits: ContextLimits,
+}
+
+/// How big a context may be: the coordinator's configuration, as sent to agents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ContextLimits {
+    pub max_files: u64,
+    pub max_bytes: u64,
 }
 
 /// How long one phase of a task took (context sync, materialise, build, export, push).
