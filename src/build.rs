@@ -127,6 +127,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         emulation: match args.emulation {
             EmulationArg::Fallback => Emulation::Fallback,
             EmulationArg::Never => Emulation::Never,
+            EmulationArg::Fastest => Emulation::Fastest,
         },
         require,
         context: scanned.manifest.digest(),

@@ -323,6 +323,9 @@ pub enum EmulationArg {
     Fallback,
     /// Never emulate: wait for a native agent
     Never,
+    /// The agent expected to finish first, native or emulated, from the durations farm recorded
+    /// for this context (native-first until it has some)
+    Fastest,
 }
 
 /// Which local image store `--load` fills.

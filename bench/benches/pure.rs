@@ -34,6 +34,7 @@ fn scheduler(c: &mut Criterion) {
                 labels: &labels,
                 allowed: &[],
                 free: u32::from(i >= free_from),
+                estimate: None,
             })
             .collect()
     };

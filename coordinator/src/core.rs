@@ -26,11 +26,18 @@ use shared::registry::Credentials;
 use shared::{Digest, Platform};
 
 use crate::fleet::{AgentRecord, ConnId, Fleet, Registered};
-use crate::sched::{self, Candidate, Placement};
+use crate::sched::{self, Candidate, Emulation, Placement};
 use crate::store::{Batch, Loaded};
 
 /// Lines of a task's log kept to explain a failure.
 const TAIL_LINES: usize = 20;
+
+/// How many (platform, context) pairs `--emulation fastest` remembers durations for.
+const HISTORY_KEYS: usize = 4096;
+
+/// With a duration recorded only in the other mode, an emulated build is expected to take this
+/// many times a native one (a compile under QEMU is several times slower).
+const EMULATION_SLOWDOWN: u64 = 5;
 
 #[derive(Debug)]
 pub enum Action {
@@ -191,6 +198,9 @@ pub struct Core {
     next_task: TaskId,
     /// (platform, context) → the agent that last built it: its layer cache is warm.
     warm: HashMap<(Platform, Digest), String>,
+    /// (platform, context) → agent → (emulated, how long its last build took): what
+    /// `--emulation fastest` expects. In memory only, at most [`HISTORY_KEYS`] keys.
+    history: HashMap<(Platform, Digest), BTreeMap<String, (bool, u64)>>,
     cache: HashMap<String, CacheEntry>,
     /// Running tasks whose agent must confirm them by this time, or lose them.
     claims: BTreeMap<TaskId, u64>,
@@ -232,6 +242,7 @@ impl Core {
             tasks: BTreeMap::new(),
             next_task: 1,
             warm: HashMap::new(),
+            history: HashMap::new(),
             cache: HashMap::new(),
             claims: BTreeMap::new(),
             grace_ms: heartbeat_timeout_ms,
@@ -777,7 +788,13 @@ impl Core {
         self.dirty_tasks.insert(task);
         self.emit(&build_id, BuildEvent::PlatformDone(result.clone()));
         let b = self.builds.get_mut(&build_id).expect("a task's build exists");
-        self.warm.insert((result.platform, b.spec.context.clone()), agent.into());
+        let key = (result.platform, b.spec.context.clone());
+        if self.history.len() >= HISTORY_KEYS && !self.history.contains_key(&key) {
+            let evict = self.history.keys().next().cloned().expect("not empty");
+            self.history.remove(&evict);
+        }
+        self.history.entry(key.clone()).or_default().insert(agent.into(), (emulated, result.duration_ms));
+        self.warm.insert(key, agent.into());
         self.maybe_stitch(&build_id);
         self.schedule(now);
     }
@@ -898,6 +915,25 @@ impl Core {
         self.actions.push_back(Action::Emit { build: build.into(), event });
     }
 
+    /// How long building `context` for `platform` on `agent` (emulated or not) is expected to take:
+    /// its own last duration; else the mean of other agents' in the same mode; else theirs in the
+    /// other mode, scaled by [`EMULATION_SLOWDOWN`]; `None` when nothing was recorded.
+    fn expected_ms(&self, platform: &Platform, context: &Digest, agent: &str, emulated: bool) -> Option<u64> {
+        let runs = self.history.get(&(platform.clone(), context.clone()))?;
+        if let Some(&(e, ms)) = runs.get(agent) {
+            if e == emulated {
+                return Some(ms);
+            }
+        }
+        let mean = |want: bool| {
+            let v: Vec<u64> = runs.values().filter(|(e, _)| *e == want).map(|(_, ms)| *ms).collect();
+            (!v.is_empty()).then(|| v.iter().sum::<u64>() / v.len() as u64)
+        };
+        mean(emulated).or_else(|| {
+            mean(!emulated).map(|ms| if emulated { ms * EMULATION_SLOWDOWN } else { ms / EMULATION_SLOWDOWN })
+        })
+    }
+
     /// Hands every queued task that can run now to its agent, in submission order.
     fn schedule(&mut self, now: u64) {
         let queued: Vec<TaskId> =
@@ -907,9 +943,16 @@ impl Core {
         }
         // Tasks running per agent: as many entries as busy agents, not one per agent online.
         let mut running: HashMap<String, u32> = HashMap::new();
+        // `--emulation fastest` also needs what each busy agent runs, to expect when it frees.
+        let fastest = queued.iter().any(|id| self.builds[&self.tasks[id].build].spec.emulation == Emulation::Fastest);
+        let mut holding: HashMap<String, Vec<(u64, Platform, Digest, bool)>> = HashMap::new();
         for t in self.tasks.values() {
-            if let TaskState::Running { agent, .. } = &t.state {
+            if let TaskState::Running { agent, since, emulated, .. } = &t.state {
                 *running.entry(agent.clone()).or_default() += 1;
+                if fastest {
+                    let context = self.builds[&t.build].spec.context.clone();
+                    holding.entry(agent.clone()).or_default().push((*since, t.platform.clone(), context, *emulated));
+                }
             }
         }
         for id in queued {
@@ -923,18 +966,46 @@ impl Core {
                 entitlements: &b.spec.entitlements,
                 warm,
             };
-            let candidates = self.fleet.online().map(|(name, info)| Candidate {
-                name,
-                native: &info.native,
-                emulated: &info.emulated,
-                labels: &info.labels,
-                allowed: &info.allowed,
-                free: info.capacity.saturating_sub(running.get(name).copied().unwrap_or(0)),
+            let candidates = self.fleet.online().map(|(name, info)| {
+                let busy = running.get(name).copied().unwrap_or(0);
+                let free = info.capacity.saturating_sub(busy);
+                let estimate = (b.spec.emulation == Emulation::Fastest)
+                    .then(|| {
+                        let emulated = !info.native.contains(&t.platform);
+                        let build_ms = self.expected_ms(&t.platform, &b.spec.context, name, emulated)?;
+                        let busy_ms = if free > 0 {
+                            0
+                        } else {
+                            let held = holding.get(name).map(Vec::as_slice).unwrap_or_default();
+                            held.iter()
+                                .map(|(since, p, c, e)| {
+                                    let expected = self.expected_ms(p, c, name, *e).unwrap_or(build_ms);
+                                    (since + expected).saturating_sub(now)
+                                })
+                                .min()
+                                .unwrap_or(0)
+                        };
+                        Some(sched::Estimate { build_ms, busy_ms, running: busy })
+                    })
+                    .flatten();
+                Candidate {
+                    name,
+                    native: &info.native,
+                    emulated: &info.emulated,
+                    labels: &info.labels,
+                    allowed: &info.allowed,
+                    free,
+                    estimate,
+                }
             });
             match sched::place(&need, candidates) {
-                Placement::Run { agent, emulated } => {
+                Placement::Run { agent, emulated, why } => {
                     let conn = self.fleet.conn_of(&agent).expect("candidates are online");
                     *running.entry(agent.clone()).or_default() += 1;
+                    if fastest {
+                        let held = (now, t.platform.clone(), b.spec.context.clone(), emulated);
+                        holding.entry(agent.clone()).or_default().push(held);
+                    }
                     let assignment = Assignment {
                         task: id,
                         attempt: t.attempt,
@@ -960,6 +1031,12 @@ impl Core {
                         attempt: t.attempt,
                     };
                     let build = t.build.clone();
+                    if let Some(why) = why {
+                        self.emit(
+                            &build,
+                            BuildEvent::Log { platform: t.platform.clone(), line: format!("farm: {why}") },
+                        );
+                    }
                     self.actions.push_back(Action::Send { conn, msg: CoordMsg::Assign(Box::new(assignment)) });
                     self.emit(&build, event);
                     let t = self.tasks.get_mut(&id).expect("queued task");

@@ -566,3 +566,55 @@ fn a_build_is_queued_until_a_platform_reaches_an_agent_and_found_by_a_unique_pre
     let states: Vec<String> = core.builds(10).into_iter().map(|b| b.state).collect();
     assert!(states.contains(&"running".to_string()), "{states:?}");
 }
+
+#[test]
+fn fastest_uses_the_recorded_durations_and_emulates_on_an_idle_agent_when_the_native_one_is_busy() {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64"], &["linux/arm64"], &[]));
+    core.agent_up(0, "pi64", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
+    drain(&mut core);
+    let arm = |n: &str, context: u8, emulation: Emulation| {
+        let mut s = spec(&["linux/arm64"]);
+        s.context = digest(context);
+        s.emulation = emulation;
+        s.no_cache = true;
+        (n.to_string(), s)
+    };
+    let done = |core: &mut Core, now: u64, agent: &str, conn: ConnId, out: &Out| {
+        let (_, task, attempt, _, _) = out.assigned[0];
+        core.agent_msg(now, agent, conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
+        drain(core);
+    };
+    // The history: pi64 built context 0 natively in 9 min; x86 emulated it in 3m10s.
+    let (id, s) = arm("b1", 0, Emulation::Fallback);
+    core.submit(1_000, &id, "admin", s, None).unwrap();
+    let out = drain(&mut core);
+    assert_eq!(out.assigned[0].0, 2);
+    done(&mut core, 541_000, "pi64", 2, &out);
+    assert!(core.agent_down(541_000, "pi64", 2));
+    let (id, s) = arm("b2", 0, Emulation::Fallback);
+    core.submit(542_000, &id, "admin", s, None).unwrap();
+    let out = drain(&mut core);
+    assert_eq!((out.assigned[0].0, out.assigned[0].4), (1, true));
+    done(&mut core, 732_000, "x86", 1, &out);
+    core.agent_up(733_000, "pi64", 3, "b".into(), info(&["linux/arm64"], &[], &[]));
+    drain(&mut core);
+    // pi64 is busy with another context; fastest sends context 0 to the idle emulator and says why.
+    let (id, s) = arm("b3", 7, Emulation::Fallback);
+    core.submit(734_000, &id, "admin", s, None).unwrap();
+    assert_eq!(drain(&mut core).assigned[0].0, 3);
+    let (id, s) = arm("b4", 0, Emulation::Fastest);
+    core.submit(735_000, &id, "admin", s, None).unwrap();
+    let out = drain(&mut core);
+    assert_eq!((out.assigned[0].0, out.assigned[0].4), (1, true), "{out:?}");
+    let why = out.events.iter().find_map(|e| match e {
+        BuildEvent::Log { line, .. } => Some(line.as_str()),
+        _ => None,
+    });
+    assert_eq!(why, Some("farm: linux/arm64 → x86 (emulated): expected 3m10s vs pi64 (native, 1 running): 17m59s"));
+    // The same build with the default placement waits for the native board.
+    let (id, s) = arm("b5", 0, Emulation::Fallback);
+    core.submit(736_000, &id, "admin", s, None).unwrap();
+    let out = drain(&mut core);
+    assert!(out.assigned.is_empty(), "{out:?}");
+}

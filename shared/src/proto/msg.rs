@@ -152,13 +152,15 @@ pub enum CoordMsg {
     },
 }
 
-/// Whether a build may fall back to QEMU when no native agent is connected.
+/// Whether a build may fall back to QEMU when no native agent is connected, or (`Fastest`) go to
+/// whichever agent is expected to finish first, native or emulated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Emulation {
     #[default]
     Fallback,
     Never,
+    Fastest,
 }
 
 /// What a client asks to build. Credentials travel only inside the mutual-TLS connection and
