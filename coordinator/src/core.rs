@@ -979,8 +979,10 @@ impl Core {
                             let held = holding.get(name).map(Vec::as_slice).unwrap_or_default();
                             held.iter()
                                 .map(|(since, p, c, e)| {
-                                    let expected = self.expected_ms(p, c, name, *e).unwrap_or(build_ms);
-                                    (since + expected).saturating_sub(now)
+                                    // How long a task with no recorded duration has left is
+                                    // anyone's guess: as long as this one, say.
+                                    self.expected_ms(p, c, name, *e)
+                                        .map_or(build_ms, |expected| (since + expected).saturating_sub(now))
                                 })
                                 .min()
                                 .unwrap_or(0)

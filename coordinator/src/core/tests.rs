@@ -611,7 +611,7 @@ fn fastest_uses_the_recorded_durations_and_emulates_on_an_idle_agent_when_the_na
         BuildEvent::Log { line, .. } => Some(line.as_str()),
         _ => None,
     });
-    assert_eq!(why, Some("farm: linux/arm64 → x86 (emulated): expected 3m10s vs pi64 (native, 1 running): 17m59s"));
+    assert_eq!(why, Some("farm: linux/arm64 → x86 (emulated): expected 3m10s vs pi64 (native, 1 running): 18m"));
     // The same build with the default placement waits for the native board.
     let (id, s) = arm("b5", 0, Emulation::Fallback);
     core.submit(736_000, &id, "admin", s, None).unwrap();
