@@ -133,6 +133,7 @@ fn annotations_and_labels_land_where_buildx_puts_them_and_imagetools_shows_them(
     inspect.extend(["--insecure-registry".to_string(), registry.addr.clone(), tag.clone()]);
     let (ok, text, err) = farm_out(&inspect);
     assert!(ok, "{text}\n{err}");
+    eprintln!("farm imagetools inspect {tag}:\n{text}");
     assert!(
         text.starts_with(&format!("Name:      {tag}\nMediaType: {}\nDigest:    {index_digest}\n", oci::OCI_INDEX)),
         "{text}"
@@ -173,11 +174,60 @@ fn annotations_and_labels_land_where_buildx_puts_them_and_imagetools_shows_them(
         .map(|((p, d, ..), a)| (p.clone(), d.to_string(), a.to_string(), "native".to_string()))
         .collect();
     assert_eq!(listed, expected);
-    assert_eq!(j["manifests"][1]["annotations"], serde_json::json!({"org.example.arm": "yes"}));
+    // buildah adds org.opencontainers.image.base.* itself; ours is on arm64's alone.
+    let arm: Vec<&serde_json::Value> =
+        j["manifests"].as_array().unwrap().iter().map(|m| &m["annotations"]["org.example.arm"]).collect();
+    assert_eq!(arm, [&serde_json::Value::Null, &serde_json::json!("yes"), &serde_json::Value::Null]);
     assert_eq!(j["manifests"][0]["descriptorAnnotations"], serde_json::json!({"org.example.desc": "not-arm64"}));
     for m in j["manifests"].as_array().unwrap() {
         assert!(m["size"].as_u64().is_some_and(|s| s > 0), "{m}");
     }
+
+    // -o type=oci: the archive's index is the same stitched index (its annotations), and
+    // index-descriptor annotations are on its entry in index.json.
+    let out_dir = tempfile::tempdir().unwrap();
+    let archive = out_dir.path().join("out.tar");
+    let mut args = farm.client_args();
+    args.extend(
+        [
+            "--platform",
+            PLATFORMS,
+            "--insecure-registry",
+            &registry.addr,
+            "--build-arg",
+            &format!("BASE={base}"),
+            "-t",
+            "hello:2",
+            "-o",
+            &format!("type=oci,dest={}", archive.display()),
+            "--annotation",
+            &format!("index:org.opencontainers.image.source={SOURCE}"),
+            "--annotation",
+            "index-descriptor:org.example.layout=yes",
+            "--label",
+            "org.example.team=farm",
+            ctx.to_str().unwrap(),
+        ]
+        .map(String::from),
+    );
+    let (ok, out, err) = build(&args);
+    assert!(ok, "{out}\n{err}");
+    let mut files = std::collections::BTreeMap::new();
+    for entry in tar::Archive::new(std::fs::File::open(&archive).unwrap()).entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let path = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+        files.insert(path, data);
+    }
+    let layout: serde_json::Value = serde_json::from_slice(&files["index.json"]).unwrap();
+    let entry = &layout["manifests"][0];
+    assert_eq!(entry["annotations"]["org.example.layout"], "yes", "{layout}");
+    assert_eq!(entry["annotations"]["org.opencontainers.image.ref.name"], "2", "{layout}");
+    let hex = entry["digest"].as_str().unwrap().trim_start_matches("sha256:");
+    let stitched: serde_json::Value = serde_json::from_slice(&files[&format!("blobs/sha256/{hex}")]).unwrap();
+    assert_eq!(stitched["annotations"], serde_json::json!({ "org.opencontainers.image.source": SOURCE }));
+    assert_eq!(stitched["manifests"].as_array().unwrap().len(), 3);
 
     // A single manifest (arm64's, by digest), with no farm to ask: its platform from its config,
     // its annotations, and no farm lines.
@@ -198,7 +248,8 @@ fn annotations_and_labels_land_where_buildx_puts_them_and_imagetools_shows_them(
     assert_eq!(j["digest"], arm.to_string());
     assert_eq!(j["manifests"].as_array().unwrap().len(), 1);
     assert_eq!(j["manifests"][0]["platform"], "linux/arm64");
-    assert_eq!(j["manifests"][0]["annotations"], serde_json::json!({"org.example.arm": "yes"}));
+    assert_eq!(j["manifests"][0]["annotations"]["org.example.arm"], "yes");
+    assert_eq!(j["annotations"]["org.example.arm"], "yes");
     assert_eq!(j.get("farm"), None);
     assert_eq!(j["manifests"][0].get("farm"), None);
 }

@@ -108,7 +108,7 @@ pub async fn inspect(registry: &Registry, r: &ImageRef) -> Result<Inspection, In
                 media_type: if d.media_type.is_empty() { child_type } else { d.media_type.clone() },
                 digest: d.digest.clone(),
                 size: d.size,
-                platform: d.platform.as_ref().map(ToString::to_string),
+                platform: d.platform.as_ref().map(platform_name),
                 annotations: annotations_of(&child).map_err(|e| malformed("a platform's manifest", e))?,
                 descriptor_annotations: d.annotations.clone(),
                 farm: None,
@@ -126,13 +126,20 @@ pub async fn inspect(registry: &Registry, r: &ImageRef) -> Result<Inspection, In
             media_type: media_type.clone(),
             digest: digest.clone(),
             size: bytes.len() as u64,
-            platform: Some(platform.to_string()),
+            platform: Some(platform_name(&platform)),
             annotations: own.clone(),
             descriptor_annotations: BTreeMap::new(),
             farm: None,
         });
     }
     Ok(Inspection { name, media_type, digest, size: bytes.len() as u64, annotations: own, farm: None, manifests })
+}
+
+/// The platform as farm spells it where farm knows it (`linux/arm64/v8` is `linux/arm64`), else
+/// as the registry does.
+fn platform_name(p: &oci::OciPlatform) -> String {
+    let raw = p.to_string();
+    raw.parse::<crate::Platform>().map(|p| p.to_string()).unwrap_or(raw)
 }
 
 fn annotations_of(bytes: &[u8]) -> Result<BTreeMap<String, String>, String> {
