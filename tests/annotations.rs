@@ -14,12 +14,12 @@ use shared::Digest;
 const PLATFORMS: &str = "linux/amd64,linux/arm64,linux/arm/v7";
 const SOURCE: &str = "https://example.test/app";
 
+/// One platform as served: platform, manifest digest, manifest JSON, config JSON.
+type Served = (String, Digest, serde_json::Value, serde_json::Value);
+
 /// What the registry serves for `reference`: the index bytes and, per platform, the manifest's
 /// digest, its JSON and its config's JSON.
-fn served(
-    registry: &Registry,
-    reference: &str,
-) -> (Digest, serde_json::Value, Vec<(String, Digest, serde_json::Value, serde_json::Value)>) {
+fn served(registry: &Registry, reference: &str) -> (Digest, serde_json::Value, Vec<Served>) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
         let client = registry.client();
