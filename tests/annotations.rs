@@ -1,6 +1,7 @@
 //! End to end, `--annotation` (buildx's `index:`, `manifest[PLATFORM]:` and
 //! `manifest-descriptor[...]:` prefixes) and `--label` on a three-platform build pushed to a
-//! registry, then `farm imagetools inspect` (text and JSON) on what the registry serves.
+//! registry, then `farm imagetools inspect` (text and JSON) on what the registry serves; the same
+//! into an `-o type=oci` archive, and with the Docker builder.
 
 mod common;
 
@@ -252,4 +253,31 @@ fn annotations_and_labels_land_where_buildx_puts_them_and_imagetools_shows_them(
     assert_eq!(j["annotations"]["org.example.arm"], "yes");
     assert_eq!(j.get("farm"), None);
     assert_eq!(j["manifests"][0].get("farm"), None);
+
+    // The Docker builder: labels through `docker build --label`, manifest annotations on the OCI
+    // manifest farm makes from `docker save`.
+    let engine = common::docker::Engine::start();
+    farm.agent("dock", &["--builder", "docker", "--docker-host", &engine.host, "--capacity", "2"]);
+    let mut args = farm.client_args();
+    args.extend(["--require".to_string(), "builder=docker".into()]);
+    args.extend(registry.build_flags(&base, "linux/amd64,linux/arm64", "hello:docker", &ctx));
+    args.extend(
+        ["--annotation", "manifest[linux/arm64]:org.example.arm=yes", "--label", "org.example.team=docker"]
+            .map(String::from),
+    );
+    let (ok, out, err) = build(&args);
+    assert!(ok, "{out}\n{err}\n{}", farm.agents["dock"].log());
+    assert!(summary(&out).values().all(|(agent, _)| agent == "dock"), "{out}");
+    let (_, _, platforms) = served(&registry, &format!("{}/hello:docker", registry.addr));
+    let seen: Vec<(&str, Option<&str>, Option<&str>)> = platforms
+        .iter()
+        .map(|(p, _, manifest, config)| {
+            (
+                p.as_str(),
+                manifest["annotations"]["org.example.arm"].as_str(),
+                config["config"]["Labels"]["org.example.team"].as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(seen, [("linux/amd64", None, Some("docker")), ("linux/arm64", Some("yes"), Some("docker"))]);
 }
