@@ -135,6 +135,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         credentials,
         secrets,
         entitlements,
+        annotations: plan.annotations.clone(),
+        labels: plan.labels.clone(),
     };
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();

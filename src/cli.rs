@@ -49,6 +49,38 @@ pub enum Command {
     Logs(LogsArgs),
     /// Stop every task of a build on its agent and mark the build cancelled
     Cancel(CancelArgs),
+    /// Look at images in a registry (as `docker buildx imagetools`)
+    #[command(subcommand)]
+    Imagetools(ImagetoolsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ImagetoolsCommand {
+    /// Show an image's index and each platform's manifest (digest, size, platform, annotations),
+    /// and, when a coordinator answers, how farm built each platform (agent, native, emulated or
+    /// cached, when)
+    Inspect(InspectArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InspectArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The image: REGISTRY/REPOSITORY[:TAG][@DIGEST]
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Output format: text for people, json for scripts
+    #[arg(long, value_enum, default_value_t = InspectFormat::Text)]
+    pub format: InspectFormat,
+    /// A registry to reach over plain HTTP, HOST:PORT (repeatable); all others use HTTPS
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    pub insecure_registries: Vec<String>,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum InspectFormat {
+    Text,
+    Json,
 }
 
 #[derive(Args, Debug)]
@@ -413,6 +445,16 @@ pub struct BuildArgs {
     /// Write the image index digest to FILE
     #[arg(long, value_name = "FILE")]
     pub iidfile: Option<PathBuf>,
+    /// An annotation, as buildx spells it (repeatable): KEY=VALUE (on every platform's manifest),
+    /// index:KEY=VALUE (the image index), manifest-descriptor:KEY=VALUE (the index's entries),
+    /// index-descriptor:KEY=VALUE (-o type=oci's index.json); several types comma-separated
+    /// (index,manifest:KEY=VALUE); a platform filter for the manifest types:
+    /// 'manifest[linux/arm64,linux/amd64]:KEY=VALUE'
+    #[arg(long = "annotation", value_name = "[TYPE[PLATFORMS]:]KEY=VALUE")]
+    pub annotations: Vec<String>,
+    /// An image config label KEY=VALUE, on every platform's image (repeatable)
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
     /// Wait for the build to end (`--wait=false`: print the build id and return at once)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub wait: bool,
@@ -433,12 +475,10 @@ const BUILDX_FLAGS: &[(&str, &str)] = &[
     ("--provenance", "farm does not attach provenance yet"),
     ("--sbom", "farm does not attach SBOMs yet"),
     ("--attest", "farm does not attach attestations yet"),
-    ("--annotation", "farm does not set annotations yet"),
     ("--build-context", "farm does not take named contexts yet"),
     ("--ssh", "farm does not forward SSH agents; use --secret"),
     ("--pull", "farm resolves base images at every build"),
     ("--add-host", "RUN steps use the agent's name resolution"),
-    ("--label", "put LABEL lines in the Dockerfile"),
     ("--quiet", "use --progress plain or json"),
     ("--shm-size", "not supported"),
     ("--ulimit", "not supported"),

@@ -4,6 +4,7 @@ mod build;
 mod cli;
 mod config;
 mod embedded;
+mod imagetools;
 mod output;
 mod progress;
 mod results;
@@ -15,8 +16,8 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use cli::{
-    AgentArgs, AgentCommand, AgentsArgs, AgentsCommand, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs, JoinArgs,
-    TokenCommand,
+    AgentArgs, AgentCommand, AgentsArgs, AgentsCommand, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs,
+    ImagetoolsCommand, JoinArgs, TokenCommand,
 };
 
 fn main() -> ExitCode {
@@ -148,6 +149,7 @@ async fn dispatch(command: Command) -> Result<()> {
                 Err(Quiet.into())
             }
         }
+        Command::Imagetools(ImagetoolsCommand::Inspect(args)) => imagetools::inspect(args).await,
         Command::Cancel(args) => {
             let client = connect(&args.client).await?;
             client.request(&shared::proto::Request::Cancel { build: args.build.clone() }).await?;

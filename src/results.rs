@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
+use shared::annotation::{self, Annotation, AnnotationKind};
 use shared::client::Client;
 use shared::export::{self, Dest, LayoutSink, Output};
 use shared::oci::{self, Descriptor, ImageRef};
@@ -24,6 +25,10 @@ pub struct Plan {
     pub stdout: bool,
     /// The tags, parsed (any, with or without a registry host, when nothing is pushed).
     pub tags: Vec<ImageRef>,
+    /// `--annotation`, parsed, each platform filter naming a platform of the build.
+    pub annotations: Vec<Annotation>,
+    /// `--label`, parsed.
+    pub labels: Vec<(String, String)>,
 }
 
 pub struct Load {
@@ -58,6 +63,8 @@ pub fn plan(args: &BuildArgs, platforms: &[Platform]) -> Result<Plan> {
         bail!("-o ...,dest=- writes the image to stdout, where --progress json writes too; use --progress plain");
     }
     let tags = args.tags.iter().map(|t| t.parse::<ImageRef>()).collect::<Result<Vec<_>, _>>()?;
+    let annotations = annotation::parse_annotations(&args.annotations, platforms)?;
+    let labels = annotation::parse_labels(&args.labels)?;
     for (flag, path) in [("--metadata-file", &args.metadata_file), ("--iidfile", &args.iidfile)] {
         if let Some(p) = path {
             check_parent(flag, p)?;
@@ -86,7 +93,7 @@ pub fn plan(args: &BuildArgs, platforms: &[Platform]) -> Result<Plan> {
             Some(Load { into, platform, of_many: platforms.len() > 1 })
         }
     };
-    Ok(Plan { registry, outputs, load, stdout: stdout == 1, tags })
+    Ok(Plan { registry, outputs, load, stdout: stdout == 1, tags, annotations, labels })
 }
 
 fn check_parent(flag: &str, p: &Path) -> Result<()> {
@@ -128,8 +135,17 @@ pub async fn deliver(
     index: &Digest,
     platforms: &[PlatformResult],
 ) -> Result<()> {
-    let index_bytes = oci::image_index(&descriptors(platforms));
+    let entries: Vec<(Platform, Descriptor)> = platforms
+        .iter()
+        .map(|r| {
+            (r.platform.clone(), Descriptor::new(&r.manifest.media_type, r.manifest.digest.clone(), r.manifest.size))
+        })
+        .collect();
+    let index_bytes = annotation::stitch(&entries, &plan.annotations);
     let index_desc = Descriptor::new(oci::OCI_INDEX, index.clone(), index_bytes.len() as u64);
+    // `index-descriptor` annotations: on the index's entry in an OCI layout's index.json.
+    let mut layout_desc = index_desc.clone();
+    layout_desc.annotations = annotation::of_kind(&plan.annotations, AnnotationKind::IndexDescriptor);
     if Digest::of(&index_bytes) != *index {
         bail!("the index the coordinator stitched ({index}) is not the one its platforms make; report this as a bug");
     }
@@ -153,7 +169,7 @@ pub async fn deliver(
         blobs.push(index.clone());
         eprintln!("fetched {} of results from the coordinator", crate::output::bytes(fetched));
         for o in &plan.outputs {
-            write_output(o, &index_desc, &plan.tags, &blobs, &blob, &per_platform, &tmp.path().join("rootfs"))?;
+            write_output(o, &layout_desc, &plan.tags, &blobs, &blob, &per_platform, &tmp.path().join("rootfs"))?;
         }
         if let Some(load) = &plan.load {
             load_image(load, &plan.tags[0], platforms, &blob, &per_platform, tmp.path())?;
@@ -168,20 +184,6 @@ pub async fn deliver(
         write_atomically(path, &serde_json::to_vec_pretty(&m)?)?;
     }
     Ok(())
-}
-
-/// The index's entries, as the coordinator stitched them (platforms in the order asked).
-fn descriptors(platforms: &[PlatformResult]) -> Vec<Descriptor> {
-    platforms
-        .iter()
-        .map(|r| Descriptor {
-            media_type: r.manifest.media_type.clone(),
-            digest: r.manifest.digest.clone(),
-            size: r.manifest.size,
-            platform: Some((&r.platform).into()),
-            annotations: Default::default(),
-        })
-        .collect()
 }
 
 fn tempfile_dir() -> Result<tempfile::TempDir> {

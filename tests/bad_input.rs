@@ -1551,6 +1551,8 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         credentials: None,
         secrets: vec![],
         entitlements: vec![],
+        annotations: vec![],
+        labels: vec![],
     }
 }
 

@@ -74,6 +74,10 @@ pub struct Job<'a> {
     pub memory: Option<&'a crate::cgroup::MemoryLimit>,
     /// What the build may have beyond the default sandbox (the agent allows it).
     pub entitlements: &'a [shared::proto::Entitlement],
+    /// `--annotation manifest:...` for this platform: on the image manifest.
+    pub annotations: &'a std::collections::BTreeMap<String, String>,
+    /// `--label`: image config labels.
+    pub labels: &'a [(String, String)],
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -522,6 +526,14 @@ impl Buildah {
             }
             if job.no_cache {
                 build.arg("--no-cache");
+            }
+            // Labels go into the image config, annotations into the OCI manifest `buildah push`
+            // writes (its default format is OCI).
+            for (k, v) in job.labels {
+                build.arg("--label").arg(format!("{k}={v}"));
+            }
+            for (k, v) in job.annotations {
+                build.arg("--annotation").arg(format!("{k}={v}"));
             }
             let secrets = SecretFiles::write(&tmp.0, &format!("{}-{}", self.tag, job.name), job.secrets)?;
             for s in &secrets.args {

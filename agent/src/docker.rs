@@ -281,6 +281,10 @@ fn build_args(job: &Job<'_>, dockerfile: &Path, secrets: &[String], network: &st
     if job.no_cache {
         a.push("--no-cache".into());
     }
+    for (k, v) in job.labels {
+        a.push("--label".into());
+        a.push(format!("{k}={v}"));
+    }
     for s in secrets {
         a.push("--secret".into());
         a.push(s.clone());
@@ -397,7 +401,10 @@ impl Builder for Docker {
             let converted = match saved {
                 Ok(()) => {
                     let (from, to) = (archive.clone(), job.output.to_path_buf());
-                    tokio::task::spawn_blocking(move || archive_to_layout(&from, &to))
+                    // `docker save` keeps no manifest annotations: they go on the OCI manifest
+                    // written here.
+                    let annotations = job.annotations.clone();
+                    tokio::task::spawn_blocking(move || archive_to_layout(&from, &to, &annotations))
                         .await
                         .map_err(|e| BuilderError::Failed(format!("converting the saved image: {e}")))
                         .and_then(|r| r.map_err(BuilderError::from))
@@ -494,7 +501,11 @@ const MAX_METADATA: u64 = 16 << 20;
 /// (oci-layout, index.json with one manifest, blobs/sha256 with the config as it was and each
 /// layer gzipped). Layers are streamed, never held in memory; each is checked against the
 /// config's `rootfs.diff_ids`. Returns the manifest's digest.
-pub fn archive_to_layout(archive: &Path, out: &Path) -> Result<Digest, DockerError> {
+pub fn archive_to_layout(
+    archive: &Path,
+    out: &Path,
+    annotations: &std::collections::BTreeMap<String, String>,
+) -> Result<Digest, DockerError> {
     let fail = |reason: String| DockerError::Archive { path: archive.to_path_buf(), reason };
     let io = |what: &str, e: std::io::Error| fail(format!("{what}: {e}"));
     let open = || std::fs::File::open(archive).map(|f| tar::Archive::new(std::io::BufReader::new(f)));
@@ -569,12 +580,15 @@ pub fn archive_to_layout(archive: &Path, out: &Path) -> Result<Digest, DockerErr
         Ok(Descriptor::new(media_type, d, bytes.len() as u64))
     };
     let config = write(&config, CONFIG_MEDIA_TYPE)?;
-    let manifest = serde_json::json!({
+    let mut manifest = serde_json::json!({
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
         "config": config,
         "layers": descriptors,
     });
+    if !annotations.is_empty() {
+        manifest["annotations"] = serde_json::json!(annotations);
+    }
     let manifest = write(&serde_json::to_vec(&manifest).expect("JSON"), OCI_MANIFEST)?;
     let index = serde_json::json!({ "schemaVersion": 2, "manifests": [manifest] });
     let files = [
@@ -726,7 +740,7 @@ mod tests {
         let path = dir.path().join("image.docker.tar");
         std::fs::write(&path, archive).unwrap();
         let out = dir.path().join("layout");
-        let digest = archive_to_layout(&path, &out).unwrap();
+        let digest = archive_to_layout(&path, &out, &Default::default()).unwrap();
 
         let layout = oci::read_layout(&out).unwrap();
         assert_eq!(layout.manifest.digest, digest);
@@ -755,8 +769,17 @@ mod tests {
         assert!(left.is_empty(), "partial files left: {left:?}");
 
         // Converting the same archive again gives the same manifest (gzip output is stable).
-        let again = archive_to_layout(&path, &dir.path().join("again")).unwrap();
+        let again = archive_to_layout(&path, &dir.path().join("again"), &Default::default()).unwrap();
         assert_eq!(again, digest);
+
+        // `--annotation manifest:...`: on the manifest, the rest unchanged.
+        let annotations = [("org.example.arm".to_string(), "yes".to_string())].into();
+        let annotated = archive_to_layout(&path, &dir.path().join("annotated"), &annotations).unwrap();
+        assert_ne!(annotated, digest);
+        let bytes = std::fs::read(oci::blob_path(&dir.path().join("annotated"), &annotated)).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(json["annotations"], serde_json::json!({"org.example.arm": "yes"}));
+        assert_eq!(json["config"]["digest"], layout.config.digest.to_string());
     }
 
     #[test]
@@ -775,11 +798,11 @@ mod tests {
         );
         let path = dir.path().join("x.tar");
         std::fs::write(&path, archive).unwrap();
-        let e = archive_to_layout(&path, &dir.path().join("out")).unwrap_err().to_string();
+        let e = archive_to_layout(&path, &dir.path().join("out"), &Default::default()).unwrap_err().to_string();
         assert!(e.contains(&format!("layer l/layer.tar is {} but the config says", Digest::of(&layer))), "{e}");
 
         std::fs::write(&path, tar_of(&[("manifest.json", b"[]".to_vec())], &[])).unwrap();
-        let e = archive_to_layout(&path, &dir.path().join("out2")).unwrap_err().to_string();
+        let e = archive_to_layout(&path, &dir.path().join("out2"), &Default::default()).unwrap_err().to_string();
         assert!(e.ends_with("manifest.json lists 0 images; expected exactly one"), "{e}");
     }
 }

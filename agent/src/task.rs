@@ -157,6 +157,8 @@ impl Runner {
             mirrors: &self.mirrors,
             memory: self.memory.as_ref(),
             entitlements: &a.entitlements,
+            annotations: &a.annotations,
+            labels: &a.labels,
         };
         let built = self.builder.build(job, log).await;
         let _ = forward.await;

@@ -73,6 +73,8 @@ fn framing(c: &mut Criterion) {
         secrets: vec![],
         entitlements: vec![],
         context_limits: shared::context::ContextLimits::default().wire(),
+        annotations: Default::default(),
+        labels: vec![],
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

@@ -420,6 +420,8 @@ async fn submit_builds(
             credentials: None,
             secrets: vec![],
             entitlements: vec![],
+            annotations: vec![],
+            labels: vec![],
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

@@ -17,7 +17,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
-use shared::oci::{self, Descriptor, ImageRef};
+use shared::annotation::{self, AnnotationKind};
+use shared::oci::{Descriptor, ImageRef};
 use shared::proto::{
     AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, ContextLimits, CoordMsg, Held,
     ManifestRef, Phase, PlatformResult, Secret, TaskId, TaskView,
@@ -81,7 +82,9 @@ struct CacheEntry {
 }
 
 /// Names everything a task's result depends on: context, Dockerfile, args, target, platform, the
-/// digest every base image tag resolved to when the build was submitted, and the secrets' hashes.
+/// digest every base image tag resolved to when the build was submitted, the secrets' hashes, and
+/// what the builder writes into the image: the labels and this platform's manifest annotations.
+/// (Index and descriptor annotations are added at stitching, outside the cached result.)
 pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest)]) -> String {
     let secrets: Vec<(&String, String)> = spec.secrets.iter().map(|s| (&s.id, shared::tls::sha256(&s.value))).collect();
     let inputs = (
@@ -94,6 +97,8 @@ pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest
         bases,
         secrets,
         &spec.entitlements,
+        &spec.labels,
+        annotation::for_platform(&spec.annotations, AnnotationKind::Manifest, platform),
     );
     shared::tls::sha256(&postcard::to_allocvec(&inputs).expect("plain data encodes"))
 }
@@ -813,23 +818,20 @@ impl Core {
     /// Emits the action that pushes the build's index: platforms in the order the user gave.
     fn stitch(&mut self, build: &str) {
         let b = &self.builds[build];
-        let descriptors: Vec<Descriptor> = b
+        let entries: Vec<(Platform, Descriptor)> = b
             .tasks
             .iter()
             .filter_map(|id| match &self.tasks[id].state {
-                TaskState::Done(r) => Some(Descriptor {
-                    media_type: r.manifest.media_type.clone(),
-                    digest: r.manifest.digest.clone(),
-                    size: r.manifest.size,
-                    platform: Some((&r.platform).into()),
-                    annotations: Default::default(),
-                }),
+                TaskState::Done(r) => Some((
+                    r.platform.clone(),
+                    Descriptor::new(&r.manifest.media_type, r.manifest.digest.clone(), r.manifest.size),
+                )),
                 _ => None,
             })
             .collect();
         self.actions.push_back(Action::Stitch {
             build: build.into(),
-            index: oci::image_index(&descriptors),
+            index: annotation::stitch(&entries, &b.spec.annotations),
             tags: b.tags.clone(),
             insecure: b.spec.insecure_registries.clone(),
             credentials: b.credentials.clone(),
@@ -1025,6 +1027,12 @@ impl Core {
                         secrets: b.secrets.clone(),
                         entitlements: b.spec.entitlements.clone(),
                         context_limits: self.limits.context,
+                        annotations: annotation::for_platform(
+                            &b.spec.annotations,
+                            AnnotationKind::Manifest,
+                            &t.platform,
+                        ),
+                        labels: b.spec.labels.clone(),
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),
@@ -1090,6 +1098,10 @@ pub fn stored_view(id: &str, b: &Build) -> BuildView {
 }
 
 fn task_view(t: &Task) -> TaskView {
+    let (manifest, duration_ms) = match &t.state {
+        TaskState::Done(r) => (Some(r.manifest.digest.clone()), Some(r.duration_ms)),
+        _ => (None, None),
+    };
     let (state, agent, emulated) = match &t.state {
         TaskState::Queued => ("queued", None, false),
         TaskState::Running { agent, emulated, .. } => ("running", Some(agent.clone()), *emulated),
@@ -1099,7 +1111,15 @@ fn task_view(t: &Task) -> TaskView {
         TaskState::Failed(_) => ("failed", None, false),
         TaskState::Cancelled => ("cancelled", None, false),
     };
-    TaskView { platform: t.platform.clone(), state: state.into(), agent, emulated, attempt: t.attempt }
+    TaskView {
+        platform: t.platform.clone(),
+        state: state.into(),
+        agent,
+        emulated,
+        attempt: t.attempt,
+        manifest,
+        duration_ms,
+    }
 }
 
 #[cfg(test)]

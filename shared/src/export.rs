@@ -181,17 +181,19 @@ pub fn platform_dir(p: &OciPlatform) -> String {
 
 /// The `index.json` of an OCI layout whose image is the index `index` (one entry per tag, with
 /// BuildKit's annotations: the full name in `io.containerd.image.name`, the tag in
-/// `org.opencontainers.image.ref.name`; no tags: one entry without a name).
+/// `org.opencontainers.image.ref.name`; no tags: one entry without a name). `index`'s own
+/// annotations (`--annotation index-descriptor:...`) go on every entry.
 pub fn layout_index(index: &Descriptor, tags: &[oci::ImageRef]) -> Vec<u8> {
     let mut entries = Vec::new();
+    let plain = Descriptor { platform: None, ..index.clone() };
     for t in tags {
-        let mut d = Descriptor::new(&index.media_type, index.digest.clone(), index.size);
+        let mut d = plain.clone();
         d.annotations.insert("io.containerd.image.name".into(), t.to_string());
         d.annotations.insert("org.opencontainers.image.ref.name".into(), t.tag.clone().unwrap_or("latest".into()));
         entries.push(d);
     }
     if entries.is_empty() {
-        entries.push(Descriptor::new(&index.media_type, index.digest.clone(), index.size));
+        entries.push(plain);
     }
     oci::image_index(&entries)
 }

@@ -1,5 +1,6 @@
 //! The common ground of farm: everything the coordinator, the agents and the CLI must agree on.
 //!
+//! - [`annotation`]: `--annotation` and `--label` as buildx spells them, and the stitched index.
 //! - [`platform`]: OCI platforms (`linux/arm/v7`), parsed and normalised once, so that every side
 //!   compares the same canonical values.
 //! - [`host`]: what this machine runs natively and what it can emulate (pure parsers over uname,
@@ -11,6 +12,7 @@
 //! - [`client`]: the connecting side (handshake, one stream per request), for agents and the CLI.
 //! - [`context`]: build contexts as content-addressed manifests: `.dockerignore`, scanning, validation
 //!   on receipt, the blob store, and materialising a context into an agent's work directory.
+//! - [`imagetools`]: `farm imagetools inspect` (an image's index and platforms, and farm's part).
 //! - [`oci`]: image references, descriptors, deterministic image indexes and buildah's OCI layouts.
 //! - [`registry`]: pushing layouts by digest and indexes by tag to OCI registries (oci-client).
 //!
@@ -18,12 +20,14 @@
 //! from reading a layout directory) performs I/O; they are plain functions tested without sockets or
 //! processes.
 
+pub mod annotation;
 pub mod client;
 pub mod context;
 pub mod digest;
 pub mod dockerfile;
 pub mod export;
 pub mod host;
+pub mod imagetools;
 pub mod oci;
 pub mod platform;
 pub mod proto;

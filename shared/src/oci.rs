@@ -307,6 +307,8 @@ struct IndexOut<'a> {
     schema_version: u32,
     media_type: &'static str,
     manifests: &'a [Descriptor],
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    annotations: &'a BTreeMap<String, String>,
 }
 
 /// The bytes of an OCI image index listing `manifests` in the given order (schemaVersion 2,
@@ -315,7 +317,12 @@ struct IndexOut<'a> {
 /// Deterministic: the same inputs always give the same bytes (and digest), so re-pushing after a
 /// restart is idempotent.
 pub fn image_index(manifests: &[Descriptor]) -> Vec<u8> {
-    let index = IndexOut { schema_version: 2, media_type: OCI_INDEX, manifests };
+    image_index_annotated(manifests, &BTreeMap::new())
+}
+
+/// [`image_index`] with the index's own `annotations` (none: the same bytes as [`image_index`]).
+pub fn image_index_annotated(manifests: &[Descriptor], annotations: &BTreeMap<String, String>) -> Vec<u8> {
+    let index = IndexOut { schema_version: 2, media_type: OCI_INDEX, manifests, annotations };
     serde_json::to_vec(&index).expect("an index of plain strings and numbers always serialises")
 }
 

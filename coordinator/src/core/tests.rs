@@ -1,6 +1,7 @@
 //! The state machine driven by hand: virtual time, no sockets.
 
 use super::*;
+use shared::oci;
 use shared::proto::{Emulation, Heartbeat, Held};
 
 fn p(s: &str) -> Platform {
@@ -40,6 +41,8 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         credentials: None,
         secrets: vec![],
         entitlements: vec![],
+        annotations: vec![],
+        labels: vec![],
     }
 }
 
@@ -617,4 +620,69 @@ fn fastest_uses_the_recorded_durations_and_emulates_on_an_idle_agent_when_the_na
     core.submit(736_000, &id, "admin", s, None).unwrap();
     let out = drain(&mut core);
     assert!(out.assigned.is_empty(), "{out:?}");
+}
+
+#[test]
+fn annotations_reach_the_agent_and_the_index_and_labels_and_manifest_annotations_key_the_cache() {
+    let anns = |list: &[&str]| -> Vec<shared::annotation::Annotation> {
+        list.iter().flat_map(|s| shared::annotation::parse_annotation(s).unwrap()).collect()
+    };
+    let mut core = three_agent_farm();
+    let mut s = spec(&["linux/amd64", "linux/arm64"]);
+    s.annotations = anns(&[
+        "index:org.opencontainers.image.source=https://example.test/app",
+        "manifest[linux/arm64]:org.example.arm=yes",
+        "manifest-descriptor[linux/amd64]:org.example.d=amd",
+    ]);
+    s.labels = vec![("org.example.team".into(), "farm".into())];
+    core.submit(0, "b1", "admin", s.clone(), None).unwrap();
+    let mut assignments = vec![];
+    while let Some(a) = core.poll_action() {
+        if let Action::Send { conn, msg: CoordMsg::Assign(a) } = a {
+            assignments.push((conn, *a));
+        }
+    }
+    let team = vec![("org.example.team".to_string(), "farm".to_string())];
+    let platforms: Vec<String> = assignments.iter().map(|(_, a)| a.platform.to_string()).collect();
+    assert_eq!(platforms, ["linux/amd64", "linux/arm64"]);
+    assert_eq!(assignments[0].1.annotations, BTreeMap::new());
+    assert_eq!(assignments[1].1.annotations, [("org.example.arm".to_string(), "yes".to_string())].into());
+    assert!(assignments.iter().all(|(_, a)| a.labels == team));
+    for (i, (conn, a)) in assignments.iter().enumerate() {
+        let agent = ["x86", "pi64", "pi32"][*conn as usize - 1];
+        let msg = AgentMsg::TaskDone { task: a.task, attempt: a.attempt, manifest: manifest(i as u8), timings: vec![] };
+        core.agent_msg(1, agent, *conn, msg);
+    }
+    let out = drain(&mut core);
+    // The index annotation on the index, the descriptor annotation on amd64's entry only.
+    let mut expected: Vec<Descriptor> = (0..2u8)
+        .map(|i| {
+            let m = manifest(i);
+            let mut d = Descriptor::new(&m.media_type, m.digest, m.size);
+            d.platform = Some((&p(["linux/amd64", "linux/arm64"][i as usize])).into());
+            d
+        })
+        .collect();
+    expected[0].annotations.insert("org.example.d".into(), "amd".into());
+    let source = [("org.opencontainers.image.source".to_string(), "https://example.test/app".to_string())].into();
+    assert_eq!(out.stitched[0], oci::image_index_annotated(&expected, &source));
+    // The CLI makes the same bytes from the results it is told of.
+    let entries: Vec<(Platform, Descriptor)> = (0..2u8)
+        .map(|i| {
+            let m = manifest(i);
+            (p(["linux/amd64", "linux/arm64"][i as usize]), Descriptor::new(&m.media_type, m.digest, m.size))
+        })
+        .collect();
+    assert_eq!(shared::annotation::stitch(&entries, &s.annotations), out.stitched[0]);
+
+    // The cache key: labels and the platform's own manifest annotations count, the rest not.
+    let bases = [("reg/busybox:latest".to_string(), digest(7))];
+    let key = |s: &BuildSpec, platform: &str| cache_key(s, &p(platform), &bases);
+    let mut other_label = s.clone();
+    other_label.labels = vec![("org.example.team".into(), "other".into())];
+    assert_ne!(key(&s, "linux/amd64"), key(&other_label, "linux/amd64"));
+    let mut arm_only = s.clone();
+    arm_only.annotations = anns(&["manifest[linux/arm64]:org.example.arm=no"]);
+    assert_eq!(key(&s, "linux/amd64"), key(&arm_only, "linux/amd64"));
+    assert_ne!(key(&s, "linux/arm64"), key(&arm_only, "linux/arm64"));
 }

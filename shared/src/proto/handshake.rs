@@ -8,7 +8,8 @@ use super::ProtoError;
 /// Bumped whenever a message changes incompatibly. ALPN (`farm/1`) gates the transport; this
 /// gates the messages. 3: `AgentInfo` and `AgentView` gained `memory_limit`; `BuildSpec`,
 /// `Assignment` and `AgentInfo` gained entitlements. 4: a build without tags (and an assignment
-/// with an empty repository) means "push nothing: results to the coordinator". 5: `Assignment`
+/// with an empty repository) means "push nothing: results to the coordinator". 5: `BuildSpec` and
+/// `Assignment` gained annotations and labels; `TaskView` the manifest and duration; `Assignment`
 /// carries the coordinator's context limits.
 pub const PROTOCOL_VERSION: u32 = 5;
 

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::annotation::Annotation;
 use crate::context::ContextManifest;
 use crate::digest::Digest;
 use crate::platform::Platform;
@@ -188,6 +189,10 @@ pub struct BuildSpec {
     pub secrets: Vec<Secret>,
     /// `--allow` / `--network host`: what the build asks for beyond the default sandbox.
     pub entitlements: Vec<Entitlement>,
+    /// `--annotation`: on the index, its entries and the platforms' manifests.
+    pub annotations: Vec<Annotation>,
+    /// `--label KEY=VALUE`: image config labels, on every platform's image.
+    pub labels: Vec<(String, String)>,
 }
 
 /// A build secret. Its value never appears in Debug output, logs or the state file.
@@ -224,6 +229,10 @@ pub struct Assignment {
     pub secrets: Vec<Secret>,
     /// The build's entitlements; the agent was chosen because its config allows them.
     pub entitlements: Vec<Entitlement>,
+    /// The `manifest` annotations for this platform: the builder puts them on the image manifest.
+    pub annotations: BTreeMap<String, String>,
+    /// `--label`: image config labels.
+    pub labels: Vec<(String, String)>,
     /// The limits under which the coordinator accepted the context (its `max_context_files` and
     /// `max_context_bytes`); the agent checks the fetched manifest against these, not its own
     /// defaults, so a context the coordinator accepted is one every agent accepts.
@@ -375,6 +384,10 @@ pub struct TaskView {
     pub agent: Option<String>,
     pub emulated: bool,
     pub attempt: u32,
+    /// The image manifest it made (done or cached).
+    pub manifest: Option<Digest>,
+    /// How long it took, once done.
+    pub duration_ms: Option<u64>,
 }
 
 /// What happened to a build, streamed to the client that submitted it.
