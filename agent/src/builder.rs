@@ -74,6 +74,8 @@ pub struct Job<'a> {
     pub memory: Option<&'a crate::cgroup::MemoryLimit>,
     /// What the build may have beyond the default sandbox (the agent allows it).
     pub entitlements: &'a [shared::proto::Entitlement],
+    /// `--ssh` ids and the sockets that relay them to the client's ssh-agent.
+    pub ssh: &'a [(String, std::path::PathBuf)],
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -526,6 +528,9 @@ impl Buildah {
             let secrets = SecretFiles::write(&tmp.0, &format!("{}-{}", self.tag, job.name), job.secrets)?;
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
+            }
+            for (id, socket) in job.ssh {
+                build.arg("--ssh").arg(format!("{id}={}", socket.display()));
             }
             sandbox.apply(&mut build);
             build.arg("--tag").arg(job.name).arg(job.context);

@@ -19,7 +19,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The layout of the records in this file; bumped whenever a record type changes.
-pub const SCHEMA_VERSION: u64 = 3;
+/// 4: a build's spec gained `ssh` (its `--ssh` ids).
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// The file inside the state directory.
 pub const FILE_NAME: &str = "state.redb";

@@ -29,6 +29,7 @@ pub mod platform;
 pub mod proto;
 pub mod quic;
 pub mod registry;
+pub mod ssh;
 pub mod tls;
 
 pub use digest::Digest;

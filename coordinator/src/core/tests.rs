@@ -40,6 +40,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         credentials: None,
         secrets: vec![],
         entitlements: vec![],
+        ssh: vec![],
     }
 }
 
@@ -565,4 +566,19 @@ fn a_build_is_queued_until_a_platform_reaches_an_agent_and_found_by_a_unique_pre
     drain(&mut core);
     let states: Vec<String> = core.builds(10).into_iter().map(|b| b.state).collect();
     assert!(states.contains(&"running".to_string()), "{states:?}");
+}
+
+#[test]
+fn only_an_agent_running_a_task_of_a_build_may_use_its_ssh() {
+    let mut core = three_agent_farm();
+    core.submit(0, "b1", "admin", BuildSpec { ssh: vec!["default".into()], ..spec(&["linux/amd64"]) }, None).unwrap();
+    let out = drain(&mut core);
+    let (conn, task, attempt, _, _) = out.assigned[0].clone();
+    assert_eq!(conn, 1);
+    assert!(core.runs_task_of("x86", "b1"));
+    assert!(!core.runs_task_of("pi64", "b1"), "another agent");
+    assert!(!core.runs_task_of("x86", "b2"), "another build");
+    core.agent_msg(1, "x86", 1, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
+    drain(&mut core);
+    assert!(!core.runs_task_of("x86", "b1"), "a finished task opens nothing");
 }
