@@ -92,7 +92,7 @@ fn a_run_reaches_the_users_ssh_agent_and_a_key_file_and_no_key_is_written_anywhe
     let mut args = vec!["build".to_string(), "--progress".into(), "plain".into()];
     args.extend(farm.client_args());
     args.extend(["--ssh".into(), "default".into(), "--ssh".into(), format!("deploy={}", file_key.display())]);
-    args.extend(registry.build_flags(&base, "linux/amd64", &tag, &ctx));
+    args.extend(registry.build_flags(&base, "linux/amd64", "ssh:1", &ctx));
     let out = Command::new(farm_bin())
         .args(&args)
         .env("SSH_AUTH_SOCK", &sock)
@@ -129,11 +129,34 @@ fn a_run_reaches_the_users_ssh_agent_and_a_key_file_and_no_key_is_written_anywhe
             }
         }
     }
+    // Nobody else may open the build's forwards: an agent that runs no task of it, or a client.
+    let id = farm.builds()[0]["id"].as_str().unwrap().to_string();
+    farm.ca.issue("agent", "intruder");
+    let forward = shared::proto::Request::SshForward { build: id.clone(), id: "default".into() };
+    for (who, refusal) in [
+        ("intruder", format!("agent intruder runs no task of build {id}: only the agents building it may use its --ssh")),
+        ("admin", "admin \"admin\" may not open ssh forwards (agents only, for the builds they run)".to_string()),
+    ] {
+        let e = ask(&farm, who, &forward).unwrap_err();
+        assert!(e.ends_with(&refusal), "{who}: {e}");
+    }
     // The task's sockets and the CLI's private agent are gone.
     let sockets: Vec<_> = walk(&tmp.join("agent-x86")).into_iter().filter(|p| p.ends_with("ssh")).collect();
     assert!(sockets.is_empty(), "ssh socket directories left: {sockets:?}");
     let left: Vec<_> = std::fs::read_dir(&cli_tmp).unwrap().filter_map(Result::ok).map(|e| e.path()).collect();
     assert!(left.is_empty(), "the CLI's private ssh-agent left {left:?}");
+}
+
+/// One request as identity `name` of the farm; the coordinator's answer or its refusal.
+fn ask(farm: &Farm, name: &str, req: &shared::proto::Request) -> Result<shared::proto::Response, String> {
+    let creds = shared::tls::load_credentials(Path::new(farm.ca.path()), name).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = shared::client::Client::connect(&farm.addr, &creds, &Default::default(), 1 << 20).await.unwrap();
+        let r = client.request(req).await.map_err(|e| e.to_string());
+        client.finish().await;
+        r
+    })
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {
