@@ -212,3 +212,46 @@ fn bad_ssh_flags_are_refused_before_anything_is_sent() {
     let e = refuse(&["--ssh", "a b"], None);
     assert!(e.contains("--ssh \"a b\": expected default, ID, ID=SOCKET or ID=KEYFILE"), "{e}");
 }
+
+#[test]
+fn the_embedded_farm_forwards_ssh_too() {
+    for tool in ["ssh-agent", "ssh-add", "ssh-keygen", "ldd"] {
+        require_tool(tool);
+    }
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let home = tempfile::tempdir().unwrap();
+    let keys = tempfile::tempdir().unwrap();
+    let (key, fp) = keygen(keys.path(), "embedded");
+    let ctx = home.path().join("ctx");
+    ship_ssh_add(&ctx.join("tools"));
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN --mount=type=ssh,id=k --mount=type=bind,source=tools,target=/tools \
+         /tools/ld-linux-x86-64.so.2 --library-path /tools /tools/ssh-add -l > /keys\n",
+    )
+    .unwrap();
+    let dest = home.path().join("out");
+    let out = Command::new(farm_bin())
+        .args(["build", "--embedded", "--progress", "plain", "--platform", "linux/amd64"])
+        .args(["--insecure-registry", &registry.addr, "--build-arg", &format!("BASE={base}")])
+        .args(["--ssh", &format!("k={}", key.display()), "-o", &format!("type=local,dest={}", dest.display())])
+        .arg(&ctx)
+        .env("HOME", home.path())
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("XDG_STATE_HOME")
+        .env_remove("FARM_COORDINATOR")
+        .env_remove("SSH_AUTH_SOCK")
+        .env("FARM_LOG", "warn")
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{so}\n{se}");
+    let listed = std::fs::read_to_string(dest.join("keys")).unwrap();
+    assert!(listed.contains(&fp), "/keys: {listed:?}, want {fp}");
+    for line in key_lines(&key) {
+        assert!(!so.contains(&line) && !se.contains(&line), "key in the output");
+        let found = files_containing(home.path(), &line);
+        assert!(found.is_empty(), "key found in {found:?}");
+    }
+}

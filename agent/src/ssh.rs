@@ -17,6 +17,7 @@ const SESSION_PATIENCE: std::time::Duration = std::time::Duration::from_secs(30)
 /// The sockets of one task; they stop listening, and their directory goes, when dropped.
 pub struct Forwards {
     dir: PathBuf,
+    _link: ShortLink,
     /// (id, socket) as the builder's `--ssh` wants them.
     pub sockets: Vec<(String, PathBuf)>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -45,9 +46,11 @@ impl Forwards {
         use std::os::unix::fs::DirBuilderExt;
         let _ = std::fs::remove_dir_all(dir);
         std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir)?;
-        let mut forwards = Forwards { dir: dir.to_path_buf(), sockets: Vec::new(), tasks: Vec::new() };
+        let link = ShortLink::to(dir)?;
+        let short = link.0.clone();
+        let mut forwards = Forwards { dir: dir.to_path_buf(), _link: link, sockets: Vec::new(), tasks: Vec::new() };
         for (i, id) in ids.iter().enumerate() {
-            let path = dir.join(i.to_string());
+            let path = short.join(i.to_string());
             let listener = tokio::net::UnixListener::bind(&path)?;
             forwards.sockets.push((id.clone(), path));
             let (build, id, conn, log) = (build.to_string(), id.clone(), conn.clone(), log.clone());
@@ -77,4 +80,31 @@ async fn relay(stream: tokio::net::UnixStream, build: &str, id: &str, mut conn: 
     let (send, recv) = shared::client::open_ssh_forward(&session, build, id, max).await?;
     let (r, w) = stream.into_split();
     shared::proto::io::splice(r, w, recv, send).await.map(|_| ()).map_err(|e| format!("relay ended: {e}"))
+}
+
+/// A short path (`$TMPDIR/farm-ssh-<random>`, a symbolic link) to a directory of ours. A unix
+/// socket's path must fit in 108 bytes, which one in a deep work directory may not (the embedded
+/// farm's is under `~/.local/state`); through the link it does. The link is made with
+/// `symlink(2)`, which never follows or replaces an existing name, and leads into a directory
+/// only our user can enter; it is removed when dropped.
+pub struct ShortLink(pub PathBuf);
+
+impl ShortLink {
+    pub fn to(target: &Path) -> std::io::Result<ShortLink> {
+        let base = std::env::temp_dir();
+        loop {
+            let link = base.join(format!("farm-ssh-{:016x}", rand::random::<u64>()));
+            match std::os::unix::fs::symlink(target, &link) {
+                Ok(()) => return Ok(ShortLink(link)),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for ShortLink {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }
