@@ -255,3 +255,40 @@ fn the_embedded_farm_forwards_ssh_too() {
         assert!(found.is_empty(), "key found in {found:?}");
     }
 }
+
+#[test]
+fn a_docker_agent_forwards_ssh_with_the_engines_buildkit() {
+    for tool in ["ssh-agent", "ssh-add", "ssh-keygen", "ldd"] {
+        require_tool(tool);
+    }
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let engine = common::docker::Engine::start();
+    let mut farm = Farm::start(3);
+    farm.agent("dock", &["--builder", "docker", "--docker-host", &engine.host]);
+    let tmp = farm.tmp.path().to_path_buf();
+    let (key, fp) = keygen(&tmp, "docker-key");
+    let ctx = tmp.join("ctx");
+    ship_ssh_add(&ctx.join("tools"));
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nRUN --mount=type=ssh --mount=type=bind,source=tools,target=/tools \
+         /tools/ld-linux-x86-64.so.2 --library-path /tools /tools/ssh-add -l > /keys\n",
+    )
+    .unwrap();
+    let mut args = farm.client_args();
+    args.extend(["--ssh".into(), format!("default={}", key.display())]);
+    args.extend(registry.build_flags(&base, "linux/amd64", "ssh-docker:1", &ctx));
+    let (ok, so, se) = build(&args);
+    assert!(ok, "{so}\n{se}\n{}", farm.agents["dock"].log());
+    let (_, _, images) = read_image(&registry, &format!("{}/ssh-docker:1", registry.addr));
+    let listed = images[0].text("keys");
+    assert!(listed.contains(&fp), "/keys: {listed:?}, want {fp}");
+    for line in key_lines(&key) {
+        assert!(![&so, &se, &farm.agents["dock"].log()].iter().any(|l| l.contains(&line)), "key in a log");
+        for dir in [tmp.join("agent-dock"), engine.dir.path().join("data"), registry.data_dir()] {
+            let found = files_containing(&dir, &line);
+            assert!(found.is_empty(), "key found in {found:?}");
+        }
+    }
+}
