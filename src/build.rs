@@ -54,7 +54,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     }
     // Each id's socket, checked now; a key file gets a private ssh-agent for this build, stopped
     // when the command ends. Only the ids are sent.
-    let ssh = shared::ssh::resolve(shared::ssh::parse(&args.ssh)?, std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from))?;
+    let ssh =
+        shared::ssh::resolve(shared::ssh::parse(&args.ssh)?, std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from))?;
     let context = args.context.clone();
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
@@ -146,8 +147,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         ssh: ssh.iter().map(|s| s.id.clone()).collect(),
     };
     // Answers the agents' connections to the --ssh sockets while the build is followed.
-    let ssh_server = (!ssh.is_empty())
-        .then(|| client.serve_ssh(ssh.iter().map(|s| (s.id.clone(), s.socket.clone())).collect()));
+    let ssh_server =
+        (!ssh.is_empty()).then(|| client.serve_ssh(ssh.iter().map(|s| (s.id.clone(), s.socket.clone())).collect()));
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();
     if !args.wait {

@@ -134,7 +134,10 @@ fn a_run_reaches_the_users_ssh_agent_and_a_key_file_and_no_key_is_written_anywhe
     farm.ca.issue("agent", "intruder");
     let forward = shared::proto::Request::SshForward { build: id.clone(), id: "default".into() };
     for (who, refusal) in [
-        ("intruder", format!("agent intruder runs no task of build {id}: only the agents building it may use its --ssh")),
+        (
+            "intruder",
+            format!("agent intruder runs no task of build {id}: only the agents building it may use its --ssh"),
+        ),
         ("admin", "admin \"admin\" may not open ssh forwards (agents only, for the builds they run)".to_string()),
     ] {
         let e = ask(&farm, who, &forward).unwrap_err();
@@ -195,16 +198,19 @@ fn bad_ssh_flags_are_refused_before_anything_is_sent() {
         e
     };
     let e = refuse(&["--ssh", "default"], None);
-    assert!(e.contains("--ssh default: SSH_AUTH_SOCK is not set, so there is no ssh-agent to forward; start one"), "{e}");
-    let gone = tmp.path().join("gone.sock");
-    let e = refuse(&["--ssh", "default"], Some(&gone));
     assert!(
-        e.contains(&format!("--ssh default: {} does not exist: is the ssh-agent running?", gone.display())),
+        e.contains("--ssh default: SSH_AUTH_SOCK is not set, so there is no ssh-agent to forward; start one"),
         "{e}"
     );
+    let gone = tmp.path().join("gone.sock");
+    let e = refuse(&["--ssh", "default"], Some(&gone));
+    assert!(e.contains(&format!("--ssh default: {} does not exist: is the ssh-agent running?", gone.display())), "{e}");
     let e = refuse(&["--ssh", &format!("git={}", gone.display())], None);
     assert!(
-        e.contains(&format!("--ssh git: {} does not exist: name an ssh-agent socket or a private key file", gone.display())),
+        e.contains(&format!(
+            "--ssh git: {} does not exist: name an ssh-agent socket or a private key file",
+            gone.display()
+        )),
         "{e}"
     );
     let e = refuse(&["--ssh", "default", "--wait=false"], None);

@@ -442,10 +442,8 @@ impl Buildah {
             let _building = used.builds.read().await;
             let secrets = SecretFiles::write(tmp, &format!("{}-{}-native", self.tag, job.name), job.secrets)?;
             // As in the target build: a short TMPDIR for buildah's `--ssh` sockets.
-            let short_tmp = (!job.ssh.is_empty())
-                .then(|| crate::ssh::ShortLink::to(tmp))
-                .transpose()
-                .map_err(io(tmp))?;
+            let short_tmp =
+                (!job.ssh.is_empty()).then(|| crate::ssh::ShortLink::to(tmp)).transpose().map_err(io(tmp))?;
             for (_, label) in &stages {
                 let dest = tmp.join(format!("native-{label}"));
                 // The same sandbox as the target build: its namespaces, network and privileges.

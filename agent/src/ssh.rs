@@ -70,7 +70,13 @@ impl Forwards {
     }
 }
 
-async fn relay(stream: tokio::net::UnixStream, build: &str, id: &str, mut conn: Conn, max: usize) -> Result<(), String> {
+async fn relay(
+    stream: tokio::net::UnixStream,
+    build: &str,
+    id: &str,
+    mut conn: Conn,
+    max: usize,
+) -> Result<(), String> {
     let session = tokio::time::timeout(SESSION_PATIENCE, conn.wait_for(Option::is_some))
         .await
         .map_err(|_| "no connection to the coordinator to reach the client's ssh-agent".to_string())?

@@ -140,8 +140,15 @@ impl Runner {
         let forwards = if a.ssh.is_empty() {
             None
         } else {
-            let f = crate::ssh::Forwards::start(&dir.join("ssh"), &a.build, &a.ssh, conn.clone(), self.max_frame, log.clone())
-                .map_err(|e| TaskError::Other(format!("cannot create the --ssh sockets in {}: {e}", dir.display())))?;
+            let f = crate::ssh::Forwards::start(
+                &dir.join("ssh"),
+                &a.build,
+                &a.ssh,
+                conn.clone(),
+                self.max_frame,
+                log.clone(),
+            )
+            .map_err(|e| TaskError::Other(format!("cannot create the --ssh sockets in {}: {e}", dir.display())))?;
             Some(f)
         };
         let output = dir.join("layout");

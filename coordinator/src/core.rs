@@ -664,9 +664,7 @@ impl Core {
     /// Whether `agent` runs a task of `build` right now (who may use the build's `--ssh`).
     pub fn runs_task_of(&self, agent: &str, build: &str) -> bool {
         let Some(b) = self.builds.get(build) else { return false };
-        b.tasks.iter().any(|t| {
-            matches!(&self.tasks[t].state, TaskState::Running { agent: a, .. } if a == agent)
-        })
+        b.tasks.iter().any(|t| matches!(&self.tasks[t].state, TaskState::Running { agent: a, .. } if a == agent))
     }
 
     /// Whether `client` submitted any build still in memory.

@@ -365,9 +365,7 @@ impl Net {
                 refuse("submit, list, follow or cancel builds (agent identities only build)")
             }
             Request::GetContext(_) if !agent => refuse("fetch contexts (agents only)"),
-            Request::SshForward { .. } if !agent => {
-                refuse("open ssh forwards (agents only, for the builds they run)")
-            }
+            Request::SshForward { .. } if !agent => refuse("open ssh forwards (agents only, for the builds they run)"),
             Request::SshForward { build, id } => return self.ssh_forward(peer, build, id, send, recv).await,
             Request::Join { .. } => Response::Error(format!("{peer} is already a member of this farm")),
             Request::CreateToken { .. }

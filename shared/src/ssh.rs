@@ -263,9 +263,6 @@ mod tests {
         );
         let file = dir.path().join("plain");
         std::fs::write(&file, "x").unwrap();
-        assert_eq!(
-            e(&["default"], Some(file.clone())),
-            format!("--ssh default: {} is not a socket", file.display())
-        );
+        assert_eq!(e(&["default"], Some(file.clone())), format!("--ssh default: {} is not a socket", file.display()));
     }
 }
