@@ -213,6 +213,18 @@ fn bad_ssh_flags_are_refused_before_anything_is_sent() {
         )),
         "{e}"
     );
+    require_tool("ssh-agent");
+    let not_a_key = tmp.path().join("Dockerfile");
+    let e = refuse(&["--ssh", &format!("deploy={}", not_a_key.display())], None);
+    let k = not_a_key.display();
+    let (start, end) = (
+        format!("--ssh deploy: {k} is not a private key farm can load ("),
+        format!(
+            "name a private key without a passphrase, or add a key with one to your own agent (`ssh-add {k}`) and \
+             pass --ssh ID=$SSH_AUTH_SOCK"
+        ),
+    );
+    assert!(e.contains(&start) && e.ends_with(&end), "{e}");
     let e = refuse(&["--ssh", "default", "--wait=false"], None);
     assert!(e.contains("--ssh needs the command to follow the build"), "{e}");
     let e = refuse(&["--ssh", "a b"], None);

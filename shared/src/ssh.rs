@@ -186,8 +186,8 @@ impl LocalAgent {
             if !out.status.success() {
                 let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
                 return Err(format!(
-                    "ssh-add {} failed ({said}); a key with a passphrase must be added to your own agent \
-                     (`ssh-add {0}`), then pass --ssh ID=$SSH_AUTH_SOCK",
+                    "{} is not a private key farm can load ({said}); name a private key without a passphrase, or \
+                     add a key with one to your own agent (`ssh-add {0}`) and pass --ssh ID=$SSH_AUTH_SOCK",
                     key.display()
                 ));
             }
