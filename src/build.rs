@@ -46,6 +46,16 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let secrets = secrets(&args.secrets)?;
     let require = config::labels_flag(&BTreeMap::new(), &args.require, "--require")?;
     let entitlements = entitlements(&args.network, &args.allow)?;
+    if !args.ssh.is_empty() && !args.wait {
+        bail!(
+            "--ssh needs the command to follow the build (its ssh-agent answers through this command): drop \
+             --wait=false, or use --secret for a key the build may hold"
+        );
+    }
+    // Each id's socket, checked now; a key file gets a private ssh-agent for this build, stopped
+    // when the command ends. Only the ids are sent.
+    let ssh =
+        shared::ssh::resolve(shared::ssh::parse(&args.ssh)?, std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from))?;
     let context = args.context.clone();
     if !context.is_dir() {
         bail!("build context {} is not a directory", context.display());
@@ -137,7 +147,11 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         entitlements,
         annotations: plan.annotations.clone(),
         labels: plan.labels.clone(),
+        ssh: ssh.iter().map(|s| s.id.clone()).collect(),
     };
+    // Answers the agents' connections to the --ssh sockets while the build is followed.
+    let ssh_server =
+        (!ssh.is_empty()).then(|| client.serve_ssh(ssh.iter().map(|s| (s.id.clone(), s.socket.clone())).collect()));
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();
     if !args.wait {
@@ -184,8 +198,10 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         }
         _ => None,
     };
+    drop(ssh_server);
     client.finish().await;
     drop(local);
+    drop(ssh);
     delivered.transpose()?;
     match end {
         Some(BuildEvent::Succeeded { index, tags, platforms, stitch_ms }) => {

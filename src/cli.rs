@@ -405,6 +405,11 @@ pub struct BuildArgs {
     /// the RUN that mounts it, never a layer, a log or the coordinator's disk
     #[arg(long = "secret", value_name = "id=ID,src=FILE")]
     pub secrets: Vec<String>,
+    /// SSH agent socket or keys for `RUN --mount=type=ssh[,id=ID]`: default (your agent,
+    /// $SSH_AUTH_SOCK), ID, ID=SOCKET or ID=KEYFILE[,KEYFILE] (repeatable); the keys stay on this
+    /// machine: the build's agents relay the ssh-agent protocol to it while the build is followed
+    #[arg(long = "ssh", value_name = "default|ID[=SOCKET|KEYFILE]")]
+    pub ssh: Vec<String>,
     /// The network of RUN steps: `default` (their own, with outbound access but not the agent's
     /// loopback) or `host` (the agent host's; needs an agent with allow_host_network = true)
     #[arg(long, value_name = "default|host", default_value = "default")]
@@ -476,7 +481,6 @@ const BUILDX_FLAGS: &[(&str, &str)] = &[
     ("--sbom", "farm does not attach SBOMs yet"),
     ("--attest", "farm does not attach attestations yet"),
     ("--build-context", "farm does not take named contexts yet"),
-    ("--ssh", "farm does not forward SSH agents; use --secret"),
     ("--pull", "farm resolves base images at every build"),
     ("--add-host", "RUN steps use the agent's name resolution"),
     ("--quiet", "use --progress plain or json"),
@@ -516,10 +520,10 @@ mod tests {
     #[test]
     fn buildx_flags_farm_lacks_are_named() {
         use clap::Parser;
-        let e = super::Cli::try_parse_from(["farm", "build", "--ssh", "default", "."]).unwrap_err();
+        let e = super::Cli::try_parse_from(["farm", "build", "--shm-size", "1g", "."]).unwrap_err();
         assert_eq!(
             super::unsupported_buildx_flag(&e).unwrap(),
-            "farm build has no --ssh (a docker buildx build flag): farm does not forward SSH agents; use --secret; \
+            "farm build has no --shm-size (a docker buildx build flag): not supported; \
              `farm build --help` lists its flags"
         );
         let e = super::Cli::try_parse_from(["farm", "build", "--cache-to=type=registry", "."]).unwrap_err();

@@ -1553,6 +1553,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         entitlements: vec![],
         annotations: vec![],
         labels: vec![],
+        ssh: vec![],
     }
 }
 

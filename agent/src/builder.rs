@@ -78,6 +78,8 @@ pub struct Job<'a> {
     pub annotations: &'a std::collections::BTreeMap<String, String>,
     /// `--label`: image config labels.
     pub labels: &'a [(String, String)],
+    /// `--ssh` ids and the sockets that relay them to the client's ssh-agent.
+    pub ssh: &'a [(String, std::path::PathBuf)],
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -515,7 +517,13 @@ impl Buildah {
             let cross = self.prepare(&job, &tmp.0, &conf, &log, &sandbox).await?;
             let mut build = self.command_in(store, &sandbox.prelude());
             // --force-rm: a failed step's container goes too (buildah 1.28 keeps it by default).
-            build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", &tmp.0);
+            // buildah makes the sockets of `--ssh` under TMPDIR (`.buildah-ssh-sockN/ssh_auth_sock`):
+            // a short link to the same directory keeps their paths within a socket's 108 bytes.
+            let short_tmp = (!job.ssh.is_empty())
+                .then(|| crate::ssh::ShortLink::to(&tmp.0))
+                .transpose()
+                .map_err(|source| BuilderError::Io { path: tmp.0.clone(), source })?;
+            build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", short_tmp.as_ref().map_or(&tmp.0, |l| &l.0));
             build.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
             cross.add_args(&mut build, &job);
             for (k, v) in job.build_args {
@@ -539,6 +547,9 @@ impl Buildah {
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
             }
+            for (id, socket) in job.ssh {
+                build.arg("--ssh").arg(format!("{id}={}", socket.display()));
+            }
             sandbox.apply(&mut build);
             build.arg("--tag").arg(job.name).arg(job.context);
             let cgroup = job.memory.map(|m| m.create(job.name)).transpose().map_err(BuilderError::Memory)?;
@@ -548,6 +559,7 @@ impl Buildah {
             let built = run(build, &log, "buildah build", &job.cancel).await;
             drop(sandbox);
             drop(secrets);
+            drop(short_tmp);
             match cgroup {
                 Some(c) => out_of_memory(c, built).await?,
                 None => built?,

@@ -441,11 +441,14 @@ impl Buildah {
         let built = async {
             let _building = used.builds.read().await;
             let secrets = SecretFiles::write(tmp, &format!("{}-{}-native", self.tag, job.name), job.secrets)?;
+            // As in the target build: a short TMPDIR for buildah's `--ssh` sockets.
+            let short_tmp =
+                (!job.ssh.is_empty()).then(|| crate::ssh::ShortLink::to(tmp)).transpose().map_err(io(tmp))?;
             for (_, label) in &stages {
                 let dest = tmp.join(format!("native-{label}"));
                 // The same sandbox as the target build: its namespaces, network and privileges.
                 let mut cmd = self.command_in(&store, &sandbox.prelude());
-                cmd.env("CONTAINERS_REGISTRIES_CONF", conf).env("TMPDIR", tmp);
+                cmd.env("CONTAINERS_REGISTRIES_CONF", conf).env("TMPDIR", short_tmp.as_ref().map_or(tmp, |l| &l.0));
                 cmd.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
                 cmd.arg("--platform").arg(native.to_string());
                 cmd.arg("-f").arg(job.context.join(job.dockerfile));
@@ -459,6 +462,9 @@ impl Buildah {
                 }
                 for s in &secrets.args {
                     cmd.arg("--secret").arg(s);
+                }
+                for (id, socket) in job.ssh {
+                    cmd.arg("--ssh").arg(format!("{id}={}", socket.display()));
                 }
                 sandbox.apply(&mut cmd);
                 cmd.arg("--output").arg(format!("type=local,dest={}", dest.display())).arg(job.context);

@@ -289,6 +289,10 @@ fn build_args(job: &Job<'_>, dockerfile: &Path, secrets: &[String], network: &st
         a.push("--secret".into());
         a.push(s.clone());
     }
+    for (id, socket) in job.ssh {
+        a.push("--ssh".into());
+        a.push(format!("{id}={}", socket.display()));
+    }
     a.push("--tag".into());
     a.push(job.name.into());
     a.push(job.context.display().to_string());

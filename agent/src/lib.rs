@@ -20,6 +20,7 @@ pub mod isolation;
 pub mod mirrors;
 pub mod net;
 pub mod session;
+pub mod ssh;
 pub mod task;
 
 use std::{collections::BTreeMap, future::Future, path::PathBuf, time::Duration};

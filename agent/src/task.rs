@@ -140,6 +140,21 @@ impl Runner {
                 }
             })
         };
+        // `--ssh`: a socket per id, each connection relayed to the client's ssh-agent.
+        let forwards = if a.ssh.is_empty() {
+            None
+        } else {
+            let f = crate::ssh::Forwards::start(
+                &dir.join("ssh"),
+                &a.build,
+                &a.ssh,
+                conn.clone(),
+                self.max_frame,
+                log.clone(),
+            )
+            .map_err(|e| TaskError::Other(format!("cannot create the --ssh sockets in {}: {e}", dir.display())))?;
+            Some(f)
+        };
         let output = dir.join("layout");
         let name = format!("farm-task-{task}-{attempt}");
         let job = Job {
@@ -159,8 +174,10 @@ impl Runner {
             entitlements: &a.entitlements,
             annotations: &a.annotations,
             labels: &a.labels,
+            ssh: forwards.as_ref().map_or(&[], |f| &f.sockets[..]),
         };
         let built = self.builder.build(job, log).await;
+        drop(forwards);
         let _ = forward.await;
         laps.timings.extend(built?);
         laps.clock = std::time::Instant::now();

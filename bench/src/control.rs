@@ -422,6 +422,7 @@ async fn submit_builds(
             entitlements: vec![],
             annotations: vec![],
             labels: vec![],
+            ssh: vec![],
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

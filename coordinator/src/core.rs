@@ -681,6 +681,12 @@ impl Core {
         self.builds.get(id).map(|b| self.view(id, b))
     }
 
+    /// Whether `agent` runs a task of `build` right now (who may use the build's `--ssh`).
+    pub fn runs_task_of(&self, agent: &str, build: &str) -> bool {
+        let Some(b) = self.builds.get(build) else { return false };
+        b.tasks.iter().any(|t| matches!(&self.tasks[t].state, TaskState::Running { agent: a, .. } if a == agent))
+    }
+
     /// Whether `client` submitted any build still in memory.
     pub fn has_client(&self, client: &str) -> bool {
         self.builds.values().any(|b| b.client == client)
@@ -1033,6 +1039,7 @@ impl Core {
                             &t.platform,
                         ),
                         labels: b.spec.labels.clone(),
+                        ssh: b.spec.ssh.clone(),
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

@@ -315,6 +315,17 @@ impl Driver {
                         }
                         Err(e) => Response::Error(e),
                     },
+                    Request::SshForward { build, id } => {
+                        if self.core.runs_task_of(&peer.name, &build) {
+                            Response::Ok
+                        } else {
+                            tracing::warn!(agent = %peer.name, %build, %id, "ssh forward refused: the agent runs no task of the build");
+                            Response::Error(format!(
+                                "agent {} runs no task of build {build}: only the agents building it may use its --ssh",
+                                peer.name
+                            ))
+                        }
+                    }
                     other => Response::Error(format!("request {other:?} is not handled here")),
                 };
                 self.next.replies.push(Reply::Response(reply, resp));

@@ -138,6 +138,7 @@ impl Coordinator {
             limits: self.config.context_limits.clone(),
             gate,
             registries,
+            ssh: Default::default(),
         };
         // Every change is committed before it is acknowledged, so stopping needs no final save.
         let result = tokio::select! {

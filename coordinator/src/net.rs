@@ -38,6 +38,54 @@ pub struct Net {
     pub gate: Arc<Gate>,
     /// Registry clients, shared with the driver.
     pub registries: Arc<shared::registry::RegistryPool>,
+    /// The client connections that answer builds' `--ssh` forwards.
+    pub ssh: Arc<SshRoutes>,
+}
+
+/// How long an agent's `--ssh` forward waits for the submitting client's route to appear (the
+/// agent may hear of the task before the client hears its build was accepted).
+const SSH_ROUTE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Builds with `--ssh` → the connection of the client that submitted (and follows) each, and its
+/// ids. In memory only: a route lives while its client follows the build.
+#[derive(Default)]
+pub struct SshRoutes {
+    routes: std::sync::Mutex<std::collections::HashMap<String, (quinn::Connection, Vec<String>)>>,
+    changed: tokio::sync::Notify,
+}
+
+impl SshRoutes {
+    fn insert(&self, build: &str, conn: quinn::Connection, ids: Vec<String>) {
+        self.routes.lock().unwrap().insert(build.to_string(), (conn, ids));
+        self.changed.notify_waiters();
+    }
+
+    fn remove(&self, build: &str) {
+        self.routes.lock().unwrap().remove(build);
+    }
+
+    async fn wait(&self, build: &str) -> Option<(quinn::Connection, Vec<String>)> {
+        tokio::time::timeout(SSH_ROUTE_PATIENCE, async {
+            loop {
+                let changed = self.changed.notified();
+                if let Some(route) = self.routes.lock().unwrap().get(build) {
+                    return route.clone();
+                }
+                changed.await;
+            }
+        })
+        .await
+        .ok()
+    }
+}
+
+/// Forgets a build's `--ssh` route when its client stops following it.
+struct RouteGuard<'a>(&'a SshRoutes, String);
+
+impl Drop for RouteGuard<'_> {
+    fn drop(&mut self) {
+        self.0.remove(&self.1);
+    }
 }
 
 /// Who is connected, by name, and who may no longer connect. Shared by the connection tasks
@@ -272,6 +320,7 @@ impl Net {
             };
             let net = self.clone();
             let peer = identity.clone();
+            let conn = conn.clone();
             tokio::spawn(async move {
                 let result = async {
                     // A stream opened and left half open costs its slot for this long, no more.
@@ -279,7 +328,7 @@ impl Net {
                         tokio::time::timeout(REQUEST_TIMEOUT, expect_msg(&mut recv, net.max_frame, "a request"))
                             .await
                             .map_err(|_| ProtoError::Closed("a request within 30 s"))??;
-                    net.request(peer, req, &mut send, &mut recv).await?;
+                    net.request(&conn, peer, req, &mut send, &mut recv).await?;
                     let _ = send.finish();
                     Ok::<_, ProtoError>(())
                 }
@@ -294,6 +343,7 @@ impl Net {
 
     async fn request(
         &self,
+        conn: &quinn::Connection,
         peer: Identity,
         req: Request,
         send: &mut quinn::SendStream,
@@ -315,6 +365,8 @@ impl Net {
                 refuse("submit, list, follow or cancel builds (agent identities only build)")
             }
             Request::GetContext(_) if !agent => refuse("fetch contexts (agents only)"),
+            Request::SshForward { .. } if !agent => refuse("open ssh forwards (agents only, for the builds they run)"),
+            Request::SshForward { build, id } => return self.ssh_forward(peer, build, id, send, recv).await,
             Request::Join { .. } => Response::Error(format!("{peer} is already a member of this farm")),
             Request::CreateToken { .. }
             | Request::RevokeToken { .. }
@@ -332,7 +384,7 @@ impl Net {
                 Err(e) => Response::Error(e),
             },
             Request::GetBlobs(digests) => return self.get_blobs(&digests, send).await,
-            Request::Build(spec) => return self.build(peer, spec, send).await,
+            Request::Build(spec) => return self.build(conn, peer, spec, send).await,
             Request::Logs { build, platform, follow } => return self.logs(build, platform, follow, send).await,
             Request::Follow { build } => {
                 let (events, rx) = mpsc::unbounded_channel();
@@ -437,6 +489,7 @@ impl Net {
 
     async fn build(
         &self,
+        conn: &quinn::Connection,
         peer: Identity,
         spec: Box<shared::proto::BuildSpec>,
         send: &mut quinn::SendStream,
@@ -449,15 +502,78 @@ impl Net {
         let bases = self.resolve_bases(&spec).await;
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, accepted) = oneshot::channel();
+        let ssh = spec.ssh.clone();
         if self.events.send(Event::Submit { peer, spec, bases, events, reply }).await.is_err() {
             return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await;
         }
+        // This connection answers the build's `--ssh` forwards while it follows the build.
+        let mut _route = None;
         match accepted.await {
-            Ok(Ok(build)) => write_msg(send, &Response::Accepted { build }, max).await?,
+            Ok(Ok(build)) => {
+                if !ssh.is_empty() {
+                    self.ssh.insert(&build, conn.clone(), ssh);
+                    _route = Some(RouteGuard(&self.ssh, build.clone()));
+                }
+                write_msg(send, &Response::Accepted { build }, max).await?
+            }
             Ok(Err(e)) => return write_msg(send, &Response::Error(e), max).await,
             Err(_) => return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await,
         }
         self.stream_events(rx, send).await
+    }
+
+    /// An agent's connection to a build's `--ssh` socket: allowed only while the agent runs a
+    /// task of that build (the driver checks), relayed to the client that submitted the build.
+    /// The bytes are passed on as they come, never read or kept.
+    async fn ssh_forward(
+        &self,
+        peer: Identity,
+        build: String,
+        id: String,
+        send: &mut quinn::SendStream,
+        recv: &mut quinn::RecvStream,
+    ) -> Result<(), ProtoError> {
+        let max = self.max_frame;
+        let (reply, rx) = oneshot::channel();
+        let req = Request::SshForward { build: build.clone(), id: id.clone() };
+        let _ = self.events.send(Event::Request { peer: peer.clone(), req: req.clone(), reply }).await;
+        match rx.await.unwrap_or_else(|_| Response::Error("the coordinator is shutting down".into())) {
+            Response::Ok => {}
+            refused => return write_msg(send, &refused, max).await,
+        }
+        let Some((client, ids)) = self.ssh.wait(&build).await else {
+            let msg = format!(
+                "build {build} has no client following it to answer its --ssh {id} (it was submitted without --ssh, \
+                 or its client went away)"
+            );
+            return write_msg(send, &Response::Error(msg), max).await;
+        };
+        if !ids.contains(&id) {
+            let msg = format!(
+                "build {build} was given no --ssh id {id:?} (it has {}); pass --ssh {id}=SOCKET|KEYFILE to farm build",
+                ids.join(", ")
+            );
+            return write_msg(send, &Response::Error(msg), max).await;
+        }
+        let opened = async {
+            let (mut c_send, mut c_recv) = client.open_bi().await.map_err(std::io::Error::from)?;
+            write_msg(&mut c_send, &req, max).await?;
+            let answer: Response = expect_msg(&mut c_recv, max, "the client's answer to an ssh forward").await?;
+            Ok::<_, ProtoError>((c_send, c_recv, answer))
+        };
+        let (c_send, c_recv) = match opened.await {
+            Ok((s, r, Response::Ok)) => (s, r),
+            Ok((_, _, answer)) => return write_msg(send, &answer, max).await,
+            Err(e) => {
+                let msg = format!("the client of build {build} did not answer its --ssh {id}: {e}");
+                return write_msg(send, &Response::Error(msg), max).await;
+            }
+        };
+        write_msg(send, &Response::Ok, max).await?;
+        tracing::debug!(%build, %id, agent = %peer.name, "ssh forward open");
+        let moved = shared::proto::io::splice(recv, send, c_recv, c_send).await?;
+        tracing::debug!(%build, %id, up = moved.0, down = moved.1, "ssh forward closed");
+        Ok(())
     }
 
     /// The build's base images and the digests their tags point to now, for the result cache.

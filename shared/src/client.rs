@@ -322,3 +322,83 @@ pub async fn join(
         other => Err(client.unexpected("Joined", other)),
     }
 }
+
+/// How long a peer may take to say which `--ssh` id a forward stream is for.
+const SSH_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The client's side of `--ssh` while it follows a build: every stream the coordinator opens
+/// names an id ([`Request::SshForward`]) and is connected to this machine's socket for it. The
+/// keys stay here: only the ssh-agent protocol's bytes cross, inside the mutual-TLS connection.
+/// Stops when dropped.
+pub struct SshServer(tokio::task::JoinHandle<()>);
+
+impl Drop for SshServer {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Client {
+    /// Answers the coordinator's `--ssh` streams on this connection with `sockets` (id → local
+    /// ssh-agent socket).
+    pub fn serve_ssh(&self, sockets: std::collections::HashMap<String, std::path::PathBuf>) -> SshServer {
+        let conn = self.conn.clone();
+        let max = self.max_frame;
+        let sockets = std::sync::Arc::new(sockets);
+        SshServer(tokio::spawn(async move {
+            while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+                let sockets = sockets.clone();
+                tokio::spawn(async move {
+                    let req = tokio::time::timeout(SSH_REQUEST_TIMEOUT, expect_msg(&mut recv, max, "a request")).await;
+                    let id = match req {
+                        Ok(Ok(Request::SshForward { id, .. })) => id,
+                        Ok(Ok(other)) => {
+                            let msg = format!("a client answers only ssh forwards, not {other:?}");
+                            let _ = write_msg(&mut send, &Response::Error(msg), max).await;
+                            return;
+                        }
+                        _ => return,
+                    };
+                    let Some(path) = sockets.get(&id) else {
+                        let msg = format!("this build has no --ssh id {id:?}; pass --ssh {id}=SOCKET|KEYFILE");
+                        let _ = write_msg(&mut send, &Response::Error(msg), max).await;
+                        return;
+                    };
+                    let local = match tokio::net::UnixStream::connect(path).await {
+                        Ok(s) => s,
+                        Err(e) => {
+                            let msg = format!("--ssh {id}: the client cannot connect to {}: {e}", path.display());
+                            let _ = write_msg(&mut send, &Response::Error(msg), max).await;
+                            return;
+                        }
+                    };
+                    if write_msg(&mut send, &Response::Ok, max).await.is_err() {
+                        return;
+                    }
+                    let (lr, lw) = local.into_split();
+                    if let Err(e) = crate::proto::io::splice(recv, send, lr, lw).await {
+                        tracing::debug!(id, "ssh forward ended: {e}");
+                    }
+                });
+            }
+        }))
+    }
+}
+
+/// (Agents) asks the coordinator to connect a new stream to the `--ssh` socket `id` of `build`
+/// on the client that submitted it; after its `Ok` the streams carry the ssh-agent protocol.
+pub async fn open_ssh_forward(
+    conn: &quinn::Connection,
+    build: &str,
+    id: &str,
+    max_frame: usize,
+) -> Result<(quinn::SendStream, quinn::RecvStream), String> {
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
+    let req = Request::SshForward { build: build.into(), id: id.into() };
+    write_msg(&mut send, &req, max_frame).await.map_err(|e| e.to_string())?;
+    match expect_msg(&mut recv, max_frame, "an answer to an ssh forward").await.map_err(|e| e.to_string())? {
+        Response::Ok => Ok((send, recv)),
+        Response::Error(e) => Err(e),
+        other => Err(format!("unexpected answer {other:?}")),
+    }
+}

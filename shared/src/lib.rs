@@ -33,6 +33,7 @@ pub mod platform;
 pub mod proto;
 pub mod quic;
 pub mod registry;
+pub mod ssh;
 pub mod tls;
 
 pub use digest::Digest;

@@ -43,6 +43,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         entitlements: vec![],
         annotations: vec![],
         labels: vec![],
+        ssh: vec![],
     }
 }
 
@@ -685,4 +686,19 @@ fn annotations_reach_the_agent_and_the_index_and_labels_and_manifest_annotations
     arm_only.annotations = anns(&["manifest[linux/arm64]:org.example.arm=no"]);
     assert_eq!(key(&s, "linux/amd64"), key(&arm_only, "linux/amd64"));
     assert_ne!(key(&s, "linux/arm64"), key(&arm_only, "linux/arm64"));
+}
+
+#[test]
+fn only_an_agent_running_a_task_of_a_build_may_use_its_ssh() {
+    let mut core = three_agent_farm();
+    core.submit(0, "b1", "admin", BuildSpec { ssh: vec!["default".into()], ..spec(&["linux/amd64"]) }, None).unwrap();
+    let out = drain(&mut core);
+    let (conn, task, attempt, _, _) = out.assigned[0].clone();
+    assert_eq!(conn, 1);
+    assert!(core.runs_task_of("x86", "b1"));
+    assert!(!core.runs_task_of("pi64", "b1"), "another agent");
+    assert!(!core.runs_task_of("x86", "b2"), "another build");
+    core.agent_msg(1, "x86", 1, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
+    drain(&mut core);
+    assert!(!core.runs_task_of("x86", "b1"), "a finished task opens nothing");
 }

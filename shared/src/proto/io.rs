@@ -133,6 +133,57 @@ impl Drop for ReaderHandle {
     }
 }
 
+/// Relays raw bytes both ways between two byte streams (`a_in`→`b_out` and `b_in`→`a_out`) until
+/// both directions have ended; an end of stream on one side is passed on as a shutdown (a QUIC
+/// finish) of the other. A failed direction ends the relay at once: dropping the streams resets
+/// them, so a peer that went away never leaves the other side waiting. Returns the bytes moved
+/// each way.
+pub async fn splice<A, B, C, D>(mut a_in: A, mut a_out: B, mut b_in: C, mut b_out: D) -> std::io::Result<(u64, u64)>
+where
+    A: AsyncRead + Unpin,
+    B: AsyncWrite + Unpin,
+    C: AsyncRead + Unpin,
+    D: AsyncWrite + Unpin,
+{
+    let there = async {
+        let n = tokio::io::copy(&mut a_in, &mut b_out).await?;
+        b_out.shutdown().await?;
+        Ok::<_, std::io::Error>(n)
+    };
+    let back = async {
+        let n = tokio::io::copy(&mut b_in, &mut a_out).await?;
+        a_out.shutdown().await?;
+        Ok::<_, std::io::Error>(n)
+    };
+    tokio::try_join!(there, back)
+}
+
+#[cfg(test)]
+mod splice_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn splice_relays_both_ways_and_passes_on_the_end() {
+        let (mut a, a_far) = tokio::io::duplex(64);
+        let (mut b, b_far) = tokio::io::duplex(64);
+        let (ar, aw) = tokio::io::split(a_far);
+        let (br, bw) = tokio::io::split(b_far);
+        let relay = tokio::spawn(splice(ar, aw, br, bw));
+        a.write_all(b"request").await.unwrap();
+        a.shutdown().await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 7];
+        b.read_exact(&mut buf).await.unwrap();
+        got.extend_from_slice(&buf);
+        b.write_all(b"answer!").await.unwrap();
+        b.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        a.read_to_end(&mut back).await.unwrap();
+        assert_eq!((got.as_slice(), back.as_slice()), (&b"request"[..], &b"answer!"[..]));
+        assert_eq!(relay.await.unwrap().unwrap(), (7, 7));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -193,6 +193,10 @@ pub struct BuildSpec {
     pub annotations: Vec<Annotation>,
     /// `--label KEY=VALUE`: image config labels, on every platform's image.
     pub labels: Vec<(String, String)>,
+    /// `--ssh` ids, for `RUN --mount=type=ssh[,id=ID]`. Only the ids travel: the sockets and keys
+    /// stay on the client, which answers each connection the builder makes
+    /// ([`Request::SshForward`]) while it follows the build.
+    pub ssh: Vec<String>,
 }
 
 /// A build secret. Its value never appears in Debug output, logs or the state file.
@@ -237,6 +241,9 @@ pub struct Assignment {
     /// `max_context_bytes`); the agent checks the fetched manifest against these, not its own
     /// defaults, so a context the coordinator accepted is one every agent accepts.
     pub context_limits: ContextLimits,
+    /// The build's `--ssh` ids: the agent offers the builder a socket for each and relays every
+    /// connection to it through the coordinator to the client ([`Request::SshForward`]).
+    pub ssh: Vec<String>,
 }
 
 /// How big a context may be: the coordinator's configuration, as sent to agents.
@@ -336,6 +343,16 @@ pub enum Request {
     /// tags pushes nothing to a registry: its image goes to the coordinator), so each blob
     /// travels once.
     HaveBlobs(Vec<Digest>),
+    /// One connection to a build's `--ssh` socket. (Agents) opened for a connection the builder
+    /// made to the socket for `id`, allowed only while the agent runs a task of `build`; the
+    /// coordinator opens the same request on a stream to the client that submitted the build
+    /// (and follows it), which connects it to its local socket for `id`. Each side answers
+    /// [`Response::Ok`] or [`Response::Error`]; after `Ok` the stream carries the raw bytes of
+    /// the ssh-agent protocol both ways (relayed, never read or stored).
+    SshForward {
+        build: String,
+        id: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
