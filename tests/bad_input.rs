@@ -1551,6 +1551,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         credentials: None,
         secrets: vec![],
         entitlements: vec![],
+        inputs: Default::default(),
     }
 }
 

@@ -254,11 +254,25 @@ fn builder_size(df: &[u8]) -> Option<u64> {
 fn network(job: &Job<'_>, has_bridge: bool) -> &'static str {
     if job.entitlements.contains(&shared::proto::Entitlement::NetworkHost) {
         "host"
+    } else if job.inputs.no_network {
+        "none"
     } else if has_bridge {
         "default"
     } else {
         "none"
     }
+}
+
+/// Named contexts need `docker buildx build --build-context` (Docker 23+ with buildx); the
+/// classic `docker build` of Debian's docker.io 20.10, which the agent drives, has no such flag.
+fn named_contexts_refused(job: &Job<'_>) -> Option<String> {
+    let first = job.contexts.first()?;
+    Some(format!(
+        "the build uses named contexts (--build-context {}=...), which farm's Docker builder cannot pass: the \
+         docker build of Docker 20.10 has no --build-context; build it on a buildah agent (farm build --require \
+         builder=buildah)",
+        first.0
+    ))
 }
 
 /// `docker build` arguments (after the global ones) for `job`, with `dockerfile` (the job's, or
@@ -280,6 +294,13 @@ fn build_args(job: &Job<'_>, dockerfile: &Path, secrets: &[String], network: &st
     }
     if job.no_cache {
         a.push("--no-cache".into());
+    }
+    if job.inputs.pull {
+        a.push("--pull".into());
+    }
+    for (host, ip) in &job.inputs.add_hosts {
+        a.push("--add-host".into());
+        a.push(format!("{host}:{ip}"));
     }
     for s in secrets {
         a.push("--secret".into());
@@ -352,6 +373,9 @@ impl Builder for Docker {
                         .into(),
                 ));
             }
+            if let Some(refusal) = named_contexts_refused(&job) {
+                return Err(BuilderError::Failed(refusal));
+            }
             let started = std::time::Instant::now();
             let tmp = self.root.join("tmp");
             std::fs::create_dir_all(&tmp).map_err(|source| BuilderError::Io { path: tmp.clone(), source })?;
@@ -362,7 +386,7 @@ impl Builder for Docker {
             let secrets = SecretFiles::write(&tmp, job.name, job.secrets)?;
             let has_bridge = matches!(api(&self.host, "GET", "/networks/bridge").await, Ok((200, _)));
             let network = network(&job, has_bridge);
-            if network == "none" {
+            if network == "none" && !job.inputs.no_network {
                 let _ = log.send(
                     "farm: note: the Docker Engine has no bridge network, so RUN steps have no network; give \
                      dockerd a bridge for outbound access"

@@ -122,9 +122,20 @@ impl Runner {
         say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
         let _ = std::fs::remove_dir_all(dir);
         let manifest = self.fetch_context(conn, &a.context).await?;
+        // Named contexts (`--build-context NAME=DIR`) come the same way, each into its own directory.
+        let mut named = Vec::new();
+        for c in &a.inputs.contexts {
+            named.push(self.fetch_context(conn, &c.context).await?);
+        }
         laps.lap("context sync");
         let context = dir.join("context");
         materialise(&manifest, &self.store, &context)?;
+        let mut contexts = Vec::new();
+        for (i, (c, m)) in a.inputs.contexts.iter().zip(&named).enumerate() {
+            let path = dir.join(format!("named-context-{i}"));
+            materialise(m, &self.store, &path)?;
+            contexts.push((c.name.clone(), path));
+        }
         laps.lap("materialise");
 
         let (log, mut lines) = mpsc::unbounded_channel();
@@ -153,6 +164,8 @@ impl Runner {
             mirrors: &self.mirrors,
             memory: self.memory.as_ref(),
             entitlements: &a.entitlements,
+            inputs: &a.inputs,
+            contexts: &contexts,
         };
         let built = self.builder.build(job, log).await;
         let _ = forward.await;

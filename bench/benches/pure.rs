@@ -71,6 +71,7 @@ fn framing(c: &mut Criterion) {
         credentials: None,
         secrets: vec![],
         entitlements: vec![],
+        inputs: Default::default(),
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

@@ -420,6 +420,7 @@ async fn submit_builds(
             credentials: None,
             secrets: vec![],
             entitlements: vec![],
+            inputs: Default::default(),
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

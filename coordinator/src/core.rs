@@ -74,7 +74,9 @@ struct CacheEntry {
 }
 
 /// Names everything a task's result depends on: context, Dockerfile, args, target, platform, the
-/// digest every base image tag resolved to when the build was submitted, and the secrets' hashes.
+/// digest every base image tag resolved to when the build was submitted, the secrets' hashes, and
+/// the inputs that change what RUN steps see (named contexts by manifest digest, `--network
+/// none`, `--add-host`). `--pull` is not in it: the base digests already are.
 pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest)]) -> String {
     let secrets: Vec<(&String, String)> = spec.secrets.iter().map(|s| (&s.id, shared::tls::sha256(&s.value))).collect();
     let inputs = (
@@ -87,6 +89,9 @@ pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest
         bases,
         secrets,
         &spec.entitlements,
+        &spec.inputs.contexts,
+        spec.inputs.no_network,
+        &spec.inputs.add_hosts,
     );
     shared::tls::sha256(&postcard::to_allocvec(&inputs).expect("plain data encodes"))
 }
@@ -947,6 +952,7 @@ impl Core {
                         credentials: b.credentials.clone(),
                         secrets: b.secrets.clone(),
                         entitlements: b.spec.entitlements.clone(),
+                        inputs: b.spec.inputs.clone(),
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The layout of the records in this file; bumped whenever a record type changes.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// The file inside the state directory.
 pub const FILE_NAME: &str = "state.redb";

@@ -709,6 +709,20 @@ pub struct Scanned {
     pub sources: HashMap<Digest, PathBuf>,
 }
 
+impl Scanned {
+    /// Adds (or replaces) a file at `path` whose bytes are `bytes`, kept at `source` on this
+    /// machine: `farm build -f -` puts the Dockerfile read from stdin into the context this way.
+    pub fn add_file(&mut self, path: &str, bytes: &[u8], source: PathBuf) -> Result<(), ContextError> {
+        let digest = Digest::of(bytes);
+        self.manifest.entries.retain(|e| e.path != path);
+        let entry = Entry { path: path.into(), mode: 0o644, kind: EntryKind::File { size: bytes.len() as u64, digest } };
+        let at = self.manifest.entries.partition_point(|e| e.path < entry.path);
+        self.manifest.entries.insert(at, entry);
+        self.sources.insert(Digest::of(bytes), source);
+        self.manifest.validate(&ContextLimits::unlimited())
+    }
+}
+
 /// Walks `root` (a directory), honouring `root/.dockerignore` if present, into a manifest plus where
 /// each blob's bytes live locally.
 ///
@@ -737,6 +751,20 @@ pub fn scan(root: &Path, dockerfile: &str) -> Result<Scanned, ContextError> {
         }
         Err(e) => return Err(io_err(&dockerfile_abs)(e)),
     }
+    walk_root(root, vec![dockerfile_rel, ".dockerignore".to_string()])
+}
+
+/// A named context (`--build-context NAME=DIR`): as [`scan`], honouring `root/.dockerignore`,
+/// but with no Dockerfile in it.
+pub fn scan_dir(root: &Path) -> Result<Scanned, ContextError> {
+    let meta = fs::metadata(root).map_err(io_err(root))?;
+    if !meta.is_dir() {
+        return Err(ContextError::NotADirectory { path: root.to_path_buf() });
+    }
+    walk_root(root, vec![".dockerignore".to_string()])
+}
+
+fn walk_root(root: &Path, always: Vec<String>) -> Result<Scanned, ContextError> {
     let ignore_path = root.join(".dockerignore");
     let ignore = match fs::read(&ignore_path) {
         Ok(bytes) => DockerIgnore::parse(&String::from_utf8_lossy(&bytes))?,
@@ -745,7 +773,7 @@ pub fn scan(root: &Path, dockerfile: &str) -> Result<Scanned, ContextError> {
     };
     let mut walker = Walker {
         ignore: &ignore,
-        always: [dockerfile_rel, ".dockerignore".to_string()],
+        always,
         entries: Vec::new(),
         sources: HashMap::new(),
         buf: vec![0; BUF_SIZE],
@@ -758,10 +786,40 @@ pub fn scan(root: &Path, dockerfile: &str) -> Result<Scanned, ContextError> {
     Ok(Scanned { manifest, sources })
 }
 
+/// `farm build -` (as `docker build -`): a context sent as a tar (plain or gzip-compressed) on
+/// stdin, unpacked into `dest` to be scanned like a directory. Entries leading out of `dest`
+/// (`..`, absolute paths after the leading `/` is stripped) are refused by the tar reader.
+pub fn unpack_context_tar(mut reader: impl io::Read, dest: &Path) -> Result<(), ContextError> {
+    let mut magic = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match reader.read(&mut magic[got..]).map_err(io_err(dest))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let head = io::Cursor::new(magic[..got].to_vec()).chain(reader);
+    let unpack = |r: &mut dyn io::Read| {
+        let mut archive = tar::Archive::new(r);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        archive.unpack(dest).map_err(|e| ContextError::Io {
+            path: dest.to_path_buf(),
+            source: io::Error::new(e.kind(), format!("the context tar on stdin: {e}")),
+        })
+    };
+    if magic[..got] == [0x1f, 0x8b] {
+        unpack(&mut flate2::read::GzDecoder::new(head))
+    } else {
+        let mut head = head;
+        unpack(&mut head)
+    }
+}
+
 struct Walker<'a> {
     ignore: &'a DockerIgnore,
     /// Paths kept whatever .dockerignore says: the Dockerfile and .dockerignore.
-    always: [String; 2],
+    always: Vec<String>,
     entries: Vec<Entry>,
     sources: HashMap<Digest, PathBuf>,
     buf: Vec<u8>,

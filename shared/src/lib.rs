@@ -11,6 +11,7 @@
 //! - [`client`]: the connecting side (handshake, one stream per request), for agents and the CLI.
 //! - [`context`]: build contexts as content-addressed manifests: `.dockerignore`, scanning, validation
 //!   on receipt, the blob store, and materialising a context into an agent's work directory.
+//! - [`inputs`]: `farm build`'s input flags (named contexts, secrets, network, extra hosts), parsed.
 //! - [`oci`]: image references, descriptors, deterministic image indexes and buildah's OCI layouts.
 //! - [`registry`]: pushing layouts by digest and indexes by tag to OCI registries (oci-client).
 //!
@@ -24,6 +25,7 @@ pub mod digest;
 pub mod dockerfile;
 pub mod export;
 pub mod host;
+pub mod inputs;
 pub mod oci;
 pub mod platform;
 pub mod proto;

@@ -40,6 +40,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         credentials: None,
         secrets: vec![],
         entitlements: vec![],
+        inputs: Default::default(),
     }
 }
 
@@ -565,4 +566,24 @@ fn a_build_is_queued_until_a_platform_reaches_an_agent_and_found_by_a_unique_pre
     drain(&mut core);
     let states: Vec<String> = core.builds(10).into_iter().map(|b| b.state).collect();
     assert!(states.contains(&"running".to_string()), "{states:?}");
+}
+
+#[test]
+fn named_contexts_network_none_and_extra_hosts_are_in_the_cache_key_and_pull_is_not() {
+    let amd64 = p("linux/amd64");
+    let base = spec(&["linux/amd64"]);
+    let key = |s: &BuildSpec| super::cache_key(s, &amd64, &[]);
+    let mut named = base.clone();
+    named.inputs.contexts.push(shared::proto::NamedContext { name: "extra".into(), context: digest(1) });
+    let mut other = named.clone();
+    other.inputs.contexts[0].context = digest(2);
+    let mut none = base.clone();
+    none.inputs.no_network = true;
+    let mut hosts = base.clone();
+    hosts.inputs.add_hosts.push(("db.internal".into(), "10.1.2.3".into()));
+    let keys: std::collections::BTreeSet<String> = [&base, &named, &other, &none, &hosts].map(key).into();
+    assert_eq!(keys.len(), 5, "each input changes the key");
+    let mut pull = base.clone();
+    pull.inputs.pull = true;
+    assert_eq!(key(&pull), key(&base), "--pull re-resolves bases, whose digests are in the key already");
 }

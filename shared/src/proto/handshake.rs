@@ -8,8 +8,9 @@ use super::ProtoError;
 /// Bumped whenever a message changes incompatibly. ALPN (`farm/1`) gates the transport; this
 /// gates the messages. 3: `AgentInfo` and `AgentView` gained `memory_limit`; `BuildSpec`,
 /// `Assignment` and `AgentInfo` gained entitlements. 4: a build without tags (and an assignment
-/// with an empty repository) means "push nothing: results to the coordinator".
-pub const PROTOCOL_VERSION: u32 = 4;
+/// with an empty repository) means "push nothing: results to the coordinator". 5: `BuildSpec` and
+/// `Assignment` gained `inputs` (named contexts, `--pull`, `--network none`, `--add-host`).
+pub const PROTOCOL_VERSION: u32 = 5;
 
 const MAGIC: [u8; 4] = *b"FARM";
 

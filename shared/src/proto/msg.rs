@@ -186,6 +186,31 @@ pub struct BuildSpec {
     pub secrets: Vec<Secret>,
     /// `--allow` / `--network host`: what the build asks for beyond the default sandbox.
     pub entitlements: Vec<Entitlement>,
+    /// Named contexts, `--pull`, `--network none`, `--add-host`.
+    pub inputs: Inputs,
+}
+
+/// What a build takes in besides its context, Dockerfile and arguments: buildx's
+/// `--build-context`, `--pull`, `--network none` and `--add-host`. The same in the build spec
+/// and in every assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Inputs {
+    /// `--build-context NAME=DIR`: each uploaded like the main context, by manifest digest.
+    pub contexts: Vec<NamedContext>,
+    /// `--pull`: pull every base image again, even if the builder holds its tag.
+    pub pull: bool,
+    /// `--network none`: RUN steps have no network at all (only loopback).
+    pub no_network: bool,
+    /// `--add-host HOST:IP`: extra `/etc/hosts` lines for RUN steps, IPs already validated.
+    pub add_hosts: Vec<(String, String)>,
+}
+
+/// A named build context (`COPY --from=NAME`, `RUN --mount=...,from=NAME`, `FROM NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedContext {
+    pub name: String,
+    /// Digest of its uploaded manifest.
+    pub context: Digest,
 }
 
 /// A build secret. Its value never appears in Debug output, logs or the state file.
@@ -222,6 +247,7 @@ pub struct Assignment {
     pub secrets: Vec<Secret>,
     /// The build's entitlements; the agent was chosen because its config allows them.
     pub entitlements: Vec<Entitlement>,
+    pub inputs: Inputs,
 }
 
 /// How long one phase of a task took (context sync, materialise, build, export, push).
