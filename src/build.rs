@@ -47,8 +47,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let require = config::labels_flag(&BTreeMap::new(), &args.require, "--require")?;
     let network = shared::inputs::parse_network(&args.network)?;
     let entitlements = entitlements(network, &args.allow)?;
-    let add_hosts =
-        args.add_hosts.iter().map(|h| shared::inputs::parse_add_host(h)).collect::<Result<Vec<_>, _>>()?;
+    let add_hosts = args.add_hosts.iter().map(|h| shared::inputs::parse_add_host(h)).collect::<Result<Vec<_>, _>>()?;
     let named = named_contexts(&args.build_contexts)?;
     // `-`: the context is a tar on stdin (as `docker build -`); `-f -`: the Dockerfile is.
     let context_on_stdin = args.context.as_os_str() == "-";
@@ -57,7 +56,9 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         bail!("the context (-) and the Dockerfile (-f -) cannot both come from stdin: give one of them as a path");
     }
     let stdin_dir = match context_on_stdin || dockerfile_on_stdin {
-        true => Some(tempfile::Builder::new().prefix("farm-stdin-").tempdir().context("creating a temporary directory")?),
+        true => {
+            Some(tempfile::Builder::new().prefix("farm-stdin-").tempdir().context("creating a temporary directory")?)
+        }
         false => None,
     };
     let context = match &stdin_dir {
@@ -77,7 +78,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     }
     let (dockerfile, shown, stdin_text) = if dockerfile_on_stdin {
         let mut text = String::new();
-        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading the Dockerfile (-f -) from stdin")?;
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading the Dockerfile (-f -) from stdin")?;
         (STDIN_DOCKERFILE.to_string(), "the Dockerfile from stdin".to_string(), Some(text))
     } else if context_on_stdin {
         let inside = args.file.as_deref().map(|f| f.to_string_lossy().into_owned()).unwrap_or("Dockerfile".into());
@@ -106,7 +108,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let scanned = tokio::task::spawn_blocking(move || match from_stdin {
         // The Dockerfile read from stdin joins the context as a file of its own.
         Some((text, path)) => {
-            std::fs::write(&path, &text).map_err(|source| shared::context::ContextError::Io { path: path.clone(), source })?;
+            std::fs::write(&path, &text)
+                .map_err(|source| shared::context::ContextError::Io { path: path.clone(), source })?;
             let mut scanned = shared::context::scan_dir(&scan_root)?;
             scanned.add_file(&df, text.as_bytes(), path)?;
             Ok(scanned)

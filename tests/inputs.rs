@@ -1,7 +1,7 @@
 //! End to end, the inputs of a build besides its context: a named context (`--build-context`)
 //! used by `COPY --from` and `RUN --mount=...,from=`, a secret from an environment variable that
-//! reaches its RUN and nothing else, `--add-host`, `--pull`, `--network none`, and a context sent
-//! as a tar on stdin (`farm build ... -`). One farm (a coordinator and an agent as processes).
+//! reaches its RUN and nothing else, `--add-host`, `--pull`, `--network none`, a context sent
+//! as a tar on stdin (`farm build ... -`) and a Dockerfile on stdin (`-f -`). One farm (a coordinator and an agent as processes).
 
 mod common;
 
@@ -124,8 +124,11 @@ fn named_contexts_env_secrets_hosts_no_network_and_a_context_on_stdin() {
     // The context as a tar on stdin, built with no network: RUN sees only loopback.
     let stdin_ctx = tmp.join("stdin-ctx");
     std::fs::create_dir_all(&stdin_ctx).unwrap();
-    std::fs::write(stdin_ctx.join("Dockerfile"), "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\nRUN cat /proc/net/dev > /netdev\n")
-        .unwrap();
+    std::fs::write(
+        stdin_ctx.join("Dockerfile"),
+        "ARG BASE\nFROM ${BASE}\nCOPY hello.txt /hello.txt\nRUN cat /proc/net/dev > /netdev\n",
+    )
+    .unwrap();
     std::fs::write(stdin_ctx.join("hello.txt"), "sent on stdin\n").unwrap();
     let tar = Command::new("tar").arg("-C").arg(&stdin_ctx).args(["-c", "."]).output().unwrap();
     assert!(tar.status.success());
@@ -145,11 +148,26 @@ fn named_contexts_env_secrets_hosts_no_network_and_a_context_on_stdin() {
     assert!(out.status.success(), "{so}\n{se}");
     let (_, _, images) = read_image(&registry, &format!("{}/stdin:1", registry.addr));
     assert_eq!(images[0].text("hello.txt"), "sent on stdin");
-    let interfaces: Vec<String> = images[0]
-        .text("netdev")
-        .lines()
-        .skip(2)
-        .map(|l| l.split(':').next().unwrap().trim().to_string())
-        .collect();
+    let interfaces: Vec<String> =
+        images[0].text("netdev").lines().skip(2).map(|l| l.split(':').next().unwrap().trim().to_string()).collect();
     assert_eq!(interfaces, ["lo"], "--network none leaves only loopback");
+
+    // `-f -`: the Dockerfile on stdin, the context a directory.
+    let mut args = common_flags("stdinfile:1");
+    args.extend(["-f", "-", stdin_ctx.to_str().unwrap()].map(String::from));
+    let mut child = Command::new(farm_bin())
+        .args(&args)
+        .env("FARM_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"ARG BASE\nFROM ${BASE}\nCOPY hello.txt /again.txt\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    let (so, se) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{so}\n{se}");
+    let (_, _, images) = read_image(&registry, &format!("{}/stdinfile:1", registry.addr));
+    assert_eq!(images[0].text("again.txt"), "sent on stdin");
+    assert!(!images[0].files.contains_key("netdev"), "built from the Dockerfile on stdin, not the one in the context");
 }

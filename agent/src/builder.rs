@@ -516,7 +516,7 @@ impl Buildah {
                 job.inputs.no_network,
             )
             .await
-                .map_err(|e| BuilderError::Failed(e.to_string()))?;
+            .map_err(|e| BuilderError::Failed(e.to_string()))?;
             let cross = self.prepare(&job, &tmp.0, &conf, &log, &sandbox).await?;
             let mut build = self.command_in(store, &sandbox.prelude());
             // --force-rm: a failed step's container goes too (buildah 1.28 keeps it by default).

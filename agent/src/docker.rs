@@ -679,6 +679,53 @@ mod tests {
     }
 
     #[test]
+    fn inputs_become_docker_build_flags_and_named_contexts_are_refused() {
+        let platform: shared::Platform = "linux/amd64".parse().unwrap();
+        let mirrors = crate::mirrors::Mirrors::default();
+        let inputs = shared::proto::Inputs {
+            pull: true,
+            no_network: true,
+            add_hosts: vec![("db.internal".into(), "10.1.2.3".into())],
+            ..Default::default()
+        };
+        let networked = shared::proto::Inputs { no_network: false, ..inputs.clone() };
+        let contexts = vec![("extra".to_string(), PathBuf::from("/x"))];
+        let job = |inputs, contexts| Job {
+            context: Path::new("/ctx"),
+            dockerfile: "Dockerfile",
+            platform: &platform,
+            build_args: &[],
+            target: None,
+            no_cache: false,
+            insecure_registries: &[],
+            output: Path::new("/out"),
+            name: "t",
+            cancel: Default::default(),
+            secrets: &[],
+            mirrors: &mirrors,
+            memory: None,
+            entitlements: &[],
+            inputs,
+            contexts,
+        };
+        let plain = job(&inputs, &[]);
+        assert_eq!(network(&plain, true), "none");
+        assert_eq!(
+            build_args(&plain, Path::new("/ctx/Dockerfile"), &[], "none").join(" "),
+            "build --progress plain --network none --platform linux/amd64 -f /ctx/Dockerfile --pull --add-host \
+             db.internal:10.1.2.3 --tag t /ctx"
+        );
+        assert_eq!(named_contexts_refused(&plain), None);
+        assert_eq!(network(&job(&networked, &[]), true), "default");
+        assert_eq!(
+            named_contexts_refused(&job(&networked, &contexts)).unwrap(),
+            "the build uses named contexts (--build-context extra=...), which farm's Docker builder cannot pass: the \
+             docker build of Docker 20.10 has no --build-context; build it on a buildah agent (farm build --require \
+             builder=buildah)"
+        );
+    }
+
+    #[test]
     fn archive_paths_and_links_resolve() {
         assert_eq!(clean("./a/./b/../c"), "a/c");
         assert_eq!(link_target("b/layer.tar", "../a/layer.tar", true), "a/layer.tar");

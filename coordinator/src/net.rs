@@ -447,10 +447,7 @@ impl Net {
             return write_msg(send, &Response::Error(msg), max).await;
         }
         if let Some(c) = spec.inputs.contexts.iter().find(|c| !self.store.has(&c.context)) {
-            let msg = format!(
-                "named context {} ({}) was not uploaded; upload it before submitting",
-                c.name, c.context
-            );
+            let msg = format!("named context {} ({}) was not uploaded; upload it before submitting", c.name, c.context);
             return write_msg(send, &Response::Error(msg), max).await;
         }
         let bases = self.resolve_bases(&spec).await;

@@ -715,7 +715,8 @@ impl Scanned {
     pub fn add_file(&mut self, path: &str, bytes: &[u8], source: PathBuf) -> Result<(), ContextError> {
         let digest = Digest::of(bytes);
         self.manifest.entries.retain(|e| e.path != path);
-        let entry = Entry { path: path.into(), mode: 0o644, kind: EntryKind::File { size: bytes.len() as u64, digest } };
+        let entry =
+            Entry { path: path.into(), mode: 0o644, kind: EntryKind::File { size: bytes.len() as u64, digest } };
         let at = self.manifest.entries.partition_point(|e| e.path < entry.path);
         self.manifest.entries.insert(at, entry);
         self.sources.insert(Digest::of(bytes), source);
@@ -771,13 +772,8 @@ fn walk_root(root: &Path, always: Vec<String>) -> Result<Scanned, ContextError> 
         Err(e) if e.kind() == io::ErrorKind::NotFound => DockerIgnore::default(),
         Err(e) => return Err(io_err(&ignore_path)(e)),
     };
-    let mut walker = Walker {
-        ignore: &ignore,
-        always,
-        entries: Vec::new(),
-        sources: HashMap::new(),
-        buf: vec![0; BUF_SIZE],
-    };
+    let mut walker =
+        Walker { ignore: &ignore, always, entries: Vec::new(), sources: HashMap::new(), buf: vec![0; BUF_SIZE] };
     walker.walk(root, "")?;
     let Walker { mut entries, sources, .. } = walker;
     entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -1453,6 +1449,71 @@ mod tests {
         let m = scan(root, "./docker/Dockerfile.dev").unwrap().manifest;
         let paths: Vec<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, [".dockerignore", "docker", "docker/Dockerfile.dev"]);
+    }
+
+    #[test]
+    fn a_named_context_needs_no_dockerfile_and_honours_its_dockerignore() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(&root.join("file"), b"f");
+        write(&root.join("ignored.txt"), b"i");
+        write(&root.join(".dockerignore"), b"ignored.txt\n");
+        let m = scan_dir(root).unwrap().manifest;
+        let paths: Vec<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, [".dockerignore", "file"]);
+        let missing = scan_dir(&root.join("nope")).unwrap_err().to_string();
+        assert!(missing.contains("nope"), "{missing}");
+    }
+
+    #[test]
+    fn a_dockerfile_from_stdin_joins_the_scanned_context() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("ctx");
+        write(&root.join("a"), b"a");
+        write(&root.join("z"), b"z");
+        let source = tmp.path().join("stdin.Dockerfile");
+        write(&source, b"FROM x\n");
+        let mut scanned = scan_dir(&root).unwrap();
+        scanned.add_file("b.Dockerfile", b"FROM x\n", source.clone()).unwrap();
+        let paths: Vec<&str> = scanned.manifest.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "b.Dockerfile", "z"]);
+        assert_eq!(scanned.sources[&Digest::of(b"FROM x\n")], source);
+    }
+
+    #[test]
+    fn a_context_tar_on_stdin_is_unpacked_plain_or_gzipped_and_never_outside() {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in [("Dockerfile", &b"FROM x\n"[..]), ("sub/f", b"f")] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, data).unwrap();
+        }
+        let plain = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &plain).unwrap();
+        let gz = gz.finish().unwrap();
+        for bytes in [plain, gz] {
+            let tmp = tempfile::tempdir().unwrap();
+            unpack_context_tar(&bytes[..], tmp.path()).unwrap();
+            assert_eq!(fs::read(tmp.path().join("Dockerfile")).unwrap(), b"FROM x\n");
+            assert_eq!(fs::read(tmp.path().join("sub/f")).unwrap(), b"f");
+        }
+        // A member named ../escape is refused by the tar reader and written nowhere.
+        let mut raw = tar::Header::new_old();
+        raw.as_old_mut().name[..9].copy_from_slice(b"../escape");
+        raw.set_size(1);
+        raw.set_mode(0o644);
+        raw.set_cksum();
+        let mut evil = raw.as_bytes().to_vec();
+        evil.extend([b'x'; 512]);
+        evil.extend([0u8; 1024]);
+        let tmp = tempfile::tempdir().unwrap();
+        let inner = tmp.path().join("ctx");
+        fs::create_dir(&inner).unwrap();
+        let _ = unpack_context_tar(&evil[..], &inner);
+        assert!(!tmp.path().join("escape").exists());
     }
 
     #[test]

@@ -180,9 +180,9 @@ pub fn parse_add_host(flag: &str) -> Result<(String, String), InputError> {
         Err(_) if ip == "host-gateway" => Err(err(format!(
             "--add-host {flag:?}: farm cannot resolve host-gateway (each agent has its own); give an IP address"
         ))),
-        Err(_) => Err(err(format!(
-            "--add-host {flag:?}: {ip:?} is not an IP address; use HOST:IP, e.g. {host}:10.1.2.3"
-        ))),
+        Err(_) => {
+            Err(err(format!("--add-host {flag:?}: {ip:?} is not an IP address; use HOST:IP, e.g. {host}:10.1.2.3")))
+        }
     }
 }
 
