@@ -114,13 +114,8 @@ impl SecretFlag {
     /// a map in tests). An unset variable or unreadable file is refused, naming the flag and the fix.
     pub fn read(&self, env: impl Fn(&str) -> Option<std::ffi::OsString>) -> Result<Vec<u8>, InputError> {
         match &self.source {
-            SecretSource::File(path) => std::fs::read(path).map_err(|e| {
-                err(format!(
-                    "--secret {}: cannot read {}: {e}; check the path given with src=",
-                    self.flag,
-                    path.display()
-                ))
-            }),
+            SecretSource::File(path) => std::fs::read(path)
+                .map_err(|e| err(format!("--secret {}: cannot read {}: {e}", self.id, path.display()))),
             SecretSource::Env(var) => match env(var) {
                 Some(v) => Ok(std::os::unix::ffi::OsStringExt::into_vec(v)),
                 None => Err(err(format!(
@@ -268,7 +263,7 @@ mod tests {
              the secret from a file: --secret id=tok,src=FILE"
         );
         assert!(e(parse_secret("id=tok,src=/nonexistent/x").unwrap().read(env))
-            .starts_with("--secret id=tok,src=/nonexistent/x: cannot read /nonexistent/x: "));
+            .starts_with("--secret tok: cannot read /nonexistent/x: "));
     }
 
     #[test]
