@@ -45,7 +45,16 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let build_args = build_args(&args.build_args)?;
     let secrets = secrets(&args.secrets)?;
     let require = config::labels_flag(&BTreeMap::new(), &args.require, "--require")?;
-    let entitlements = entitlements(&args.network, &args.allow)?;
+    let network = shared::inputs::parse_network(&args.network)?;
+    let entitlements = entitlements(network, &args.allow)?;
+    let add_hosts = args.add_hosts.iter().map(|h| shared::inputs::parse_add_host(h)).collect::<Result<Vec<_>, _>>()?;
+    let named = named_contexts(&args.build_contexts)?;
+    // `-`: the context is a tar on stdin (as `docker build -`); `-f -`: the Dockerfile is.
+    let context_on_stdin = args.context.as_os_str() == "-";
+    let dockerfile_on_stdin = args.file.as_deref().is_some_and(|f| f.as_os_str() == "-");
+    if context_on_stdin && dockerfile_on_stdin {
+        bail!("the context (-) and the Dockerfile (-f -) cannot both come from stdin: give one of them as a path");
+    }
     if !args.ssh.is_empty() && !args.wait {
         bail!(
             "--ssh needs the command to follow the build (its ssh-agent answers through this command): drop \
@@ -56,11 +65,42 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     // when the command ends. Only the ids are sent.
     let ssh =
         shared::ssh::resolve(shared::ssh::parse(&args.ssh)?, std::env::var_os("SSH_AUTH_SOCK").map(PathBuf::from))?;
-    let context = args.context.clone();
+    let stdin_dir = match context_on_stdin || dockerfile_on_stdin {
+        true => {
+            Some(tempfile::Builder::new().prefix("farm-stdin-").tempdir().context("creating a temporary directory")?)
+        }
+        false => None,
+    };
+    let context = match &stdin_dir {
+        Some(tmp) if context_on_stdin => {
+            let dir = tmp.path().join("context");
+            std::fs::create_dir(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let into = dir.clone();
+            tokio::task::spawn_blocking(move || shared::context::unpack_context_tar(std::io::stdin().lock(), &into))
+                .await?
+                .context("reading the build context (a tar) from stdin")?;
+            dir
+        }
+        _ => args.context.clone(),
+    };
     if !context.is_dir() {
-        bail!("build context {} is not a directory", context.display());
+        bail!("build context {} is not a directory (give a directory, or - for a tar on stdin)", context.display());
     }
-    let dockerfile = dockerfile_in_context(&context, args.file.as_deref())?;
+    let (dockerfile, shown, stdin_text) = if dockerfile_on_stdin {
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+            .context("reading the Dockerfile (-f -) from stdin")?;
+        (STDIN_DOCKERFILE.to_string(), "the Dockerfile from stdin".to_string(), Some(text))
+    } else if context_on_stdin {
+        let inside = args.file.as_deref().map(|f| f.to_string_lossy().into_owned()).unwrap_or("Dockerfile".into());
+        (inside.clone(), format!("{inside} (in the context from stdin)"), None)
+    } else {
+        let shown = match &args.file {
+            Some(f) => f.display().to_string(),
+            None => context.join("Dockerfile").display().to_string(),
+        };
+        (dockerfile_in_context(&context, args.file.as_deref())?, shown, None)
+    };
     let mut insecure = insecure_from_file;
     insecure.extend(args.insecure_registries.iter().cloned());
     let credentials = match args.tags.first().filter(|_| plan.registry) {
@@ -74,16 +114,34 @@ pub async fn run(args: BuildArgs) -> Result<()> {
 
     let scan_root = context.clone();
     let df = dockerfile.clone();
-    let scanned = tokio::task::spawn_blocking(move || shared::context::scan(&scan_root, &df))
-        .await?
-        .with_context(|| format!("reading the build context {}", context.display()))?;
+    let from_stdin = stdin_text.clone().zip(stdin_dir.as_ref().map(|d| d.path().join(STDIN_DOCKERFILE)));
+    let scanned = tokio::task::spawn_blocking(move || match from_stdin {
+        // The Dockerfile read from stdin joins the context as a file of its own.
+        Some((text, path)) => {
+            std::fs::write(&path, &text)
+                .map_err(|source| shared::context::ContextError::Io { path: path.clone(), source })?;
+            let mut scanned = shared::context::scan_dir(&scan_root)?;
+            scanned.add_file(&df, text.as_bytes(), path)?;
+            Ok(scanned)
+        }
+        None => shared::context::scan(&scan_root, &df),
+    })
+    .await?
+    .with_context(|| format!("reading the build context {}", context.display()))?;
+    let mut named_scans = Vec::new();
+    for (name, dir) in &named {
+        let root = dir.clone();
+        let scanned = tokio::task::spawn_blocking(move || shared::context::scan_dir(&root))
+            .await?
+            .with_context(|| format!("--build-context {name}={}: reading the directory", dir.display()))?;
+        named_scans.push((name.clone(), scanned));
+    }
     // The Dockerfile is read here, before anything is sent: its mistakes are found in a
     // moment, with file and line, not on every agent after the upload.
-    let shown = match &args.file {
-        Some(f) => f.display().to_string(),
-        None => context.join("Dockerfile").display().to_string(),
+    let text = match &stdin_text {
+        Some(t) => t.clone(),
+        None => std::fs::read_to_string(context.join(&dockerfile)).with_context(|| format!("reading {shown}"))?,
     };
-    let text = std::fs::read_to_string(context.join(&dockerfile)).with_context(|| format!("reading {shown}"))?;
     shared::dockerfile::parse(&text, &shown)?.check_target(args.target.as_deref(), &shown)?;
 
     // A coordinator configured, or one answering at the default address, means the farm; none
@@ -126,6 +184,20 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         plural(upload.blobs_sent, "file"),
         output::bytes(upload.bytes_sent)
     ));
+    let mut contexts = Vec::new();
+    for (name, scanned) in &named_scans {
+        let upload = client.upload_context(scanned).await?;
+        view.note(&format!(
+            "context {name}: {} ({}), uploaded {} ({})",
+            plural(upload.files as u64, "file"),
+            output::bytes(upload.total_bytes),
+            plural(upload.blobs_sent, "file"),
+            output::bytes(upload.bytes_sent)
+        ));
+        contexts.push(shared::proto::NamedContext { name: name.clone(), context: scanned.manifest.digest() });
+    }
+    // Everything read from stdin is uploaded: its temporary copy goes.
+    drop(stdin_dir);
     let spec = BuildSpec {
         platforms: platforms.clone(),
         // No tags: nothing is pushed; the results come back through the coordinator.
@@ -148,6 +220,12 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         annotations: plan.annotations.clone(),
         labels: plan.labels.clone(),
         ssh: ssh.iter().map(|s| s.id.clone()).collect(),
+        inputs: shared::proto::Inputs {
+            contexts,
+            pull: args.pull,
+            no_network: network == shared::inputs::Network::None,
+            add_hosts,
+        },
     };
     // Answers the agents' connections to the --ssh sockets while the build is followed.
     let ssh_server =
@@ -271,25 +349,34 @@ fn build_args(flags: &[String]) -> Result<Vec<(String, String)>> {
     Ok(out)
 }
 
-/// `id=ID,src=FILE` (docker's syntax; `source=` too), read now: the file's bytes travel to the
-/// agent inside the mutual-TLS connection and are never written by the coordinator.
+/// `--secret` as buildx takes it (`id=ID,src=FILE`, `id=ID,env=VAR`, `type=env,id=ID`), read
+/// now: the bytes travel to the agent inside the mutual-TLS connection and are never written by
+/// the coordinator.
 fn secrets(flags: &[String]) -> Result<Vec<shared::proto::Secret>> {
     let mut out = Vec::new();
     for f in flags {
-        let (mut id, mut src) = (None, None);
-        for part in f.split(',') {
-            match part.split_once('=') {
-                Some(("id", v)) => id = Some(v.to_string()),
-                Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
-                _ => bail!("--secret {f:?}: expected id=ID,src=FILE"),
-            }
+        let flag = shared::inputs::parse_secret(f)?;
+        let value = flag.read(|k| std::env::var_os(k))?;
+        out.push(shared::proto::Secret { id: flag.id, value });
+    }
+    Ok(out)
+}
+
+/// The name the Dockerfile read from stdin (`-f -`) has in the uploaded context.
+const STDIN_DOCKERFILE: &str = ".farm-stdin.Dockerfile";
+
+/// `--build-context NAME=DIR`, each a directory, no name twice.
+fn named_contexts(flags: &[String]) -> Result<Vec<(String, PathBuf)>> {
+    let mut out: Vec<(String, PathBuf)> = Vec::new();
+    for f in flags {
+        let (name, dir) = shared::inputs::parse_build_context(f)?;
+        if out.iter().any(|(n, _)| *n == name) {
+            bail!("--build-context {name}: given twice; give each name once");
         }
-        let (Some(id), Some(src)) = (id, src) else { bail!("--secret {f:?}: expected id=ID,src=FILE") };
-        if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)) {
-            bail!("--secret {f:?}: the id may hold letters, digits, '-', '_' and '.'");
+        if !dir.is_dir() {
+            bail!("--build-context {f}: {} is not a directory; name a local directory", dir.display());
         }
-        let value = std::fs::read(&src).with_context(|| format!("--secret {id}: cannot read {}", src.display()))?;
-        out.push(shared::proto::Secret { id, value });
+        out.push((name, dir));
     }
     Ok(out)
 }
@@ -304,19 +391,20 @@ fn plural(n: u64, what: &str) -> String {
 
 /// `--network` and `--allow` as buildx takes them: `--network host` is the `network.host`
 /// entitlement (so is `--allow network.host`).
-fn entitlements(network: &str, allow: &[String]) -> Result<Vec<shared::proto::Entitlement>> {
+fn entitlements(network: shared::inputs::Network, allow: &[String]) -> Result<Vec<shared::proto::Entitlement>> {
     use shared::proto::Entitlement;
     let mut out: Vec<Entitlement> = Vec::new();
-    match network {
-        "default" => {}
-        "host" => out.push(Entitlement::NetworkHost),
-        other => bail!("--network {other:?}: farm takes default (the build's own network) or host"),
+    if network == shared::inputs::Network::Host {
+        out.push(Entitlement::NetworkHost);
     }
     for a in allow.iter().flat_map(|a| a.split(',')) {
         let e: Entitlement = a.trim().parse().map_err(|e: String| anyhow::anyhow!("--allow: {e}"))?;
         if !out.contains(&e) {
             out.push(e);
         }
+    }
+    if network == shared::inputs::Network::None && out.contains(&Entitlement::NetworkHost) {
+        bail!("--network none and --allow network.host contradict each other: give one");
     }
     out.sort();
     Ok(out)

@@ -401,19 +401,32 @@ pub struct BuildArgs {
     /// Only use agents with this label KEY=VALUE, e.g. gpu=nvidia (repeatable)
     #[arg(long = "require", value_name = "KEY=VALUE")]
     pub require: Vec<String>,
-    /// A secret for `RUN --mount=type=secret,id=ID`: id=ID,src=FILE (repeatable); it reaches
-    /// the RUN that mounts it, never a layer, a log or the coordinator's disk
-    #[arg(long = "secret", value_name = "id=ID,src=FILE")]
+    /// A secret for `RUN --mount=type=secret,id=ID`: id=ID,src=FILE, id=ID,env=VAR or
+    /// type=env,id=ID (the variable named like the id) (repeatable); it reaches the RUN that
+    /// mounts it, never a layer, a log or the coordinator's disk
+    #[arg(long = "secret", value_name = "id=ID,src=FILE|env=VAR")]
     pub secrets: Vec<String>,
     /// SSH agent socket or keys for `RUN --mount=type=ssh[,id=ID]`: default (your agent,
     /// $SSH_AUTH_SOCK), ID, ID=SOCKET or ID=KEYFILE[,KEYFILE] (repeatable); the keys stay on this
     /// machine: the build's agents relay the ssh-agent protocol to it while the build is followed
     #[arg(long = "ssh", value_name = "default|ID[=SOCKET|KEYFILE]")]
     pub ssh: Vec<String>,
+    /// A named context for `COPY --from=NAME`, `RUN --mount=...,from=NAME` and `FROM NAME`:
+    /// NAME=DIR, a local directory (repeatable); uploaded like the main context, honouring
+    /// DIR/.dockerignore
+    #[arg(long = "build-context", value_name = "NAME=DIR")]
+    pub build_contexts: Vec<String>,
+    /// Pull every base image again, even if the agent already holds its tag
+    #[arg(long)]
+    pub pull: bool,
     /// The network of RUN steps: `default` (their own, with outbound access but not the agent's
-    /// loopback) or `host` (the agent host's; needs an agent with allow_host_network = true)
-    #[arg(long, value_name = "default|host", default_value = "default")]
+    /// loopback), `none` (no network, only loopback) or `host` (the agent host's; needs an agent
+    /// with allow_host_network = true)
+    #[arg(long, value_name = "default|none|host", default_value = "default")]
     pub network: String,
+    /// An /etc/hosts entry for RUN steps, HOST:IP (repeatable)
+    #[arg(long = "add-host", value_name = "HOST:IP")]
+    pub add_hosts: Vec<String>,
     /// An entitlement beyond the sandbox: network.host, security.insecure (repeatable); only
     /// agents whose config allows it (allow_host_network, allow_insecure) take the build
     #[arg(long = "allow", value_name = "ENTITLEMENT")]
@@ -467,7 +480,8 @@ pub struct BuildArgs {
     /// coordinator is configured or answering at 127.0.0.1:3276
     #[arg(long)]
     pub embedded: bool,
-    /// The build context: a directory
+    /// The build context: a directory, or - for a tar on stdin (as `docker build -`; -f then
+    /// names the Dockerfile inside it). `-f -` reads the Dockerfile from stdin instead
     #[arg(value_name = "CONTEXT")]
     pub context: PathBuf,
 }
@@ -534,6 +548,20 @@ mod tests {
         for ok in [
             &["farm", "build", "-o", "type=oci,dest=x.tar", "--load", "."][..],
             &["farm", "build", "--load=docker", "--metadata-file", "m.json", "--iidfile", "i", "."],
+            &[
+                "farm",
+                "build",
+                "--build-context",
+                "extra=x",
+                "--pull",
+                "--network",
+                "none",
+                "--add-host",
+                "db:10.1.2.3",
+                "--secret",
+                "type=env,id=TOK",
+                "-",
+            ],
         ] {
             assert!(super::Cli::try_parse_from(ok).is_ok(), "{ok:?}");
         }

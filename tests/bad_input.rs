@@ -198,7 +198,14 @@ fn cli_refuses_before_sending_anything(w: &mut World) {
 
     let file = ctx.join("Dockerfile");
     let run = w.build(&["--platform", "linux/amd64", "-t", &tag], &file);
-    w.refused("context not a directory", &run, &format!("error: build context {} is not a directory", file.display()));
+    w.refused(
+        "context not a directory",
+        &run,
+        &format!(
+            "error: build context {} is not a directory (give a directory, or - for a tar on stdin)",
+            file.display()
+        ),
+    );
 
     let escaping = w.context(&root, "escaping", "FROM scratch\n");
     std::os::unix::fs::symlink("../../etc/passwd", escaping.join("leak")).unwrap();
@@ -438,7 +445,11 @@ fn coordinator_refuses_requests(w: &mut World) {
     w.only_error("--build-arg without a name", &run, "error: --build-arg \"=x\" has no name; use KEY=VALUE");
 
     let run = w.build(&["--platform", "linux/amd64", "-t", &tag, "--secret", "api"], &ctx);
-    w.only_error("--secret with bad syntax", &run, "error: --secret \"api\": expected id=ID,src=FILE");
+    w.only_error(
+        "--secret with bad syntax",
+        &run,
+        "error: --secret \"api\": expected id=ID,src=FILE, id=ID,env=VAR or type=env,id=ID",
+    );
 
     let run = w.build(&["--platform", "linux/amd64", "-t", &tag, "--require", "gpu"], &ctx);
     w.only_error(
@@ -1554,6 +1565,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         annotations: vec![],
         labels: vec![],
         ssh: vec![],
+        inputs: Default::default(),
     }
 }
 

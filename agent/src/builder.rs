@@ -80,6 +80,10 @@ pub struct Job<'a> {
     pub labels: &'a [(String, String)],
     /// `--ssh` ids and the sockets that relay them to the client's ssh-agent.
     pub ssh: &'a [(String, std::path::PathBuf)],
+    /// `--pull`, `--network none`, `--add-host` (and the named contexts' names and digests).
+    pub inputs: &'a shared::proto::Inputs,
+    /// The named contexts, materialised: name and directory.
+    pub contexts: &'a [(String, PathBuf)],
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -511,9 +515,14 @@ impl Buildah {
             let _ = std::fs::remove_dir_all(&tmp.0);
             std::fs::create_dir_all(&tmp.0).map_err(|source| BuilderError::Io { path: tmp.0.clone(), source })?;
             let conf = self.registries_conf(&job)?;
-            let sandbox = crate::isolation::Isolation::prepare(&self.root.join("netns"), job.name, job.entitlements)
-                .await
-                .map_err(|e| BuilderError::Failed(e.to_string()))?;
+            let sandbox = crate::isolation::Isolation::prepare(
+                &self.root.join("netns"),
+                job.name,
+                job.entitlements,
+                job.inputs.no_network,
+            )
+            .await
+            .map_err(|e| BuilderError::Failed(e.to_string()))?;
             let cross = self.prepare(&job, &tmp.0, &conf, &log, &sandbox).await?;
             let mut build = self.command_in(store, &sandbox.prelude());
             // --force-rm: a failed step's container goes too (buildah 1.28 keeps it by default).
@@ -526,6 +535,7 @@ impl Buildah {
             build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", short_tmp.as_ref().map_or(&tmp.0, |l| &l.0));
             build.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
             cross.add_args(&mut build, &job);
+            input_args(&mut build, &job);
             for (k, v) in job.build_args {
                 build.arg("--build-arg").arg(format!("{k}={v}"));
             }
@@ -580,6 +590,20 @@ impl Buildah {
             let phase = |name: &str, ms| shared::proto::Phase { name: name.into(), ms };
             Ok(vec![phase("build", build_ms), phase("export", exporting.elapsed().as_millis() as u64)])
         }
+    }
+}
+
+/// What the build's inputs add to a `buildah build` (also the native stages' builds): named
+/// contexts, `--pull-always` (buildah 1.28's spelling of "always pull"), `--add-host`.
+pub(crate) fn input_args(build: &mut Command, job: &Job<'_>) {
+    for (name, dir) in job.contexts {
+        build.arg("--build-context").arg(format!("{name}={}", dir.display()));
+    }
+    if job.inputs.pull {
+        build.arg("--pull-always");
+    }
+    for (host, ip) in &job.inputs.add_hosts {
+        build.arg("--add-host").arg(format!("{host}:{ip}"));
     }
 }
 

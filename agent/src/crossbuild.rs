@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use super::{run, Buildah, BuilderError, Job, Outcome, SecretFiles};
 
 /// The build contexts that stand for natively built stages are named this, then the stage.
-pub(super) const CONTEXT_PREFIX: &str = "farm-native-";
+pub(super) const CONTEXT_PREFIX: &str = shared::inputs::RESERVED_CONTEXT_PREFIX;
 
 /// What a task's buildah build does about its build-platform stages.
 #[derive(Debug, PartialEq, Eq)]
@@ -453,6 +453,7 @@ impl Buildah {
                 cmd.arg("--platform").arg(native.to_string());
                 cmd.arg("-f").arg(job.context.join(job.dockerfile));
                 cmd.arg("--target").arg(label);
+                super::input_args(&mut cmd, job);
                 target_args(&mut cmd, job.platform);
                 for (k, v) in job.build_args {
                     cmd.arg("--build-arg").arg(format!("{k}={v}"));

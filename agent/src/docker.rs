@@ -254,11 +254,25 @@ fn builder_size(df: &[u8]) -> Option<u64> {
 fn network(job: &Job<'_>, has_bridge: bool) -> &'static str {
     if job.entitlements.contains(&shared::proto::Entitlement::NetworkHost) {
         "host"
+    } else if job.inputs.no_network {
+        "none"
     } else if has_bridge {
         "default"
     } else {
         "none"
     }
+}
+
+/// Named contexts need `docker buildx build --build-context` (Docker 23+ with buildx); the
+/// classic `docker build` of Debian's docker.io 20.10, which the agent drives, has no such flag.
+fn named_contexts_refused(job: &Job<'_>) -> Option<String> {
+    let first = job.contexts.first()?;
+    Some(format!(
+        "the build uses named contexts (--build-context {}=...), which farm's Docker builder cannot pass: the \
+         docker build of Docker 20.10 has no --build-context; build it on a buildah agent (farm build --require \
+         builder=buildah)",
+        first.0
+    ))
 }
 
 /// `docker build` arguments (after the global ones) for `job`, with `dockerfile` (the job's, or
@@ -284,6 +298,13 @@ fn build_args(job: &Job<'_>, dockerfile: &Path, secrets: &[String], network: &st
     for (k, v) in job.labels {
         a.push("--label".into());
         a.push(format!("{k}={v}"));
+    }
+    if job.inputs.pull {
+        a.push("--pull".into());
+    }
+    for (host, ip) in &job.inputs.add_hosts {
+        a.push("--add-host".into());
+        a.push(format!("{host}:{ip}"));
     }
     for s in secrets {
         a.push("--secret".into());
@@ -360,6 +381,9 @@ impl Builder for Docker {
                         .into(),
                 ));
             }
+            if let Some(refusal) = named_contexts_refused(&job) {
+                return Err(BuilderError::Failed(refusal));
+            }
             let started = std::time::Instant::now();
             let tmp = self.root.join("tmp");
             std::fs::create_dir_all(&tmp).map_err(|source| BuilderError::Io { path: tmp.clone(), source })?;
@@ -370,7 +394,7 @@ impl Builder for Docker {
             let secrets = SecretFiles::write(&tmp, job.name, job.secrets)?;
             let has_bridge = matches!(api(&self.host, "GET", "/networks/bridge").await, Ok((200, _)));
             let network = network(&job, has_bridge);
-            if network == "none" {
+            if network == "none" && !job.inputs.no_network {
                 let _ = log.send(
                     "farm: note: the Docker Engine has no bridge network, so RUN steps have no network; give \
                      dockerd a bridge for outbound access"
@@ -670,6 +694,57 @@ mod tests {
     fn a_client_that_needs_buildx_is_refused_with_why() {
         assert!(help_supports("--platform string\n--secret stringArray\n--progress\n--network").is_ok());
         assert_eq!(help_supports("--platform --progress --network").unwrap_err(), "its `docker build` has no --secret");
+    }
+
+    #[test]
+    fn inputs_become_docker_build_flags_and_named_contexts_are_refused() {
+        let platform: shared::Platform = "linux/amd64".parse().unwrap();
+        let mirrors = crate::mirrors::Mirrors::default();
+        let inputs = shared::proto::Inputs {
+            pull: true,
+            no_network: true,
+            add_hosts: vec![("db.internal".into(), "10.1.2.3".into())],
+            ..Default::default()
+        };
+        let networked = shared::proto::Inputs { no_network: false, ..inputs.clone() };
+        let contexts = vec![("extra".to_string(), PathBuf::from("/x"))];
+        let no_annotations = std::collections::BTreeMap::new();
+        let job = |inputs, contexts| Job {
+            context: Path::new("/ctx"),
+            dockerfile: "Dockerfile",
+            platform: &platform,
+            build_args: &[],
+            target: None,
+            no_cache: false,
+            insecure_registries: &[],
+            output: Path::new("/out"),
+            name: "t",
+            cancel: Default::default(),
+            secrets: &[],
+            mirrors: &mirrors,
+            memory: None,
+            entitlements: &[],
+            annotations: &no_annotations,
+            labels: &[],
+            ssh: &[],
+            inputs,
+            contexts,
+        };
+        let plain = job(&inputs, &[]);
+        assert_eq!(network(&plain, true), "none");
+        assert_eq!(
+            build_args(&plain, Path::new("/ctx/Dockerfile"), &[], "none").join(" "),
+            "build --progress plain --network none --platform linux/amd64 -f /ctx/Dockerfile --pull --add-host \
+             db.internal:10.1.2.3 --tag t /ctx"
+        );
+        assert_eq!(named_contexts_refused(&plain), None);
+        assert_eq!(network(&job(&networked, &[]), true), "default");
+        assert_eq!(
+            named_contexts_refused(&job(&networked, &contexts)).unwrap(),
+            "the build uses named contexts (--build-context extra=...), which farm's Docker builder cannot pass: the \
+             docker build of Docker 20.10 has no --build-context; build it on a buildah agent (farm build --require \
+             builder=buildah)"
+        );
     }
 
     #[test]

@@ -47,11 +47,19 @@ pub struct Isolation {
 }
 
 impl Isolation {
-    /// The sandbox `entitlements` leave: a private network under `dir` unless `network.host`;
-    /// `no_new_privs`, default capabilities and seccomp unless `security.insecure`.
-    pub async fn prepare(dir: &Path, name: &str, entitlements: &[Entitlement]) -> Result<Isolation, IsolationError> {
+    /// The sandbox `entitlements` leave: a private network under `dir` unless `network.host`
+    /// (or none at all, only loopback, with `no_network`: `--network none`); `no_new_privs`,
+    /// default capabilities and seccomp unless `security.insecure`.
+    pub async fn prepare(
+        dir: &Path,
+        name: &str,
+        entitlements: &[Entitlement],
+        no_network: bool,
+    ) -> Result<Isolation, IsolationError> {
         let (network, mut args) = if entitlements.contains(&Entitlement::NetworkHost) {
             (None, vec!["--network".to_string(), "host".to_string()])
+        } else if no_network {
+            (None, vec!["--network".to_string(), "none".to_string()])
         } else {
             let net = BuildNetwork::create(dir, name).await?;
             let args = vec![
@@ -269,14 +277,18 @@ mod tests {
     async fn entitlements_decide_the_flags() {
         // Host networking needs no namespace, so this runs without privileges.
         let dir = std::env::temp_dir();
-        let host = Isolation::prepare(&dir, "unused", &[Entitlement::NetworkHost]).await.unwrap();
+        let host = Isolation::prepare(&dir, "unused", &[Entitlement::NetworkHost], false).await.unwrap();
         assert_eq!(host.args, ["--network", "host"]);
         assert!(host.no_new_privs);
         assert!(host.netns().is_none());
-        let all = Isolation::prepare(&dir, "unused", &[Entitlement::NetworkHost, Entitlement::SecurityInsecure])
+        let all = Isolation::prepare(&dir, "unused", &[Entitlement::NetworkHost, Entitlement::SecurityInsecure], false)
             .await
             .unwrap();
         assert_eq!(all.args, ["--network", "host", "--cap-add", "ALL", "--security-opt", "seccomp=unconfined"]);
         assert!(!all.no_new_privs);
+        // --network none: no namespace of farm's, no slirp4netns; the runtime's own, with only lo.
+        let none = Isolation::prepare(&dir, "unused", &[], true).await.unwrap();
+        assert_eq!(none.args, ["--network", "none"]);
+        assert!(none.netns().is_none() && none.prelude().is_empty());
     }
 }

@@ -121,12 +121,25 @@ impl Runner {
         }
         say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
         let _ = std::fs::remove_dir_all(dir);
-        let manifest = self.fetch_context(conn, &a.context, &a.context_limits.into()).await?;
+        let limits = a.context_limits.into();
+        let manifest = self.fetch_context(conn, &a.context, &limits).await?;
+        // Named contexts (`--build-context NAME=DIR`) come the same way, each into its own directory.
+        let mut named = Vec::new();
+        for c in &a.inputs.contexts {
+            named.push(self.fetch_context(conn, &c.context, &limits).await?);
+        }
         laps.lap("context sync");
         let context = dir.join("context");
+        let mut contexts = Vec::new();
+        let mut todo = vec![(manifest, context.clone())];
+        for (i, (c, m)) in a.inputs.contexts.iter().zip(named).enumerate() {
+            let path = dir.join(format!("named-context-{i}"));
+            contexts.push((c.name.clone(), path.clone()));
+            todo.push((m, path));
+        }
         // Thousands of files: off the runtime's threads, so heartbeats keep going meanwhile.
-        let (store, dest) = (self.store.clone(), context.clone());
-        tokio::task::spawn_blocking(move || materialise(&manifest, &store, &dest))
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || todo.iter().try_for_each(|(m, dest)| materialise(m, &store, dest)))
             .await
             .map_err(|e| TaskError::Other(format!("materialising the context: {e}")))??;
         laps.lap("materialise");
@@ -175,6 +188,8 @@ impl Runner {
             annotations: &a.annotations,
             labels: &a.labels,
             ssh: forwards.as_ref().map_or(&[], |f| &f.sockets[..]),
+            inputs: &a.inputs,
+            contexts: &contexts,
         };
         let built = self.builder.build(job, log).await;
         drop(forwards);

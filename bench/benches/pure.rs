@@ -76,6 +76,7 @@ fn framing(c: &mut Criterion) {
         annotations: Default::default(),
         labels: vec![],
         ssh: vec![],
+        inputs: Default::default(),
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

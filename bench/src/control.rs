@@ -423,6 +423,7 @@ async fn submit_builds(
             annotations: vec![],
             labels: vec![],
             ssh: vec![],
+            inputs: Default::default(),
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

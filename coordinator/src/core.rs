@@ -85,6 +85,8 @@ struct CacheEntry {
 /// digest every base image tag resolved to when the build was submitted, the secrets' hashes, and
 /// what the builder writes into the image: the labels and this platform's manifest annotations.
 /// (Index and descriptor annotations are added at stitching, outside the cached result.)
+/// the inputs that change what RUN steps see (named contexts by manifest digest, `--network
+/// none`, `--add-host`). `--pull` is not in it: the base digests already are.
 pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest)]) -> String {
     let secrets: Vec<(&String, String)> = spec.secrets.iter().map(|s| (&s.id, shared::tls::sha256(&s.value))).collect();
     let inputs = (
@@ -99,6 +101,9 @@ pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest
         &spec.entitlements,
         &spec.labels,
         annotation::for_platform(&spec.annotations, AnnotationKind::Manifest, platform),
+        &spec.inputs.contexts,
+        spec.inputs.no_network,
+        &spec.inputs.add_hosts,
     );
     shared::tls::sha256(&postcard::to_allocvec(&inputs).expect("plain data encodes"))
 }
@@ -1040,6 +1045,7 @@ impl Core {
                         ),
                         labels: b.spec.labels.clone(),
                         ssh: b.spec.ssh.clone(),
+                        inputs: b.spec.inputs.clone(),
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

@@ -499,6 +499,10 @@ impl Net {
             let msg = format!("context {} was not uploaded; upload it before submitting", spec.context);
             return write_msg(send, &Response::Error(msg), max).await;
         }
+        if let Some(c) = spec.inputs.contexts.iter().find(|c| !self.store.has(&c.context)) {
+            let msg = format!("named context {} ({}) was not uploaded; upload it before submitting", c.name, c.context);
+            return write_msg(send, &Response::Error(msg), max).await;
+        }
         let bases = self.resolve_bases(&spec).await;
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, accepted) = oneshot::channel();
@@ -585,7 +589,9 @@ impl Net {
         let entry = manifest.entries.iter().find(|e| e.path == spec.dockerfile)?;
         let shared::context::EntryKind::File { digest, .. } = &entry.kind else { return None };
         let text = String::from_utf8(std::fs::read(self.store.path(digest)).ok()?).ok()?;
-        let images = shared::dockerfile::base_images(&text, &spec.build_args);
+        let mut images = shared::dockerfile::base_images(&text, &spec.build_args);
+        // `FROM NAME` of a named context is no image (its digest is in the cache key already).
+        images.retain(|i| !spec.inputs.contexts.iter().any(|c| &c.name == i));
         if images.is_empty() {
             return Some(vec![]);
         }

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 /// The layout of the records in this file; bumped whenever a record type changes.
-/// 4: a build's spec gained annotations, labels and `ssh` (its `--ssh` ids).
+/// 4: a build's spec gained annotations, labels, `ssh` (its `--ssh` ids) and `inputs`.
 pub const SCHEMA_VERSION: u64 = 4;
 
 /// The file inside the state directory.

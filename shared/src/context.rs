@@ -720,6 +720,21 @@ pub struct Scanned {
     pub sources: HashMap<Digest, PathBuf>,
 }
 
+impl Scanned {
+    /// Adds (or replaces) a file at `path` whose bytes are `bytes`, kept at `source` on this
+    /// machine: `farm build -f -` puts the Dockerfile read from stdin into the context this way.
+    pub fn add_file(&mut self, path: &str, bytes: &[u8], source: PathBuf) -> Result<(), ContextError> {
+        let digest = Digest::of(bytes);
+        self.manifest.entries.retain(|e| e.path != path);
+        let entry =
+            Entry { path: path.into(), mode: 0o644, kind: EntryKind::File { size: bytes.len() as u64, digest } };
+        let at = self.manifest.entries.partition_point(|e| e.path < entry.path);
+        self.manifest.entries.insert(at, entry);
+        self.sources.insert(Digest::of(bytes), source);
+        self.manifest.validate(&ContextLimits::unlimited())
+    }
+}
+
 /// Walks `root` (a directory), honouring `root/.dockerignore` if present, into a manifest plus where
 /// each blob's bytes live locally.
 ///
@@ -748,19 +763,28 @@ pub fn scan(root: &Path, dockerfile: &str) -> Result<Scanned, ContextError> {
         }
         Err(e) => return Err(io_err(&dockerfile_abs)(e)),
     }
+    walk_root(root, vec![dockerfile_rel, ".dockerignore".to_string()])
+}
+
+/// A named context (`--build-context NAME=DIR`): as [`scan`], honouring `root/.dockerignore`,
+/// but with no Dockerfile in it.
+pub fn scan_dir(root: &Path) -> Result<Scanned, ContextError> {
+    let meta = fs::metadata(root).map_err(io_err(root))?;
+    if !meta.is_dir() {
+        return Err(ContextError::NotADirectory { path: root.to_path_buf() });
+    }
+    walk_root(root, vec![".dockerignore".to_string()])
+}
+
+fn walk_root(root: &Path, always: Vec<String>) -> Result<Scanned, ContextError> {
     let ignore_path = root.join(".dockerignore");
     let ignore = match fs::read(&ignore_path) {
         Ok(bytes) => DockerIgnore::parse(&String::from_utf8_lossy(&bytes))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => DockerIgnore::default(),
         Err(e) => return Err(io_err(&ignore_path)(e)),
     };
-    let mut walker = Walker {
-        ignore: &ignore,
-        always: [dockerfile_rel, ".dockerignore".to_string()],
-        entries: Vec::new(),
-        sources: HashMap::new(),
-        buf: vec![0; BUF_SIZE],
-    };
+    let mut walker =
+        Walker { ignore: &ignore, always, entries: Vec::new(), sources: HashMap::new(), buf: vec![0; BUF_SIZE] };
     walker.walk(root, "")?;
     let Walker { mut entries, sources, .. } = walker;
     entries.sort_by(|a, b| a.path.cmp(&b.path));
@@ -769,10 +793,40 @@ pub fn scan(root: &Path, dockerfile: &str) -> Result<Scanned, ContextError> {
     Ok(Scanned { manifest, sources })
 }
 
+/// `farm build -` (as `docker build -`): a context sent as a tar (plain or gzip-compressed) on
+/// stdin, unpacked into `dest` to be scanned like a directory. Entries leading out of `dest`
+/// (`..`, absolute paths after the leading `/` is stripped) are refused by the tar reader.
+pub fn unpack_context_tar(mut reader: impl io::Read, dest: &Path) -> Result<(), ContextError> {
+    let mut magic = [0u8; 2];
+    let mut got = 0;
+    while got < 2 {
+        match reader.read(&mut magic[got..]).map_err(io_err(dest))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let head = io::Cursor::new(magic[..got].to_vec()).chain(reader);
+    let unpack = |r: &mut dyn io::Read| {
+        let mut archive = tar::Archive::new(r);
+        archive.set_preserve_permissions(true);
+        archive.set_overwrite(true);
+        archive.unpack(dest).map_err(|e| ContextError::Io {
+            path: dest.to_path_buf(),
+            source: io::Error::new(e.kind(), format!("the context tar on stdin: {e}")),
+        })
+    };
+    if magic[..got] == [0x1f, 0x8b] {
+        unpack(&mut flate2::read::GzDecoder::new(head))
+    } else {
+        let mut head = head;
+        unpack(&mut head)
+    }
+}
+
 struct Walker<'a> {
     ignore: &'a DockerIgnore,
     /// Paths kept whatever .dockerignore says: the Dockerfile and .dockerignore.
-    always: [String; 2],
+    always: Vec<String>,
     entries: Vec<Entry>,
     sources: HashMap<Digest, PathBuf>,
     buf: Vec<u8>,
@@ -1426,6 +1480,71 @@ mod tests {
         let m = scan(root, "./docker/Dockerfile.dev").unwrap().manifest;
         let paths: Vec<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(paths, [".dockerignore", "docker", "docker/Dockerfile.dev"]);
+    }
+
+    #[test]
+    fn a_named_context_needs_no_dockerfile_and_honours_its_dockerignore() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        write(&root.join("file"), b"f");
+        write(&root.join("ignored.txt"), b"i");
+        write(&root.join(".dockerignore"), b"ignored.txt\n");
+        let m = scan_dir(root).unwrap().manifest;
+        let paths: Vec<&str> = m.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, [".dockerignore", "file"]);
+        let missing = scan_dir(&root.join("nope")).unwrap_err().to_string();
+        assert!(missing.contains("nope"), "{missing}");
+    }
+
+    #[test]
+    fn a_dockerfile_from_stdin_joins_the_scanned_context() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("ctx");
+        write(&root.join("a"), b"a");
+        write(&root.join("z"), b"z");
+        let source = tmp.path().join("stdin.Dockerfile");
+        write(&source, b"FROM x\n");
+        let mut scanned = scan_dir(&root).unwrap();
+        scanned.add_file("b.Dockerfile", b"FROM x\n", source.clone()).unwrap();
+        let paths: Vec<&str> = scanned.manifest.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["a", "b.Dockerfile", "z"]);
+        assert_eq!(scanned.sources[&Digest::of(b"FROM x\n")], source);
+    }
+
+    #[test]
+    fn a_context_tar_on_stdin_is_unpacked_plain_or_gzipped_and_never_outside() {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in [("Dockerfile", &b"FROM x\n"[..]), ("sub/f", b"f")] {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, path, data).unwrap();
+        }
+        let plain = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut gz, &plain).unwrap();
+        let gz = gz.finish().unwrap();
+        for bytes in [plain, gz] {
+            let tmp = tempfile::tempdir().unwrap();
+            unpack_context_tar(&bytes[..], tmp.path()).unwrap();
+            assert_eq!(fs::read(tmp.path().join("Dockerfile")).unwrap(), b"FROM x\n");
+            assert_eq!(fs::read(tmp.path().join("sub/f")).unwrap(), b"f");
+        }
+        // A member named ../escape is refused by the tar reader and written nowhere.
+        let mut raw = tar::Header::new_old();
+        raw.as_old_mut().name[..9].copy_from_slice(b"../escape");
+        raw.set_size(1);
+        raw.set_mode(0o644);
+        raw.set_cksum();
+        let mut evil = raw.as_bytes().to_vec();
+        evil.extend([b'x'; 512]);
+        evil.extend([0u8; 1024]);
+        let tmp = tempfile::tempdir().unwrap();
+        let inner = tmp.path().join("ctx");
+        fs::create_dir(&inner).unwrap();
+        let _ = unpack_context_tar(&evil[..], &inner);
+        assert!(!tmp.path().join("escape").exists());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //! - [`context`]: build contexts as content-addressed manifests: `.dockerignore`, scanning, validation
 //!   on receipt, the blob store, and materialising a context into an agent's work directory.
 //! - [`imagetools`]: `farm imagetools inspect` (an image's index and platforms, and farm's part).
+//! - [`inputs`]: `farm build`'s input flags (named contexts, secrets, network, extra hosts), parsed.
 //! - [`oci`]: image references, descriptors, deterministic image indexes and buildah's OCI layouts.
 //! - [`registry`]: pushing layouts by digest and indexes by tag to OCI registries (oci-client).
 //!
@@ -28,6 +29,7 @@ pub mod dockerfile;
 pub mod export;
 pub mod host;
 pub mod imagetools;
+pub mod inputs;
 pub mod oci;
 pub mod platform;
 pub mod proto;

@@ -44,6 +44,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         annotations: vec![],
         labels: vec![],
         ssh: vec![],
+        inputs: Default::default(),
     }
 }
 
@@ -701,4 +702,24 @@ fn only_an_agent_running_a_task_of_a_build_may_use_its_ssh() {
     core.agent_msg(1, "x86", 1, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
     drain(&mut core);
     assert!(!core.runs_task_of("x86", "b1"), "a finished task opens nothing");
+}
+
+#[test]
+fn named_contexts_network_none_and_extra_hosts_are_in_the_cache_key_and_pull_is_not() {
+    let amd64 = p("linux/amd64");
+    let base = spec(&["linux/amd64"]);
+    let key = |s: &BuildSpec| super::cache_key(s, &amd64, &[]);
+    let mut named = base.clone();
+    named.inputs.contexts.push(shared::proto::NamedContext { name: "extra".into(), context: digest(1) });
+    let mut other = named.clone();
+    other.inputs.contexts[0].context = digest(2);
+    let mut none = base.clone();
+    none.inputs.no_network = true;
+    let mut hosts = base.clone();
+    hosts.inputs.add_hosts.push(("db.internal".into(), "10.1.2.3".into()));
+    let keys: std::collections::BTreeSet<String> = [&base, &named, &other, &none, &hosts].map(key).into();
+    assert_eq!(keys.len(), 5, "each input changes the key");
+    let mut pull = base.clone();
+    pull.inputs.pull = true;
+    assert_eq!(key(&pull), key(&base), "--pull re-resolves bases, whose digests are in the key already");
 }

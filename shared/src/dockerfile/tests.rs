@@ -547,3 +547,12 @@ fn long_instructions_are_shortened_in_messages() {
     let want = format!(r#"Dockerfile:2: unknown instruction "make" in "make install {}...""#, "x".repeat(84));
     assert_eq!(err(&text), want);
 }
+
+#[test]
+fn names_of_named_contexts_are_accepted_where_stages_are() {
+    // `--build-context extra=DIR`: a name that is no stage is read as an image (as BuildKit
+    // reads it), so the check passes; the coordinator drops named contexts from the base images.
+    let df = ok("FROM busybox AS b\nCOPY --from=extra /file /x\nRUN --mount=type=bind,from=extra,target=/e cat /e/file\nFROM extra\n");
+    assert_eq!(df.check_target(None, "Dockerfile").unwrap(), 1);
+    assert_eq!(df.base_images(&[]), ["busybox", "extra"]);
+}

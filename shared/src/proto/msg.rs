@@ -197,6 +197,31 @@ pub struct BuildSpec {
     /// stay on the client, which answers each connection the builder makes
     /// ([`Request::SshForward`]) while it follows the build.
     pub ssh: Vec<String>,
+    /// Named contexts, `--pull`, `--network none`, `--add-host`.
+    pub inputs: Inputs,
+}
+
+/// What a build takes in besides its context, Dockerfile and arguments: buildx's
+/// `--build-context`, `--pull`, `--network none` and `--add-host`. The same in the build spec
+/// and in every assignment.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Inputs {
+    /// `--build-context NAME=DIR`: each uploaded like the main context, by manifest digest.
+    pub contexts: Vec<NamedContext>,
+    /// `--pull`: pull every base image again, even if the builder holds its tag.
+    pub pull: bool,
+    /// `--network none`: RUN steps have no network at all (only loopback).
+    pub no_network: bool,
+    /// `--add-host HOST:IP`: extra `/etc/hosts` lines for RUN steps, IPs already validated.
+    pub add_hosts: Vec<(String, String)>,
+}
+
+/// A named build context (`COPY --from=NAME`, `RUN --mount=...,from=NAME`, `FROM NAME`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NamedContext {
+    pub name: String,
+    /// Digest of its uploaded manifest.
+    pub context: Digest,
 }
 
 /// A build secret. Its value never appears in Debug output, logs or the state file.
@@ -244,6 +269,9 @@ pub struct Assignment {
     /// The build's `--ssh` ids: the agent offers the builder a socket for each and relays every
     /// connection to it through the coordinator to the client ([`Request::SshForward`]).
     pub ssh: Vec<String>,
+    /// `--build-context`, `--pull`, `--network none`, `--add-host`: what the build reads beyond its
+    /// context and how its RUN steps see the network.
+    pub inputs: Inputs,
 }
 
 /// How big a context may be: the coordinator's configuration, as sent to agents.
