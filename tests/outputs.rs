@@ -151,6 +151,14 @@ fn oci_local_load_and_metadata_without_a_registry() {
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
     assert_eq!(m["containerimage.digest"], served.to_string());
     assert_eq!(m["farm.platforms"]["linux/amd64"]["digest"], images[0].digest.to_string());
+    // As a CI step reads it: jq, no scraping of the human output.
+    require_tool("jq");
+    let script = r#"set -eu
+digest=$(jq -r '."containerimage.digest"' "$1")
+amd64=$(jq -r '."farm.platforms"."linux/amd64".digest' "$1")
+echo "$digest $amd64""#;
+    let ci = run_ok(Command::new("bash").args(["-c", script, "ci-step"]).arg(&meta));
+    assert_eq!(ci.trim(), format!("{served} {}", images[0].digest));
 
     // --load into a private containers-storage: buildah runs the native image from it.
     let store = tempfile::tempdir().unwrap();
