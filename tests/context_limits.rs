@@ -1,9 +1,8 @@
 //! A coordinator configured with higher context limits than the defaults builds a context above
 //! the defaults: the agents check a context against the limits the coordinator accepted it
 //! under (sent with each assignment), not against their own built-in ones.
-//!
-//! A manifest of 100,001 entries is about 8.7 MB, more than one frame may carry by default
-//! (`max_frame_bytes`, 4 MiB), so the one config file all three read raises that too.
+//! The manifest (about 8.7 MB here, more than one frame may carry) travels as a blob: only the
+//! coordinator's config changes.
 
 mod common;
 
@@ -18,12 +17,10 @@ fn a_coordinator_with_raised_limits_builds_a_context_above_the_defaults() {
     require_tool("buildah");
     let registry = Registry::start();
     let base = registry.seed_busybox();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("farm.toml");
-    std::fs::write(&config, "max_context_files = 200000\nmax_frame_bytes = 16777216\n").unwrap();
-    // Read by the coordinator, the agent and the CLI this test starts (the only test in its binary).
-    std::env::set_var("FARM_CONFIG", &config);
     let mut farm = Farm::start(3);
+    let config = farm.tmp.path().join("coordinator.toml");
+    std::fs::write(&config, "max_context_files = 200000\n").unwrap();
+    farm.restart_coordinator_env(&[("FARM_CONFIG", config.to_str().unwrap())]);
     farm.agent("x86", &[]);
 
     let ctx = farm.tmp.path().join("ctx");

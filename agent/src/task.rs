@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use shared::context::{materialise, BlobStore, ContextError, ContextLimits, ContextManifest, ValidManifest};
+use shared::context::{materialise, BlobStore, ContextError, ContextLimits, ValidManifest};
 use shared::oci::{self, ImageRef};
 use shared::proto::io::{expect_msg, read_raw, write_msg};
 use shared::proto::{AgentMsg, Assignment, BlobHeader, ManifestRef, Phase, ProtoError, Request, Response};
@@ -312,46 +312,36 @@ impl Runner {
         digest: &Digest,
         limits: &ContextLimits,
     ) -> Result<ValidManifest, TaskError> {
-        let max = self.max_frame;
-        let manifest: ContextManifest = if self.store.has(digest) {
-            let bytes = std::fs::read(self.store.path(digest))
-                .map_err(|e| TaskError::Other(format!("reading cached context manifest: {e}")))?;
-            postcard::from_bytes(&bytes).map_err(|e| TaskError::Other(format!("cached context manifest: {e}")))?
-        } else {
-            let (mut send, mut recv) = conn.open_bi().await?;
-            write_msg(&mut send, &Request::GetContext(digest.clone()), max).await?;
-            let _ = send.finish();
-            let m = match expect_msg(&mut recv, max, "a context manifest").await? {
-                Response::Context(m) => m,
-                other => return Err(TaskError::Unexpected(format!("{other:?}"))),
-            };
-            if &m.digest() != digest {
-                return Err(TaskError::Other(format!("context manifest does not match its digest {digest}")));
-            }
-            m
-        };
+        // The manifest is a blob like the files it lists: fetched once, verified by its digest.
+        if !self.store.has(digest) {
+            self.get_blobs(conn, std::slice::from_ref(digest)).await?;
+        }
+        let manifest = self.store.get_manifest(digest)?;
         let manifest = manifest.into_valid(limits)?;
         let wanted: Vec<Digest> = manifest.blobs().into_iter().map(|(d, _)| d).collect();
         let missing = self.store.missing(&wanted);
         if !missing.is_empty() {
-            let (mut send, mut recv) = conn.open_bi().await?;
-            write_msg(&mut send, &Request::GetBlobs(missing.clone()), max).await?;
-            let _ = send.finish();
-            for want in &missing {
-                let header: BlobHeader = expect_msg(&mut recv, max, "a blob").await?;
-                if &header.digest != want {
-                    return Err(TaskError::Unexpected(format!("blob {} instead of {want}", header.digest)));
-                }
-                let mut writer = self.store.writer(header.digest.clone())?;
-                read_raw(&mut recv, header.size, &mut writer).await?;
-                writer.commit()?;
-            }
-        }
-        if !self.store.has(digest) {
-            let bytes = postcard::to_allocvec(&*manifest).map_err(|e| TaskError::Other(e.to_string()))?;
-            self.store.put(&bytes)?;
+            self.get_blobs(conn, &missing).await?;
         }
         Ok(manifest)
+    }
+
+    /// Fetches `digests` from the coordinator into the store, each verified by its digest.
+    async fn get_blobs(&self, conn: &quinn::Connection, digests: &[Digest]) -> Result<(), TaskError> {
+        let max = self.max_frame;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        write_msg(&mut send, &Request::GetBlobs(digests.to_vec()), max).await?;
+        let _ = send.finish();
+        for want in digests {
+            let header: BlobHeader = expect_msg(&mut recv, max, "a blob").await?;
+            if &header.digest != want {
+                return Err(TaskError::Unexpected(format!("blob {} instead of {want}", header.digest)));
+            }
+            let mut writer = self.store.writer(header.digest.clone())?;
+            read_raw(&mut recv, header.size, &mut writer).await?;
+            writer.commit()?;
+        }
+        Ok(())
     }
 }
 

@@ -136,6 +136,7 @@ impl Coordinator {
             events,
             store: self.blobs.clone(),
             limits: self.config.context_limits.clone(),
+            accepted: Default::default(),
             gate,
             registries,
             ssh: Default::default(),

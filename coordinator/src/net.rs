@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use shared::context::{BlobSink, BlobStore, ContextLimits, ContextManifest};
+use shared::context::{BlobSink, BlobStore, ContextLimits};
 use shared::proto::io::{expect_msg, read_msg, write_msg, write_raw};
 use shared::proto::{AgentMsg, BlobHeader, Hello, HelloReply, ProtoError, Request, Response};
 use shared::tls::{Identity, Role};
@@ -40,7 +40,13 @@ pub struct Net {
     pub registries: Arc<shared::registry::RegistryPool>,
     /// The client connections that answer builds' `--ssh` forwards.
     pub ssh: Arc<SshRoutes>,
+    /// Context manifests validated since this coordinator started (a build naming one needs no
+    /// second check); bounded, emptied when full.
+    pub accepted: Arc<std::sync::Mutex<std::collections::HashSet<shared::Digest>>>,
 }
+
+/// How many accepted context digests [`Net::accepted`] remembers.
+const ACCEPTED_CONTEXTS: usize = 100_000;
 
 /// How long an agent's `--ssh` forward waits for the submitting client's route to appear (the
 /// agent may hear of the task before the client hears its build was accepted).
@@ -364,7 +370,6 @@ impl Net {
             {
                 refuse("submit, list, follow or cancel builds (agent identities only build)")
             }
-            Request::GetContext(_) if !agent => refuse("fetch contexts (agents only)"),
             Request::SshForward { .. } if !agent => refuse("open ssh forwards (agents only, for the builds they run)"),
             Request::SshForward { build, id } => return self.ssh_forward(peer, build, id, send, recv).await,
             Request::Join { .. } => Response::Error(format!("{peer} is already a member of this farm")),
@@ -376,13 +381,9 @@ impl Net {
             {
                 refuse("create or revoke tokens or identities (admin identities only)")
             }
-            Request::PutContext(manifest) => self.put_context(&manifest),
+            Request::PutContext(digest) => self.put_context(digest).await,
             Request::HaveBlobs(digests) => Response::Missing(self.store.missing(&digests)),
             Request::PutBlobs => self.put_blobs(&peer, recv).await?,
-            Request::GetContext(digest) => match self.read_manifest(&digest) {
-                Ok(m) => Response::Context(m),
-                Err(e) => Response::Error(e),
-            },
             Request::GetBlobs(digests) => return self.get_blobs(&digests, send).await,
             Request::Build(spec) => return self.build(conn, peer, spec, send).await,
             Request::Logs { build, platform, follow } => return self.logs(build, platform, follow, send).await,
@@ -408,19 +409,43 @@ impl Net {
         write_msg(send, &resp, max).await
     }
 
-    fn put_context(&self, manifest: &ContextManifest) -> Response {
-        if let Err(e) = manifest.validate(&self.limits) {
-            return Response::Error(format!("build context refused: {e}"));
+    /// A context offered by its manifest's digest (see [`Request::PutContext`]): the manifest
+    /// itself while the store lacks it; once held, validated under the coordinator's limits and
+    /// answered with the files still missing.
+    async fn put_context(&self, digest: shared::Digest) -> Response {
+        if !self.store.has(&digest) {
+            return Response::Missing(vec![digest]);
         }
-        let bytes = match postcard::to_allocvec(manifest) {
-            Ok(b) => b,
-            Err(e) => return Response::Error(e.to_string()),
-        };
-        if let Err(e) = self.store.put(&bytes) {
-            return Response::Error(format!("cannot store the context manifest: {e}"));
+        match self.check_context(&digest).await {
+            Ok(wanted) => Response::Missing(self.store.missing(&wanted)),
+            Err(e) => Response::Error(format!("build context refused: {e}")),
         }
-        let wanted: Vec<_> = manifest.blobs().into_iter().map(|(d, _)| d).collect();
-        Response::Missing(self.store.missing(&wanted))
+    }
+
+    /// Whether `digest` names a context manifest this coordinator holds and accepts.
+    async fn context_accepted(&self, digest: &shared::Digest) -> bool {
+        self.accepted.lock().unwrap().contains(digest) || self.check_context(digest).await.is_ok()
+    }
+
+    /// Reads and validates a stored manifest (off the runtime's threads: it may list many
+    /// thousands of files), remembering it as accepted; the files it lists. A refused manifest's
+    /// blob stays (blobs are content, not claims), but no build can name it.
+    async fn check_context(&self, digest: &shared::Digest) -> Result<Vec<shared::Digest>, String> {
+        let (store, limits, d) = (self.store.clone(), self.limits.clone(), digest.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            let manifest = store.get_manifest(&d)?;
+            manifest.validate(&limits)?;
+            Ok::<_, shared::context::ContextError>(manifest.blobs().into_iter().map(|(d, _)| d).collect())
+        })
+        .await
+        .map_err(|e| format!("checking the context manifest: {e}"))?
+        .map_err(|e| e.to_string())?;
+        let mut accepted = self.accepted.lock().unwrap();
+        if accepted.len() >= ACCEPTED_CONTEXTS {
+            accepted.clear();
+        }
+        accepted.insert(digest.clone());
+        Ok(checked)
     }
 
     /// Receives blobs and stores them through a [`BlobSink`]: this task only reads the network;
@@ -462,11 +487,6 @@ impl Net {
         Ok(Response::Stored { blobs, bytes })
     }
 
-    fn read_manifest(&self, digest: &shared::Digest) -> Result<ContextManifest, String> {
-        let bytes = std::fs::read(self.store.path(digest)).map_err(|_| format!("unknown context {digest}"))?;
-        postcard::from_bytes(&bytes).map_err(|e| format!("context {digest} is damaged: {e}"))
-    }
-
     /// Agents fetch context files, clients a build's results (a build without tags): by digest,
     /// which names the content; a digest nobody was told cannot be guessed.
     async fn get_blobs(&self, digests: &[shared::Digest], send: &mut quinn::SendStream) -> Result<(), ProtoError> {
@@ -495,11 +515,18 @@ impl Net {
         send: &mut quinn::SendStream,
     ) -> Result<(), ProtoError> {
         let max = self.max_frame;
-        if !self.store.has(&spec.context) {
+        if !self.context_accepted(&spec.context).await {
             let msg = format!("context {} was not uploaded; upload it before submitting", spec.context);
             return write_msg(send, &Response::Error(msg), max).await;
         }
-        if let Some(c) = spec.inputs.contexts.iter().find(|c| !self.store.has(&c.context)) {
+        let mut named = None;
+        for c in &spec.inputs.contexts {
+            if !self.context_accepted(&c.context).await {
+                named = Some(c);
+                break;
+            }
+        }
+        if let Some(c) = named {
             let msg = format!("named context {} ({}) was not uploaded; upload it before submitting", c.name, c.context);
             return write_msg(send, &Response::Error(msg), max).await;
         }
@@ -584,8 +611,7 @@ impl Net {
     /// Anything that cannot be resolved (a registry down, a private image) disables the cache
     /// for this build instead of failing it: the agents will say what is wrong.
     async fn resolve_bases(&self, spec: &shared::proto::BuildSpec) -> Option<Vec<(String, shared::Digest)>> {
-        let manifest = std::fs::read(self.store.path(&spec.context)).ok()?;
-        let manifest: ContextManifest = postcard::from_bytes(&manifest).ok()?;
+        let manifest = self.store.get_manifest(&spec.context).ok()?;
         let entry = manifest.entries.iter().find(|e| e.path == spec.dockerfile)?;
         let shared::context::EntryKind::File { digest, .. } = &entry.kind else { return None };
         let text = String::from_utf8(std::fs::read(self.store.path(digest)).ok()?).ok()?;

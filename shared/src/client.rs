@@ -151,15 +151,43 @@ impl Client {
         }
     }
 
+    /// Offers a context manifest: the files the coordinator lacks, once it holds and accepted the
+    /// manifest. The manifest travels as a blob (sent only if the coordinator lacks it), so its size
+    /// is bounded by the coordinator's context limits, not by a frame.
+    pub async fn offer_context(&self, manifest: &crate::context::ContextManifest) -> Result<Vec<Digest>, ClientError> {
+        let bytes = manifest.to_bytes();
+        let digest = Digest::of(&bytes);
+        let missing = self.put_context(&digest).await?;
+        if missing != [digest.clone()] {
+            return Ok(missing);
+        }
+        let (mut send, mut recv) = self.open(&Request::PutBlobs).await?;
+        let size = bytes.len() as u64;
+        write_msg(&mut send, &BlobHeader { digest: digest.clone(), size }, self.max_frame)
+            .await
+            .map_err(|e| self.stream_error(e))?;
+        write_raw(&mut send, &mut &bytes[..], size).await.map_err(|e| self.stream_error(e))?;
+        let _ = send.finish();
+        match self.answer(&mut recv).await? {
+            Response::Stored { .. } => {}
+            other => return Err(self.unexpected("Stored", other)),
+        }
+        self.put_context(&digest).await
+    }
+
+    async fn put_context(&self, digest: &Digest) -> Result<Vec<Digest>, ClientError> {
+        let (mut send, mut recv) = self.open(&Request::PutContext(digest.clone())).await?;
+        let _ = send.finish();
+        match self.answer(&mut recv).await? {
+            Response::Missing(m) => Ok(m),
+            other => Err(self.unexpected("Missing", other)),
+        }
+    }
+
     /// Offers the context's manifest and sends only the files the coordinator lacks.
     pub async fn upload_context(&self, scanned: &Scanned) -> Result<Upload, ClientError> {
         let manifest = &scanned.manifest;
-        let (mut send, mut recv) = self.open(&Request::PutContext(manifest.clone())).await?;
-        let _ = send.finish();
-        let missing = match self.answer(&mut recv).await? {
-            Response::Missing(m) => m,
-            other => return Err(self.unexpected("Missing", other)),
-        };
+        let missing = self.offer_context(manifest).await?;
         let sizes: std::collections::HashMap<Digest, u64> = manifest.blobs().into_iter().collect();
         let mut upload =
             Upload { files: manifest.file_count(), total_bytes: manifest.total_size(), blobs_sent: 0, bytes_sent: 0 };

@@ -94,8 +94,13 @@ impl From<crate::proto::ContextLimits> for ContextLimits {
     }
 }
 
+/// The largest context manifest a store reads back: about 2.5 million entries.
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
+    #[error("context manifest {digest}: {reason}")]
+    BadManifest { digest: Digest, reason: String },
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: io::Error },
     #[error("context path {path:?} {reason}")]
@@ -181,9 +186,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
 impl ContextManifest {
     /// sha256 of the postcard encoding of the manifest: names a context, e.g. for cache keys.
     pub fn digest(&self) -> Digest {
+        Digest::of(&self.to_bytes())
+    }
+
+    /// The manifest as stored and sent: its postcard encoding.
+    pub fn to_bytes(&self) -> Vec<u8> {
         // Strings, integers and enums always encode; postcard fails only on unsupported serde types.
-        let bytes = postcard::to_stdvec(self).expect("a manifest always encodes");
-        Digest::of(&bytes)
+        postcard::to_stdvec(self).expect("a manifest always encodes")
     }
 
     /// Every distinct file digest with its size, in manifest order.
@@ -988,6 +997,32 @@ impl BlobStore {
                 Err(e) => return Err(io_err(&tmp)(e)),
             }
         }
+    }
+
+    /// Stores a context manifest as a blob (its postcard encoding, whose digest is
+    /// [`ContextManifest::digest`]) and returns that digest. Manifests travel between the CLI, the
+    /// coordinator and agents as blobs, so a context of any allowed size fits no frame limit.
+    pub fn put_manifest(&self, m: &ContextManifest) -> Result<Digest, ContextError> {
+        self.put(&m.to_bytes())
+    }
+
+    /// The manifest stored under `d`, decoded but not validated (see [`ContextManifest::into_valid`]).
+    /// At most [`MAX_MANIFEST_BYTES`] are read.
+    pub fn get_manifest(&self, d: &Digest) -> Result<ContextManifest, ContextError> {
+        let path = self.path(d);
+        let size = fs::metadata(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => ContextError::MissingBlob(d.clone()),
+            _ => io_err(&path)(e),
+        })?;
+        if size.len() > MAX_MANIFEST_BYTES {
+            return Err(ContextError::BadManifest {
+                digest: d.clone(),
+                reason: format!("{} bytes, over the {MAX_MANIFEST_BYTES} a manifest may have", size.len()),
+            });
+        }
+        let bytes = fs::read(&path).map_err(io_err(&path))?;
+        postcard::from_bytes(&bytes)
+            .map_err(|e| ContextError::BadManifest { digest: d.clone(), reason: format!("not a manifest ({e})") })
     }
 
     /// Stores a small blob held in memory and returns its digest.

@@ -14,7 +14,6 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::annotation::Annotation;
-use crate::context::ContextManifest;
 use crate::digest::Digest;
 use crate::platform::Platform;
 use crate::registry::Credentials;
@@ -302,16 +301,16 @@ pub enum Request {
     /// Answered with the same text: a cheap liveness and framing check.
     Echo(String),
     ListAgents,
-    /// Offers a context manifest; answered with [`Response::Missing`].
-    PutContext(ContextManifest),
+    /// Offers a context by its manifest's digest; answered with [`Response::Missing`]: just that
+    /// digest while the coordinator lacks the manifest (send it with `PutBlobs`, it is a blob like
+    /// any other, then offer it again), else the files it lacks once the manifest is validated.
+    PutContext(Digest),
     /// Followed on the same stream by [`BlobHeader`] frames, each followed by exactly `size`
     /// raw bytes, until the sender finishes the stream; answered with [`Response::Stored`].
     PutBlobs,
     /// Submits a build; answered with [`Response::Accepted`] then [`Response::Event`]s until the
     /// build ends.
     Build(Box<BuildSpec>),
-    /// (Agents) the manifest of a context; answered with [`Response::Context`].
-    GetContext(Digest),
     /// (Agents) blobs by digest; answered with a [`BlobHeader`] frame plus raw bytes for each.
     GetBlobs(Vec<Digest>),
     /// Recent builds, newest first; answered with [`Response::Builds`].
@@ -399,7 +398,6 @@ pub enum Response {
     Stored { blobs: u64, bytes: u64 },
     Accepted { build: String },
     Event(BuildEvent),
-    Context(ContextManifest),
     Builds(Vec<BuildView>),
     LogLine { platform: Platform, line: String },
     Ok,
