@@ -53,6 +53,19 @@ install_packages() {
   apt-get install -y -q "${missing[@]}"
 }
 
+# The metrics test scrapes the coordinator with a real Prometheus it starts itself. Without
+# recommends (no node exporter listening on every interface), and its system service off.
+install_prometheus() {
+  if ! dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q 'ok installed'; then
+    log "apt-get install --no-install-recommends prometheus"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends prometheus || { apt-get update -q && apt-get install -y -q --no-install-recommends prometheus; }
+  fi
+  if command -v systemctl >/dev/null && systemctl is-enabled prometheus >/dev/null 2>&1; then
+    systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+}
+
 # Debian's docker-registry package starts a registry on :5000 on every interface. farm starts
 # its own registries (tests, quick start) on loopback, so the system one is switched off.
 disable_system_registry() {
@@ -141,6 +154,7 @@ else
   log "QEMU binfmt handlers: skipped (--no-binfmt, or a non-x86_64 host without --emulation)"
 fi
 if ((test_deps)); then
+  install_prometheus
   "$(dirname "$0")/../tests/fixtures/busybox-image.sh" prepare
 fi
 check_cargo

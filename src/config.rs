@@ -38,6 +38,8 @@ pub struct FileConfig {
     pub allow_insecure: Option<bool>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
+    /// Coordinator: where Prometheus scrapes `GET /metrics` (plain HTTP), e.g. "127.0.0.1:9376".
+    pub metrics_listen: Option<String>,
     pub max_context_files: Option<usize>,
     pub max_context_bytes: Option<u64>,
     pub max_builds_per_client: Option<usize>,

@@ -240,6 +240,11 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(secs) = args.heartbeat_timeout.or(file.heartbeat_timeout_secs) {
         cfg.heartbeat_timeout = positive_secs(secs, "heartbeat timeout")?;
     }
+    if let Some(addr) = &file.metrics_listen {
+        cfg.metrics_listen = Some(addr.parse().with_context(|| {
+            format!("metrics_listen = {addr:?} is not an IP:PORT address (e.g. \"127.0.0.1:9376\")")
+        })?);
+    }
     if let Some(max) = file.max_frame_bytes {
         cfg.max_frame_bytes = max;
     }

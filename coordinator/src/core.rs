@@ -211,6 +211,8 @@ pub struct Core {
     /// (platform, context) → agent → (emulated, how long its last build took): what
     /// `--emulation fastest` expects. In memory only, at most [`HISTORY_KEYS`] keys.
     history: HashMap<(Platform, Digest), BTreeMap<String, (bool, u64)>>,
+    /// Results refused because their attempt was no longer current (for the metrics).
+    stale_refused: u64,
     cache: HashMap<String, CacheEntry>,
     /// Running tasks whose agent must confirm them by this time, or lose them.
     claims: BTreeMap<TaskId, u64>,
@@ -253,6 +255,7 @@ impl Core {
             next_task: 1,
             warm: HashMap::new(),
             history: HashMap::new(),
+            stale_refused: 0,
             cache: HashMap::new(),
             claims: BTreeMap::new(),
             grace_ms: heartbeat_timeout_ms,
@@ -452,7 +455,10 @@ impl Core {
                 self.task_done(now, task, attempt, name, conn, manifest, timings)
             }
             AgentMsg::TaskFailed { task, attempt, error } => {
-                let Some(t) = self.current(task, attempt, name, conn) else { return };
+                let Some(t) = self.current(task, attempt, name, conn) else {
+                    self.stale_refused += 1;
+                    return;
+                };
                 t.state = TaskState::Failed(error.clone());
                 let (build, platform) = (t.build.clone(), t.platform.clone());
                 let last_lines = t.tail.iter().cloned().collect();
@@ -716,6 +722,14 @@ impl Core {
         BuildView { platforms, state: state.into(), ..stored_view(id, b) }
     }
 
+    /// For a metrics scrape: the agents, one platform per queued task, and how many stale results
+    /// were refused so far.
+    pub fn metrics_snapshot(&self) -> (Vec<AgentView>, Vec<Platform>, u64) {
+        let queued =
+            self.tasks.values().filter(|t| matches!(t.state, TaskState::Queued)).map(|t| t.platform.clone()).collect();
+        (self.agents(), queued, self.stale_refused)
+    }
+
     pub fn agents(&self) -> Vec<AgentView> {
         let mut busy: HashMap<&str, u32> = HashMap::new();
         for t in self.tasks.values() {
@@ -785,7 +799,10 @@ impl Core {
         timings: Vec<Phase>,
     ) {
         let version = self.fleet.builder_version(agent);
-        let Some(t) = self.current(task, attempt, agent, conn) else { return };
+        let Some(t) = self.current(task, attempt, agent, conn) else {
+            self.stale_refused += 1;
+            return;
+        };
         let TaskState::Running { emulated, since, .. } = t.state else { return };
         let result = PlatformResult {
             platform: t.platform.clone(),

@@ -110,6 +110,10 @@ pub enum Event {
         task: shared::proto::TaskId,
         present: bool,
     },
+    /// A metrics scrape: what the core holds now.
+    Metrics {
+        reply: oneshot::Sender<crate::metrics::Snapshot>,
+    },
 }
 
 /// What a turn produced that may only happen once the turn's changes are on disk.
@@ -148,6 +152,7 @@ pub struct Driver {
     registries: Arc<RegistryPool>,
     /// The content store: contexts, and the results of builds without tags.
     blobs: Arc<shared::context::BlobStore>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 const NO_CA_KEY: &str = "this coordinator cannot enroll peers: its --ca-dir has no ca.key; issue certificates with \
@@ -185,6 +190,7 @@ impl Driver {
         registries: Arc<RegistryPool>,
         blobs: Arc<shared::context::BlobStore>,
         events: mpsc::Sender<Event>,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
             .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() });
@@ -213,6 +219,7 @@ impl Driver {
             events,
             registries,
             blobs,
+            metrics,
         })
     }
 
@@ -333,9 +340,11 @@ impl Driver {
             Event::Submit { peer, spec, bases, events, reply } => {
                 let id = new_build_id();
                 let platforms = join(&spec.platforms);
+                let requested = spec.platforms.clone();
                 let result = match self.core.submit(now, &id, &peer.name, *spec, bases) {
                     Ok(()) => {
                         tracing::info!(build = %id, client = %peer.name, %platforms, "build accepted");
+                        self.metrics.submitted(&id, &requested);
                         self.followers.entry(id.clone()).or_default().push(events);
                         Ok(id)
                     }
@@ -392,6 +401,10 @@ impl Driver {
                 self.next.replies.push(Reply::Response(reply, resp));
             }
             Event::CacheChecked { task, present } => self.core.cache_checked(now, task, present),
+            Event::Metrics { reply } => {
+                let (agents, queued, stale_refused) = self.core.metrics_snapshot();
+                let _ = reply.send(crate::metrics::Snapshot { agents, queued, stale_refused });
+            }
             Event::Stitched { build, result, ms } => {
                 match &result {
                     Ok(d) => tracing::info!(%build, index = %d, "image index pushed"),
@@ -530,6 +543,7 @@ impl Driver {
         let batch = std::mem::take(&mut self.next_batch);
         self.in_flight = waiting;
         let store = self.store.clone();
+        let metrics = self.metrics.clone();
         let stall = batch.has_builds() && failpoint("FARM_TEST_STALL_COMMIT", "build");
         self.committing = Some(tokio::task::spawn_blocking(move || {
             if stall {
@@ -538,7 +552,10 @@ impl Driver {
                     std::thread::park();
                 }
             }
-            store.commit(&batch)
+            let started = std::time::Instant::now();
+            let result = store.commit(&batch);
+            metrics.store_commit(started.elapsed().as_secs_f64());
+            result
         }));
     }
 
@@ -614,6 +631,7 @@ impl Driver {
     }
 
     fn emit(&mut self, build: String, event: BuildEvent) {
+        self.metrics.event(&build, &event);
         if let BuildEvent::Failed { error } = &event {
             tracing::warn!(%build, "build failed: {error}");
         }

@@ -17,6 +17,7 @@ pub mod driver;
 pub mod enroll;
 pub mod fleet;
 pub mod logs;
+pub mod metrics;
 pub mod net;
 pub mod sched;
 pub mod store;
@@ -45,6 +46,8 @@ pub struct Config {
     pub context_limits: ContextLimits,
     pub max_log_bytes_per_task: u64,
     pub limits: core::Limits,
+    /// `metrics_listen`: where Prometheus scrapes `GET /metrics` (plain HTTP); `None`: off.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -63,6 +66,7 @@ impl Config {
             context_limits: ContextLimits::default(),
             max_log_bytes_per_task: logs::DEFAULT_MAX_BYTES_PER_TASK,
             limits: core::Limits::default(),
+            metrics_listen: None,
         }
     }
 }
@@ -81,6 +85,11 @@ pub enum CoordinatorError {
     Store(#[from] store::StoreError),
     #[error("the coordinator's driver stopped unexpectedly")]
     Driver,
+    #[error(
+        "cannot serve metrics on {addr} (config key metrics_listen): {source}; choose a free address, or remove \
+         the key to turn metrics off"
+    )]
+    Metrics { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A coordinator bound to its address, not yet serving.
@@ -89,6 +98,7 @@ pub struct Coordinator {
     endpoint: quinn::Endpoint,
     blobs: Arc<BlobStore>,
     store: store::Store,
+    metrics: Option<std::net::TcpListener>,
 }
 
 impl Coordinator {
@@ -99,7 +109,15 @@ impl Coordinator {
         let store = store::Store::open(&config.state_dir)?;
         let blobs = Arc::new(BlobStore::open(&config.state_dir.join("blobs"))?);
         let endpoint = shared::quic::server_endpoint(config.listen, &creds, &config.transport)?;
-        Ok(Self { config, endpoint, blobs, store })
+        let metrics = match config.metrics_listen {
+            Some(addr) => Some(
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| CoordinatorError::Metrics { addr, source })?,
+            ),
+            None => None,
+        };
+        Ok(Self { config, endpoint, blobs, store, metrics })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -120,6 +138,14 @@ impl Coordinator {
             Err(e) => return Err(e.into()),
         };
         let registries = Arc::new(shared::registry::RegistryPool::default());
+        let metrics = Arc::new(metrics::Metrics::new());
+        if let Some(listener) = self.metrics {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|source| CoordinatorError::Metrics { addr: self.config.metrics_listen.unwrap(), source })?;
+            let at = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+            tracing::info!("metrics at http://{at}/metrics");
+            tokio::spawn(metrics::serve(listener, metrics.clone(), events.clone()));
+        }
         let driver = driver::Driver::new(
             &self.config,
             self.store,
@@ -129,6 +155,7 @@ impl Coordinator {
             registries.clone(),
             self.blobs.clone(),
             events.clone(),
+            metrics.clone(),
         )?;
         let mut driver = tokio::spawn(driver.run(rx));
         let net = net::Net {
@@ -140,6 +167,7 @@ impl Coordinator {
             gate,
             registries,
             ssh: Default::default(),
+            metrics,
         };
         // Every change is committed before it is acknowledged, so stopping needs no final save.
         let result = tokio::select! {

@@ -43,6 +43,7 @@ pub struct Net {
     /// Context manifests validated since this coordinator started (a build naming one needs no
     /// second check); bounded, emptied when full.
     pub accepted: Arc<std::sync::Mutex<std::collections::HashSet<shared::Digest>>>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// How many accepted context digests [`Net::accepted`] remembers.
@@ -484,6 +485,7 @@ impl Net {
             Err(e) => return Ok(Response::Error(format!("upload refused: {e}"))),
         }
         tracing::info!(client = %peer.name, blobs, bytes, "context files received");
+        self.metrics.context_bytes("in", bytes);
         Ok(Response::Stored { blobs, bytes })
     }
 
@@ -503,6 +505,7 @@ impl Net {
             let size = file.metadata().await?.len();
             write_msg(send, &BlobHeader { digest: d.clone(), size }, self.max_frame).await?;
             write_raw(send, &mut file, size).await?;
+            self.metrics.context_bytes("out", size);
         }
         Ok(())
     }
