@@ -49,6 +49,9 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let entitlements = entitlements(network, &args.allow)?;
     let add_hosts = args.add_hosts.iter().map(|h| shared::inputs::parse_add_host(h)).collect::<Result<Vec<_>, _>>()?;
     let named = named_contexts(&args.build_contexts)?;
+    if let Some(url) = args.notify.iter().find(|u| !u.starts_with("http://") && !u.starts_with("https://")) {
+        bail!("--notify {url}: not an http:// or https:// URL; give the URL the coordinator should POST to when the build ends");
+    }
     // `-`: the context is a tar on stdin (as `docker build -`); `-f -`: the Dockerfile is.
     let context_on_stdin = args.context.as_os_str() == "-";
     let dockerfile_on_stdin = args.file.as_deref().is_some_and(|f| f.as_os_str() == "-");
@@ -226,6 +229,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
             no_network: network == shared::inputs::Network::None,
             add_hosts,
         },
+        notify: args.notify.clone(),
     };
     // Answers the agents' connections to the --ssh sockets while the build is followed.
     let ssh_server =

@@ -427,6 +427,11 @@ pub struct BuildArgs {
     /// An /etc/hosts entry for RUN steps, HOST:IP (repeatable)
     #[arg(long = "add-host", value_name = "HOST:IP")]
     pub add_hosts: Vec<String>,
+    /// Tell URL when the build ends: the coordinator POSTs a JSON notice (id, result, tags,
+    /// index digest, each platform's agent, placement and duration), retried with backoff
+    /// (repeatable)
+    #[arg(long = "notify", value_name = "URL")]
+    pub notify: Vec<String>,
     /// An entitlement beyond the sandbox: network.host, security.insecure (repeatable); only
     /// agents whose config allows it (allow_host_network, allow_insecure) take the build
     #[arg(long = "allow", value_name = "ENTITLEMENT")]

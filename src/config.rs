@@ -40,6 +40,11 @@ pub struct FileConfig {
     pub max_attempts: Option<u32>,
     /// Coordinator: where Prometheus scrapes `GET /metrics` (plain HTTP), e.g. "127.0.0.1:9376".
     pub metrics_listen: Option<String>,
+    /// Coordinator: `[[webhooks]]` told when any build ends.
+    #[serde(default)]
+    pub webhooks: Vec<WebhookFile>,
+    /// Coordinator: signs the notices sent to builds' own `--notify` URLs.
+    pub notify_secret: Option<String>,
     pub max_context_files: Option<usize>,
     pub max_context_bytes: Option<u64>,
     pub max_builds_per_client: Option<usize>,
@@ -57,6 +62,14 @@ pub struct FileConfig {
     /// `host:port` registries reached over plain HTTP.
     #[serde(default)]
     pub insecure_registries: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookFile {
+    pub url: String,
+    /// Makes the `X-Farm-Signature-256` header (HMAC-SHA256 of the body).
+    pub secret: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -240,6 +240,13 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(secs) = args.heartbeat_timeout.or(file.heartbeat_timeout_secs) {
         cfg.heartbeat_timeout = positive_secs(secs, "heartbeat timeout")?;
     }
+    for hook in &file.webhooks {
+        if !hook.url.starts_with("http://") && !hook.url.starts_with("https://") {
+            bail!("[[webhooks]] url = {:?} is not an http:// or https:// URL", hook.url);
+        }
+        cfg.webhooks.push(coordinator::webhooks::Webhook { url: hook.url.clone(), secret: hook.secret.clone() });
+    }
+    cfg.notify_secret = file.notify_secret.clone();
     if let Some(addr) = &file.metrics_listen {
         cfg.metrics_listen = Some(addr.parse().with_context(|| {
             format!("metrics_listen = {addr:?} is not an IP:PORT address (e.g. \"127.0.0.1:9376\")")

@@ -1565,6 +1565,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         labels: vec![],
         ssh: vec![],
         inputs: Default::default(),
+        notify: vec![],
     }
 }
 

@@ -1,5 +1,6 @@
-//! `metrics_listen`: a real Prometheus scrapes the coordinator while a real build runs, and its
-//! query API answers with the farm's families (agents, slots, tasks, builds, durations, bytes).
+//! Operating a farm: `metrics_listen` (a real Prometheus scrapes the coordinator while a real build
+//! runs, and its query API answers with the farm's families: agents, slots, tasks, builds,
+//! durations, bytes), and build notifications (`[[webhooks]]` and `--notify`, signed, retried).
 
 mod common;
 
@@ -8,6 +9,63 @@ use std::time::Duration;
 
 use common::registry::Registry;
 use common::*;
+
+/// One POST a receiver got: its headers (lower-case names) and body.
+struct Received {
+    headers: std::collections::HashMap<String, String>,
+    body: Vec<u8>,
+}
+
+/// A webhook receiver on loopback: answers 500 to the first `fail_first` POSTs, then 204.
+fn receiver(fail_first: usize) -> (String, std::sync::mpsc::Receiver<Received>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for (n, stream) in listener.incoming().enumerate() {
+            let Ok(mut stream) = stream else { return };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut headers = std::collections::HashMap::new();
+            let mut line = String::new();
+            reader.read_line(&mut line).unwrap();
+            loop {
+                line.clear();
+                reader.read_line(&mut line).unwrap();
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                let (k, v) = l.split_once(':').unwrap();
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+            }
+            let len: usize = headers.get("content-length").map_or(0, |v| v.parse().unwrap());
+            let mut body = vec![0; len];
+            reader.read_exact(&mut body).unwrap();
+            let status = if n < fail_first { "500 Internal Server Error" } else { "204 No Content" };
+            let _ = stream
+                .write_all(format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").as_bytes());
+            if n >= fail_first && tx.send(Received { headers, body }).is_err() {
+                return;
+            }
+        }
+    });
+    (url, rx)
+}
+
+/// `sha256=<hex>` HMAC-SHA256, computed independently of farm (with openssl).
+fn hmac_hex(secret: &str, body: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = Command::new("openssl")
+        .args(["dgst", "-sha256", "-hmac", secret, "-r"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(body).unwrap();
+    let out = child.wait_with_output().unwrap();
+    format!("sha256={}", String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap())
+}
 
 fn free_tcp_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -25,8 +83,9 @@ fn instant(prometheus: &str, query: &str) -> Option<String> {
 }
 
 #[test]
-fn prometheus_scrapes_the_coordinator_s_metrics() {
+fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build() {
     require_tool("prometheus");
+    require_tool("openssl");
     require_tool("curl");
     require_tool("buildah");
     let registry = Registry::start();
@@ -34,7 +93,17 @@ fn prometheus_scrapes_the_coordinator_s_metrics() {
     let mut farm = Farm::start(3);
     let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let config = farm.tmp.path().join("coordinator.toml");
-    std::fs::write(&config, format!("metrics_listen = \"{metrics}\"\n")).unwrap();
+    // The configured webhook fails once (and is retried); the build's own --notify URL does not.
+    let (hook, hooked) = receiver(1);
+    let (own, owned) = receiver(0);
+    std::fs::write(
+        &config,
+        format!(
+            "metrics_listen = \"{metrics}\"\nnotify_secret = \"per-build\"\n[[webhooks]]\nurl = \"{hook}\"\nsecret = \
+             \"s3cret\"\n"
+        ),
+    )
+    .unwrap();
     farm.restart_coordinator_env(&[("FARM_CONFIG", config.to_str().unwrap())]);
     farm.agent("x86", &["--capacity", "2"]);
 
@@ -62,8 +131,29 @@ fn prometheus_scrapes_the_coordinator_s_metrics() {
     let ctx = example("hello", farm.tmp.path());
     let mut args = farm.client_args();
     args.extend(registry.build_flags(&base, "linux/amd64,linux/arm64", "metrics:1", &ctx));
+    args.extend(["--notify".to_string(), own.clone()]);
     let (ok, out, err) = build(&args);
     assert!(ok, "{out}\n{err}");
+
+    // Both receivers hear of it, signed with their own secret; the configured one after a retry.
+    let tag = format!("{}/metrics:1", registry.addr);
+    for (rx, secret) in [(&hooked, "s3cret"), (&owned, "per-build")] {
+        let got = rx.recv_timeout(Duration::from_secs(30)).expect("a notice");
+        assert_eq!(got.headers["x-farm-signature-256"], hmac_hex(secret, &got.body));
+        assert_eq!(got.headers["x-farm-event"], "build.finished");
+        let notice: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+        assert_eq!(notice["result"], "succeeded");
+        assert_eq!(notice["tags"], serde_json::json!([tag]));
+        assert!(notice["index"].as_str().unwrap().starts_with("sha256:"), "{notice}");
+        let placements: Vec<(&str, &str, &str)> = notice["platforms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| (p["platform"].as_str().unwrap(), p["agent"].as_str().unwrap(), p["placement"].as_str().unwrap()))
+            .collect();
+        assert_eq!(placements, [("linux/amd64", "x86", "native"), ("linux/arm64", "x86", "emulated")]);
+        assert!(notice["platforms"][0]["duration_ms"].as_u64().unwrap() > 0);
+    }
 
     let eventually = |query: &str, want: &str| {
         wait_until(&format!("Prometheus to answer {query} = {want}"), Duration::from_secs(60), || {

@@ -676,6 +676,11 @@ impl Core {
         Ok(())
     }
 
+    /// What a build asked for, while the core holds it (running, or among the recently ended).
+    pub fn build_spec(&self, build: &str) -> Option<&BuildSpec> {
+        self.builds.get(build).map(|b| &b.spec)
+    }
+
     /// Whether a build exists and has not ended.
     pub fn build_state(&self, build: &str) -> Option<&BuildState> {
         self.builds.get(build).map(|b| &b.state)

@@ -153,6 +153,9 @@ pub struct Driver {
     /// The content store: contexts, and the results of builds without tags.
     blobs: Arc<shared::context::BlobStore>,
     metrics: Arc<crate::metrics::Metrics>,
+    webhooks: Vec<crate::webhooks::Webhook>,
+    notify_secret: Option<String>,
+    http: reqwest::Client,
 }
 
 const NO_CA_KEY: &str = "this coordinator cannot enroll peers: its --ca-dir has no ca.key; issue certificates with \
@@ -220,6 +223,12 @@ impl Driver {
             registries,
             blobs,
             metrics,
+            webhooks: config.webhooks.clone(),
+            notify_secret: config.notify_secret.clone(),
+            http: {
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default()
+            },
         })
     }
 
@@ -630,6 +639,22 @@ impl Driver {
         }
     }
 
+    /// Tells the webhooks and the build's `--notify` URLs that it ended; never waits for them.
+    fn notify(&self, build: &str, event: &BuildEvent) {
+        let spec = self.core.build_spec(build);
+        let tags = spec.map(|s| s.tags.clone()).unwrap_or_default();
+        let Some(notice) = crate::webhooks::Notice::of(build, &tags, event) else { return };
+        let own = spec.map(|s| s.notify.clone()).unwrap_or_default();
+        let hooks = self
+            .webhooks
+            .iter()
+            .cloned()
+            .chain(own.into_iter().map(|url| crate::webhooks::Webhook { url, secret: self.notify_secret.clone() }));
+        for hook in hooks {
+            crate::webhooks::send(self.http.clone(), hook, &notice);
+        }
+    }
+
     fn emit(&mut self, build: String, event: BuildEvent) {
         self.metrics.event(&build, &event);
         if let BuildEvent::Failed { error } = &event {
@@ -647,6 +672,7 @@ impl Driver {
             f.retain(|tx| tx.send(event.clone()).is_ok());
         }
         if event.is_terminal() {
+            self.notify(&build, &event);
             self.followers.remove(&build);
             self.log_followers.remove(&build);
             self.logs.close(&build);

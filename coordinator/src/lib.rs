@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod net;
 pub mod sched;
 pub mod store;
+pub mod webhooks;
 
 use std::{future::Future, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -48,6 +49,10 @@ pub struct Config {
     pub limits: core::Limits,
     /// `metrics_listen`: where Prometheus scrapes `GET /metrics` (plain HTTP); `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// `[[webhooks]]`: told when any build ends.
+    pub webhooks: Vec<webhooks::Webhook>,
+    /// `notify_secret`: signs the notices sent to builds' own `--notify` URLs.
+    pub notify_secret: Option<String>,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -67,6 +72,8 @@ impl Config {
             max_log_bytes_per_task: logs::DEFAULT_MAX_BYTES_PER_TASK,
             limits: core::Limits::default(),
             metrics_listen: None,
+            webhooks: vec![],
+            notify_secret: None,
         }
     }
 }

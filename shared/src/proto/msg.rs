@@ -198,6 +198,8 @@ pub struct BuildSpec {
     pub ssh: Vec<String>,
     /// Named contexts, `--pull`, `--network none`, `--add-host`.
     pub inputs: Inputs,
+    /// `--notify URL`: told (a JSON POST) when this build ends, besides the coordinator's webhooks.
+    pub notify: Vec<String>,
 }
 
 /// What a build takes in besides its context, Dockerfile and arguments: buildx's
