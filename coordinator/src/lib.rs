@@ -45,6 +45,9 @@ pub struct Config {
     pub context_limits: ContextLimits,
     pub max_log_bytes_per_task: u64,
     pub limits: core::Limits,
+    /// Sign every index pushed (`sign = true`), as `farm build --sign` asks for one build. Needs
+    /// `signing.key` in `ca_dir`.
+    pub sign: bool,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -63,6 +66,7 @@ impl Config {
             context_limits: ContextLimits::default(),
             max_log_bytes_per_task: logs::DEFAULT_MAX_BYTES_PER_TASK,
             limits: core::Limits::default(),
+            sign: false,
         }
     }
 }
@@ -79,6 +83,8 @@ pub enum CoordinatorError {
     Blobs(#[from] ContextError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Signing(#[from] shared::signing::SigningError),
     #[error("the coordinator's driver stopped unexpectedly")]
     Driver,
 }
@@ -89,6 +95,8 @@ pub struct Coordinator {
     endpoint: quinn::Endpoint,
     blobs: Arc<BlobStore>,
     store: store::Store,
+    /// The farm's signing key (`signing.key` in the CA directory), if it has one.
+    signer: Option<shared::cosign::SigningKey>,
 }
 
 impl Coordinator {
@@ -98,8 +106,13 @@ impl Coordinator {
         let creds = tls::load_credentials(&config.ca_dir, tls::COORDINATOR_NAME)?;
         let store = store::Store::open(&config.state_dir)?;
         let blobs = Arc::new(BlobStore::open(&config.state_dir.join("blobs"))?);
+        // Read once, held in memory only; `sign = true` without a key is refused at start.
+        let signer = match config.sign {
+            true => Some(shared::signing::require_signing_key(&config.ca_dir)?),
+            false => shared::signing::load_signing_key(&config.ca_dir)?,
+        };
         let endpoint = shared::quic::server_endpoint(config.listen, &creds, &config.transport)?;
-        Ok(Self { config, endpoint, blobs, store })
+        Ok(Self { config, endpoint, blobs, store, signer })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -129,6 +142,7 @@ impl Coordinator {
             registries.clone(),
             self.blobs.clone(),
             events.clone(),
+            self.signer,
         )?;
         let mut driver = tokio::spawn(driver.run(rx));
         let net = net::Net {

@@ -45,6 +45,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         labels: vec![],
         ssh: vec![],
         inputs: Default::default(),
+        sign: false,
     }
 }
 

@@ -199,6 +199,9 @@ pub struct BuildSpec {
     pub ssh: Vec<String>,
     /// Named contexts, `--pull`, `--network none`, `--add-host`.
     pub inputs: Inputs,
+    /// `--sign`: the coordinator signs the pushed index with the farm's key (cosign's format).
+    /// Needs tags (a registry to sign in) and a coordinator with a signing key.
+    pub sign: bool,
 }
 
 /// What a build takes in besides its context, Dockerfile and arguments: buildx's
