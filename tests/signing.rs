@@ -216,6 +216,84 @@ fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
     assert!(text(&out).contains("no signatures found"), "{}", text(&out));
 }
 
+/// A farm whose CA directory lost its key: `sign = true` refuses to start, `--sign` is refused
+/// naming the fix; after `farm signing init`, `sign = true` signs a build that did not ask.
+#[test]
+fn sign_true_signs_every_pushed_index_and_a_missing_key_says_how_to_make_one() {
+    require_tool("cosign");
+    require_tool("buildah");
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("x86", &[]);
+    let ctx = example("hello", farm.tmp.path());
+    let ca = farm.ca.path().to_string();
+    // The coordinator reads its key once, at start.
+    std::fs::remove_file(farm.ca.dir.join("signing.key")).unwrap();
+    farm.restart_coordinator();
+    farm.wait_agent("x86", "online");
+    let missing = format!("no signing key in {ca}: run `farm signing init --dir {ca}` on the coordinator's machine");
+
+    let out = common::farm(&["signing", "public-key", "--dir", &ca]);
+    assert!(!out.status.success() && text(&out).contains(&missing), "{}", text(&out));
+    let mut args = farm.client_args();
+    args.push("--sign".into());
+    args.extend(registry.build_flags(&base, "linux/amd64", "auto:1", &ctx));
+    let (ok, out, err) = build(&args);
+    assert!(!ok, "{out}");
+    assert!(err.contains(&missing), "{err}");
+    assert!(registry.tags("auto").is_empty());
+
+    let config = farm.tmp.path().join("coordinator.toml");
+    std::fs::write(&config, "sign = true\n").unwrap();
+    let state = farm.tmp.path().join("state2");
+    let coordinator_args = |port: &str| {
+        [
+            "coordinator",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            port,
+            "--ca-dir",
+            &ca,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let refused = Command::new(farm_bin()).args(coordinator_args("127.0.0.1:0")).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains(&missing), "{}", text(&refused));
+
+    let made = farm_ok(&["signing", "init", "--dir", &ca]);
+    let public = farm_ok(&["signing", "public-key", "--dir", &ca]);
+    assert!(made.contains(&public), "{made}");
+    let pub_file = farm.tmp.path().join("farm.pub");
+    std::fs::write(&pub_file, &public).unwrap();
+    farm.coordinator.kill();
+    let listen = farm.addr.clone();
+    farm.coordinator =
+        Proc::spawn("coordinator", Command::new(farm_bin()).env("FARM_LOG", "info").args(coordinator_args(&listen)));
+    farm.coordinator.wait_for_line(&["coordinator listening"], std::time::Duration::from_secs(20));
+    farm.wait_agent("x86", "online");
+
+    // No --sign: the coordinator's `sign = true` signs it.
+    let mut args = farm.client_args();
+    args.extend(registry.build_flags(&base, "linux/amd64", "auto:1", &ctx));
+    let (ok, out, err) = build(&args);
+    assert!(ok, "{out}\n{err}");
+    let reference = format!("{}/auto:1", registry.addr);
+    let out = cosign(&[
+        "verify",
+        "--key",
+        pub_file.to_str().unwrap(),
+        "--insecure-ignore-tlog",
+        "--allow-http-registry",
+        &reference,
+    ]);
+    assert!(out.status.success(), "cosign verify failed: {}", text(&out));
+}
+
 fn out_contains(out: &Output, needle: &str) -> bool {
     text(out).contains(needle)
 }
