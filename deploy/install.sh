@@ -9,7 +9,8 @@
 #              (x86_64 hosts emulate by default)
 # --test-deps  also fetch what farm's tests and quick start need: Debian's busybox-static for
 #              amd64, arm64 and armhf (the multi-arch base image, since no outside registry is used),
-#              docker.io (a Docker Engine the tests start themselves) and tmux
+#              docker.io (a Docker Engine the tests start themselves), tmux, and cosign 2.x from
+#              Debian 13 (trixie; only that package, nothing else is upgraded)
 # Safe to run again: installed packages and correct handlers are left alone.
 set -euo pipefail
 
@@ -64,6 +65,36 @@ install_prometheus() {
   if command -v systemctl >/dev/null && systemctl is-enabled prometheus >/dev/null 2>&1; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
   fi
+}
+
+# Debian 13 (trixie) packages that install on Debian 12 as they are (they depend only on libc6 >=
+# 2.34): cosign, which the signing tests verify farm's signatures with. Only these packages come
+# from trixie: its package list is read into a private apt directory (the system's sources and
+# lists are untouched), `apt-get download` fetches the .deb and dpkg installs it, so nothing else
+# on the machine is upgraded. Already installed at a 2.x version: left alone.
+TRIXIE_TOOLS=(cosign)
+install_trixie_tools() {
+  local missing=() p
+  for p in "${TRIXIE_TOOLS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'ok installed' || missing+=("$p")
+  done
+  if ((${#missing[@]} == 0)); then
+    log "from Debian 13 (trixie), already installed: ${TRIXIE_TOOLS[*]}"
+    return
+  fi
+  local apt_dir
+  apt_dir=$(mktemp -d)
+  mkdir -p "$apt_dir/lists/partial" "$apt_dir/cache/archives/partial" "$apt_dir/etc/preferences.d"
+  echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+    >"$apt_dir/sources.list"
+  local opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o "Dir::Etc::SourceParts=/dev/null"
+    -o "Dir::Etc::PreferencesParts=$apt_dir/etc/preferences.d"
+    -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache=$apt_dir/cache" -o APT::Sandbox::User=root)
+  log "fetching ${missing[*]} from Debian 13 (trixie) into $apt_dir (only these packages)"
+  apt-get "${opts[@]}" update -q
+  (cd "$apt_dir" && apt-get "${opts[@]}" download -q "${missing[@]}")
+  dpkg -i "$apt_dir"/*.deb
+  rm -rf "$apt_dir"
 }
 
 # Debian's docker-registry package starts a registry on :5000 on every interface. farm starts
@@ -156,5 +187,6 @@ fi
 if ((test_deps)); then
   install_prometheus
   "$(dirname "$0")/../tests/fixtures/busybox-image.sh" prepare
+  install_trixie_tools
 fi
 check_cargo

@@ -41,6 +41,13 @@ pub async fn run(args: BuildArgs) -> Result<()> {
             }
         }
     }
+    if args.sign && !plan.registry {
+        bail!(
+            "--sign signs the image in the registry it is pushed to, and this build pushes to none (-o type=oci, \
+             local, tar or --load): push it with -t REGISTRY/REPOSITORY:TAG, or drop --sign (cosign sign --key can sign \
+             an image you push later)"
+        );
+    }
     // Every flag is checked before anything is sent.
     let build_args = build_args(&args.build_args)?;
     let secrets = secrets(&args.secrets)?;
@@ -230,6 +237,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
             add_hosts,
         },
         notify: args.notify.clone(),
+        sign: args.sign,
     };
     // Answers the agents' connections to the --ssh sockets while the build is followed.
     let ssh_server =

@@ -25,6 +25,9 @@ pub enum Command {
     /// Manage the farm's certificate authority and issue identities
     #[command(subcommand)]
     Ca(CaCommand),
+    /// The farm's image signing key (cosign's formats): create one, print its public key
+    #[command(subcommand)]
+    Signing(SigningCommand),
     /// Run the coordinator: accepts agents and clients, schedules builds
     Coordinator(CoordinatorArgs),
     /// Run an agent on this machine: registers its platforms and builds what it is given
@@ -52,6 +55,23 @@ pub enum Command {
     /// Look at images in a registry (as `docker buildx imagetools`)
     #[command(subcommand)]
     Imagetools(ImagetoolsCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum SigningCommand {
+    /// Create the signing key (ECDSA P-256, signing.key, mode 0600) in an existing CA directory;
+    /// refuses to replace one (`farm ca init` already makes it)
+    Init {
+        /// Directory holding the farm CA, on the coordinator's machine
+        #[arg(long, env = "FARM_CA_DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Print the public key as PEM, for `cosign verify --key farm.pub`
+    PublicKey {
+        /// Directory holding the farm CA and its signing key
+        #[arg(long, env = "FARM_CA_DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -447,6 +467,10 @@ pub struct BuildArgs {
     /// default when -t names a registry and no other output is given)
     #[arg(long)]
     pub push: bool,
+    /// Sign the pushed image index with the farm's key, in cosign's format (`cosign verify --key
+    /// farm.pub` checks it; `farm signing public-key` prints the key). Needs a registry output
+    #[arg(long)]
+    pub sign: bool,
     /// Where the image goes, as buildx spells it (repeatable): type=registry (push to the
     /// registry -t names), type=oci,dest=FILE (an OCI layout archive of every platform; dest=- for
     /// stdout; dest=DIR,tar=false for a directory), type=local,dest=DIR (each platform's root

@@ -36,6 +36,8 @@ pub struct FileConfig {
     pub allow_host_network: Option<bool>,
     /// Builds may ask for every capability and no seccomp (`--allow security.insecure`).
     pub allow_insecure: Option<bool>,
+    /// The coordinator signs every index it pushes (as `farm build --sign`).
+    pub sign: Option<bool>,
     pub max_log_bytes_per_task: Option<u64>,
     pub max_attempts: Option<u32>,
     /// Coordinator: where Prometheus scrapes `GET /metrics` (plain HTTP), e.g. "127.0.0.1:9376".

@@ -30,6 +30,10 @@ impl Embedded {
             tls::issue(&ca_dir, Role::Agent, NAME, false)?;
             tls::issue(&ca_dir, Role::Admin, CLIENT, false)?;
         }
+        // `farm build --sign` on the embedded farm signs with a key of its own (beside its CA).
+        if !ca_dir.join(shared::signing::SIGNING_KEY).exists() {
+            shared::signing::init_signing_key(&ca_dir).context("creating the embedded farm's signing key")?;
+        }
         let mut cfg = coordinator::Config::new(ca_dir.clone(), home.join("coordinator"));
         cfg.listen = "127.0.0.1:0".parse().expect("a valid address");
         let server = coordinator::Coordinator::bind(cfg).context("starting the embedded coordinator")?;

@@ -17,7 +17,7 @@ use clap::Parser;
 
 use cli::{
     AgentArgs, AgentCommand, AgentsArgs, AgentsCommand, CaCommand, Cli, ClientArgs, Command, CoordinatorArgs,
-    ImagetoolsCommand, JoinArgs, TokenCommand,
+    ImagetoolsCommand, JoinArgs, SigningCommand, TokenCommand,
 };
 
 fn main() -> ExitCode {
@@ -101,6 +101,23 @@ async fn dispatch(command: Command) -> Result<()> {
                 issued.cert.display(),
                 issued.key.display()
             );
+            Ok(())
+        }
+        Command::Signing(SigningCommand::Init { dir }) => {
+            let dir = dir.unwrap_or_else(default_ca_dir);
+            let (key, path) = shared::signing::init_signing_key(&dir)?;
+            println!(
+                "created the farm's signing key {} (ECDSA P-256, mode 0600; it never leaves this machine)",
+                path.display()
+            );
+            println!("its public key (`farm signing public-key` prints it again), for cosign verify --key:");
+            print!("{}", key.public_key_pem());
+            println!("restart the coordinator to sign with it");
+            Ok(())
+        }
+        Command::Signing(SigningCommand::PublicKey { dir }) => {
+            let dir = dir.unwrap_or_else(default_ca_dir);
+            print!("{}", shared::signing::require_signing_key(&dir)?.public_key_pem());
             Ok(())
         }
         Command::Coordinator(args) => coordinator(args).await,
@@ -218,9 +235,14 @@ fn default_ca_dir() -> std::path::PathBuf {
 fn ca_init(dir: std::path::PathBuf, sans: &[String]) -> Result<()> {
     let init = shared::tls::init_ca(&dir, sans)?;
     let admin = shared::tls::issue(&dir, shared::tls::Role::Admin, "admin", false)?;
+    let (_, signing_key) = shared::signing::init_signing_key(&dir)?;
     println!("created farm CA in {} (fingerprint {})", dir.display(), init.fingerprint);
     println!("coordinator certificate: {} for {}", init.coordinator_cert.display(), init.sans.join(", "));
     println!("admin client certificate: {}", admin.cert.display());
+    println!(
+        "image signing key: {} (`farm build --sign`; `farm signing public-key > farm.pub` for cosign verify --key farm.pub)",
+        signing_key.display()
+    );
     // The admin identity is this machine's client of the coordinator that runs here.
     println!("{}", config::write_client(&default_coordinator(), &dir, "admin")?);
     println!("next: `farm ca issue --dir {} --role agent --name NAME` for each agent", dir.display());
@@ -255,6 +277,7 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(max) = file.max_frame_bytes {
         cfg.max_frame_bytes = max;
     }
+    cfg.sign = file.sign.unwrap_or(false);
     if let Some(t) = file.transport {
         cfg.transport = t;
     }

@@ -1566,6 +1566,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         ssh: vec![],
         inputs: Default::default(),
         notify: vec![],
+        sign: false,
     }
 }
 

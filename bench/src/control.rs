@@ -425,6 +425,7 @@ async fn submit_builds(
             ssh: vec![],
             inputs: Default::default(),
             notify: vec![],
+            sign: false,
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

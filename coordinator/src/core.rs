@@ -62,6 +62,8 @@ pub enum Action {
         tags: Vec<ImageRef>,
         insecure: Vec<String>,
         credentials: Option<Credentials>,
+        /// `--sign`: sign the pushed index (the coordinator's `sign = true` signs every one).
+        sign: bool,
     },
     /// Does the registry (an empty repository: the content store) still hold this earlier
     /// result? Report with [`Core::cache_checked`].
@@ -242,6 +244,11 @@ pub enum SubmitError {
     MixedRepositories(String, String),
     #[error("a build with id {0} exists already")]
     Duplicate(String),
+    #[error(
+        "--sign signs the image in the registry it is pushed to, and this build pushes to none: push it (-t \
+         REGISTRY/REPOSITORY:TAG) or drop --sign"
+    )]
+    SignWithoutRegistry,
     #[error("{what} is {got}, over the limit of {limit} (config key {key})")]
     Limit { what: String, got: usize, limit: usize, key: &'static str },
 }
@@ -535,6 +542,9 @@ impl Core {
         }
         if spec.platforms.is_empty() {
             return Err(SubmitError::NoPlatforms);
+        }
+        if spec.sign && spec.tags.is_empty() {
+            return Err(SubmitError::SignWithoutRegistry);
         }
         let l = &self.limits;
         let running = self
@@ -868,6 +878,7 @@ impl Core {
             tags: b.tags.clone(),
             insecure: b.spec.insecure_registries.clone(),
             credentials: b.credentials.clone(),
+            sign: b.spec.sign,
         });
     }
 

@@ -156,6 +156,11 @@ pub struct Driver {
     webhooks: Vec<crate::webhooks::Webhook>,
     notify_secret: Option<String>,
     http: reqwest::Client,
+    /// The farm's signing key: signs the indexes of `--sign` builds (every index with `sign`).
+    signer: Option<Arc<shared::cosign::SigningKey>>,
+    sign_all: bool,
+    /// Where the signing key would be (named when a build asks to be signed and there is none).
+    ca_dir: std::path::PathBuf,
 }
 
 const NO_CA_KEY: &str = "this coordinator cannot enroll peers: its --ca-dir has no ca.key; issue certificates with \
@@ -194,6 +199,7 @@ impl Driver {
         blobs: Arc<shared::context::BlobStore>,
         events: mpsc::Sender<Event>,
         metrics: Arc<crate::metrics::Metrics>,
+        signer: Option<shared::cosign::SigningKey>,
     ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
             .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() });
@@ -229,6 +235,9 @@ impl Driver {
                 let _ = rustls::crypto::ring::default_provider().install_default();
                 reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap_or_default()
             },
+            signer: signer.map(Arc::new),
+            sign_all: config.sign,
+            ca_dir: config.ca_dir.clone(),
         })
     }
 
@@ -350,14 +359,22 @@ impl Driver {
                 let id = new_build_id();
                 let platforms = join(&spec.platforms);
                 let requested = spec.platforms.clone();
-                let result = match self.core.submit(now, &id, &peer.name, *spec, bases) {
+                let result = match self.signer {
+                    None if spec.sign => Err(shared::signing::SigningError::NoKey { dir: self.ca_dir.clone() }),
+                    _ => Ok(()),
+                };
+                let result = match result.map_err(|e| e.to_string()) {
+                    Err(e) => Err(e),
+                    Ok(()) => self.core.submit(now, &id, &peer.name, *spec, bases).map_err(|e| e.to_string()),
+                };
+                let result = match result {
                     Ok(()) => {
                         tracing::info!(build = %id, client = %peer.name, %platforms, "build accepted");
                         self.metrics.submitted(&id, &requested);
                         self.followers.entry(id.clone()).or_default().push(events);
                         Ok(id)
                     }
-                    Err(e) => Err(e.to_string()),
+                    Err(e) => Err(e),
                 };
                 self.next.replies.push(Reply::Submitted(reply, result));
             }
@@ -619,18 +636,26 @@ impl Driver {
                     let _ = events.send(Event::CacheChecked { task, present }).await;
                 });
             }
-            Action::Stitch { build, index, tags, insecure, credentials } => {
+            Action::Stitch { build, index, tags, insecure, credentials, sign } => {
                 crash_point("stitch");
                 let events = self.events.clone();
                 let registry = self.registries.get(&insecure, credentials.as_ref());
                 let blobs = self.blobs.clone();
+                // Only what goes to a registry is signed (the core refuses `--sign` without tags).
+                let signer = self.signer.clone().filter(|_| (sign || self.sign_all) && !tags.is_empty());
                 tokio::spawn(async move {
                     let started = std::time::Instant::now();
                     let result = if tags.is_empty() {
                         // Nothing for a registry: the index joins its manifests in the store.
                         blobs.put(&index).map_err(|e| format!("storing the image index: {e}"))
                     } else {
-                        registry.push_index(&index, &tags).await.map_err(|e| e.to_string())
+                        match registry.push_index(&index, &tags).await {
+                            Ok(digest) => match signer {
+                                Some(key) => sign_index(&registry, &key, &tags[0], digest).await,
+                                None => Ok(digest),
+                            },
+                            Err(e) => Err(e.to_string()),
+                        }
                     };
                     let ms = started.elapsed().as_millis() as u64;
                     let _ = events.send(Event::Stitched { build, result, ms }).await;
@@ -677,6 +702,23 @@ impl Driver {
             self.log_followers.remove(&build);
             self.logs.close(&build);
         }
+    }
+}
+
+/// Signs the pushed index `digest` in `tag`'s repository (cosign's `sha256-<hex>.sig`), after
+/// its tags were pushed: a failure fails the build, saying the index is there unsigned.
+async fn sign_index(
+    registry: &shared::registry::Registry,
+    key: &shared::cosign::SigningKey,
+    tag: &shared::oci::ImageRef,
+    digest: shared::Digest,
+) -> Result<shared::Digest, String> {
+    match shared::signing::sign_image(registry, key, tag, &digest).await {
+        Ok(sig) => {
+            tracing::info!("signed {}@{digest} (signature {sig})", tag.name());
+            Ok(digest)
+        }
+        Err(e) => Err(format!("the index {digest} was pushed under its tags but not signed: {e}")),
     }
 }
 

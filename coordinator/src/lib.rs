@@ -53,6 +53,9 @@ pub struct Config {
     pub webhooks: Vec<webhooks::Webhook>,
     /// `notify_secret`: signs the notices sent to builds' own `--notify` URLs.
     pub notify_secret: Option<String>,
+    /// Sign every index pushed (`sign = true`), as `farm build --sign` asks for one build. Needs
+    /// `signing.key` in `ca_dir`.
+    pub sign: bool,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -74,6 +77,7 @@ impl Config {
             metrics_listen: None,
             webhooks: vec![],
             notify_secret: None,
+            sign: false,
         }
     }
 }
@@ -90,6 +94,8 @@ pub enum CoordinatorError {
     Blobs(#[from] ContextError),
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Signing(#[from] shared::signing::SigningError),
     #[error("the coordinator's driver stopped unexpectedly")]
     Driver,
     #[error(
@@ -106,6 +112,8 @@ pub struct Coordinator {
     blobs: Arc<BlobStore>,
     store: store::Store,
     metrics: Option<std::net::TcpListener>,
+    /// The farm's signing key (`signing.key` in the CA directory), if it has one.
+    signer: Option<shared::cosign::SigningKey>,
 }
 
 impl Coordinator {
@@ -115,6 +123,11 @@ impl Coordinator {
         let creds = tls::load_credentials(&config.ca_dir, tls::COORDINATOR_NAME)?;
         let store = store::Store::open(&config.state_dir)?;
         let blobs = Arc::new(BlobStore::open(&config.state_dir.join("blobs"))?);
+        // Read once, held in memory only; `sign = true` without a key is refused at start.
+        let signer = match config.sign {
+            true => Some(shared::signing::require_signing_key(&config.ca_dir)?),
+            false => shared::signing::load_signing_key(&config.ca_dir)?,
+        };
         let endpoint = shared::quic::server_endpoint(config.listen, &creds, &config.transport)?;
         let metrics = match config.metrics_listen {
             Some(addr) => Some(
@@ -124,7 +137,7 @@ impl Coordinator {
             ),
             None => None,
         };
-        Ok(Self { config, endpoint, blobs, store, metrics })
+        Ok(Self { config, endpoint, blobs, store, metrics, signer })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -163,6 +176,7 @@ impl Coordinator {
             self.blobs.clone(),
             events.clone(),
             metrics.clone(),
+            self.signer,
         )?;
         let mut driver = tokio::spawn(driver.run(rx));
         let net = net::Net {

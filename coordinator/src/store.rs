@@ -20,7 +20,8 @@ use serde::Serialize;
 
 /// The layout of the records in this file; bumped whenever a record type changes.
 /// 4: a build's spec gained annotations, labels, `ssh` (its `--ssh` ids) and `inputs`.
-pub const SCHEMA_VERSION: u64 = 4;
+/// 5: a build's spec gained `sign` and `notify`.
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// The file inside the state directory.
 pub const FILE_NAME: &str = "state.redb";

@@ -15,6 +15,8 @@
 //! - [`imagetools`]: `farm imagetools inspect` (an image's index and platforms, and farm's part).
 //! - [`inputs`]: `farm build`'s input flags (named contexts, secrets, network, extra hosts), parsed.
 //! - [`oci`]: image references, descriptors, deterministic image indexes and buildah's OCI layouts.
+//! - [`cosign`]: signatures and attestations in cosign's formats (pure); [`signing`]: the farm's
+//!   signing key on disk and pushing those to a registry.
 //! - [`registry`]: pushing layouts by digest and indexes by tag to OCI registries (oci-client).
 //!
 //! Architecture invariant: nothing in `platform`, `host` (parsers), `proto` (framing) or `oci` (apart
@@ -24,6 +26,7 @@
 pub mod annotation;
 pub mod client;
 pub mod context;
+pub mod cosign;
 pub mod digest;
 pub mod dockerfile;
 pub mod export;
@@ -35,6 +38,7 @@ pub mod platform;
 pub mod proto;
 pub mod quic;
 pub mod registry;
+pub mod signing;
 pub mod ssh;
 pub mod tls;
 

@@ -532,6 +532,40 @@ impl Registry {
         Ok(Digest::of(index))
     }
 
+    /// Uploads `bytes` as a blob of `repo` unless the registry already has it; returns its digest.
+    pub async fn push_blob(&self, repo: &ImageRef, bytes: &[u8]) -> Result<Digest, RegistryError> {
+        let digest = Digest::of(bytes);
+        let target = repo.with_digest(&digest);
+        let reference = target.to_oci_client();
+        self.authorize(&target, RegistryOperation::Push).await?;
+        let what = format!("blob {digest} in {}", repo.name());
+        let exists = self
+            .client
+            .blob_exists(&reference, digest.as_str())
+            .await
+            .map_err(|e| self.error(&target, "push", &what, e))?;
+        if !exists {
+            self.client
+                .push_blob(&reference, bytes.to_vec(), digest.as_str())
+                .await
+                .map_err(|e| self.error(&target, "push", &what, e))?;
+        }
+        Ok(digest)
+    }
+
+    /// PUTs a manifest of `media_type` under `target` (its tag, or its digest); its blobs must be
+    /// in the repository already. Returns the manifest's digest.
+    pub async fn push_manifest(
+        &self,
+        target: &ImageRef,
+        body: &[u8],
+        media_type: &str,
+    ) -> Result<Digest, RegistryError> {
+        self.authorize(target, RegistryOperation::Push).await?;
+        self.put_manifest(target, body.to_vec(), media_type).await?;
+        Ok(Digest::of(body))
+    }
+
     /// Whether `repo@digest` exists (HEAD on the manifest).
     pub async fn has_manifest(&self, repo: &ImageRef, digest: &Digest) -> Result<bool, RegistryError> {
         let target = repo.with_digest(digest);

@@ -46,6 +46,7 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         ssh: vec![],
         inputs: Default::default(),
         notify: vec![],
+        sign: false,
     }
 }
 
@@ -723,4 +724,26 @@ fn named_contexts_network_none_and_extra_hosts_are_in_the_cache_key_and_pull_is_
     let mut pull = base.clone();
     pull.inputs.pull = true;
     assert_eq!(key(&pull), key(&base), "--pull re-resolves bases, whose digests are in the key already");
+}
+
+#[test]
+fn a_signed_build_asks_the_driver_to_sign_its_index_and_one_without_tags_is_refused() {
+    let mut core = three_agent_farm();
+    let err = core.submit(0, "b0", "admin", BuildSpec { sign: true, tags: vec![], ..spec(&["linux/amd64"]) }, None);
+    assert_eq!(
+        err.unwrap_err().to_string(),
+        "--sign signs the image in the registry it is pushed to, and this build pushes to none: push it (-t \
+         REGISTRY/REPOSITORY:TAG) or drop --sign"
+    );
+    core.submit(0, "b1", "admin", BuildSpec { sign: true, ..spec(&["linux/amd64"]) }, None).unwrap();
+    let out = drain(&mut core);
+    let (conn, task, attempt, _, _) = out.assigned[0].clone();
+    core.agent_msg(1, "x86", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(0), timings: vec![] });
+    let signs: Vec<bool> = std::iter::from_fn(|| core.poll_action())
+        .filter_map(|a| match a {
+            Action::Stitch { sign, .. } => Some(sign),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(signs, [true]);
 }

@@ -200,6 +200,9 @@ pub struct BuildSpec {
     pub inputs: Inputs,
     /// `--notify URL`: told (a JSON POST) when this build ends, besides the coordinator's webhooks.
     pub notify: Vec<String>,
+    /// `--sign`: the coordinator signs the pushed index with the farm's key (cosign's format).
+    /// Needs tags (a registry to sign in) and a coordinator with a signing key.
+    pub sign: bool,
 }
 
 /// What a build takes in besides its context, Dockerfile and arguments: buildx's

@@ -1,0 +1,299 @@
+//! End to end: `farm build --sign` signs the pushed index in cosign's format and `cosign verify
+//! --key` (cosign 2.x, `deploy/install.sh --test-deps`) accepts it with the key `farm signing
+//! public-key` prints, and no other; an in-toto statement attached with
+//! `shared::signing::attest` passes `cosign verify-attestation --type slsaprovenance1`; the
+//! private key's bytes are in no log, no file outside the CA directory and no registry blob.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use base64::Engine as _;
+use common::registry::{read_image, Registry};
+use common::*;
+use shared::oci::ImageRef;
+
+const SLSA_V1: &str = "https://slsa.dev/provenance/v1";
+
+fn cosign(args: &[&str]) -> Output {
+    // No sigstore setup at all: a home of its own, so nothing cached from elsewhere helps.
+    let home = tempfile::tempdir().unwrap();
+    let out = Command::new("cosign").args(args).env("HOME", home.path()).output().unwrap();
+    out
+}
+
+fn text(out: &Output) -> String {
+    format!("{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// Every file under `dir` (not following symlinks) that contains the bytes `needle`.
+fn files_containing(dir: &Path, needle: &[u8]) -> Vec<String> {
+    let pattern: String = needle.iter().map(|b| format!("\\x{b:02x}")).collect();
+    let out =
+        Command::new("grep").env("LC_ALL", "C").args(["-rlaP", "--no-messages", &pattern]).arg(dir).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect()
+}
+
+/// A minimal SLSA v1 provenance statement about `digest` (the lead's real provenance replaces it).
+fn statement(name: &str, digest: &shared::Digest, builder: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "_type": "https://in-toto.io/Statement/v1",
+        "subject": [{"name": name, "digest": {"sha256": digest.hex()}}],
+        "predicateType": SLSA_V1,
+        "predicate": {
+            "buildDefinition": {"buildType": "https://farm.invalid/build/v1", "externalParameters": {}},
+            "runDetails": {"builder": {"id": builder}},
+        },
+    }))
+    .unwrap()
+}
+
+#[test]
+fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
+    require_tool("cosign");
+    require_tool("buildah");
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("x86", &["--capacity", "2"]);
+    let ctx = example("hello", farm.tmp.path());
+    let ca = farm.ca.path().to_string();
+
+    // `farm ca init` made the key (0600, beside the CA key); `farm signing init` keeps it.
+    let key_file = farm.ca.dir.join("signing.key");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777, 0o600);
+    let pem = std::fs::read_to_string(&key_file).unwrap();
+    let again = common::farm(&["signing", "init", "--dir", &ca]);
+    assert!(!again.status.success());
+    assert!(
+        text(&again)
+            .contains(&format!("{} already exists: refusing to replace the farm's signing key", key_file.display())),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(std::fs::read_to_string(&key_file).unwrap(), pem, "signing init changed the key");
+    let public = farm_ok(&["signing", "public-key", "--dir", &ca]);
+    assert!(public.starts_with("-----BEGIN PUBLIC KEY-----\n") && public.ends_with("-----END PUBLIC KEY-----\n"));
+    let pub_file = farm.tmp.path().join("farm.pub");
+    std::fs::write(&pub_file, &public).unwrap();
+
+    // A build that pushes nowhere cannot be signed: refused before anything is sent.
+    let mut args = farm.client_args();
+    let oci = format!("type=oci,dest={}", farm.tmp.path().join("x.tar").display());
+    args.extend(["--sign", "-o", &oci, "-t", "hello:1", ctx.to_str().unwrap()].map(String::from));
+    let (ok, _, err) = build(&args);
+    assert!(!ok);
+    assert!(
+        err.contains("--sign signs the image in the registry it is pushed to, and this build pushes to none"),
+        "{err}"
+    );
+
+    // The signed build: two platforms, one agent (arm64 under QEMU).
+    let mut args = farm.client_args();
+    args.push("--sign".into());
+    args.extend(registry.build_flags(&base, "linux/amd64,linux/arm64", "signed:1", &ctx));
+    let (ok, out, err) = build(&args);
+    assert!(ok, "{out}\n{err}");
+    let reference = format!("{}/signed:1", registry.addr);
+    let (index, _, images) = read_image(&registry, &reference);
+    let sig_tag = format!("sha256-{}.sig", index.hex());
+    assert!(registry.tags("signed").contains(&sig_tag), "{:?}", registry.tags("signed"));
+    assert!(farm.coordinator.log().contains(&format!("signed {}/signed@{index}", registry.addr)));
+
+    // cosign verify, with nothing but the public key.
+    let http = ["--insecure-ignore-tlog", "--allow-http-registry", "--allow-insecure-registry"];
+    let pub_path = pub_file.to_str().unwrap();
+    let mut verify: Vec<&str> = vec!["verify", "--key", pub_path];
+    verify.extend(http);
+    verify.push(&reference);
+    let out = cosign(&verify);
+    assert!(out.status.success(), "cosign verify failed: {}", text(&out));
+    eprintln!("cosign verify: {}", text(&out));
+    let verified: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(verified[0]["critical"]["image"]["docker-manifest-digest"], index.as_str());
+    assert_eq!(verified[0]["critical"]["identity"]["docker-reference"], format!("{}/signed", registry.addr));
+    assert_eq!(verified[0]["critical"]["type"], "cosign container image signature");
+
+    // Another farm's key does not verify it.
+    let other = farm.tmp.path().join("other-ca");
+    farm_ok(&["ca", "init", "--dir", other.to_str().unwrap()]);
+    let other_pub = farm.tmp.path().join("other.pub");
+    std::fs::write(&other_pub, farm_ok(&["signing", "public-key", "--dir", other.to_str().unwrap()])).unwrap();
+    let mut wrong: Vec<&str> = vec!["verify", "--key", other_pub.to_str().unwrap()];
+    wrong.extend(http);
+    wrong.push(&reference);
+    let out = cosign(&wrong);
+    assert!(!out.status.success(), "another key verified the signature: {}", text(&out));
+    assert!(text(&out).contains("no matching signatures"), "{}", text(&out));
+
+    // An attestation of the arm64 manifest, as the coordinator will make one per platform.
+    let arm64 = images.iter().find(|i| i.platform == "linux/arm64").unwrap();
+    let repo: ImageRef = reference.parse().unwrap();
+    let key = shared::signing::require_signing_key(&farm.ca.dir).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let client = registry.client();
+    let first = statement(&repo.name(), &arm64.digest, "https://farm.invalid/agent/x86");
+    let att = rt.block_on(shared::signing::attest(&client, &key, &repo, &arm64.digest, &first)).unwrap();
+    // A second statement is appended to the same attestation image; the same one again is not.
+    let second = statement(&repo.name(), &arm64.digest, "https://farm.invalid/agent/second");
+    let att2 = rt.block_on(shared::signing::attest(&client, &key, &repo, &arm64.digest, &second)).unwrap();
+    assert_ne!(att, att2);
+    let att3 = rt.block_on(shared::signing::attest(&client, &key, &repo, &arm64.digest, &second)).unwrap();
+    assert_eq!(att2, att3);
+    let att_tag = repo.with_tag(&format!("sha256-{}.att", arm64.digest.hex()));
+    let (manifest, _, digest) = rt.block_on(client.fetch_manifest(&att_tag)).unwrap();
+    assert_eq!(digest, att2);
+    let manifest: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    assert_eq!(layers.len(), 2, "{manifest}");
+    for l in layers {
+        assert_eq!(l["mediaType"], "application/vnd.dsse.envelope.v1+json");
+        assert_eq!(l["annotations"]["predicateType"], SLSA_V1);
+    }
+
+    let by_digest = format!("{}@{}", repo.name(), arm64.digest);
+    let mut verify_att: Vec<&str> = vec!["verify-attestation", "--key", pub_path, "--type", "slsaprovenance1"];
+    verify_att.extend(http);
+    verify_att.push(&by_digest);
+    let out = cosign(&verify_att);
+    assert!(out.status.success(), "cosign verify-attestation failed: {}", text(&out));
+    eprintln!("cosign verify-attestation: {}", String::from_utf8_lossy(&out.stderr));
+    // One verified envelope per line; their statements are the two attached.
+    let statements: Vec<Vec<u8>> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let e: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert_eq!(e["payloadType"], "application/vnd.in-toto+json");
+            base64::engine::general_purpose::STANDARD.decode(e["payload"].as_str().unwrap()).unwrap()
+        })
+        .collect();
+    assert_eq!(statements, vec![first.clone(), second.clone()]);
+    // ...and only for the image they name: the amd64 manifest has none.
+    let amd64 = images.iter().find(|i| i.platform == "linux/amd64").unwrap();
+    let amd64_ref = format!("{}@{}", repo.name(), amd64.digest);
+    let mut none: Vec<&str> = vec!["verify-attestation", "--key", pub_path, "--type", "slsaprovenance1"];
+    none.extend(http);
+    none.push(&amd64_ref);
+    assert!(!cosign(&none).status.success());
+
+    // The private key's bytes: the PEM, the raw scalar and its hex, nowhere but the CA directory.
+    let der = base64::engine::general_purpose::STANDARD
+        .decode(pem.lines().filter(|l| !l.starts_with("-----")).collect::<String>())
+        .unwrap();
+    let at = der.windows(5).position(|w| w == [2, 1, 1, 4, 32]).expect("an ECPrivateKey in the PKCS#8") + 5;
+    let scalar = der[at..at + 32].to_vec();
+    let hex: String = scalar.iter().map(|b| format!("{b:02x}")).collect();
+    let pem_line = pem.lines().nth(1).unwrap().as_bytes().to_vec();
+    let needles = [scalar.clone(), hex.clone().into_bytes(), pem_line.clone()];
+    for needle in &needles {
+        let found: Vec<String> = files_containing(farm.tmp.path(), needle)
+            .into_iter()
+            .chain(files_containing(&registry.data_dir(), needle))
+            .filter(|f| !Path::new(f).starts_with(&farm.ca.dir))
+            .collect();
+        assert!(found.is_empty(), "the signing key's bytes are in {found:?}");
+    }
+    let pem_text = std::str::from_utf8(&pem_line).unwrap();
+    for (name, log) in std::iter::once(("coordinator", farm.coordinator.log()))
+        .chain(farm.agents.iter().map(|(n, p)| (n.as_str(), p.log())))
+    {
+        assert!(!log.contains(&hex) && !log.contains(pem_text), "the signing key is in {name}'s log");
+    }
+    assert!(!out_contains(&out, &hex));
+
+    // A tag moved to another image no longer verifies.
+    let moved = Command::new("skopeo")
+        .args(["copy", "--all", "--quiet", "--src-tls-verify=false", "--dest-tls-verify=false"])
+        .arg(format!("docker://{base}"))
+        .arg(format!("docker://{reference}"))
+        .output()
+        .unwrap();
+    assert!(moved.status.success(), "{}", text(&moved));
+    let out = cosign(&verify);
+    assert!(!out.status.success(), "a moved tag verified: {}", text(&out));
+    assert!(text(&out).contains("no signatures found"), "{}", text(&out));
+}
+
+/// A farm whose CA directory lost its key: `sign = true` refuses to start, `--sign` is refused
+/// naming the fix; after `farm signing init`, `sign = true` signs a build that did not ask.
+#[test]
+fn sign_true_signs_every_pushed_index_and_a_missing_key_says_how_to_make_one() {
+    require_tool("cosign");
+    require_tool("buildah");
+    let registry = Registry::start();
+    let base = registry.seed_busybox();
+    let mut farm = Farm::start(3);
+    farm.agent("x86", &[]);
+    let ctx = example("hello", farm.tmp.path());
+    let ca = farm.ca.path().to_string();
+    // The coordinator reads its key once, at start.
+    std::fs::remove_file(farm.ca.dir.join("signing.key")).unwrap();
+    farm.restart_coordinator();
+    farm.wait_agent("x86", "online");
+    let missing = format!("no signing key in {ca}: run `farm signing init --dir {ca}` on the coordinator's machine");
+
+    let out = common::farm(&["signing", "public-key", "--dir", &ca]);
+    assert!(!out.status.success() && text(&out).contains(&missing), "{}", text(&out));
+    let mut args = farm.client_args();
+    args.push("--sign".into());
+    args.extend(registry.build_flags(&base, "linux/amd64", "auto:1", &ctx));
+    let (ok, out, err) = build(&args);
+    assert!(!ok, "{out}");
+    assert!(err.contains(&missing), "{err}");
+    assert!(registry.tags("auto").is_empty());
+
+    let config = farm.tmp.path().join("coordinator.toml");
+    std::fs::write(&config, "sign = true\n").unwrap();
+    let state = farm.tmp.path().join("state2");
+    let coordinator_args = |port: &str| {
+        [
+            "coordinator",
+            "--config",
+            config.to_str().unwrap(),
+            "--listen",
+            port,
+            "--ca-dir",
+            &ca,
+            "--state-dir",
+            state.to_str().unwrap(),
+        ]
+        .map(String::from)
+    };
+    let refused = Command::new(farm_bin()).args(coordinator_args("127.0.0.1:0")).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(text(&refused).contains(&missing), "{}", text(&refused));
+
+    let made = farm_ok(&["signing", "init", "--dir", &ca]);
+    let public = farm_ok(&["signing", "public-key", "--dir", &ca]);
+    assert!(made.contains(&public), "{made}");
+    let pub_file = farm.tmp.path().join("farm.pub");
+    std::fs::write(&pub_file, &public).unwrap();
+    farm.coordinator.kill();
+    let listen = farm.addr.clone();
+    farm.coordinator =
+        Proc::spawn("coordinator", Command::new(farm_bin()).env("FARM_LOG", "info").args(coordinator_args(&listen)));
+    farm.coordinator.wait_for_line(&["coordinator listening"], std::time::Duration::from_secs(20));
+    farm.wait_agent("x86", "online");
+
+    // No --sign: the coordinator's `sign = true` signs it.
+    let mut args = farm.client_args();
+    args.extend(registry.build_flags(&base, "linux/amd64", "auto:1", &ctx));
+    let (ok, out, err) = build(&args);
+    assert!(ok, "{out}\n{err}");
+    let reference = format!("{}/auto:1", registry.addr);
+    let out = cosign(&[
+        "verify",
+        "--key",
+        pub_file.to_str().unwrap(),
+        "--insecure-ignore-tlog",
+        "--allow-http-registry",
+        &reference,
+    ]);
+    assert!(out.status.success(), "cosign verify failed: {}", text(&out));
+}
+
+fn out_contains(out: &Output, needle: &str) -> bool {
+    text(out).contains(needle)
+}
