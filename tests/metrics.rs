@@ -85,6 +85,7 @@ fn instant(prometheus: &str, query: &str) -> Option<String> {
 #[test]
 fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build() {
     require_tool("prometheus");
+    require_tool("promtool");
     require_tool("openssl");
     require_tool("curl");
     require_tool("buildah");
@@ -106,6 +107,7 @@ fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build()
     .unwrap();
     farm.restart_coordinator_env(&[("FARM_CONFIG", config.to_str().unwrap())]);
     farm.agent("x86", &["--capacity", "2"]);
+    farm.agent("pi32", &["--native", "linux/arm/v7", "--emulated", "none", "--capacity", "1"]);
 
     // A real Prometheus, scraping every second into a temporary directory.
     let prom_dir = farm.tmp.path().join("prometheus");
@@ -130,7 +132,7 @@ fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build()
 
     let ctx = example("hello", farm.tmp.path());
     let mut args = farm.client_args();
-    args.extend(registry.build_flags(&base, "linux/amd64,linux/arm64", "metrics:1", &ctx));
+    args.extend(registry.build_flags(&base, "linux/amd64,linux/arm64,linux/arm/v7", "metrics:1", &ctx));
     args.extend(["--notify".to_string(), own.clone()]);
     let (ok, out, err) = build(&args);
     assert!(ok, "{out}\n{err}");
@@ -151,7 +153,10 @@ fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build()
             .iter()
             .map(|p| (p["platform"].as_str().unwrap(), p["agent"].as_str().unwrap(), p["placement"].as_str().unwrap()))
             .collect();
-        assert_eq!(placements, [("linux/amd64", "x86", "native"), ("linux/arm64", "x86", "emulated")]);
+        assert_eq!(
+            placements,
+            [("linux/amd64", "x86", "native"), ("linux/arm64", "x86", "emulated"), ("linux/arm/v7", "pi32", "native")]
+        );
         assert!(notice["platforms"][0]["duration_ms"].as_u64().unwrap() > 0);
     }
 
@@ -164,12 +169,55 @@ fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build()
     eventually(r#"farm_builds_total{result="succeeded"}"#, "1");
     eventually(r#"farm_tasks_total{platform="linux/amd64",placement="native",result="succeeded"}"#, "1");
     eventually(r#"farm_tasks_total{platform="linux/arm64",placement="emulated",result="succeeded"}"#, "1");
-    eventually(r#"farm_agents{state="online",platform="linux/amd64",placement="native"}"#, "1");
-    eventually(r#"farm_agent_slots{agent="x86",state="free"}"#, "2");
+    eventually(r#"sum(farm_tasks_total{placement="emulated"})"#, "1");
+    eventually(r#"sum(farm_tasks_total{placement="native"})"#, "2");
+    // The agent gauges say what `farm agents` says.
+    let agents = agents_json(&farm.addr, &farm.ca);
+    for a in agents.as_array().unwrap() {
+        let name = a["name"].as_str().unwrap();
+        let (capacity, busy) = (a["capacity"].as_u64().unwrap(), a["busy"].as_u64().unwrap());
+        eventually(&format!(r#"farm_agent_slots{{agent="{name}",state="free"}}"#), &(capacity - busy).to_string());
+        eventually(&format!(r#"farm_agent_slots{{agent="{name}",state="busy"}}"#), &busy.to_string());
+        for (key, placement) in [("native", "native"), ("emulated", "emulated")] {
+            for p in a[key].as_array().unwrap() {
+                let q = format!(
+                    r#"farm_agents{{state="{}",platform="{}",placement="{placement}"}}"#,
+                    a["state"].as_str().unwrap(),
+                    p.as_str().unwrap()
+                );
+                let holders = agents
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .filter(|b| b["state"] == a["state"] && b[key].as_array().unwrap().contains(p))
+                    .count();
+                eventually(&q, &holders.to_string());
+            }
+        }
+    }
+    eventually(r#"sum(farm_queue_depth) or vector(0)"#, "0");
     eventually(r#"farm_build_duration_seconds_count"#, "1");
-    eventually(r#"sum(farm_task_duration_seconds_count{phase="build"})"#, "2");
+    eventually(r#"sum(farm_task_duration_seconds_count{phase="build"})"#, "3");
     eventually(r#"farm_context_bytes_total{direction="in"} > bool 0"#, "1");
     eventually(r#"process_resident_memory_bytes{job="farm"} > bool 0"#, "1");
+    // promtool accepts the exposition as it is served.
+    let exposition = Command::new("curl").args(["-sf", &format!("http://{metrics}/metrics")]).output().unwrap();
+    assert!(exposition.status.success());
+    let mut check = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut check.stdin.take().unwrap(), &exposition.stdout).unwrap();
+    let checked = check.wait_with_output().unwrap();
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
     // No build id or tag became a label.
     let series = Command::new("curl")
         .args(["-sfG", &format!("http://{web}/api/v1/series"), "--data-urlencode", r#"match[]={job="farm"}"#])

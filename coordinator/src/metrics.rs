@@ -324,22 +324,56 @@ pub async fn serve(
     events: tokio::sync::mpsc::Sender<crate::driver::Event>,
 ) {
     use axum::http::{header, StatusCode};
-    let scrape = move || {
+    let scrape = move |headers: axum::http::HeaderMap| {
         let (metrics, events) = (metrics.clone(), events.clone());
         async move {
+            let openmetrics = headers
+                .get(header::ACCEPT)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.contains("application/openmetrics-text"));
             let (reply, rx) = tokio::sync::oneshot::channel();
             if events.send(crate::driver::Event::Metrics { reply }).await.is_err() {
                 return Err((StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down"));
             }
             let snap = rx.await.map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down"))?;
             let text = metrics.render(&snap);
-            Ok(([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text))
+            Ok(match openmetrics {
+                true => ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text),
+                false => ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text_format(&text)),
+            })
         }
     };
     let app = axum::Router::new().route("/metrics", axum::routing::get(scrape));
     if let Err(e) = axum::serve(listener, app).await {
         tracing::warn!("metrics server stopped: {e}");
     }
+}
+
+/// The Prometheus text format (0.0.4) of an OpenMetrics exposition, for scrapers and tools that
+/// do not ask for OpenMetrics (`promtool check metrics`, curl): a counter's HELP and TYPE name its
+/// `_total` samples, and there are no UNIT or EOF lines.
+pub fn text_format(openmetrics: &str) -> String {
+    let counters: BTreeSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "].into_iter().find_map(|p| Some((p, line.strip_prefix(p)?)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let name = if counters.contains(name) { format!("{name}_total") } else { name.to_string() };
+                out += &format!("{prefix}{name} {tail}\n");
+            }
+            None => {
+                out += line;
+                out.push('\n');
+            }
+        }
+    }
+    out
 }
 
 fn placement(emulated: bool) -> &'static str {
@@ -447,6 +481,13 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "no line {line:?} in:\n{text}");
         }
         assert!(text.lines().any(|l| l.starts_with("process_resident_memory_bytes ")), "{text}");
+        let plain = text_format(&text);
+        assert!(
+            plain.contains("# TYPE farm_builds_total counter\n# HELP") || plain.contains("# HELP farm_builds_total ")
+        );
+        assert!(plain.contains("# TYPE farm_builds_total counter"), "{plain}");
+        assert!(plain.contains("# TYPE farm_queue_depth gauge"), "{plain}");
+        assert!(!plain.contains("# EOF") && !plain.contains("# UNIT"), "{plain}");
         // A second scrape does not count the stale results again.
         let text = m.render(&snap);
         assert!(text.lines().any(|l| l == "farm_stale_results_refused_total 2"), "{text}");
