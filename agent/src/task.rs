@@ -62,6 +62,13 @@ impl TaskError {
     }
 }
 
+/// The images the Dockerfile at `path` names in its `FROM` lines, as references (what cannot be
+/// read or parsed is left out: these are only mount sources).
+fn base_image_refs(path: &std::path::Path, build_args: &[(String, String)]) -> Vec<ImageRef> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    shared::dockerfile::base_images(&text, build_args).iter().filter_map(|b| b.parse().ok()).collect()
+}
+
 pub struct Runner {
     /// Builds hold it shared; pruning the layer cache holds it alone.
     pub cache_lock: tokio::sync::RwLock<()>,
@@ -78,6 +85,9 @@ pub struct Runner {
     pub memory: Option<crate::cgroup::MemoryLimit>,
     /// The entitlements this agent's config allows; a task asking for more is refused.
     pub allowed: Vec<shared::proto::Entitlement>,
+    /// Which registry repositories hold which blobs, as this agent learnt pushing: blobs another
+    /// build pushed elsewhere in the same registry are mounted rather than uploaded again.
+    pub locations: shared::registry::BlobLocations,
 }
 
 impl Runner {
@@ -181,12 +191,19 @@ impl Runner {
             ));
         }
         let repo: ImageRef = a.repository.parse().map_err(|e: oci::ImageRefError| TaskError::Other(e.to_string()))?;
-        let registry = Registry::new(&a.insecure_registries, a.credentials.clone());
-        let report = registry.push_layout(&layout, &repo).await?;
+        let registry =
+            Registry::new(&a.insecure_registries, a.credentials.clone()).with_locations(self.locations.clone());
+        // The base images' layers may be in their repositories of the same registry: mounted from there.
+        let sources = base_image_refs(&context.join(&a.dockerfile), &a.build_args);
+        let report = registry.push_layout_from(&layout, &repo, &sources).await?;
         laps.lap("push");
+        let mut retried = String::new();
+        if report.resumed + report.restarted > 0 {
+            retried = format!("; after failed requests {} resumed, {} sent again", report.resumed, report.restarted);
+        }
         say(format!(
-            "farm: pushed {}@{} ({} blobs uploaded, {} already there)",
-            a.repository, report.manifest.digest, report.blobs_uploaded, report.blobs_skipped
+            "farm: pushed {}@{} ({} blobs uploaded, {} mounted, {} already there{retried})",
+            a.repository, report.manifest.digest, report.blobs_uploaded, report.blobs_mounted, report.blobs_skipped
         ));
         let manifest = ManifestRef {
             media_type: report.manifest.media_type,

@@ -488,11 +488,12 @@ impl Registry {
         let blobs: Vec<&Descriptor> =
             layout.layers.iter().chain([&layout.config]).filter(|b| seen.insert(&b.digest)).collect();
         let (target, auth) = (&target, &auth);
-        let outcomes: Vec<Pushed> = futures_util::stream::iter(blobs)
-            .map(|blob| self.push_blob(target, &layout.dir, blob, sources, auth))
-            .buffer_unordered(PARALLEL_BLOBS)
-            .try_collect()
-            .await?;
+        // The futures made beforehand, not in a closure of the stream: a stream of closures over
+        // borrowed arguments trips the compiler's `Send` check for callers that spawn this.
+        let pushes: Vec<_> =
+            blobs.into_iter().map(|blob| self.push_blob(target, &layout.dir, blob, sources, auth)).collect();
+        let outcomes: Vec<Pushed> =
+            futures_util::stream::iter(pushes).buffer_unordered(PARALLEL_BLOBS).try_collect().await?;
         for outcome in outcomes {
             match outcome {
                 Pushed::Present => report.blobs_skipped += 1,
