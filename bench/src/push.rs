@@ -212,7 +212,7 @@ async fn measure(env: &Env, reps: usize, layer_bytes: u64, wire: &mut Row, secon
     let root = env.root.join("push");
     let first_dir = root.join("image");
     let second_dir = root.join("second");
-    eprintln!("farm-bench: writing a four-layer image of {} MiB", 4 * layer_bytes >> 20);
+    eprintln!("farm-bench: writing a four-layer image of {} MiB", (4 * layer_bytes) >> 20);
     let t0 = Instant::now();
     let layers: Vec<(Digest, u64)> =
         (0..4).map(|i| random_blob(&first_dir, layer_bytes, 1000 + i)).collect::<Result<_>>()?;

@@ -77,8 +77,11 @@ pub(crate) fn after_failure(reported: Option<u64>, acknowledged: u64, size: u64)
 /// most [`BlobLocations::CAPACITY`] blobs (past that it starts over) and a few repositories each.
 #[derive(Clone, Default)]
 pub struct BlobLocations {
-    table: Arc<Mutex<HashMap<(String, Digest), Vec<String>>>>,
+    table: Arc<Mutex<Table>>,
 }
+
+/// (registry, digest) → repositories, the newest first.
+type Table = HashMap<(String, Digest), Vec<String>>;
 
 impl std::fmt::Debug for BlobLocations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -90,7 +93,7 @@ impl BlobLocations {
     pub const CAPACITY: usize = 100_000;
     const PER_BLOB: usize = 4;
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, Digest), Vec<String>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
         self.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
