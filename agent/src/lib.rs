@@ -225,6 +225,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()> + Send + 'st
         mirrors: config.mirrors.clone(),
         memory,
         allowed: config.allowed(),
+        locations: Default::default(),
     });
     net::Agent { config: &config, creds: &creds, info: &info, runner }.run(shutdown).await;
     Ok(())

@@ -62,6 +62,38 @@ impl TaskError {
     }
 }
 
+/// The images the Dockerfile at `path` names in its `FROM` lines, as references (what cannot be
+/// read or parsed is left out: these are only mount sources).
+fn base_image_refs(path: &std::path::Path, build_args: &[(String, String)]) -> Vec<ImageRef> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    shared::dockerfile::base_images(&text, build_args).iter().filter_map(|b| b.parse().ok()).collect()
+}
+
+/// How many `PutBlobs` streams an image's blobs go to the coordinator on at once.
+const PARALLEL_BLOB_STREAMS: usize = 4;
+
+/// `blobs` in at most `n` groups of about equal bytes (the biggest first, each to the lightest
+/// group), each group in the order given; no empty group.
+fn spread(blobs: &[(Digest, u64)], n: usize) -> Vec<Vec<(Digest, u64)>> {
+    let n = n.clamp(1, blobs.len().max(1));
+    let mut order: Vec<usize> = (0..blobs.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(blobs[i].1));
+    let mut groups: Vec<(u64, Vec<usize>)> = vec![(0, Vec::new()); n];
+    for i in order {
+        let lightest = groups.iter_mut().min_by_key(|(bytes, _)| *bytes).expect("n >= 1");
+        lightest.0 += blobs[i].1;
+        lightest.1.push(i);
+    }
+    groups
+        .into_iter()
+        .filter(|(_, g)| !g.is_empty())
+        .map(|(_, mut g)| {
+            g.sort_unstable();
+            g.into_iter().map(|i| blobs[i].clone()).collect()
+        })
+        .collect()
+}
+
 pub struct Runner {
     /// Builds hold it shared; pruning the layer cache holds it alone.
     pub cache_lock: tokio::sync::RwLock<()>,
@@ -78,6 +110,9 @@ pub struct Runner {
     pub memory: Option<crate::cgroup::MemoryLimit>,
     /// The entitlements this agent's config allows; a task asking for more is refused.
     pub allowed: Vec<shared::proto::Entitlement>,
+    /// Which registry repositories hold which blobs, as this agent learnt pushing: blobs another
+    /// build pushed elsewhere in the same registry are mounted rather than uploaded again.
+    pub locations: shared::registry::BlobLocations,
 }
 
 impl Runner {
@@ -213,12 +248,19 @@ impl Runner {
             ));
         }
         let repo: ImageRef = a.repository.parse().map_err(|e: oci::ImageRefError| TaskError::Other(e.to_string()))?;
-        let registry = Registry::new(&a.insecure_registries, a.credentials.clone());
-        let report = registry.push_layout(&layout, &repo).await?;
+        let registry =
+            Registry::new(&a.insecure_registries, a.credentials.clone()).with_locations(self.locations.clone());
+        // The base images' layers may be in their repositories of the same registry: mounted from there.
+        let sources = base_image_refs(&context.join(&a.dockerfile), &a.build_args);
+        let report = registry.push_layout_from(&layout, &repo, &sources).await?;
         laps.lap("push");
+        let mut retried = String::new();
+        if report.resumed + report.restarted > 0 {
+            retried = format!("; after failed requests {} resumed, {} sent again", report.resumed, report.restarted);
+        }
         say(format!(
-            "farm: pushed {}@{} ({} blobs uploaded, {} already there)",
-            a.repository, report.manifest.digest, report.blobs_uploaded, report.blobs_skipped
+            "farm: pushed {}@{} ({} blobs uploaded, {} mounted, {} already there{retried})",
+            a.repository, report.manifest.digest, report.blobs_uploaded, report.blobs_mounted, report.blobs_skipped
         ));
         let manifest = ManifestRef {
             media_type: report.manifest.media_type,
@@ -262,12 +304,34 @@ impl Runner {
         if missing.is_empty() {
             return Ok((0, 0, total));
         }
+        // In the layout's order, whatever order the answer came in; the manifest (last) goes
+        // alone once the rest are stored, so that a manifest in the store always has its blobs.
+        let mut sent = std::collections::HashSet::new();
+        let mut todo: Vec<(Digest, u64)> =
+            blobs.iter().filter(|(d, _)| missing.contains(d) && sent.insert(d.clone())).cloned().collect();
+        let manifest_missing = todo.last().map(|(d, _)| d) == blobs.last().map(|(d, _)| d);
+        let manifest = if manifest_missing { todo.pop() } else { None };
+        let streams = spread(&todo, PARALLEL_BLOB_STREAMS);
+        let uploads = streams.iter().map(|group| self.put_blobs(conn, dir, group));
+        let mut bytes: u64 = futures_util::future::try_join_all(uploads).await?.into_iter().sum();
+        if let Some(manifest) = manifest {
+            bytes += self.put_blobs(conn, dir, std::slice::from_ref(&manifest)).await?;
+        }
+        Ok((missing.len(), bytes, total - missing.len()))
+    }
+
+    /// Sends `blobs` from the layout at `dir` on one `PutBlobs` stream; the bytes sent.
+    async fn put_blobs(
+        &self,
+        conn: &quinn::Connection,
+        dir: &std::path::Path,
+        blobs: &[(Digest, u64)],
+    ) -> Result<u64, TaskError> {
+        let max = self.max_frame;
         let (mut send, mut recv) = conn.open_bi().await?;
         write_msg(&mut send, &Request::PutBlobs, max).await?;
         let mut bytes = 0;
-        let mut sent = std::collections::HashSet::new();
-        // In the layout's order (the manifest last), whatever order the answer came in.
-        for (digest, size) in blobs.iter().filter(|(d, _)| missing.contains(d) && sent.insert(d.clone())) {
+        for (digest, size) in blobs {
             let mut file = tokio::fs::File::open(oci::blob_path(dir, digest))
                 .await
                 .map_err(|e| TaskError::Other(format!("reading the built image: {e}")))?;
@@ -277,10 +341,9 @@ impl Runner {
         }
         let _ = send.finish();
         match expect_msg(&mut recv, max, "the upload's result").await? {
-            Response::Stored { blobs, .. } if blobs as usize == missing.len() => {}
-            other => return Err(TaskError::Unexpected(format!("{other:?} to the image upload"))),
+            Response::Stored { blobs: n, .. } if n as usize == blobs.len() => Ok(bytes),
+            other => Err(TaskError::Unexpected(format!("{other:?} to the image upload"))),
         }
-        Ok((missing.len(), bytes, total - missing.len()))
     }
 
     /// Trims the layer cache to its limit if no build is running (else the next idle moment will).
@@ -369,5 +432,22 @@ where
             }
             r => return r,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blobs_spread_over_streams_by_size_in_order() {
+        let b = |s: &str, size: u64| (Digest::of(s.as_bytes()), size);
+        let blobs = [b("config", 1), b("a", 100), b("b", 60), b("c", 50), b("d", 10)];
+        let groups = spread(&blobs, 2);
+        let names = |g: &Vec<(Digest, u64)>| g.iter().map(|(_, s)| *s).collect::<Vec<_>>();
+        assert_eq!(groups.iter().map(names).collect::<Vec<_>>(), [vec![1, 100, 10], vec![60, 50]]);
+        assert_eq!(spread(&blobs, 9).len(), 5, "never more streams than blobs");
+        assert_eq!(spread(&blobs, 0).len(), 1);
+        assert!(spread(&[], 4).is_empty());
     }
 }

@@ -18,6 +18,7 @@ mod control;
 mod env;
 mod events;
 mod procs;
+mod push;
 mod report;
 mod sync;
 
@@ -68,6 +69,8 @@ enum Group {
     Sync,
     /// Rows 8-12: 1,000 scripted agents
     Control,
+    /// Rows 15-16: a 1 GiB four-layer image pushed by farm and by skopeo; a second push sharing layers
+    Push,
 }
 
 #[derive(clap::Args)]
@@ -127,6 +130,8 @@ struct Sizes {
     many_files: usize,
     control: control::Plan,
     idle_window: Duration,
+    /// Each of the four layers of rows 15-16's image.
+    push_layer_bytes: u64,
 }
 
 impl Sizes {
@@ -148,6 +153,7 @@ impl Sizes {
                 idle_window: Duration::from_secs(if q { 3 } else { 15 }),
             },
             idle_window: Duration::from_secs(if q { 2 } else { 9 }),
+            push_layer_bytes: if q { 32 << 20 } else { 256 << 20 },
         }
     }
 }
@@ -161,7 +167,7 @@ fn all(args: AllArgs) -> Result<()> {
     let farm_bin = args.farm.clone().unwrap_or_else(|| exe.with_file_name("farm"));
     let repo = args.repo.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     let groups: BTreeSet<Group> = if args.only.is_empty() {
-        [Group::Builds, Group::Agent, Group::Sync, Group::Control].into()
+        [Group::Builds, Group::Agent, Group::Sync, Group::Control, Group::Push].into()
     } else {
         args.only.iter().copied().collect()
     };
@@ -235,7 +241,7 @@ async fn run(env: &mut Env, groups: &BTreeSet<Group>, sizes: &Sizes, exe: &Path)
     let registry = env.start_registry()?;
     eprintln!("farm-bench: registry on {registry}; pushing the busybox fixture");
     let base = env.seed_busybox("busybox:latest")?;
-    let needs_farm = groups.iter().any(|g| *g != Group::Control);
+    let needs_farm = groups.iter().any(|g| !matches!(g, Group::Control | Group::Push));
     let coordinator = if needs_farm { Some(env.start_coordinator("coordinator")?) } else { None };
 
     if groups.contains(&Group::Builds) {
@@ -289,6 +295,10 @@ async fn run(env: &mut Env, groups: &BTreeSet<Group>, sizes: &Sizes, exe: &Path)
     }
     if coordinator.is_some() {
         env.stop_service("coordinator");
+    }
+    procs::check_interrupted()?;
+    if groups.contains(&Group::Push) {
+        rows.extend(push::big_images(env, sizes.reps, sizes.push_layer_bytes).await);
     }
     procs::check_interrupted()?;
     if groups.contains(&Group::Control) {

@@ -11,6 +11,7 @@ use std::collections::HashSet;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -19,9 +20,9 @@ use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::errors::{OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference, RegistryOperation};
+use reqwest::header::HeaderValue;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use tokio::io::AsyncReadExt as _;
 
 use crate::digest::Digest;
 use crate::oci::{
@@ -29,11 +30,13 @@ use crate::oci::{
     OCI_MANIFEST,
 };
 
-/// Blobs up to this size are read into memory and uploaded in one go (with oci-client's fallback to
-/// a monolithic upload for registries that refuse chunks); bigger ones are streamed from disk.
-const STREAM_THRESHOLD: u64 = 64 << 20;
-/// The read size when streaming; oci-client sends each piece as one PATCH of at most 4 MiB.
-const STREAM_CHUNK: usize = 4 << 20;
+mod upload;
+
+pub use upload::BlobLocations;
+use upload::{after_failure, chunk_body, content_range, next_chunk, parse_range, Next, CHUNK, MAX_FAILURES};
+
+/// How many blobs of one image are pushed at once.
+const PARALLEL_BLOBS: usize = 4;
 
 /// Registry credentials. `Debug` and `Display` print `<redacted>` for the password; never logged.
 #[derive(Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -96,7 +99,14 @@ pub struct PushReport {
     pub blobs_uploaded: usize,
     /// Blobs the registry already had.
     pub blobs_skipped: usize,
+    /// Blobs mounted from another repository of the same registry instead of uploaded.
+    pub blobs_mounted: usize,
+    /// The sizes of the blobs uploaded (bytes sent again after a failure not counted).
     pub bytes_uploaded: u64,
+    /// Failed requests recovered from by continuing where the registry had got to.
+    pub resumed: u32,
+    /// Failed requests recovered from by sending a blob again from its start.
+    pub restarted: u32,
 }
 
 /// The name of the file [`docker_config_credentials`] errors are attributed to when the caller did not
@@ -227,7 +237,10 @@ pub struct Registry {
     auth: RegistryAuth,
     user: Option<String>,
     insecure: Vec<String>,
-    stream_threshold: u64,
+    /// The HTTP client blob uploads use, made on the first upload.
+    http: Arc<OnceLock<reqwest::Client>>,
+    locations: BlobLocations,
+    chunk: u64,
 }
 
 /// Registry clients kept for reuse, one per (plain-HTTP registries, credentials): building one
@@ -355,13 +368,33 @@ impl Registry {
             Some(c) => (RegistryAuth::Basic(c.username.clone(), c.password), Some(c.username)),
             None => (RegistryAuth::Anonymous, None),
         };
-        Registry { client, auth, user, insecure: insecure.to_vec(), stream_threshold: STREAM_THRESHOLD }
+        Registry {
+            client,
+            auth,
+            user,
+            insecure: insecure.to_vec(),
+            http: Arc::default(),
+            locations: BlobLocations::default(),
+            chunk: CHUNK,
+        }
     }
 
-    #[cfg(test)]
-    fn with_stream_threshold(mut self, bytes: u64) -> Self {
-        self.stream_threshold = bytes;
+    /// This client with `locations` as its table of which repositories hold which blobs (mount
+    /// candidates), e.g. one an agent keeps for all its pushes.
+    pub fn with_locations(mut self, locations: BlobLocations) -> Self {
+        self.locations = locations;
         self
+    }
+
+    /// This client with uploads in PATCHes of `bytes` (at least 1).
+    pub fn with_chunk_size(mut self, bytes: u64) -> Self {
+        self.chunk = bytes.max(1);
+        self
+    }
+
+    /// The table of which repositories hold which blobs.
+    pub fn locations(&self) -> &BlobLocations {
+        &self.locations
     }
 
     /// Turns an oci-client error about `target` into one that says what to do.
@@ -415,68 +448,380 @@ impl Registry {
         self.client.store_auth_if_needed(target.to_oci_client().resolve_registry(), &self.auth).await;
     }
 
-    /// Pushes an OCI layout to `repo` by digest: each layer and the config blob is first checked
-    /// with a HEAD and uploaded only if the registry lacks it; then the manifest is PUT by digest
-    /// (`repo@sha256:…`), never by tag. `repo`'s own tag and digest are ignored.
-    ///
-    /// Returns the manifest's descriptor (media type, digest, size; no platform, the caller adds it).
+    /// Pushes an OCI layout to `repo` by digest, see [`Registry::push_layout_from`], with no
+    /// mount sources but those this client knows.
     pub async fn push_layout(&self, layout: &Layout, repo: &ImageRef) -> Result<PushReport, RegistryError> {
+        self.push_layout_from(layout, repo, &[]).await
+    }
+
+    /// Pushes an OCI layout to `repo` by digest: the layers and the config blob, up to
+    /// [`PARALLEL_BLOBS`] at once, each first checked with a HEAD and sent only if the registry
+    /// lacks it; a missing blob is mounted from another repository of the same registry when one
+    /// is known to hold it (this client's [`BlobLocations`], then `sources`, e.g. the base images'
+    /// repositories), else uploaded in chunks streamed from disk, resumed after a failure. Then
+    /// the manifest is PUT by digest (`repo@sha256:…`), never by tag. `repo`'s own tag and digest
+    /// are ignored.
+    ///
+    /// The report's manifest is the descriptor (media type, digest, size; no platform, the caller
+    /// adds it).
+    pub async fn push_layout_from(
+        &self,
+        layout: &Layout,
+        repo: &ImageRef,
+        sources: &[ImageRef],
+    ) -> Result<PushReport, RegistryError> {
+        use futures_util::{StreamExt as _, TryStreamExt as _};
         let target = repo.with_digest(&layout.manifest.digest);
-        let reference = target.to_oci_client();
-        self.authorize(&target, RegistryOperation::Push).await?;
-        let mut report =
-            PushReport { manifest: layout.manifest.clone(), blobs_uploaded: 0, blobs_skipped: 0, bytes_uploaded: 0 };
+        let auth = self.upload_auth(&target).await?;
+        let mut report = PushReport {
+            manifest: layout.manifest.clone(),
+            blobs_uploaded: 0,
+            blobs_skipped: 0,
+            blobs_mounted: 0,
+            bytes_uploaded: 0,
+            resumed: 0,
+            restarted: 0,
+        };
         report.manifest.platform = None;
         report.manifest.annotations.clear();
         let mut seen = HashSet::new();
-        for blob in layout.layers.iter().chain([&layout.config]) {
-            if !seen.insert(&blob.digest) {
-                continue;
+        let blobs: Vec<&Descriptor> =
+            layout.layers.iter().chain([&layout.config]).filter(|b| seen.insert(&b.digest)).collect();
+        let (target, auth) = (&target, &auth);
+        // The futures made beforehand, not in a closure of the stream: a stream of closures over
+        // borrowed arguments trips the compiler's `Send` check for callers that spawn this.
+        let pushes: Vec<_> =
+            blobs.into_iter().map(|blob| self.push_blob(target, &layout.dir, blob, sources, auth)).collect();
+        let outcomes: Vec<Pushed> =
+            futures_util::stream::iter(pushes).buffer_unordered(PARALLEL_BLOBS).try_collect().await?;
+        for outcome in outcomes {
+            match outcome {
+                Pushed::Present => report.blobs_skipped += 1,
+                Pushed::Mounted => report.blobs_mounted += 1,
+                Pushed::Uploaded { size, resumed, restarted } => {
+                    report.blobs_uploaded += 1;
+                    report.bytes_uploaded += size;
+                    report.resumed += resumed;
+                    report.restarted += restarted;
+                }
             }
-            let what = format!("blob {} in {}", blob.digest, target.name());
-            let exists = self
-                .client
-                .blob_exists(&reference, blob.digest.as_str())
-                .await
-                .map_err(|e| self.error(&target, "push", &what, e))?;
-            if exists {
-                report.blobs_skipped += 1;
-                continue;
-            }
-            self.upload_blob(&reference, &layout.dir, blob).await.map_err(|e| match e {
-                Upload::Io(path, source) => RegistryError::Io { path, source },
-                Upload::Registry(e) => self.error(&target, "push", &what, e),
-            })?;
-            report.blobs_uploaded += 1;
-            report.bytes_uploaded += blob.size;
         }
-        self.put_manifest(&target, layout.manifest_bytes.clone(), &layout.manifest.media_type).await?;
-        tracing::debug!("pushed {target} ({} blobs uploaded, {} present)", report.blobs_uploaded, report.blobs_skipped);
+        self.put_manifest(target, layout.manifest_bytes.clone(), &layout.manifest.media_type).await?;
+        tracing::debug!(
+            "pushed {target} ({} blobs uploaded, {} mounted, {} present; {} resumed, {} restarted)",
+            report.blobs_uploaded,
+            report.blobs_mounted,
+            report.blobs_skipped,
+            report.resumed,
+            report.restarted
+        );
         Ok(report)
     }
 
-    async fn upload_blob(&self, reference: &Reference, dir: &Path, blob: &Descriptor) -> Result<(), Upload> {
-        let path = blob_path(dir, &blob.digest);
-        if blob.size <= self.stream_threshold {
-            let bytes = tokio::fs::read(&path).await.map_err(|e| Upload::Io(path, e))?;
-            self.client.push_blob(reference, bytes, blob.digest.as_str()).await.map_err(Upload::Registry)?;
-            return Ok(());
-        }
-        let file = tokio::fs::File::open(&path).await.map_err(|e| Upload::Io(path.clone(), e))?;
-        // The registry checks the digest when the upload is committed, so a file that changed
-        // underneath is refused rather than stored under the wrong name.
-        let chunks = futures_util::stream::try_unfold(file, |mut file| async move {
-            let mut buf = Vec::with_capacity(STREAM_CHUNK);
-            (&mut file).take(STREAM_CHUNK as u64).read_to_end(&mut buf).await?;
-            Ok::<_, OciDistributionError>(if buf.is_empty() { None } else { Some((bytes::Bytes::from(buf), file)) })
-        });
-        self.client.push_blob_stream(reference, chunks, blob.digest.as_str(), Some(blob.size)).await.map_err(|e| {
-            match e {
-                OciDistributionError::IoError(e) => Upload::Io(path, e),
-                e => Upload::Registry(e),
+    /// The Authorization header blob uploads to `target`'s repository carry: the bearer token the
+    /// registry gave for pushing, else the basic credentials, else none.
+    async fn upload_auth(&self, target: &ImageRef) -> Result<Option<HeaderValue>, RegistryError> {
+        let token = self
+            .client
+            .auth(&target.to_oci_client(), &self.auth, RegistryOperation::Push)
+            .await
+            .map_err(|e| self.error(target, "push", &target.name(), e))?;
+        let value = match (token, &self.auth) {
+            (Some(token), _) => format!("Bearer {token}"),
+            (None, RegistryAuth::Basic(user, password)) => {
+                format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}")))
             }
-        })?;
-        Ok(())
+            (None, _) => return Ok(None),
+        };
+        let mut value = HeaderValue::from_str(&value)
+            .map_err(|_| RegistryError::Usage("the registry credentials are not valid in an HTTP header".into()))?;
+        value.set_sensitive(true);
+        Ok(Some(value))
+    }
+
+    fn http(&self) -> &reqwest::Client {
+        self.http.get_or_init(|| {
+            reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(30))
+                .user_agent(concat!("farm/", env!("CARGO_PKG_VERSION")))
+                .build()
+                .expect("the HTTP client for registries could not be built")
+        })
+    }
+
+    /// `scheme://host[:port]` of `target`'s registry.
+    fn base_url(&self, target: &ImageRef) -> String {
+        let reference = target.to_oci_client();
+        let host = reference.resolve_registry();
+        let scheme = if self.insecure.iter().any(|i| i == host || *i == target.registry) { "http" } else { "https" };
+        format!("{scheme}://{host}")
+    }
+
+    /// A request to `url` with the credentials, which go only to the registry itself (an upload
+    /// URL may point elsewhere, e.g. to storage).
+    fn request(
+        &self,
+        method: reqwest::Method,
+        url: reqwest::Url,
+        target: &ImageRef,
+        auth: &Option<HeaderValue>,
+    ) -> reqwest::RequestBuilder {
+        let same_origin = reqwest::Url::parse(&self.base_url(target)).is_ok_and(|base| base.origin() == url.origin());
+        let mut request = self.http().request(method, url);
+        if let (true, Some(auth)) = (same_origin, auth) {
+            request = request.header(reqwest::header::AUTHORIZATION, auth.clone());
+        }
+        request
+    }
+
+    /// A failure of an upload request: worth retrying (the connection, a 5xx) or not.
+    async fn classify(&self, target: &ImageRef, what: &str, result: reqwest::Result<reqwest::Response>) -> Failure {
+        match result {
+            Err(e) => Failure::Retry(root_cause(&e)),
+            Ok(response) => {
+                let code = response.status().as_u16();
+                let url = response.url().to_string();
+                let message = response.text().await.unwrap_or_default();
+                if code >= 500 || matches!(code, 408 | 416 | 429) {
+                    return Failure::Retry(format!("HTTP {code} {}", message.trim()));
+                }
+                Failure::Fatal(self.error(
+                    target,
+                    "push",
+                    what,
+                    OciDistributionError::ServerError { code, url, message },
+                ))
+            }
+        }
+    }
+
+    /// The URL of the upload a 202 answer names (its `Location`, relative to the request's URL).
+    fn location(target: &ImageRef, response: &reqwest::Response) -> Result<reqwest::Url, RegistryError> {
+        let location = response.headers().get(reqwest::header::LOCATION).and_then(|l| l.to_str().ok());
+        location.and_then(|l| response.url().join(l).ok()).ok_or_else(|| RegistryError::Protocol {
+            registry: target.registry.clone(),
+            message: format!("answered {} to {} without a usable Location", response.status(), response.url()),
+        })
+    }
+
+    /// Starts an upload to `target`'s repository; with `mount`, as a mount of that digest from
+    /// that repository, which the registry may answer with the blob mounted.
+    async fn start_upload(
+        &self,
+        target: &ImageRef,
+        auth: &Option<HeaderValue>,
+        mount: Option<(&Digest, &str)>,
+        what: &str,
+    ) -> Result<Started, Failure> {
+        let mut url =
+            reqwest::Url::parse(&format!("{}/v2/{}/blobs/uploads/", self.base_url(target), target.repository))
+                .map_err(|e| Failure::Fatal(RegistryError::Usage(format!("{}: {e}", target.name()))))?;
+        if let Some((digest, from)) = mount {
+            url.query_pairs_mut().append_pair("mount", digest.as_str()).append_pair("from", from);
+        }
+        let sent = self
+            .request(reqwest::Method::POST, url, target, auth)
+            .header(reqwest::header::CONTENT_LENGTH, 0)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status() == reqwest::StatusCode::CREATED && mount.is_some() => Ok(Started::Mounted),
+            Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => {
+                Ok(Started::Session(Self::location(target, &r).map_err(Failure::Fatal)?))
+            }
+            other => Err(self.classify(target, what, other).await),
+        }
+    }
+
+    /// Sends `range` of the file at `path` to the upload at `url`; the URL to go on with.
+    async fn patch(
+        &self,
+        target: &ImageRef,
+        auth: &Option<HeaderValue>,
+        url: &reqwest::Url,
+        path: &Path,
+        range: &std::ops::Range<u64>,
+        what: &str,
+    ) -> Result<reqwest::Url, Failure> {
+        let body = chunk_body(path, range)
+            .await
+            .map_err(|source| Failure::Fatal(RegistryError::Io { path: path.to_owned(), source }))?;
+        let sent = self
+            .request(reqwest::Method::PATCH, url.clone(), target, auth)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .header(reqwest::header::CONTENT_RANGE, content_range(range))
+            .header(reqwest::header::CONTENT_LENGTH, range.end - range.start)
+            .body(body)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status() == reqwest::StatusCode::ACCEPTED => Self::location(target, &r).map_err(Failure::Fatal),
+            other => Err(self.classify(target, what, other).await),
+        }
+    }
+
+    /// Commits the upload at `url` as `digest`; the registry checks the digest.
+    async fn commit(
+        &self,
+        target: &ImageRef,
+        auth: &Option<HeaderValue>,
+        url: &reqwest::Url,
+        digest: &Digest,
+        what: &str,
+    ) -> Result<(), Failure> {
+        let mut url = url.clone();
+        url.query_pairs_mut().append_pair("digest", digest.as_str());
+        let sent = self
+            .request(reqwest::Method::PUT, url, target, auth)
+            .header(reqwest::header::CONTENT_LENGTH, 0)
+            .send()
+            .await;
+        match sent {
+            Ok(r) if r.status() == reqwest::StatusCode::CREATED => Ok(()),
+            other => Err(self.classify(target, what, other).await),
+        }
+    }
+
+    /// Where the upload at `url` stands (`GET`): the offset it has reached and the URL to go on
+    /// with, or `None` if the registry no longer has it.
+    async fn upload_status(
+        &self,
+        target: &ImageRef,
+        auth: &Option<HeaderValue>,
+        url: &reqwest::Url,
+    ) -> Option<(u64, reqwest::Url)> {
+        let r = self.request(reqwest::Method::GET, url.clone(), target, auth).send().await.ok()?;
+        if r.status() != reqwest::StatusCode::NO_CONTENT {
+            return None;
+        }
+        let offset = parse_range(r.headers().get(reqwest::header::RANGE)?.to_str().ok()?)?;
+        let next = Self::location(target, &r).unwrap_or_else(|_| url.clone());
+        Some((offset, next))
+    }
+
+    /// Pushes one blob of the layout at `dir` unless `target`'s repository has it: a mount if a
+    /// source may hold it, else an upload.
+    async fn push_blob(
+        &self,
+        target: &ImageRef,
+        dir: &Path,
+        blob: &Descriptor,
+        sources: &[ImageRef],
+        auth: &Option<HeaderValue>,
+    ) -> Result<Pushed, RegistryError> {
+        let what = format!("blob {} in {}", blob.digest, target.name());
+        let exists = self
+            .client
+            .blob_exists(&target.to_oci_client(), blob.digest.as_str())
+            .await
+            .map_err(|e| self.error(target, "push", &what, e))?;
+        if exists {
+            self.locations.remember(target, &blob.digest);
+            return Ok(Pushed::Present);
+        }
+        let mut failures = 0;
+        let mut failed = |why: String| {
+            failures += 1;
+            tracing::warn!("uploading {what}: {why} (failure {failures} of at most {MAX_FAILURES})");
+            if failures >= MAX_FAILURES {
+                Err(RegistryError::Protocol {
+                    registry: target.registry.clone(),
+                    message: format!(
+                        "uploading {what} failed {failures} times, the last: {why}; check the connection to the                          registry and push again"
+                    ),
+                })
+            } else {
+                Ok(Duration::from_millis(100 << failures))
+            }
+        };
+        // A mount the registry declines opens an upload session (202): the last one is used.
+        let mut session = None;
+        let candidates = self.locations.sources(target, &blob.digest, sources);
+        for (i, from) in candidates.iter().enumerate() {
+            let started = match self.start_upload(target, auth, Some((&blob.digest, from)), &what).await {
+                Ok(started) => started,
+                Err(Failure::Fatal(e)) => return Err(e),
+                // Mounts are an optimisation: on to a plain upload.
+                Err(Failure::Retry(why)) => {
+                    failed(why)?;
+                    break;
+                }
+            };
+            match started {
+                Started::Mounted => {
+                    tracing::debug!("mounted {what} from {from}");
+                    self.locations.remember(target, &blob.digest);
+                    return Ok(Pushed::Mounted);
+                }
+                Started::Session(url) if i + 1 == candidates.len() => session = Some(url),
+                Started::Session(url) => {
+                    let _ = self.request(reqwest::Method::DELETE, url, target, auth).send().await;
+                }
+            }
+        }
+        let mut url = match session {
+            Some(url) => url,
+            None => loop {
+                match self.start_upload(target, auth, None, &what).await {
+                    Ok(Started::Session(url)) => break url,
+                    Ok(Started::Mounted) => unreachable!("a plain upload is never answered with a mount"),
+                    Err(Failure::Fatal(e)) => return Err(e),
+                    Err(Failure::Retry(why)) => tokio::time::sleep(failed(why)?).await,
+                }
+            },
+        };
+        let path = blob_path(dir, &blob.digest);
+        let (mut offset, mut resumed, mut restarted) = (0, 0, 0);
+        loop {
+            let step = match next_chunk(offset, blob.size, self.chunk) {
+                Some(range) => self.patch(target, auth, &url, &path, &range, &what).await.map(|next| {
+                    offset = range.end;
+                    Some(next)
+                }),
+                None => self.commit(target, auth, &url, &blob.digest, &what).await.map(|()| None),
+            };
+            let why = match step {
+                Ok(Some(next)) => {
+                    url = next;
+                    continue;
+                }
+                Ok(None) => break,
+                Err(Failure::Fatal(e)) => return Err(e),
+                Err(Failure::Retry(why)) => why,
+            };
+            let backoff = failed(why)?;
+            // A commit whose answer was lost may have stored the blob.
+            if offset == blob.size
+                && self.client.blob_exists(&target.to_oci_client(), blob.digest.as_str()).await.unwrap_or(false)
+            {
+                break;
+            }
+            let status = self.upload_status(target, auth, &url).await;
+            match after_failure(status.as_ref().map(|s| s.0), offset, blob.size) {
+                Next::Resume(at) => {
+                    tracing::info!("uploading {what}: resuming at byte {at} of {}", blob.size);
+                    offset = at;
+                    url = status.map(|s| s.1).unwrap_or(url);
+                    resumed += 1;
+                }
+                Next::Restart => {
+                    tracing::info!("uploading {what}: the registry no longer has the upload; sending it again");
+                    tokio::time::sleep(backoff).await;
+                    url = loop {
+                        match self.start_upload(target, auth, None, &what).await {
+                            Ok(Started::Session(url)) => break url,
+                            Ok(Started::Mounted) => unreachable!("a plain upload is never answered with a mount"),
+                            Err(Failure::Fatal(e)) => return Err(e),
+                            Err(Failure::Retry(why)) => tokio::time::sleep(failed(why)?).await,
+                        }
+                    };
+                    offset = 0;
+                    restarted += 1;
+                }
+            }
+        }
+        self.locations.remember(target, &blob.digest);
+        Ok(Pushed::Uploaded { size: blob.size, resumed, restarted })
     }
 
     /// PUTs a manifest or index under `target` (its digest if it has one, else its tag).
@@ -605,14 +950,29 @@ impl Registry {
             .pull_blob(&target.to_oci_client(), d.as_str(), &mut out)
             .await
             .map_err(|e| self.error(&target, "pull", &format!("blob {d} in {}", repo.name()), e))?;
+        self.locations.remember(repo, d);
         Ok(out)
     }
 }
 
-/// Why a blob upload failed: reading it, or the registry.
-enum Upload {
-    Io(PathBuf, std::io::Error),
-    Registry(OciDistributionError),
+/// How one blob got to the registry.
+enum Pushed {
+    Present,
+    Mounted,
+    Uploaded { size: u64, resumed: u32, restarted: u32 },
+}
+
+/// How an upload request answered, when not as hoped.
+enum Failure {
+    /// The connection failed or the registry answered 5xx, 408, 416 or 429: worth another try.
+    Retry(String),
+    Fatal(RegistryError),
+}
+
+/// How an upload began.
+enum Started {
+    Mounted,
+    Session(reqwest::Url),
 }
 
 #[cfg(test)]
@@ -620,6 +980,7 @@ mod tests {
     use std::io::{Read as _, Write as _};
     use std::net::{TcpListener, TcpStream};
     use std::process::{Child, Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Instant;
 
     use super::*;
@@ -882,7 +1243,7 @@ mod tests {
         assert_eq!(layout.manifest.media_type, OCI_MANIFEST);
         assert_eq!(layout.platform().unwrap().to_string(), "linux/arm64");
         assert_eq!(layout.layers.len(), 1);
-        assert!(layout.layers[0].size > 2 * STREAM_CHUNK as u64, "{:?}", layout.layers[0]);
+        assert!(layout.layers[0].size > 8 << 20, "{:?}", layout.layers[0]);
 
         let registry = Registry::new(std::slice::from_ref(&addr), None);
         let repo: ImageRef = format!("{addr}/farm/hello").parse().unwrap();
@@ -892,6 +1253,7 @@ mod tests {
         let first = registry.push_layout(&layout, &repo).await.unwrap();
         assert_eq!(first.manifest, layout.manifest);
         assert_eq!((first.blobs_uploaded, first.blobs_skipped, first.bytes_uploaded), (2, 0, blob_bytes));
+        assert_eq!((first.blobs_mounted, first.resumed, first.restarted), (0, 0, 0));
         let again = registry.push_layout(&layout, &repo.with_tag("ignored")).await.unwrap();
         assert_eq!(again.manifest, layout.manifest);
         assert_eq!((again.blobs_uploaded, again.blobs_skipped, again.bytes_uploaded), (0, 2, 0));
@@ -911,13 +1273,25 @@ mod tests {
         let config = registry.fetch_blob(&repo, &layout.config.digest).await.unwrap();
         assert_eq!(config_platform(&config).unwrap().to_string(), "linux/arm64");
 
-        // Large blobs are streamed from disk (here: all of them).
-        let streaming = Registry::new(std::slice::from_ref(&addr), None).with_stream_threshold(0);
+        // In many small chunks, by a client that knows nothing of farm/hello: the same bytes.
+        let chunked = Registry::new(std::slice::from_ref(&addr), None).with_chunk_size(1 << 20);
         let streamed: ImageRef = format!("{addr}/farm/streamed").parse().unwrap();
-        let report = streaming.push_layout(&layout, &streamed).await.unwrap();
-        assert_eq!((report.blobs_uploaded, report.bytes_uploaded), (2, blob_bytes));
-        let layer = streaming.fetch_blob(&streamed, &layout.layers[0].digest).await.unwrap();
+        let report = chunked.push_layout(&layout, &streamed).await.unwrap();
+        assert_eq!((report.blobs_uploaded, report.blobs_mounted, report.bytes_uploaded), (2, 0, blob_bytes));
+        let layer = chunked.fetch_blob(&streamed, &layout.layers[0].digest).await.unwrap();
         assert_eq!(layer, std::fs::read(blob_path(&layout.dir, &layout.layers[0].digest)).unwrap());
+
+        // The first client pushed these blobs to farm/hello: into another repository they are mounted.
+        let mounted: ImageRef = format!("{addr}/farm/mounted").parse().unwrap();
+        let report = registry.push_layout(&layout, &mounted).await.unwrap();
+        assert_eq!((report.blobs_uploaded, report.blobs_mounted, report.bytes_uploaded), (0, 2, 0));
+        assert!(registry.has_manifest(&mounted, digest).await.unwrap());
+        // A client that knows nothing mounts from the sources it is given, in the same registry.
+        let hinted: ImageRef = format!("{addr}/farm/hinted").parse().unwrap();
+        let fresh = Registry::new(std::slice::from_ref(&addr), None);
+        let sources = [format!("{addr}/farm/nothing-here:1").parse().unwrap(), streamed.clone()];
+        let report = fresh.push_layout_from(&layout, &hinted, &sources).await.unwrap();
+        assert_eq!((report.blobs_uploaded, report.blobs_mounted), (0, 2), "{report:?}");
 
         // One index under two tags: identical bytes under each, and no other tag.
         let mut arm64 = first.manifest.clone();
@@ -959,5 +1333,153 @@ mod tests {
         drop(server);
         let err = registry.push_layout(&layout, &repo).await.unwrap_err().to_string();
         assert_eq!(err, format!("registry {addr} unreachable: connection refused (is it running?)"));
+    }
+
+    /// Incompressible bytes from a seed.
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// An OCI layout at `dir` of a linux/amd64 image with `layers` (uncompressed tar media type).
+    fn tiny_layout(dir: &Path, layers: &[Vec<u8>]) -> Layout {
+        let blobs = dir.join("blobs").join("sha256");
+        std::fs::create_dir_all(&blobs).unwrap();
+        let put = |bytes: &[u8]| {
+            let d = Digest::of(bytes);
+            std::fs::write(blobs.join(d.hex()), bytes).unwrap();
+            serde_json::json!({"digest": d.as_str(), "size": bytes.len()})
+        };
+        let descs: Vec<Value> = layers
+            .iter()
+            .map(|l| {
+                let mut d = put(l);
+                d["mediaType"] = "application/vnd.oci.image.layer.v1.tar".into();
+                d
+            })
+            .collect();
+        let diff_ids: Vec<Value> = descs.iter().map(|d| d["digest"].clone()).collect();
+        let config = serde_json::json!({"architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": diff_ids}});
+        let mut config = put(config.to_string().as_bytes());
+        config["mediaType"] = "application/vnd.oci.image.config.v1+json".into();
+        let manifest =
+            serde_json::json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config, "layers": descs});
+        let mut manifest = put(manifest.to_string().as_bytes());
+        manifest["mediaType"] = OCI_MANIFEST.into();
+        let index = serde_json::json!({"schemaVersion": 2, "manifests": [manifest]});
+        std::fs::write(dir.join("index.json"), index.to_string()).unwrap();
+        std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        read_layout(dir).unwrap()
+    }
+
+    /// A TCP proxy to `upstream` that cuts, once, the connection carrying the PATCH whose headers
+    /// contain `trigger`: after `forward` bytes from the start of that request's body, or (None)
+    /// before any byte of that request reaches the registry. Counts the cuts.
+    fn cutting_proxy(upstream: String, trigger: &'static [u8], forward: Option<usize>) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let cuts = Arc::new(AtomicUsize::new(0));
+        let counter = cuts.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let Ok(mut server) = TcpStream::connect(&upstream) else { return };
+                let (mut client_r, mut server_w) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut server, &mut client);
+                });
+                let counter = counter.clone();
+                std::thread::spawn(move || {
+                    let find = |hay: &[u8], needle: &[u8]| hay.windows(needle.len()).position(|w| w == needle);
+                    let mut buf = vec![0; 64 << 10];
+                    // Bytes still to forward before the cut, once triggered.
+                    let mut left: Option<usize> = None;
+                    loop {
+                        let n = match client_r.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let data = &buf[..n];
+                        let mut upto = n;
+                        if left.is_none() && counter.load(Ordering::SeqCst) == 0 {
+                            if let Some(at) = find(data, trigger) {
+                                let start = data[..at].windows(6).rposition(|w| w == b"PATCH ").unwrap_or(0);
+                                let body = find(&data[at..], b"\r\n\r\n").map(|e| at + e + 4).unwrap_or(n);
+                                counter.fetch_add(1, Ordering::SeqCst);
+                                left = Some(match forward {
+                                    None => 0,
+                                    Some(f) => body - start + f,
+                                });
+                                upto = start;
+                                let _ = server_w.write_all(&data[..start]);
+                                let rest = &data[start..];
+                                let l = left.as_mut().unwrap();
+                                let now = rest.len().min(*l);
+                                let _ = server_w.write_all(&rest[..now]);
+                                *l -= now;
+                            }
+                        } else if let Some(l) = left.as_mut() {
+                            let now = n.min(*l);
+                            let _ = server_w.write_all(&data[..now]);
+                            *l -= now;
+                            upto = 0;
+                        }
+                        if left == Some(0) {
+                            let _ = server_w.shutdown(std::net::Shutdown::Both);
+                            let _ = client_r.shutdown(std::net::Shutdown::Both);
+                            return;
+                        }
+                        if left.is_none() && server_w.write_all(&data[..upto]).is_err() {
+                            break;
+                        }
+                    }
+                    let _ = server_w.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        (addr, cuts)
+    }
+
+    /// A dropped connection in the middle of an upload: the push still completes, with the right
+    /// blob. Cut before a PATCH reached the registry, the upload resumes where the registry got
+    /// to; cut in the middle of a PATCH's body, distribution 2.8 has stored part of it and refuses
+    /// the upload from then on (its URL is signed with the old offset), so it is sent again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_dropped_upload_resumes_or_starts_over_and_the_blob_is_right() {
+        let server = TestRegistry::start();
+        let t = tempfile::tempdir().unwrap();
+        let layer = noise(5 << 20, 7);
+        let layout = tiny_layout(t.path(), std::slice::from_ref(&layer));
+        let digest = layout.layers[0].digest.clone();
+        // The third 1 MiB chunk of the layer.
+        let trigger: &[u8] = b"ange: 2097152-3145727\r\n";
+        for (forward, repository, resumed, restarted) in
+            [(None, "farm/resumed", 1, 0), (Some(100 << 10), "farm/restarted", 0, 1)]
+        {
+            let (proxy, cuts) = cutting_proxy(server.addr.clone(), trigger, forward);
+            let registry = Registry::new(std::slice::from_ref(&proxy), None).with_chunk_size(1 << 20);
+            let repo: ImageRef = format!("{proxy}/{repository}").parse().unwrap();
+            let report = registry.push_layout(&layout, &repo).await.unwrap();
+            assert_eq!(cuts.load(Ordering::SeqCst), 1, "{repository}: the proxy cut one connection");
+            assert_eq!(
+                (report.blobs_uploaded, report.resumed, report.restarted),
+                (2, resumed, restarted),
+                "{repository}"
+            );
+            let direct = Registry::new(std::slice::from_ref(&server.addr), None);
+            let at_registry: ImageRef = format!("{}/{repository}", server.addr).parse().unwrap();
+            let got = direct.fetch_blob(&at_registry, &digest).await.unwrap();
+            assert_eq!(Digest::of(&got), digest, "{repository}");
+            assert!(got == layer, "{repository}: the stored layer is the layer");
+            assert!(direct.has_manifest(&at_registry, &layout.manifest.digest).await.unwrap(), "{repository}");
+        }
     }
 }
