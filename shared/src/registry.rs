@@ -491,7 +491,7 @@ impl Registry {
         // The futures made beforehand, not in a closure of the stream: a stream of closures over
         // borrowed arguments trips the compiler's `Send` check for callers that spawn this.
         let pushes: Vec<_> =
-            blobs.into_iter().map(|blob| self.push_blob(target, &layout.dir, blob, sources, auth)).collect();
+            blobs.into_iter().map(|blob| self.push_layout_blob(target, &layout.dir, blob, sources, auth)).collect();
         let outcomes: Vec<Pushed> =
             futures_util::stream::iter(pushes).buffer_unordered(PARALLEL_BLOBS).try_collect().await?;
         for outcome in outcomes {
@@ -701,7 +701,7 @@ impl Registry {
 
     /// Pushes one blob of the layout at `dir` unless `target`'s repository has it: a mount if a
     /// source may hold it, else an upload.
-    async fn push_blob(
+    async fn push_layout_blob(
         &self,
         target: &ImageRef,
         dir: &Path,
