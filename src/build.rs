@@ -198,6 +198,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     }
     // Everything read from stdin is uploaded: its temporary copy goes.
     drop(stdin_dir);
+    let provenance =
+        shared::provenance::from_flags(args.provenance.as_deref(), &args.attest).map_err(anyhow::Error::msg)?;
     let spec = BuildSpec {
         platforms: platforms.clone(),
         // No tags: nothing is pushed; the results come back through the coordinator.
@@ -226,6 +228,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
             no_network: network == shared::inputs::Network::None,
             add_hosts,
         },
+        provenance,
     };
     // Answers the agents' connections to the --ssh sockets while the build is followed.
     let ssh_server =

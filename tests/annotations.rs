@@ -92,6 +92,8 @@ fn annotations_and_labels_land_where_buildx_puts_them_and_imagetools_shows_them(
     args.extend(registry.build_flags(&base, PLATFORMS, "hello:1", &ctx));
     args.extend(
         [
+            // Only the platforms' entries here: provenance's have their own test (provenance.rs).
+            "--provenance=false",
             "--annotation",
             &format!("index:org.opencontainers.image.source={SOURCE}"),
             "--annotation",

@@ -1566,6 +1566,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         labels: vec![],
         ssh: vec![],
         inputs: Default::default(),
+        provenance: Default::default(),
     }
 }
 

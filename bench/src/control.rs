@@ -424,6 +424,7 @@ async fn submit_builds(
             labels: vec![],
             ssh: vec![],
             inputs: Default::default(),
+            provenance: Default::default(),
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

@@ -54,6 +54,8 @@ pub enum Event {
         conn: ConnId,
         address: String,
         info: AgentInfo,
+        /// `sha256:<hex>` of the agent's certificate, for provenance.
+        certificate: Option<String>,
         link: mpsc::UnboundedSender<Outbound>,
     },
     Agent {
@@ -76,6 +78,8 @@ pub enum Event {
         spec: Box<BuildSpec>,
         /// Base images resolved to digests at submission (`None`: the result cache is not used).
         bases: Option<Vec<(String, Digest)>>,
+        /// The Dockerfile's digest (and text) and the bases, for provenance.
+        source: shared::provenance::Source,
         events: mpsc::UnboundedSender<BuildEvent>,
         reply: oneshot::Sender<Result<String, String>>,
     },
@@ -187,7 +191,8 @@ impl Driver {
         events: mpsc::Sender<Event>,
     ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
-            .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() });
+            .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() })
+            .with_identity(shared::tls::COORDINATOR_NAME);
         let loaded = store.load()?;
         let (builds, tasks) = (loaded.builds.len(), loaded.tasks.len());
         core.recover(now_ms(), loaded);
@@ -254,13 +259,14 @@ impl Driver {
     fn handle(&mut self, ev: Event) {
         let now = now_ms();
         match ev {
-            Event::AgentUp { name, conn, address, info, link } => {
+            Event::AgentUp { name, conn, address, info, certificate, link } => {
                 tracing::info!(
                     agent = %name, %address,
                     native = %join(&info.native), emulated = %join(&info.emulated),
                     capacity = info.capacity, "agent online"
                 );
                 self.links.insert(conn, link);
+                self.core.agent_certificate(&name, certificate);
                 self.core.agent_up(now, &name, conn, address, info);
             }
             Event::Agent { name, conn, msg } => self.core.agent_msg(now, &name, conn, msg),
@@ -330,10 +336,10 @@ impl Driver {
                 };
                 self.next.replies.push(Reply::Response(reply, resp));
             }
-            Event::Submit { peer, spec, bases, events, reply } => {
+            Event::Submit { peer, spec, bases, source, events, reply } => {
                 let id = new_build_id();
                 let platforms = join(&spec.platforms);
-                let result = match self.core.submit(now, &id, &peer.name, *spec, bases) {
+                let result = match self.core.submit_with_source(now, &id, &peer.name, *spec, bases, source) {
                     Ok(()) => {
                         tracing::info!(build = %id, client = %peer.name, %platforms, "build accepted");
                         self.followers.entry(id.clone()).or_default().push(events);
@@ -593,7 +599,7 @@ impl Driver {
                     let _ = events.send(Event::CacheChecked { task, present }).await;
                 });
             }
-            Action::Stitch { build, index, tags, insecure, credentials } => {
+            Action::Stitch { build, index, published, attestations: _, tags, insecure, credentials } => {
                 crash_point("stitch");
                 let events = self.events.clone();
                 let registry = self.registries.get(&insecure, credentials.as_ref());
@@ -604,7 +610,11 @@ impl Driver {
                         // Nothing for a registry: the index joins its manifests in the store.
                         blobs.put(&index).map_err(|e| format!("storing the image index: {e}"))
                     } else {
-                        registry.push_index(&index, &tags).await.map_err(|e| e.to_string())
+                        // Provenance first: the index names the attestation manifests.
+                        match registry.push_provenance(&tags[0], &published).await {
+                            Ok(()) => registry.push_index(&index, &tags).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(format!("pushing the provenance attestations: {e}")),
+                        }
                     };
                     let ms = started.elapsed().as_millis() as u64;
                     let _ = events.send(Event::Stitched { build, result, ms }).await;

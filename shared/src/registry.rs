@@ -28,6 +28,7 @@ use crate::oci::{
     blob_path, Descriptor, ImageRef, Layout, OciError, DOCKER_HUB, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
     OCI_MANIFEST,
 };
+use crate::provenance::{self, Published};
 
 /// Blobs up to this size are read into memory and uploaded in one go (with oci-client's fallback to
 /// a monolithic upload for registries that refuse chunks); bigger ones are streamed from disk.
@@ -530,6 +531,55 @@ impl Registry {
             self.put_manifest(target, index.to_vec(), OCI_INDEX).await?;
         }
         Ok(Digest::of(index))
+    }
+
+    /// Pushes a build's provenance to `repo` (see [`crate::provenance::stitch`]): the blobs it
+    /// lacks, the attestation manifests and the referrer artifacts by digest; then, unless the
+    /// registry answers the referrers API (`GET /v2/<name>/referrers/<digest>`), each platform
+    /// manifest's `sha256-<hex>` fallback tag, the index found there with the artifact added.
+    pub async fn push_provenance(&self, repo: &ImageRef, published: &Published) -> Result<(), RegistryError> {
+        if published.manifests.is_empty() && published.referrers.is_empty() {
+            return Ok(());
+        }
+        self.authorize(repo, RegistryOperation::Push).await?;
+        let reference = repo.to_oci_client();
+        for blob in &published.blobs {
+            let digest = blob.digest();
+            let what = format!("blob {digest} in {}", repo.name());
+            let exists = self
+                .client
+                .blob_exists(&reference, digest.as_str())
+                .await
+                .map_err(|e| self.error(repo, "push", &what, e))?;
+            if !exists {
+                self.client
+                    .push_blob(&reference, blob.bytes.clone(), digest.as_str())
+                    .await
+                    .map_err(|e| self.error(repo, "push", &what, e))?;
+            }
+        }
+        for m in published.manifests.iter().chain(published.referrers.iter().map(|(_, m)| m)) {
+            self.put_manifest(&repo.with_digest(&m.digest()), m.bytes.clone(), &m.media_type).await?;
+        }
+        for (subject, artifact) in &published.referrers {
+            if self.has_referrers_api(repo, subject).await {
+                continue;
+            }
+            let tag = repo.with_tag(&provenance::fallback_tag(subject));
+            let existing = match self.fetch_manifest(&tag).await {
+                Ok((bytes, _, _)) => Some(bytes),
+                Err(RegistryError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let index = provenance::referrers_index(existing.as_deref(), artifact);
+            self.put_manifest(&tag, index, OCI_INDEX).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether the registry answers the OCI 1.1 referrers API for `repo@subject`.
+    async fn has_referrers_api(&self, repo: &ImageRef, subject: &Digest) -> bool {
+        self.client.pull_referrers(&repo.with_digest(subject).to_oci_client(), None).await.is_ok()
     }
 
     /// Whether `repo@digest` exists (HEAD on the manifest).

@@ -199,6 +199,19 @@ pub struct BuildSpec {
     pub ssh: Vec<String>,
     /// Named contexts, `--pull`, `--network none`, `--add-host`.
     pub inputs: Inputs,
+    /// `--provenance`: SLSA provenance attached to each platform (default: `min`).
+    pub provenance: ProvenanceMode,
+}
+
+/// `--provenance`: whether each platform gets a SLSA provenance attestation, and how much it
+/// records (`max` adds the Dockerfile's text), as buildx's `mode=min|max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvenanceMode {
+    Off,
+    #[default]
+    Min,
+    Max,
 }
 
 /// What a build takes in besides its context, Dockerfile and arguments: buildx's
