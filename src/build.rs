@@ -111,6 +111,9 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         }
         None => None,
     };
+    // To read back the pushed index's size for --metadata-file (provenance adds entries the
+    // CLI cannot make itself).
+    let pushed_registry = plan.registry.then(|| shared::registry::Registry::new(&insecure, credentials.clone()));
 
     let scan_root = context.clone();
     let df = dockerfile.clone();
@@ -275,7 +278,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let wall = view.elapsed();
     let delivered = match &end {
         Some(BuildEvent::Succeeded { index, platforms, .. }) => {
-            Some(crate::results::deliver(&client, &plan, &args, &id, index, platforms).await)
+            Some(crate::results::deliver(&client, &plan, &args, &id, index, platforms, pushed_registry.as_ref()).await)
         }
         _ => None,
     };

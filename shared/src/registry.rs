@@ -535,8 +535,9 @@ impl Registry {
 
     /// Pushes a build's provenance to `repo` (see [`crate::provenance::stitch`]): the blobs it
     /// lacks, the attestation manifests and the referrer artifacts by digest; then, unless the
-    /// registry answers the referrers API (`GET /v2/<name>/referrers/<digest>`), each platform
-    /// manifest's `sha256-<hex>` fallback tag, the index found there with the artifact added.
+    /// registry's referrers API (`GET /v2/<name>/referrers/<digest>`) lists the artifact already,
+    /// each platform manifest's `sha256-<hex>` fallback tag: the index found there with the
+    /// artifact added.
     pub async fn push_provenance(&self, repo: &ImageRef, published: &Published) -> Result<(), RegistryError> {
         if published.manifests.is_empty() && published.referrers.is_empty() {
             return Ok(());
@@ -562,7 +563,9 @@ impl Registry {
             self.put_manifest(&repo.with_digest(&m.digest()), m.bytes.clone(), &m.media_type).await?;
         }
         for (subject, artifact) in &published.referrers {
-            if self.has_referrers_api(repo, subject).await {
+            // A registry with the referrers API lists the artifact already (it read its subject);
+            // so does a fallback tag that lists it. oci-client falls back to the tag by itself.
+            if self.referrers(repo, subject).await.contains(&artifact.digest().as_str().to_owned()) {
                 continue;
             }
             let tag = repo.with_tag(&provenance::fallback_tag(subject));
@@ -577,9 +580,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Whether the registry answers the OCI 1.1 referrers API for `repo@subject`.
-    async fn has_referrers_api(&self, repo: &ImageRef, subject: &Digest) -> bool {
-        self.client.pull_referrers(&repo.with_digest(subject).to_oci_client(), None).await.is_ok()
+    /// The digests of `repo@subject`'s referrers: the referrers API's answer, else (a 404) those
+    /// its `sha256-<hex>` fallback tag lists; none if neither answers.
+    async fn referrers(&self, repo: &ImageRef, subject: &Digest) -> Vec<String> {
+        match self.client.pull_referrers(&repo.with_digest(subject).to_oci_client(), None).await {
+            Ok(index) => index.manifests.into_iter().map(|m| m.digest).collect(),
+            Err(_) => vec![],
+        }
     }
 
     /// Whether `repo@digest` exists (HEAD on the manifest).
