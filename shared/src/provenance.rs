@@ -164,6 +164,13 @@ pub fn statement(manifest: &Digest, spec: &BuildSpec, source: &Source, run: &Run
     let build_args: BTreeMap<&str, &str> = spec.build_args.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
     let named: BTreeMap<&str, Value> =
         spec.inputs.contexts.iter().map(|c| (c.name.as_str(), json!({ "digest": sha(&c.context) }))).collect();
+    let network = if spec.inputs.no_network {
+        "none"
+    } else if spec.entitlements.contains(&crate::proto::Entitlement::NetworkHost) {
+        "host"
+    } else {
+        "default"
+    };
     let mut external = json!({
         "dockerfile": dockerfile,
         "context": { "digest": sha(&spec.context) },
@@ -176,7 +183,7 @@ pub fn statement(manifest: &Digest, spec: &BuildSpec, source: &Source, run: &Run
         "tags": spec.tags,
         "labels": spec.labels.iter().cloned().collect::<BTreeMap<String, String>>(),
         "annotations": annotation::for_platform(&spec.annotations, annotation::AnnotationKind::Manifest, run.platform),
-        "network": if spec.inputs.no_network { "none" } else if spec.entitlements.iter().any(|e| *e == crate::proto::Entitlement::NetworkHost) { "host" } else { "default" },
+        "network": network,
         "addHosts": spec.inputs.add_hosts.iter().map(|(h, ip)| format!("{h}:{ip}")).collect::<Vec<_>>(),
         "noCache": spec.no_cache,
         "pull": spec.inputs.pull,
