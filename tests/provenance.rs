@@ -17,10 +17,15 @@ use shared::Digest;
 const PLATFORMS: &str = "linux/amd64,linux/arm64";
 
 fn fetch_json(registry: &Registry, reference: &str) -> (Digest, Value) {
+    let (digest, bytes) = fetch_raw(registry, reference);
+    (digest, serde_json::from_slice(&bytes).unwrap())
+}
+
+fn fetch_raw(registry: &Registry, reference: &str) -> (Digest, Vec<u8>) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let r: ImageRef = reference.parse().unwrap();
     let (bytes, _, digest) = rt.block_on(registry.client().fetch_manifest(&r)).unwrap();
-    (digest, serde_json::from_slice(&bytes).unwrap())
+    (digest, bytes)
 }
 
 fn fetch_blob(registry: &Registry, repo: &str, digest: &str) -> Vec<u8> {
@@ -41,11 +46,20 @@ fn each_platform_carries_slsa_provenance_where_buildx_and_oras_look() {
     let repo = format!("{}/hello", registry.addr);
     let tag = format!("{repo}:1");
 
+    let meta = farm.tmp.path().join("meta.json");
     let mut args = farm.client_args();
+    args.extend(["--metadata-file".to_string(), meta.display().to_string()]);
     args.extend(registry.build_flags(&base, PLATFORMS, "hello:1", &ctx));
     let (ok, out, err) = build(&args);
     assert!(ok, "build failed:\n{out}\n{err}");
     let build_id = farm.builds()[0]["id"].as_str().unwrap().to_string();
+    // --metadata-file describes the index the registry serves, attestation entries included.
+    let meta: Value = serde_json::from_slice(&std::fs::read(&meta).unwrap()).unwrap();
+    let (index_digest, served) = fetch_raw(&registry, &tag);
+    assert_eq!(meta["containerimage.digest"], index_digest.as_str());
+    let descriptor = &meta["containerimage.descriptor"];
+    assert_eq!(descriptor["digest"], index_digest.as_str());
+    assert_eq!(descriptor["size"], served.len(), "{descriptor}");
 
     // The platforms' images, as before: attestation entries are no platform.
     let (_, _, images) = read_image(&registry, &tag);
