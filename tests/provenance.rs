@@ -162,4 +162,22 @@ fn each_platform_carries_slsa_provenance_where_buildx_and_oras_look() {
     let (_, plain) = fetch_json(&registry, &format!("{repo}:3"));
     assert_eq!(plain["manifests"].as_array().unwrap().len(), 2, "{plain}");
     assert_eq!(plain["manifests"].as_array().unwrap()[..], entries[..2]);
+
+    // --provenance mode=max (rebuilt: a cached platform keeps the statement it was made with)
+    // records the Dockerfile's text.
+    let mut args = farm.client_args();
+    args.extend(registry.build_flags(&base, "linux/amd64", "hello:4", &ctx));
+    args.splice(0..0, ["--provenance", "mode=max", "--no-cache"].map(String::from));
+    let (ok, out, err) = build(&args);
+    assert!(ok, "build failed:\n{out}\n{err}");
+    let (_, max) = fetch_json(&registry, &format!("{repo}:4"));
+    let att = &max["manifests"][1];
+    assert_eq!(att["annotations"]["vnd.docker.reference.type"], "attestation-manifest", "{max}");
+    let (_, att_manifest) = fetch_json(&registry, &format!("{repo}@{}", att["digest"].as_str().unwrap()));
+    let statement: Value =
+        serde_json::from_slice(&fetch_blob(&registry, &repo, att_manifest["layers"][0]["digest"].as_str().unwrap()))
+            .unwrap();
+    let dockerfile = &statement["predicate"]["buildDefinition"]["externalParameters"]["dockerfile"];
+    assert_eq!(dockerfile["text"], std::fs::read_to_string(ctx.join("Dockerfile")).unwrap().as_str());
+    assert_eq!(statement["predicate"]["buildDefinition"]["internalParameters"]["mode"], "max");
 }
