@@ -121,6 +121,9 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         }
         None => None,
     };
+    // To read back the pushed index's size for --metadata-file (provenance adds entries the
+    // CLI cannot make itself).
+    let pushed_registry = plan.registry.then(|| shared::registry::Registry::new(&insecure, credentials.clone()));
 
     let scan_root = context.clone();
     let df = dockerfile.clone();
@@ -208,6 +211,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     }
     // Everything read from stdin is uploaded: its temporary copy goes.
     drop(stdin_dir);
+    let provenance =
+        shared::provenance::from_flags(args.provenance.as_deref(), &args.attest).map_err(anyhow::Error::msg)?;
     let spec = BuildSpec {
         platforms: platforms.clone(),
         // No tags: nothing is pushed; the results come back through the coordinator.
@@ -238,6 +243,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         },
         notify: args.notify.clone(),
         sign: args.sign,
+        provenance,
     };
     // Answers the agents' connections to the --ssh sockets while the build is followed.
     let ssh_server =
@@ -284,7 +290,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
     let wall = view.elapsed();
     let delivered = match &end {
         Some(BuildEvent::Succeeded { index, platforms, .. }) => {
-            Some(crate::results::deliver(&client, &plan, &args, &id, index, platforms).await)
+            Some(crate::results::deliver(&client, &plan, &args, &id, index, platforms, pushed_registry.as_ref()).await)
         }
         _ => None,
     };

@@ -502,6 +502,14 @@ pub struct BuildArgs {
     /// An image config label KEY=VALUE, on every platform's image (repeatable)
     #[arg(long = "label", value_name = "KEY=VALUE")]
     pub labels: Vec<String>,
+    /// SLSA provenance v1 for each platform (on by default, mode=min): `--provenance=false` turns
+    /// it off, `--provenance mode=max` adds the Dockerfile's text; buildx's `true`, `mode=min`,
+    /// `disabled=true` work too
+    #[arg(long, value_name = "false|true|mode=min|mode=max")]
+    pub provenance: Option<String>,
+    /// buildx's `--attest type=provenance[,mode=max][,disabled=true]` (provenance only)
+    #[arg(long = "attest", value_name = "type=provenance[,mode=min|max]")]
+    pub attest: Vec<String>,
     /// Wait for the build to end (`--wait=false`: print the build id and return at once)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
     pub wait: bool,
@@ -520,9 +528,7 @@ const BUILDX_FLAGS: &[(&str, &str)] = &[
     ("--cache-from", "agents keep their layer cache between builds by themselves"),
     ("--cache-to", "agents keep their layer cache between builds by themselves"),
     ("--builder", "farm picks agents itself; use --require KEY=VALUE to choose by label"),
-    ("--provenance", "farm does not attach provenance yet"),
     ("--sbom", "farm does not attach SBOMs yet"),
-    ("--attest", "farm does not attach attestations yet"),
     ("--build-context", "farm does not take named contexts yet"),
     ("--pull", "farm resolves base images at every build"),
     ("--add-host", "RUN steps use the agent's name resolution"),

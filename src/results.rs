@@ -134,6 +134,7 @@ pub async fn deliver(
     build: &str,
     index: &Digest,
     platforms: &[PlatformResult],
+    registry: Option<&shared::registry::Registry>,
 ) -> Result<()> {
     let entries: Vec<(Platform, Descriptor)> = platforms
         .iter()
@@ -142,11 +143,18 @@ pub async fn deliver(
         })
         .collect();
     let index_bytes = annotation::stitch(&entries, &plan.annotations);
-    let index_desc = Descriptor::new(oci::OCI_INDEX, index.clone(), index_bytes.len() as u64);
+    let mut index_desc = Descriptor::new(oci::OCI_INDEX, index.clone(), index_bytes.len() as u64);
     // `index-descriptor` annotations: on the index's entry in an OCI layout's index.json.
     let mut layout_desc = index_desc.clone();
     layout_desc.annotations = annotation::of_kind(&plan.annotations, AnnotationKind::IndexDescriptor);
-    if Digest::of(&index_bytes) != *index {
+    if Digest::of(&index_bytes) != *index && plan.registry {
+        // A pushed index also lists provenance's attestation manifests: its size is the
+        // registry's, read back only for --metadata-file.
+        if let (Some(registry), Some(tag), Some(_)) = (registry, plan.tags.first(), &args.metadata_file) {
+            let (bytes, _, _) = registry.fetch_manifest(&tag.with_digest(index)).await?;
+            index_desc.size = bytes.len() as u64;
+        }
+    } else if Digest::of(&index_bytes) != *index {
         bail!("the index the coordinator stitched ({index}) is not the one its platforms make; report this as a bug");
     }
     if !plan.registry {

@@ -1567,6 +1567,7 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         inputs: Default::default(),
         notify: vec![],
         sign: false,
+        provenance: Default::default(),
     }
 }
 

@@ -102,7 +102,7 @@ fn push_busybox(registry: &str, reference: &str) -> String {
     format!("{registry}/{reference}")
 }
 
-/// The index at `registry/reference` (plain HTTP): its digest, media type and entries.
+/// The index at `registry/reference` (plain HTTP): its digest, media type and platform entries.
 fn fetch_index(registry: &str, reference: &str) -> (Digest, String, Vec<Descriptor>) {
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     rt.block_on(async {
@@ -110,7 +110,13 @@ fn fetch_index(registry: &str, reference: &str) -> (Digest, String, Vec<Descript
         let r: ImageRef = format!("{registry}/{reference}").parse().unwrap();
         let (bytes, media_type, digest) =
             client.fetch_manifest(&r).await.unwrap_or_else(|e| panic!("fetching {registry}/{reference}: {e}"));
-        (digest, media_type, oci::parse_index(&bytes).unwrap())
+        // The platforms' entries (not provenance's attestation manifests).
+        let platforms = oci::parse_index(&bytes)
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.annotations.get("vnd.docker.reference.type").is_none_or(|t| t != "attestation-manifest"))
+            .collect();
+        (digest, media_type, platforms)
     })
 }
 
@@ -122,7 +128,8 @@ fn has_manifest(registry: &str, repo: &str, digest: &str) -> bool {
     rt.block_on(client.has_manifest(&r, &digest.parse().unwrap())).unwrap()
 }
 
-/// A repository's tags, sorted (a plain HTTP GET).
+/// A repository's tags, sorted (a plain HTTP GET), without provenance's `sha256-<hex>` referrers
+/// fallback tags.
 fn tags(registry: &str, repo: &str) -> Vec<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(registry).unwrap();
@@ -134,7 +141,7 @@ fn tags(registry: &str, repo: &str) -> Vec<String> {
     let v: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
     let mut t: Vec<String> = v["tags"]
         .as_array()
-        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).collect())
+        .map(|a| a.iter().filter_map(|s| s.as_str().map(String::from)).filter(|s| !s.starts_with("sha256-")).collect())
         .unwrap_or_default();
     t.sort();
     t

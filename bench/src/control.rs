@@ -426,6 +426,7 @@ async fn submit_builds(
             inputs: Default::default(),
             notify: vec![],
             sign: false,
+            provenance: Default::default(),
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

@@ -19,10 +19,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use serde::{Deserialize, Serialize};
 use shared::annotation::{self, AnnotationKind};
 use shared::oci::{Descriptor, ImageRef};
+use shared::proto::ProvenanceMode;
 use shared::proto::{
     AgentInfo, AgentMsg, AgentView, Assignment, BuildEvent, BuildSpec, BuildView, ContextLimits, CoordMsg, Held,
     ManifestRef, Phase, PlatformResult, Secret, TaskId, TaskView,
 };
+use shared::provenance;
 use shared::registry::Credentials;
 use shared::{Digest, Platform};
 
@@ -54,11 +56,15 @@ pub enum Action {
         build: String,
         event: BuildEvent,
     },
-    /// Push `index` under every tag (no tags: keep it in the content store); report back with
-    /// [`Core::stitched`].
+    /// Push `published`'s blobs, attestation manifests and referrers (with their fallback tags),
+    /// then `index` under every tag (no tags: keep it in the content store); report back with
+    /// [`Core::stitched`]. `attestations`: each platform's provenance (none with
+    /// `--provenance=false` or without a registry), for a signer.
     Stitch {
         build: String,
         index: Vec<u8>,
+        published: Box<provenance::Published>,
+        attestations: Vec<provenance::Attestation>,
         tags: Vec<ImageRef>,
         insecure: Vec<String>,
         credentials: Option<Credentials>,
@@ -81,6 +87,8 @@ pub enum Action {
 struct CacheEntry {
     manifest: ManifestRef,
     builder_version: String,
+    /// The provenance statement of the build that made it.
+    statement: Option<Vec<u8>>,
 }
 
 /// Names everything a task's result depends on: context, Dockerfile, args, target, platform, the
@@ -128,6 +136,8 @@ pub struct Build {
     state: BuildState,
     client: String,
     created_ms: u64,
+    /// The Dockerfile's digest (text for mode=max) and the resolved bases, for provenance.
+    source: provenance::Source,
     /// Held in memory only: never persisted, never logged.
     #[serde(skip)]
     credentials: Option<Credentials>,
@@ -196,6 +206,10 @@ pub struct Task {
     /// The builder version that produced a `Done` result, for the cache.
     #[serde(default)]
     builder_version: Option<String>,
+    /// The in-toto statement of the build that made a `Done` result (a cached one: the earlier
+    /// build's).
+    #[serde(default)]
+    statement: Option<Vec<u8>>,
     /// The last wait reason told to the client, so it is told once, not at every pass.
     #[serde(skip)]
     waiting: Option<String>,
@@ -229,6 +243,9 @@ pub struct Core {
     /// stay in the store), so a coordinator's memory does not grow with every build it ever ran.
     ended: VecDeque<String>,
     keep_ended: usize,
+    /// This coordinator's certificate name, and each agent's certificate digest (provenance).
+    identity: String,
+    certificates: HashMap<String, String>,
 }
 
 /// Ended builds kept in memory: as many as `farm builds` can list at once.
@@ -274,7 +291,47 @@ impl Core {
             dirty_agents: BTreeSet::new(),
             ended: VecDeque::new(),
             keep_ended: KEEP_ENDED_BUILDS,
+            identity: shared::tls::COORDINATOR_NAME.into(),
+            certificates: HashMap::new(),
         }
+    }
+
+    /// The coordinator's certificate name, as provenance names it.
+    pub fn with_identity(mut self, name: &str) -> Self {
+        self.identity = name.into();
+        self
+    }
+
+    /// The certificate an agent connected with (`sha256:<hex>`), as provenance names it.
+    pub fn agent_certificate(&mut self, name: &str, certificate: Option<String>) {
+        match certificate {
+            Some(c) => self.certificates.insert(name.into(), c),
+            None => self.certificates.remove(name),
+        };
+    }
+
+    /// For a build whose platforms are done: each platform manifest's digest and its in-toto
+    /// statement (SLSA provenance v1) as JSON bytes, in platform order; what a signer signs.
+    /// Empty with `--provenance=false`. A cached platform's is the build's that made it.
+    pub fn statements(&self, build: &str) -> Vec<(Digest, Vec<u8>)> {
+        provenance::statements(&self.attestations(build))
+    }
+
+    fn attestations(&self, build: &str) -> Vec<provenance::Attestation> {
+        let Some(b) = self.builds.get(build) else { return vec![] };
+        if b.spec.provenance == ProvenanceMode::Off {
+            return vec![];
+        }
+        b.tasks
+            .iter()
+            .filter_map(|id| match &self.tasks[id] {
+                Task { state: TaskState::Done(r), statement: Some(s), .. } => Some(provenance::Attestation {
+                    subject: Descriptor::new(&r.manifest.media_type, r.manifest.digest.clone(), r.manifest.size),
+                    statement: s.clone(),
+                }),
+                _ => None,
+            })
+            .collect()
     }
 
     /// Task ids of this run start at `epoch << 40` (see [`crate::store::Store::begin_epoch`]):
@@ -483,8 +540,12 @@ impl Core {
     /// Adds a finished task's result to the cache.
     fn remember(&mut self, t: &Task) {
         if let (TaskState::Done(r), Some(key), Some(version)) = (&t.state, &t.cache_key, &t.builder_version) {
-            self.cache
-                .insert(key.clone(), CacheEntry { manifest: r.manifest.clone(), builder_version: version.clone() });
+            let entry = CacheEntry {
+                manifest: r.manifest.clone(),
+                builder_version: version.clone(),
+                statement: t.statement.clone(),
+            };
+            self.cache.insert(key.clone(), entry);
         }
     }
 
@@ -508,6 +569,12 @@ impl Core {
         let TaskState::Verifying(manifest) = &t.state else { return };
         self.dirty_tasks.insert(task);
         if present {
+            t.statement = t
+                .cache_key
+                .as_ref()
+                .and_then(|k| self.cache.get(k))
+                .filter(|e| e.manifest == *manifest)
+                .and_then(|e| e.statement.clone());
             let result = PlatformResult {
                 platform: t.platform.clone(),
                 manifest: manifest.clone(),
@@ -534,8 +601,22 @@ impl Core {
         now: u64,
         id: &str,
         client: &str,
+        spec: BuildSpec,
+        bases: Option<Vec<(String, Digest)>>,
+    ) -> Result<(), SubmitError> {
+        self.submit_with_source(now, id, client, spec, bases, provenance::Source::default())
+    }
+
+    /// [`Core::submit`] with what provenance records beyond the spec: the Dockerfile's digest
+    /// (and text) and the resolved base images.
+    pub fn submit_with_source(
+        &mut self,
+        now: u64,
+        id: &str,
+        client: &str,
         mut spec: BuildSpec,
         bases: Option<Vec<(String, Digest)>>,
+        source: provenance::Source,
     ) -> Result<(), SubmitError> {
         if self.builds.contains_key(id) {
             return Err(SubmitError::Duplicate(id.into()));
@@ -620,6 +701,7 @@ impl Core {
                 state,
                 cache_key,
                 builder_version: None,
+                statement: None,
                 waiting: None,
                 tail: VecDeque::new(),
             };
@@ -637,6 +719,7 @@ impl Core {
             state: BuildState::Running,
             client: client.into(),
             created_ms: now,
+            source,
             credentials,
             secrets,
         };
@@ -814,11 +897,34 @@ impl Core {
         timings: Vec<Phase>,
     ) {
         let version = self.fleet.builder_version(agent);
+        let builder = self.fleet.builder(agent);
+        let certificate = self.certificates.get(agent).cloned();
+        let identity = self.identity.clone();
         let Some(t) = self.current(task, attempt, agent, conn) else {
             self.stale_refused += 1;
             return;
         };
         let TaskState::Running { emulated, since, .. } = t.state else { return };
+        let (build_id, platform) = (t.build.clone(), t.platform.clone());
+        let b = &self.builds[&build_id];
+        let unknown = || "unknown".to_string();
+        let (builder, builder_version, farm_version) = builder.unwrap_or_else(|| (unknown(), unknown(), unknown()));
+        let run = provenance::Run {
+            build: &build_id,
+            platform: &platform,
+            coordinator: &identity,
+            agent,
+            agent_certificate: certificate.as_deref(),
+            builder: &builder,
+            builder_version: &builder_version,
+            farm_version: &farm_version,
+            emulated,
+            started_ms: since,
+            finished_ms: now,
+        };
+        let statement = provenance::statement(&manifest.digest, &b.spec, &b.source, &run);
+        let t = self.tasks.get_mut(&task).expect("the current task exists");
+        t.statement = Some(statement);
         let result = PlatformResult {
             platform: t.platform.clone(),
             manifest,
@@ -872,9 +978,15 @@ impl Core {
                 _ => None,
             })
             .collect();
+        // Without a registry the CLI writes the index itself from the platforms (`-o type=oci`):
+        // attestations go only with a pushed index.
+        let attestations = if b.tags.is_empty() { vec![] } else { self.attestations(build) };
+        let published = provenance::stitch(&entries, &b.spec.annotations, &attestations);
         self.actions.push_back(Action::Stitch {
             build: build.into(),
-            index: annotation::stitch(&entries, &b.spec.annotations),
+            index: published.index.clone(),
+            published: Box::new(published),
+            attestations,
             tags: b.tags.clone(),
             insecure: b.spec.insecure_registries.clone(),
             credentials: b.credentials.clone(),

@@ -54,6 +54,8 @@ pub enum Event {
         conn: ConnId,
         address: String,
         info: AgentInfo,
+        /// `sha256:<hex>` of the agent's certificate, for provenance.
+        certificate: Option<String>,
         link: mpsc::UnboundedSender<Outbound>,
     },
     Agent {
@@ -76,6 +78,8 @@ pub enum Event {
         spec: Box<BuildSpec>,
         /// Base images resolved to digests at submission (`None`: the result cache is not used).
         bases: Option<Vec<(String, Digest)>>,
+        /// The Dockerfile's digest (and text) and the bases, for provenance.
+        source: shared::provenance::Source,
         events: mpsc::UnboundedSender<BuildEvent>,
         reply: oneshot::Sender<Result<String, String>>,
     },
@@ -202,7 +206,8 @@ impl Driver {
         signer: Option<shared::cosign::SigningKey>,
     ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
-            .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() });
+            .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() })
+            .with_identity(shared::tls::COORDINATOR_NAME);
         let loaded = store.load()?;
         let (builds, tasks) = (loaded.builds.len(), loaded.tasks.len());
         core.recover(now_ms(), loaded);
@@ -279,13 +284,14 @@ impl Driver {
     fn handle(&mut self, ev: Event) {
         let now = now_ms();
         match ev {
-            Event::AgentUp { name, conn, address, info, link } => {
+            Event::AgentUp { name, conn, address, info, certificate, link } => {
                 tracing::info!(
                     agent = %name, %address,
                     native = %join(&info.native), emulated = %join(&info.emulated),
                     capacity = info.capacity, "agent online"
                 );
                 self.links.insert(conn, link);
+                self.core.agent_certificate(&name, certificate);
                 self.core.agent_up(now, &name, conn, address, info);
             }
             Event::Agent { name, conn, msg } => self.core.agent_msg(now, &name, conn, msg),
@@ -355,7 +361,7 @@ impl Driver {
                 };
                 self.next.replies.push(Reply::Response(reply, resp));
             }
-            Event::Submit { peer, spec, bases, events, reply } => {
+            Event::Submit { peer, spec, bases, source, events, reply } => {
                 let id = new_build_id();
                 let platforms = join(&spec.platforms);
                 let requested = spec.platforms.clone();
@@ -365,7 +371,10 @@ impl Driver {
                 };
                 let result = match result.map_err(|e| e.to_string()) {
                     Err(e) => Err(e),
-                    Ok(()) => self.core.submit(now, &id, &peer.name, *spec, bases).map_err(|e| e.to_string()),
+                    Ok(()) => self
+                        .core
+                        .submit_with_source(now, &id, &peer.name, *spec, bases, source)
+                        .map_err(|e| e.to_string()),
                 };
                 let result = match result {
                     Ok(()) => {
@@ -636,7 +645,7 @@ impl Driver {
                     let _ = events.send(Event::CacheChecked { task, present }).await;
                 });
             }
-            Action::Stitch { build, index, tags, insecure, credentials, sign } => {
+            Action::Stitch { build, index, published, attestations, tags, insecure, credentials, sign } => {
                 crash_point("stitch");
                 let events = self.events.clone();
                 let registry = self.registries.get(&insecure, credentials.as_ref());
@@ -649,12 +658,19 @@ impl Driver {
                         // Nothing for a registry: the index joins its manifests in the store.
                         blobs.put(&index).map_err(|e| format!("storing the image index: {e}"))
                     } else {
-                        match registry.push_index(&index, &tags).await {
-                            Ok(digest) => match signer {
-                                Some(key) => sign_index(&registry, &key, &tags[0], digest).await,
-                                None => Ok(digest),
+                        // Provenance first: the index names the attestation manifests.
+                        let pushed = match registry.push_provenance(&tags[0], &published).await {
+                            Ok(()) => registry.push_index(&index, &tags).await.map_err(|e| e.to_string()),
+                            Err(e) => Err(format!("pushing the provenance attestations: {e}")),
+                        };
+                        match (pushed, signer) {
+                            (Ok(digest), Some(key)) => match sign_index(&registry, &key, &tags[0], digest).await {
+                                Ok(digest) => {
+                                    attest_all(&registry, &key, &tags[0], &attestations).await.map(|()| digest)
+                                }
+                                Err(e) => Err(e),
                             },
-                            Err(e) => Err(e.to_string()),
+                            (pushed, _) => pushed,
                         }
                     };
                     let ms = started.elapsed().as_millis() as u64;
@@ -720,6 +736,22 @@ async fn sign_index(
         }
         Err(e) => Err(format!("the index {digest} was pushed under its tags but not signed: {e}")),
     }
+}
+
+/// Signs each platform's provenance statement as a cosign attestation (`sha256-<hex>.att`), so
+/// `cosign verify-attestation --type slsaprovenance1` finds it.
+async fn attest_all(
+    registry: &shared::registry::Registry,
+    key: &shared::cosign::SigningKey,
+    tag: &shared::oci::ImageRef,
+    attestations: &[shared::provenance::Attestation],
+) -> Result<(), String> {
+    for (digest, statement) in shared::provenance::statements(attestations) {
+        shared::signing::attest(registry, key, tag, &digest, &statement)
+            .await
+            .map_err(|e| format!("the provenance of {digest} was pushed but not signed: {e}"))?;
+    }
+    Ok(())
 }
 
 /// A test failpoint: with `FARM_TEST_CRASH_BEFORE=<point>` the coordinator dies on the spot, as a

@@ -148,6 +148,14 @@ impl Fleet {
         self.agents.iter().filter(|(_, a)| a.conn.is_some() && !a.draining).map(|(n, a)| (n.as_str(), &a.info))
     }
 
+    /// The builder an agent registered with, its version and the agent's farm version
+    /// (`buildah`, `1.28.2`, `0.1.0`).
+    pub fn builder(&self, name: &str) -> Option<(String, String, String)> {
+        self.agents
+            .get(name)
+            .map(|a| (a.info.builder.clone(), a.info.builder_version.clone(), a.info.farm_version.clone()))
+    }
+
     pub fn builder_version(&self, name: &str) -> Option<String> {
         self.agents.get(name).map(|a| a.info.builder_version.clone())
     }

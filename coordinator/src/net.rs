@@ -282,7 +282,8 @@ impl Net {
             }
         };
         let (link, mut outbound) = mpsc::unbounded_channel();
-        let up = Event::AgentUp { name: name.clone(), conn: conn_id, address, info, link };
+        let certificate = shared::quic::peer_certificate_sha256(&conn);
+        let up = Event::AgentUp { name: name.clone(), conn: conn_id, address, info, certificate, link };
         if self.events.send(up).await.is_err() {
             return Ok(());
         }
@@ -533,11 +534,11 @@ impl Net {
             let msg = format!("named context {} ({}) was not uploaded; upload it before submitting", c.name, c.context);
             return write_msg(send, &Response::Error(msg), max).await;
         }
-        let bases = self.resolve_bases(&spec).await;
+        let (bases, source) = self.resolve_source(&spec).await;
         let (events, rx) = mpsc::unbounded_channel();
         let (reply, accepted) = oneshot::channel();
         let ssh = spec.ssh.clone();
-        if self.events.send(Event::Submit { peer, spec, bases, events, reply }).await.is_err() {
+        if self.events.send(Event::Submit { peer, spec, bases, source, events, reply }).await.is_err() {
             return write_msg(send, &Response::Error("the coordinator is shutting down".into()), max).await;
         }
         // This connection answers the build's `--ssh` forwards while it follows the build.
@@ -610,15 +611,39 @@ impl Net {
         Ok(())
     }
 
-    /// The build's base images and the digests their tags point to now, for the result cache.
-    /// Anything that cannot be resolved (a registry down, a private image) disables the cache
-    /// for this build instead of failing it: the agents will say what is wrong.
-    async fn resolve_bases(&self, spec: &shared::proto::BuildSpec) -> Option<Vec<(String, shared::Digest)>> {
+    /// The build's Dockerfile (digest; text for `--provenance mode=max`) and base images with
+    /// the digests their tags point to now, for the result cache and provenance. Anything that
+    /// cannot be resolved (a registry down, a private image) disables the cache for this build
+    /// instead of failing it (`None`): the agents will say what is wrong.
+    async fn resolve_source(
+        &self,
+        spec: &shared::proto::BuildSpec,
+    ) -> (Option<Vec<(String, shared::Digest)>>, shared::provenance::Source) {
+        let mut source = shared::provenance::Source::default();
+        let Some((digest, text)) = self.dockerfile(spec) else { return (None, source) };
+        source.dockerfile_digest = Some(digest);
+        if spec.provenance == shared::proto::ProvenanceMode::Max {
+            source.dockerfile_text = Some(text.clone());
+        }
+        let bases = self.resolve_bases(spec, &text).await;
+        source.bases = bases.clone().unwrap_or_default();
+        (bases, source)
+    }
+
+    fn dockerfile(&self, spec: &shared::proto::BuildSpec) -> Option<(shared::Digest, String)> {
         let manifest = self.store.get_manifest(&spec.context).ok()?;
         let entry = manifest.entries.iter().find(|e| e.path == spec.dockerfile)?;
         let shared::context::EntryKind::File { digest, .. } = &entry.kind else { return None };
         let text = String::from_utf8(std::fs::read(self.store.path(digest)).ok()?).ok()?;
-        let mut images = shared::dockerfile::base_images(&text, &spec.build_args);
+        Some((digest.clone(), text))
+    }
+
+    async fn resolve_bases(
+        &self,
+        spec: &shared::proto::BuildSpec,
+        text: &str,
+    ) -> Option<Vec<(String, shared::Digest)>> {
+        let mut images = shared::dockerfile::base_images(text, &spec.build_args);
         // `FROM NAME` of a named context is no image (its digest is in the cache key already).
         images.retain(|i| !spec.inputs.contexts.iter().any(|c| &c.name == i));
         if images.is_empty() {

@@ -204,7 +204,12 @@ pub fn of_kind(annotations: &[Annotation], kind: AnnotationKind) -> BTreeMap<Str
 /// on the index. The coordinator stitches with it and the CLI checks the digest it was told with
 /// it, so both make the same bytes.
 pub fn stitch(entries: &[(Platform, Descriptor)], annotations: &[Annotation]) -> Vec<u8> {
-    let descriptors: Vec<Descriptor> = entries
+    stitch_with(entries, annotations, &[])
+}
+
+/// [`stitch`] with `extra` entries after the platforms' (attestation manifests), as they are.
+pub fn stitch_with(entries: &[(Platform, Descriptor)], annotations: &[Annotation], extra: &[Descriptor]) -> Vec<u8> {
+    let mut descriptors: Vec<Descriptor> = entries
         .iter()
         .map(|(p, d)| {
             let mut d = d.clone();
@@ -213,6 +218,7 @@ pub fn stitch(entries: &[(Platform, Descriptor)], annotations: &[Annotation]) ->
             d
         })
         .collect();
+    descriptors.extend_from_slice(extra);
     oci::image_index_annotated(&descriptors, &of_kind(annotations, AnnotationKind::Index))
 }
 

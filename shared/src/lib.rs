@@ -36,6 +36,7 @@ pub mod inputs;
 pub mod oci;
 pub mod platform;
 pub mod proto;
+pub mod provenance;
 pub mod quic;
 pub mod registry;
 pub mod signing;

@@ -29,6 +29,7 @@ use crate::oci::{
     blob_path, Descriptor, ImageRef, Layout, OciError, DOCKER_HUB, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
     OCI_MANIFEST,
 };
+use crate::provenance::{self, Published};
 
 mod upload;
 
@@ -909,6 +910,62 @@ impl Registry {
         self.authorize(target, RegistryOperation::Push).await?;
         self.put_manifest(target, body.to_vec(), media_type).await?;
         Ok(Digest::of(body))
+    }
+
+    /// Pushes a build's provenance to `repo` (see [`crate::provenance::stitch`]): the blobs it
+    /// lacks, the attestation manifests and the referrer artifacts by digest; then, unless the
+    /// registry's referrers API (`GET /v2/<name>/referrers/<digest>`) lists the artifact already,
+    /// each platform manifest's `sha256-<hex>` fallback tag: the index found there with the
+    /// artifact added.
+    pub async fn push_provenance(&self, repo: &ImageRef, published: &Published) -> Result<(), RegistryError> {
+        if published.manifests.is_empty() && published.referrers.is_empty() {
+            return Ok(());
+        }
+        self.authorize(repo, RegistryOperation::Push).await?;
+        let reference = repo.to_oci_client();
+        for blob in &published.blobs {
+            let digest = blob.digest();
+            let what = format!("blob {digest} in {}", repo.name());
+            let exists = self
+                .client
+                .blob_exists(&reference, digest.as_str())
+                .await
+                .map_err(|e| self.error(repo, "push", &what, e))?;
+            if !exists {
+                self.client
+                    .push_blob(&reference, blob.bytes.clone(), digest.as_str())
+                    .await
+                    .map_err(|e| self.error(repo, "push", &what, e))?;
+            }
+        }
+        for m in published.manifests.iter().chain(published.referrers.iter().map(|(_, m)| m)) {
+            self.put_manifest(&repo.with_digest(&m.digest()), m.bytes.clone(), &m.media_type).await?;
+        }
+        for (subject, artifact) in &published.referrers {
+            // A registry with the referrers API lists the artifact already (it read its subject);
+            // so does a fallback tag that lists it. oci-client falls back to the tag by itself.
+            if self.referrers(repo, subject).await.contains(&artifact.digest().as_str().to_owned()) {
+                continue;
+            }
+            let tag = repo.with_tag(&provenance::fallback_tag(subject));
+            let existing = match self.fetch_manifest(&tag).await {
+                Ok((bytes, _, _)) => Some(bytes),
+                Err(RegistryError::NotFound { .. }) => None,
+                Err(e) => return Err(e),
+            };
+            let index = provenance::referrers_index(existing.as_deref(), artifact);
+            self.put_manifest(&tag, index, OCI_INDEX).await?;
+        }
+        Ok(())
+    }
+
+    /// The digests of `repo@subject`'s referrers: the referrers API's answer, else (a 404) those
+    /// its `sha256-<hex>` fallback tag lists; none if neither answers.
+    async fn referrers(&self, repo: &ImageRef, subject: &Digest) -> Vec<String> {
+        match self.client.pull_referrers(&repo.with_digest(subject).to_oci_client(), None).await {
+            Ok(index) => index.manifests.into_iter().map(|m| m.digest).collect(),
+            Err(_) => vec![],
+        }
     }
 
     /// Whether `repo@digest` exists (HEAD on the manifest).

@@ -88,8 +88,14 @@ impl Registry {
         .to_vec()
     }
 
-    /// Tags of a repository, or none if it does not exist.
+    /// The user's tags of a repository (not the `sha256-<hex>` referrers fallback tags provenance
+    /// writes), or none if it does not exist.
     pub fn tags(&self, repo: &str) -> Vec<String> {
+        self.all_tags(repo).into_iter().filter(|t| !t.starts_with("sha256-")).collect()
+    }
+
+    /// Every tag of a repository, referrers fallback tags included.
+    pub fn all_tags(&self, repo: &str) -> Vec<String> {
         match http_get(&self.addr, &format!("/v2/{repo}/tags/list")) {
             Some((200, body)) => {
                 let v: serde_json::Value = serde_json::from_str(&body).unwrap();
@@ -156,6 +162,10 @@ pub fn read_image(registry: &Registry, reference: &str) -> (Digest, String, Vec<
         let (bytes, media_type, digest) = client.fetch_manifest(&r).await.expect("fetch the image index");
         let mut images = Vec::new();
         for d in oci::parse_index(&bytes).unwrap() {
+            // buildx's attestation manifests (provenance) are no platform's image.
+            if d.annotations.get("vnd.docker.reference.type").is_some_and(|t| t == "attestation-manifest") {
+                continue;
+            }
             let (mbytes, _, _) = client.fetch_manifest(&r.with_digest(&d.digest)).await.unwrap();
             let m: serde_json::Value = serde_json::from_slice(&mbytes).unwrap();
             let config_digest: Digest = m["config"]["digest"].as_str().unwrap().parse().unwrap();

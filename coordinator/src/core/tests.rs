@@ -3,6 +3,7 @@
 use super::*;
 use shared::oci;
 use shared::proto::{Emulation, Heartbeat, Held};
+use shared::provenance;
 
 fn p(s: &str) -> Platform {
     s.parse().unwrap()
@@ -47,6 +48,8 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         inputs: Default::default(),
         notify: vec![],
         sign: false,
+        // Off here: the tests below compare index bytes; provenance has its own tests.
+        provenance: shared::proto::ProvenanceMode::Off,
     }
 }
 
@@ -746,4 +749,78 @@ fn a_signed_build_asks_the_driver_to_sign_its_index_and_one_without_tags_is_refu
         })
         .collect();
     assert_eq!(signs, [true]);
+}
+
+#[test]
+fn provenance_names_agent_certificate_and_mode_and_a_cached_platform_keeps_its_makers() {
+    let mut core = three_agent_farm();
+    core.agent_certificate("x86", Some("sha256:c3r7".into()));
+    let with = |tags: &[&str]| BuildSpec {
+        provenance: shared::proto::ProvenanceMode::Min,
+        tags: tags.iter().map(|t| t.to_string()).collect(),
+        ..spec(&["linux/amd64", "linux/arm64"])
+    };
+    let bases = vec![("127.0.0.1:5000/busybox:1".to_string(), digest(50))];
+    let source =
+        provenance::Source { dockerfile_digest: Some(digest(51)), dockerfile_text: None, bases: bases.clone() };
+    // pi64 is away: arm64 is emulated on x86.
+    core.agent_down(0, "pi64", 2);
+    core.submit_with_source(
+        1_000,
+        "b1",
+        "admin",
+        with(&["127.0.0.1:5000/hello:1"]),
+        Some(bases.clone()),
+        source.clone(),
+    )
+    .unwrap();
+    // x86 takes one task at a time: amd64 runs from 1 s to 61 s, then arm64 from 61 s to 61 s.
+    let mut out = drain(&mut core);
+    while out.stitched.is_empty() {
+        assert!(!out.assigned.is_empty(), "{out:?}");
+        for (conn, task, attempt, platform, _) in out.assigned.clone() {
+            let m = manifest(if platform == p("linux/amd64") { 1 } else { 2 });
+            core.agent_msg(61_000, "x86", conn, AgentMsg::TaskDone { task, attempt, manifest: m, timings: vec![] });
+        }
+        out = drain(&mut core);
+    }
+    let index: serde_json::Value = serde_json::from_slice(&out.stitched[0]).unwrap();
+    let entries = index["manifests"].as_array().unwrap();
+    assert_eq!(entries.len(), 4, "{index}");
+    assert_eq!(entries[2]["annotations"]["vnd.docker.reference.digest"], digest(1).as_str());
+    assert_eq!(entries[3]["annotations"]["vnd.docker.reference.digest"], digest(2).as_str());
+    let statements = core.statements("b1");
+    assert_eq!(statements.iter().map(|(d, _)| d.clone()).collect::<Vec<_>>(), [digest(1), digest(2)]);
+    let s: Vec<serde_json::Value> = statements.iter().map(|(_, s)| serde_json::from_slice(s).unwrap()).collect();
+    for (s, (emulated, started)) in s.iter().zip([(false, "1970-01-01T00:00:01Z"), (true, "1970-01-01T00:01:01Z")]) {
+        let p = &s["predicate"];
+        assert_eq!(p["runDetails"]["builder"]["id"], "farm://coordinator/agents/x86");
+        assert_eq!(p["runDetails"]["metadata"]["invocationId"], "b1");
+        assert_eq!(p["runDetails"]["metadata"]["startedOn"], started);
+        assert_eq!(p["runDetails"]["metadata"]["finishedOn"], "1970-01-01T00:01:01Z");
+        assert_eq!(p["buildDefinition"]["internalParameters"]["agent"]["certificateSha256"], "sha256:c3r7");
+        assert_eq!(p["buildDefinition"]["internalParameters"]["emulated"], emulated);
+        assert_eq!(p["buildDefinition"]["resolvedDependencies"][0]["digest"]["sha256"], digest(50).hex());
+    }
+    core.stitched("b1", Ok(Digest::of(&out.stitched[0])), 0);
+    drain(&mut core);
+
+    // The same inputs under another tag: cached, with the statements of b1.
+    core.submit_with_source(90_000, "b2", "admin", with(&["127.0.0.1:5000/hello:2"]), Some(bases), source).unwrap();
+    let out = drain(&mut core);
+    for (task, _) in out.checks {
+        core.cache_checked(91_000, task, true);
+    }
+    let out = drain(&mut core);
+    assert_eq!(out.stitched.len(), 1);
+    assert_eq!(core.statements("b2"), statements);
+
+    // --provenance=false: the plain index, no statements.
+    core.submit(95_000, "b3", "admin", spec(&["linux/amd64"]), None).unwrap();
+    let out = drain(&mut core);
+    let (conn, task, attempt, _, _) = out.assigned[0].clone();
+    core.agent_msg(96_000, "x86", conn, AgentMsg::TaskDone { task, attempt, manifest: manifest(9), timings: vec![] });
+    let out = drain(&mut core);
+    assert_eq!(oci::parse_index(&out.stitched[0]).unwrap().len(), 1);
+    assert!(core.statements("b3").is_empty());
 }

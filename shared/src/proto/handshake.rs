@@ -12,7 +12,7 @@ use super::ProtoError;
 /// `Assignment` gained annotations and labels; `TaskView` the manifest and duration; `Assignment`
 /// carries the coordinator's context limits; `BuildSpec` and `Assignment` gained `ssh` (ids) and
 /// `inputs` (named contexts, `--pull`, `--network none`, `--add-host`); `Request::SshForward`
-/// relays `RUN --mount=type=ssh`. 6: `BuildSpec` gained `sign` and `notify`.
+/// relays `RUN --mount=type=ssh`. 6: `BuildSpec` gained `sign`, `notify` and `provenance`.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 const MAGIC: [u8; 4] = *b"FARM";

@@ -203,6 +203,19 @@ pub struct BuildSpec {
     /// `--sign`: the coordinator signs the pushed index with the farm's key (cosign's format).
     /// Needs tags (a registry to sign in) and a coordinator with a signing key.
     pub sign: bool,
+    /// `--provenance`: SLSA provenance attached to each platform (default: `min`).
+    pub provenance: ProvenanceMode,
+}
+
+/// `--provenance`: whether each platform gets a SLSA provenance attestation, and how much it
+/// records (`max` adds the Dockerfile's text), as buildx's `mode=min|max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProvenanceMode {
+    Off,
+    #[default]
+    Min,
+    Max,
 }
 
 /// What a build takes in besides its context, Dockerfile and arguments: buildx's
