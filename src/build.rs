@@ -51,6 +51,15 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         bail!("build context {} is not a directory", context.display());
     }
     let dockerfile = dockerfile_in_context(&context, args.file.as_deref())?;
+    let cache_to = match &args.cache_to {
+        Some(v) => Some(shared::cache::CacheRef::parse_flag(v, "--cache-to")?.to_string()),
+        None => None,
+    };
+    let cache_from = args
+        .cache_from
+        .iter()
+        .map(|v| shared::cache::CacheRef::parse_flag(v, "--cache-from").map(|c| c.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut insecure = insecure_from_file;
     insecure.extend(args.insecure_registries.iter().cloned());
     let credentials = match args.tags.first().filter(|_| plan.registry) {
@@ -137,6 +146,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         entitlements,
         annotations: plan.annotations.clone(),
         labels: plan.labels.clone(),
+        cache_to,
+        cache_from,
     };
     let mut follow = client.build(spec).await?;
     let id = follow.build.clone();

@@ -392,6 +392,14 @@ pub struct BuildArgs {
     /// Do not use cached layers
     #[arg(long)]
     pub no_cache: bool,
+    /// Export each platform's layer cache to a registry: type=registry,ref=REGISTRY/REPOSITORY[:TAG][,mode=max]
+    /// (each platform under REPOSITORY/<os>-<arch>); default: the coordinator's cache_repo
+    #[arg(long = "cache-to", value_name = "type=registry,ref=REF")]
+    pub cache_to: Option<String>,
+    /// Import layer cache from a registry: type=registry,ref=REF or REF (repeatable); default: the
+    /// coordinator's cache_repo
+    #[arg(long = "cache-from", value_name = "type=registry,ref=REF")]
+    pub cache_from: Vec<String>,
     /// How to show progress
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
@@ -469,8 +477,6 @@ pub struct BuildArgs {
 
 /// buildx flags `farm build` does not have, and what to do instead.
 const BUILDX_FLAGS: &[(&str, &str)] = &[
-    ("--cache-from", "agents keep their layer cache between builds by themselves"),
-    ("--cache-to", "agents keep their layer cache between builds by themselves"),
     ("--builder", "farm picks agents itself; use --require KEY=VALUE to choose by label"),
     ("--provenance", "farm does not attach provenance yet"),
     ("--sbom", "farm does not attach SBOMs yet"),
@@ -522,8 +528,8 @@ mod tests {
             "farm build has no --ssh (a docker buildx build flag): farm does not forward SSH agents; use --secret; \
              `farm build --help` lists its flags"
         );
-        let e = super::Cli::try_parse_from(["farm", "build", "--cache-to=type=registry", "."]).unwrap_err();
-        assert!(super::unsupported_buildx_flag(&e).unwrap().starts_with("farm build has no --cache-to "));
+        let e = super::Cli::try_parse_from(["farm", "build", "--provenance=true", "."]).unwrap_err();
+        assert!(super::unsupported_buildx_flag(&e).unwrap().starts_with("farm build has no --provenance "));
         let e = super::Cli::try_parse_from(["farm", "build", "--nonsense", "."]).unwrap_err();
         assert_eq!(super::unsupported_buildx_flag(&e), None);
         assert!(super::Cli::try_parse_from(["farm", "build", "--push", "-t", "r:5000/a:1", "."]).is_ok());

@@ -1553,6 +1553,8 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         entitlements: vec![],
         annotations: vec![],
         labels: vec![],
+        cache_to: None,
+        cache_from: vec![],
     }
 }
 

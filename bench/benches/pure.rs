@@ -75,6 +75,8 @@ fn framing(c: &mut Criterion) {
         context_limits: shared::context::ContextLimits::default().wire(),
         annotations: Default::default(),
         labels: vec![],
+        cache_to: None,
+        cache_from: vec![],
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

@@ -422,6 +422,8 @@ async fn submit_builds(
             entitlements: vec![],
             annotations: vec![],
             labels: vec![],
+            cache_to: None,
+            cache_from: vec![],
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

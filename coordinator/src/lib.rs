@@ -45,6 +45,9 @@ pub struct Config {
     pub context_limits: ContextLimits,
     pub max_log_bytes_per_task: u64,
     pub limits: core::Limits,
+    /// `cache_repo`: every build's layer cache goes to the registry under it, per platform,
+    /// unless the build names its own with `--cache-to` / `--cache-from`.
+    pub cache_repo: Option<shared::cache::CacheRef>,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -63,6 +66,7 @@ impl Config {
             context_limits: ContextLimits::default(),
             max_log_bytes_per_task: logs::DEFAULT_MAX_BYTES_PER_TASK,
             limits: core::Limits::default(),
+            cache_repo: None,
         }
     }
 }

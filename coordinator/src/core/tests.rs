@@ -43,6 +43,8 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         entitlements: vec![],
         annotations: vec![],
         labels: vec![],
+        cache_to: None,
+        cache_from: vec![],
     }
 }
 
@@ -685,4 +687,40 @@ fn annotations_reach_the_agent_and_the_index_and_labels_and_manifest_annotations
     arm_only.annotations = anns(&["manifest[linux/arm64]:org.example.arm=no"]);
     assert_eq!(key(&s, "linux/amd64"), key(&arm_only, "linux/amd64"));
     assert_ne!(key(&s, "linux/arm64"), key(&arm_only, "linux/arm64"));
+}
+
+#[test]
+fn each_platform_gets_its_own_cache_repository_from_the_build_or_the_coordinator() {
+    use shared::cache::CacheRef;
+    let default = CacheRef::parse_ref("reg.lan:5000/farm-cache", "cache_repo").unwrap();
+    let arm: Platform = "linux/arm/v7".parse().unwrap();
+    let mut s = spec(&["linux/arm/v7"]);
+    assert_eq!(super::cache_for(&s, None, &arm), (None, vec![]));
+    assert_eq!(
+        super::cache_for(&s, Some(&default), &arm),
+        (Some("reg.lan:5000/farm-cache/linux-arm-v7".into()), vec!["reg.lan:5000/farm-cache/linux-arm-v7".into()])
+    );
+    s.cache_to = Some("reg.lan:5000/app-cache:main".into());
+    s.cache_from = vec!["reg.lan:5000/app-cache:main".into(), "reg.lan:5000/other".into()];
+    assert_eq!(
+        super::cache_for(&s, Some(&default), &arm),
+        (
+            Some("reg.lan:5000/app-cache/main/linux-arm-v7".into()),
+            vec!["reg.lan:5000/app-cache/main/linux-arm-v7".into(), "reg.lan:5000/other/linux-arm-v7".into()]
+        )
+    );
+    s.no_cache = true;
+    assert_eq!(super::cache_for(&s, Some(&default), &arm).1, Vec::<String>::new());
+}
+
+#[test]
+fn a_bad_cache_reference_is_refused_at_submission() {
+    let mut core = Core::new(3000, 3);
+    let mut s = spec(&["linux/amd64"]);
+    s.cache_from = vec!["no-registry".into()];
+    let e = core.submit(0, "b1", "alice", s, None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--cache-from no-registry: names no registry; name yours, e.g. registry.lan:5000/no-registry"
+    );
 }

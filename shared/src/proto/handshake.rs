@@ -10,7 +10,8 @@ use super::ProtoError;
 /// `Assignment` and `AgentInfo` gained entitlements. 4: a build without tags (and an assignment
 /// with an empty repository) means "push nothing: results to the coordinator". 5: `BuildSpec` and
 /// `Assignment` gained annotations and labels; `TaskView` the manifest and duration; `Assignment`
-/// carries the coordinator's context limits.
+/// carries the coordinator's context limits; `BuildSpec` and `Assignment` gained `cache_to` and
+/// `cache_from` (the layer cache shared through a registry).
 pub const PROTOCOL_VERSION: u32 = 5;
 
 const MAGIC: [u8; 4] = *b"FARM";

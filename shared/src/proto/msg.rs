@@ -193,6 +193,13 @@ pub struct BuildSpec {
     pub annotations: Vec<Annotation>,
     /// `--label KEY=VALUE`: image config labels, on every platform's image.
     pub labels: Vec<(String, String)>,
+    /// `--cache-to type=registry,ref=REF`: `REGISTRY/REPOSITORY[:TAG]` (a
+    /// [`crate::cache::CacheRef`]); each platform exports its layer cache below it. None: the
+    /// coordinator's `cache_repo`, if it names one.
+    pub cache_to: Option<String>,
+    /// `--cache-from`: references as `cache_to`, imported from in order. Empty: the coordinator's
+    /// `cache_repo`, if it names one.
+    pub cache_from: Vec<String>,
 }
 
 /// A build secret. Its value never appears in Debug output, logs or the state file.
@@ -237,6 +244,11 @@ pub struct Assignment {
     /// `max_context_bytes`); the agent checks the fetched manifest against these, not its own
     /// defaults, so a context the coordinator accepted is one every agent accepts.
     pub context_limits: ContextLimits,
+    /// The repository (no tag) this platform's layer cache is exported to (buildah
+    /// `--cache-to`): the build's or the coordinator's cache reference, per platform.
+    pub cache_to: Option<String>,
+    /// The repositories this platform's layer cache is imported from, in order.
+    pub cache_from: Vec<String>,
 }
 
 /// How big a context may be: the coordinator's configuration, as sent to agents.
