@@ -13,11 +13,6 @@ use common::*;
 const DOCKERFILE: &str = "ARG BASE\nFROM $BASE\nRUN echo one > /one\nRUN echo two > /two\nRUN cat /one /two > /both\n\
                           COPY data.txt /data.txt\n";
 
-/// Lines of one platform's log that say a step's image came from the registry cache.
-fn pulled(err: &str) -> Vec<&str> {
-    err.lines().filter(|l| l.starts_with("[linux/amd64] --> Cache pulled from remote")).collect()
-}
-
 #[test]
 fn a_cold_agent_reuses_the_layers_another_agent_exported_to_the_registry() {
     require_tool("buildah");
@@ -68,14 +63,18 @@ fn a_cold_agent_reuses_the_layers_another_agent_exported_to_the_registry() {
     let (ok, out, err) = build(&args("app:2", &[]));
     assert!(ok, "{out}\n{err}");
     assert_eq!(summary(&out)["linux/amd64"].0, "x86b", "{out}");
-    let hits = pulled(&err);
+    // buildah 1.28 pulls no ARG step by key, so a cold store first imports the cache repository
+    // (see agent::builder::import_cache); its steps are then found by history and layers.
+    let imported = format!(
+        "[linux/amd64] farm: imported the layer cache {}/farm-cache/linux-amd64 into this agent (",
+        registry.addr
+    );
+    let hits: Vec<&str> =
+        err.lines().filter(|l| l.starts_with(&imported) || l.starts_with("[linux/amd64] --> Using cache")).collect();
     eprintln!("the cold agent's cache hits from the registry:\n{}", hits.join("\n"));
-    assert_eq!(hits.len(), 3, "the three unchanged RUN steps come from the registry:\n{err}");
-    for h in &hits {
-        assert!(h.contains(&format!("{}/farm-cache/linux-amd64:", registry.addr)), "{h}");
-    }
-    assert_eq!(err.matches("[linux/amd64] --> Using cache").count(), 3, "{err}");
-    assert_eq!(err.matches("[linux/amd64] --> Pushing cache").count(), 1, "only the changed step: {err}");
+    assert!(err.contains(&imported), "{err}");
+    assert_eq!(err.matches("[linux/amd64] --> Using cache").count(), 3, "the three unchanged RUN steps:\n{err}");
+    assert!(!err.contains("farm: no layer cache imported"), "{err}");
     let (_, _, images) = read_image(&registry, &format!("{}/app:2", registry.addr));
     assert_eq!(images.len(), 1);
     assert_eq!(images[0].text("both"), "one\ntwo");

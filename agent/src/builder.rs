@@ -521,6 +521,58 @@ impl Buildah {
         alone
     }
 
+    /// buildah 1.28 pulls a step from `--cache-from` by its cache key, but never an `ARG` step
+    /// inside a stage: a cold store commits that step afresh, and every later key differs, so
+    /// nothing after the first `ARG` would come from the registry. A store's first build with a
+    /// cache repository therefore pulls the repository's images (`buildah pull --all-tags`, one
+    /// process): buildah's local lookup matches them by history and layers, `ARG` steps
+    /// included. Later builds in the store rely on `--cache-from` (the store's `cache-imported`
+    /// file lists the repositories it imported). A missing repository (nothing exported yet) or
+    /// a failed pull only costs the cache, and is tried again at the next build.
+    async fn import_cache(
+        &self,
+        store: &Path,
+        job: &Job<'_>,
+        conf: &Path,
+        tmp: &Path,
+        authfile: Option<&Path>,
+        log: &mpsc::UnboundedSender<String>,
+    ) {
+        let Some(repo) = job.cache_from.first() else { return };
+        let marker = store.join("cache-imported");
+        let done = std::fs::read_to_string(&marker).unwrap_or_default();
+        if done.lines().any(|l| l == repo) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut pull = self.command(store);
+        pull.env("CONTAINERS_REGISTRIES_CONF", conf).env("TMPDIR", tmp).args(["pull", "--quiet", "--all-tags"]);
+        if let Some(a) = authfile {
+            pull.arg("--authfile").arg(a);
+        }
+        pull.arg(format!("docker://{repo}")).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let out = tokio::select! {
+            out = pull.output() => out,
+            _ = job.cancel.cancelled() => return,
+        };
+        let line = match out {
+            Ok(o) if o.status.success() => {
+                let _ = std::fs::write(&marker, format!("{done}{repo}\n"));
+                format!(
+                    "farm: imported the layer cache {repo} into this agent ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                )
+            }
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let why = err.lines().rev().find_map(error_line).unwrap_or("buildah pull failed").to_string();
+                format!("farm: no layer cache imported from {repo}: {why}")
+            }
+            Err(e) => format!("farm: no layer cache imported from {repo}: {e}"),
+        };
+        let _ = log.send(line);
+    }
+
     async fn build_in(
         &self,
         store: &Path,
@@ -559,7 +611,8 @@ impl Buildah {
             for (k, v) in job.annotations {
                 build.arg("--annotation").arg(format!("{k}={v}"));
             }
-            registry_cache(&mut build, &job, &tmp.0, &log)?;
+            let authfile = registry_cache(&mut build, &job, &tmp.0, &log)?;
+            self.import_cache(store, &job, &conf, &tmp.0, authfile.as_deref(), &log).await;
             let secrets = SecretFiles::write(&tmp.0, &format!("{}-{}", self.tag, job.name), job.secrets)?;
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
@@ -608,7 +661,7 @@ fn registry_cache(
     job: &Job<'_>,
     dir: &Path,
     log: &mpsc::UnboundedSender<String>,
-) -> Result<(), BuilderError> {
+) -> Result<Option<PathBuf>, BuilderError> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt;
     if let Some(to) = job.cache_to {
@@ -630,8 +683,9 @@ fn registry_cache(
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
         f.write_all(shared::registry::auth_file(registry, c).as_bytes()).map_err(io)?;
         build.arg("--authfile").arg(&path);
+        return Ok(Some(path));
     }
-    Ok(())
+    Ok(None)
 }
 
 /// A build that ran in `cgroup`: failed because the kernel killed a process for using more

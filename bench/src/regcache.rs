@@ -111,7 +111,8 @@ async fn measure(
             env.stop_service(&format!("agent {name}"));
             let _ = std::fs::remove_dir_all(env.root.join(format!("agent-{name}")));
             if side == "shared" {
-                hits.push(f.events.iter().filter(|e| e.event.to_string().contains("Cache pulled from remote")).count());
+                let count = |needle: &str| f.events.iter().filter(|e| e.event.to_string().contains(needle)).count();
+                hits.push((count("farm: imported the layer cache"), count("--> Using cache")));
                 shared.farm.push(f.wall);
                 cold.farm.push(f.wall);
                 shared_phases.push(farm_phases(&f));
@@ -125,7 +126,7 @@ async fn measure(
     shared.baseline_breakdown = median_phases(&warm_phases);
     cold.breakdown = median_phases(&shared_phases);
     cold.baseline_breakdown = median_phases(&cold_phases);
-    shared.note(format!("steps the cold agent pulled from the registry cache, per repetition: {hits:?}"));
+    shared.note(format!("the cold agent's (cache imports, steps answered from cache), per repetition: {hits:?}"));
     env.stop_service(&format!("agent {WARM}"));
     env.stop_service("coordinator-regcache");
     Ok(())
