@@ -111,6 +111,15 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         };
         (dockerfile_in_context(&context, args.file.as_deref())?, shown, None)
     };
+    let cache_to = match &args.cache_to {
+        Some(v) => Some(shared::cache::CacheRef::parse_flag(v, "--cache-to")?.to_string()),
+        None => None,
+    };
+    let cache_from = args
+        .cache_from
+        .iter()
+        .map(|v| shared::cache::CacheRef::parse_flag(v, "--cache-from").map(|c| c.to_string()))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut insecure = insecure_from_file;
     insecure.extend(args.insecure_registries.iter().cloned());
     let credentials = match args.tags.first().filter(|_| plan.registry) {
@@ -244,6 +253,8 @@ pub async fn run(args: BuildArgs) -> Result<()> {
         notify: args.notify.clone(),
         sign: args.sign,
         provenance,
+        cache_to,
+        cache_from,
     };
     // Answers the agents' connections to the --ssh sockets while the build is followed.
     let ssh_server =

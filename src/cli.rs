@@ -412,6 +412,14 @@ pub struct BuildArgs {
     /// Do not use cached layers
     #[arg(long)]
     pub no_cache: bool,
+    /// Export each platform's layer cache to a registry: type=registry,ref=REGISTRY/REPOSITORY[:TAG][,mode=max]
+    /// (each platform under REPOSITORY/<os>-<arch>); default: the coordinator's cache_repo
+    #[arg(long = "cache-to", value_name = "type=registry,ref=REF")]
+    pub cache_to: Option<String>,
+    /// Import layer cache from a registry: type=registry,ref=REF or REF (repeatable); default: the
+    /// coordinator's cache_repo
+    #[arg(long = "cache-from", value_name = "type=registry,ref=REF")]
+    pub cache_from: Vec<String>,
     /// How to show progress
     #[arg(long, value_enum, default_value_t = Progress::Auto)]
     pub progress: Progress,
@@ -525,13 +533,8 @@ pub struct BuildArgs {
 
 /// buildx flags `farm build` does not have, and what to do instead.
 const BUILDX_FLAGS: &[(&str, &str)] = &[
-    ("--cache-from", "agents keep their layer cache between builds by themselves"),
-    ("--cache-to", "agents keep their layer cache between builds by themselves"),
     ("--builder", "farm picks agents itself; use --require KEY=VALUE to choose by label"),
     ("--sbom", "farm does not attach SBOMs yet"),
-    ("--build-context", "farm does not take named contexts yet"),
-    ("--pull", "farm resolves base images at every build"),
-    ("--add-host", "RUN steps use the agent's name resolution"),
     ("--quiet", "use --progress plain or json"),
     ("--shm-size", "not supported"),
     ("--ulimit", "not supported"),
@@ -575,8 +578,8 @@ mod tests {
             "farm build has no --shm-size (a docker buildx build flag): not supported; \
              `farm build --help` lists its flags"
         );
-        let e = super::Cli::try_parse_from(["farm", "build", "--cache-to=type=registry", "."]).unwrap_err();
-        assert!(super::unsupported_buildx_flag(&e).unwrap().starts_with("farm build has no --cache-to "));
+        let e = super::Cli::try_parse_from(["farm", "build", "--sbom=true", "."]).unwrap_err();
+        assert!(super::unsupported_buildx_flag(&e).unwrap().starts_with("farm build has no --sbom "));
         let e = super::Cli::try_parse_from(["farm", "build", "--nonsense", "."]).unwrap_err();
         assert_eq!(super::unsupported_buildx_flag(&e), None);
         assert!(super::Cli::try_parse_from(["farm", "build", "--push", "-t", "r:5000/a:1", "."]).is_ok());

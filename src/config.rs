@@ -64,6 +64,9 @@ pub struct FileConfig {
     /// `host:port` registries reached over plain HTTP.
     #[serde(default)]
     pub insecure_registries: Vec<String>,
+    /// Coordinator: `REGISTRY/REPOSITORY[:TAG]` under which every build's platforms share their
+    /// layer cache (`--cache-to` / `--cache-from` override it per build).
+    pub cache_repo: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -304,6 +304,9 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     set(file.max_tags, &mut l.max_tags);
     set(file.max_secrets, &mut l.max_secrets);
     set(file.max_secret_bytes, &mut l.max_secret_bytes);
+    if let Some(r) = &file.cache_repo {
+        cfg.cache_repo = Some(shared::cache::CacheRef::parse_ref(r, "cache_repo")?);
+    }
     let server = coordinator::Coordinator::bind(cfg).context("cannot start the coordinator")?;
     server.run(shutdown_signal()).await?;
     Ok(())

@@ -394,15 +394,24 @@ fn first_hour(w: &mut World) {
     w.check("an unreachable coordinator fails within 5 s", took < Duration::from_secs(5), || format!("{took:?}"));
     w.nothing_done_since("a coordinator address where nothing answers", before);
 
-    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--cache-to", "type=inline"], &ctx);
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--ssh", "default"], &ctx);
     w.check("a buildx flag farm lacks exits 2", run.code == Some(2), || run.tail());
     w.only_error(
         "a buildx flag farm lacks is named, with what to do instead",
         &run,
-        "error: farm build has no --cache-to (a docker buildx build flag): agents keep their layer cache between \
-         builds by themselves; `farm build --help` lists its flags",
+        "error: farm build has no --ssh (a docker buildx build flag): farm does not forward SSH agents; use \
+         --secret; `farm build --help` lists its flags",
     );
     w.nothing_done_since("a buildx flag farm lacks", before);
+
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--cache-to", "type=inline"], &ctx);
+    w.refused(
+        "a cache type other than registry",
+        &run,
+        "error: --cache-to type=inline: type=inline: farm's agents share their layer cache only through a registry \
+         (each keeps its own between builds); use --cache-to type=registry,ref=REGISTRY/REPOSITORY[:TAG][,mode=max]",
+    );
+    w.nothing_done_since("a cache type other than registry", before);
 
     let run = w.cli(&[&["agents", "revoke", "nosuch"][..], &w.client_args()].concat());
     w.refused(
@@ -1568,6 +1577,8 @@ fn spec(registry: &str, context: Digest) -> BuildSpec {
         notify: vec![],
         sign: false,
         provenance: Default::default(),
+        cache_to: None,
+        cache_from: vec![],
     }
 }
 

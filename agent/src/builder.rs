@@ -51,7 +51,7 @@ pub enum BuilderError {
 }
 
 /// One platform's build, as the agent hands it to its builder.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Job<'a> {
     pub context: &'a Path,
     pub dockerfile: &'a str,
@@ -84,6 +84,13 @@ pub struct Job<'a> {
     pub inputs: &'a shared::proto::Inputs,
     /// The named contexts, materialised: name and directory.
     pub contexts: &'a [(String, PathBuf)],
+    /// The registry repository (no tag) this platform's layer cache is exported to.
+    pub cache_to: Option<&'a str>,
+    /// Repositories the layer cache is imported from, in order.
+    pub cache_from: &'a [String],
+    /// Credentials for the cache registry: the build's push credentials, when the cache lives
+    /// on the same registry as the image.
+    pub cache_credentials: Option<&'a shared::registry::Credentials>,
 }
 
 /// Secret files for one build, in memory-backed storage where there is some (/dev/shm), 0600
@@ -394,7 +401,24 @@ impl Builder for Buildah {
             let mut outcome = Outcome { dirty: &used.dirty, succeeded: false };
             let result = {
                 let _building = used.builds.read().await;
-                self.build_in(&store, job, log).await
+                // A registry cache that cannot be written fails buildah's build ("failed pushing
+                // cache"): the build runs again without it (its steps are in the local cache by
+                // then), as buildx's `ignore-error=true` would have it.
+                let uncached = (job.cache_to.is_some() || !job.cache_from.is_empty()).then(|| Job {
+                    cache_to: None,
+                    cache_from: &[],
+                    ..job.clone()
+                });
+                match (self.build_in(&store, job, log.clone()).await, uncached) {
+                    (Err(BuilderError::Failed(e)), Some(again)) if e.contains("failed pushing cache") => {
+                        let _ = log.send(format!(
+                            "farm: the registry cache failed ({e}); building again without it (check the cache \
+                             registry, --insecure-registry and its credentials)"
+                        ));
+                        self.build_in(&store, again, log).await
+                    }
+                    (result, _) => result,
+                }
             };
             outcome.succeeded = result.is_ok();
             drop(outcome);
@@ -503,6 +527,58 @@ impl Buildah {
         alone
     }
 
+    /// buildah 1.28 pulls a step from `--cache-from` by its cache key, but never an `ARG` step
+    /// inside a stage: a cold store commits that step afresh, and every later key differs, so
+    /// nothing after the first `ARG` would come from the registry. A store's first build with a
+    /// cache repository therefore pulls the repository's images (`buildah pull --all-tags`, one
+    /// process): buildah's local lookup matches them by history and layers, `ARG` steps
+    /// included. Later builds in the store rely on `--cache-from` (the store's `cache-imported`
+    /// file lists the repositories it imported). A missing repository (nothing exported yet) or
+    /// a failed pull only costs the cache, and is tried again at the next build.
+    async fn import_cache(
+        &self,
+        store: &Path,
+        job: &Job<'_>,
+        conf: &Path,
+        tmp: &Path,
+        authfile: Option<&Path>,
+        log: &mpsc::UnboundedSender<String>,
+    ) {
+        let Some(repo) = job.cache_from.first() else { return };
+        let marker = store.join("cache-imported");
+        let done = std::fs::read_to_string(&marker).unwrap_or_default();
+        if done.lines().any(|l| l == repo) {
+            return;
+        }
+        let started = std::time::Instant::now();
+        let mut pull = self.command(store);
+        pull.env("CONTAINERS_REGISTRIES_CONF", conf).env("TMPDIR", tmp).args(["pull", "--quiet", "--all-tags"]);
+        if let Some(a) = authfile {
+            pull.arg("--authfile").arg(a);
+        }
+        pull.arg(format!("docker://{repo}")).stdout(Stdio::piped()).stderr(Stdio::piped());
+        let out = tokio::select! {
+            out = pull.output() => out,
+            _ = job.cancel.cancelled() => return,
+        };
+        let line = match out {
+            Ok(o) if o.status.success() => {
+                let _ = std::fs::write(&marker, format!("{done}{repo}\n"));
+                format!(
+                    "farm: imported the layer cache {repo} into this agent ({:.1} s)",
+                    started.elapsed().as_secs_f64()
+                )
+            }
+            Ok(o) => {
+                let err = String::from_utf8_lossy(&o.stderr);
+                let why = err.lines().rev().find_map(error_line).unwrap_or("buildah pull failed").to_string();
+                format!("farm: no layer cache imported from {repo}: {why}")
+            }
+            Err(e) => format!("farm: no layer cache imported from {repo}: {e}"),
+        };
+        let _ = log.send(line);
+    }
+
     async fn build_in(
         &self,
         store: &Path,
@@ -553,6 +629,8 @@ impl Buildah {
             for (k, v) in job.annotations {
                 build.arg("--annotation").arg(format!("{k}={v}"));
             }
+            let authfile = registry_cache(&mut build, &job, &tmp.0, &log)?;
+            self.import_cache(store, &job, &conf, &tmp.0, authfile.as_deref(), &log).await;
             let secrets = SecretFiles::write(&tmp.0, &format!("{}-{}", self.tag, job.name), job.secrets)?;
             for s in &secrets.args {
                 build.arg("--secret").arg(s);
@@ -605,6 +683,45 @@ pub(crate) fn input_args(build: &mut Command, job: &Job<'_>) {
     for (host, ip) in &job.inputs.add_hosts {
         build.arg("--add-host").arg(format!("{host}:{ip}"));
     }
+}
+
+/// The layer cache shared through a registry (every build has `--layers`, which buildah needs
+/// for it): `--cache-to REPO` pushes each step's image tagged by its cache key, `--cache-from
+/// REPO` pulls a step's image by key before running it ("Cache pulled from remote", then "Using
+/// cache"). buildah 1.28 reads one `--cache-from`: the first is used, and the log says so of
+/// the others. Plain HTTP comes from the build's registries.conf (`--insecure-registry`);
+/// credentials, when the cache shares the image's registry, from an auth file in the build's
+/// private temporary directory.
+fn registry_cache(
+    build: &mut Command,
+    job: &Job<'_>,
+    dir: &Path,
+    log: &mpsc::UnboundedSender<String>,
+) -> Result<Option<PathBuf>, BuilderError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    if let Some(to) = job.cache_to {
+        build.arg("--cache-to").arg(to);
+    }
+    if let Some((from, rest)) = job.cache_from.split_first() {
+        build.arg("--cache-from").arg(from);
+        if !rest.is_empty() {
+            let _ = log.send(format!(
+                "farm: buildah 1.28 reads one --cache-from: importing from {from}, not {}",
+                rest.join(", ")
+            ));
+        }
+    }
+    let cache_registry = job.cache_to.or(job.cache_from.first().map(String::as_str)).map(shared::cache::registry_of);
+    if let (Some(registry), Some(c)) = (cache_registry, job.cache_credentials) {
+        let path = dir.join("cache-auth.json");
+        let io = |source| BuilderError::Io { path: path.clone(), source };
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(io)?;
+        f.write_all(shared::registry::auth_file(registry, c).as_bytes()).map_err(io)?;
+        build.arg("--authfile").arg(&path);
+        return Ok(Some(path));
+    }
+    Ok(None)
 }
 
 /// A build that ran in `cgroup`: failed because the kernel killed a process for using more

@@ -390,6 +390,13 @@ impl Builder for Docker {
             for note in insecure_notes(&job) {
                 let _ = log.send(note);
             }
+            if job.cache_to.is_some() || !job.cache_from.is_empty() {
+                let _ = log.send(
+                    "farm: note: the Docker builder does not import or export the registry layer cache \
+                     (--cache-to/--cache-from, cache_repo); it uses the engine's own build cache"
+                        .into(),
+                );
+            }
             let dockerfile = mirrored_dockerfile(&job)?;
             let secrets = SecretFiles::write(&tmp, job.name, job.secrets)?;
             let has_bridge = matches!(api(&self.host, "GET", "/networks/bridge").await, Ok((200, _)));
@@ -729,6 +736,9 @@ mod tests {
             ssh: &[],
             inputs,
             contexts,
+            cache_to: None,
+            cache_from: &[],
+            cache_credentials: None,
         };
         let plain = job(&inputs, &[]);
         assert_eq!(network(&plain, true), "none");

@@ -225,6 +225,12 @@ impl Runner {
             ssh: forwards.as_ref().map_or(&[], |f| &f.sockets[..]),
             inputs: &a.inputs,
             contexts: &contexts,
+            cache_to: a.cache_to.as_deref(),
+            cache_from: &a.cache_from,
+            cache_credentials: a.credentials.as_ref().filter(|_| {
+                let image_registry = shared::cache::registry_of(&a.repository);
+                a.cache_to.iter().chain(&a.cache_from).any(|r| shared::cache::registry_of(r) == image_registry)
+            }),
         };
         let built = self.builder.build(job, log).await;
         drop(forwards);

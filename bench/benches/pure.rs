@@ -77,6 +77,8 @@ fn framing(c: &mut Criterion) {
         labels: vec![],
         ssh: vec![],
         inputs: Default::default(),
+        cache_to: None,
+        cache_from: vec![],
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

@@ -544,7 +544,7 @@ enum Sample {
     Farm(FarmRun),
 }
 
-fn farm_phases(f: &FarmRun) -> BTreeMap<String, f64> {
+pub(crate) fn farm_phases(f: &FarmRun) -> BTreeMap<String, f64> {
     let mut p = events::phases(&f.events, f.wall);
     // Timings farm reports itself (the agent's phases of the critical platform): numbers named
     // `ms` or `*_ms` are milliseconds.

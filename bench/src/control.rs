@@ -427,6 +427,8 @@ async fn submit_builds(
             notify: vec![],
             sign: false,
             provenance: Default::default(),
+            cache_to: None,
+            cache_from: vec![],
         };
         let tag_base = format!("{registry}/{repo}:{prefix}");
         workers.spawn(async move {

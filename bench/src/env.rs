@@ -129,11 +129,21 @@ impl Env {
 
     /// Starts a coordinator on 127.0.0.1:random with its own state directory; returns its address.
     pub fn start_coordinator(&mut self, name: &str) -> Result<String> {
+        self.start_coordinator_with(name, None)
+    }
+
+    /// As [`Env::start_coordinator`], reading `config` (TOML) if given.
+    pub fn start_coordinator_with(&mut self, name: &str, config: Option<&str>) -> Result<String> {
         let port = UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
         let listen = format!("127.0.0.1:{port}");
         let state = self.root.join(name);
         let mut cmd = Command::new(&self.farm_bin);
         cmd.args(["coordinator", "--listen", &listen, "--ca-dir", path(&self.ca_dir), "--state-dir", path(&state)]);
+        if let Some(text) = config {
+            let file = self.root.join(format!("{name}.toml"));
+            std::fs::write(&file, text)?;
+            cmd.arg("--config").arg(&file);
+        }
         self.isolate(&mut cmd);
         cmd.env("FARM_LOG", "info");
         let mut svc = Service::spawn(name, &mut cmd)?;

@@ -9,6 +9,7 @@
 //! - [`sync`]: context upload against a plain quinn stream (rows 6-7);
 //! - [`control`]: 1,000 scripted agents, dispatch latency, coordinator RSS and CPU; a real
 //!   agent's idle RSS (rows 8-13);
+//! - [`regcache`]: a cold agent with the layer cache shared through the registry (rows 16a-16b);
 //! - [`events`]: reading `farm build --progress json` back into phases;
 //! - [`report`]: medians, goals, the table and the JSON; [`procs`], [`env`]: processes and the
 //!   bench's own world.
@@ -19,6 +20,7 @@ mod env;
 mod events;
 mod procs;
 mod push;
+mod regcache;
 mod report;
 mod sync;
 
@@ -71,6 +73,8 @@ enum Group {
     Control,
     /// Rows 15-16: a 1 GiB four-layer image pushed by farm and by skopeo; a second push sharing layers
     Push,
+    /// Rows 16a-16b: a second, cold agent with the layer cache shared through the registry
+    Regcache,
 }
 
 #[derive(clap::Args)]
@@ -167,7 +171,7 @@ fn all(args: AllArgs) -> Result<()> {
     let farm_bin = args.farm.clone().unwrap_or_else(|| exe.with_file_name("farm"));
     let repo = args.repo.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".."));
     let groups: BTreeSet<Group> = if args.only.is_empty() {
-        [Group::Builds, Group::Agent, Group::Sync, Group::Control, Group::Push].into()
+        [Group::Builds, Group::Agent, Group::Sync, Group::Control, Group::Push, Group::Regcache].into()
     } else {
         args.only.iter().copied().collect()
     };
@@ -241,7 +245,7 @@ async fn run(env: &mut Env, groups: &BTreeSet<Group>, sizes: &Sizes, exe: &Path)
     let registry = env.start_registry()?;
     eprintln!("farm-bench: registry on {registry}; pushing the busybox fixture");
     let base = env.seed_busybox("busybox:latest")?;
-    let needs_farm = groups.iter().any(|g| !matches!(g, Group::Control | Group::Push));
+    let needs_farm = groups.iter().any(|g| !matches!(g, Group::Control | Group::Push | Group::Regcache));
     let coordinator = if needs_farm { Some(env.start_coordinator("coordinator")?) } else { None };
 
     if groups.contains(&Group::Builds) {
@@ -293,6 +297,10 @@ async fn run(env: &mut Env, groups: &BTreeSet<Group>, sizes: &Sizes, exe: &Path)
         rows.push(sync::small_change(env, &c, &addr, sizes.reps, sizes.many_files).await);
         sink.stop(Duration::from_secs(5));
     }
+    procs::check_interrupted()?;
+    if groups.contains(&Group::Regcache) {
+        rows.extend(regcache::rows(env, &base, sizes.workload_n, sizes.reps, sizes.warm_up).await);
+    }
     if coordinator.is_some() {
         env.stop_service("coordinator");
     }
@@ -326,7 +334,7 @@ fn preflight(farm: &Path, repo: &Path, groups: &BTreeSet<Group>) -> Result<()> {
     if !procs::have_tool("buildah") {
         bail!("buildah is not installed: {fix}");
     }
-    if groups.contains(&Group::Builds) {
+    if groups.contains(&Group::Builds) || groups.contains(&Group::Regcache) {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             bail!("the build rows run buildah with its own storage as farm's agents do: run as root");

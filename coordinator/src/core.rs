@@ -18,6 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 use shared::annotation::{self, AnnotationKind};
+use shared::cache::CacheRef;
 use shared::oci::{Descriptor, ImageRef};
 use shared::proto::ProvenanceMode;
 use shared::proto::{
@@ -235,6 +236,9 @@ pub struct Core {
     grace_ms: u64,
     max_attempts: u32,
     limits: Limits,
+    /// The coordinator's `cache_repo`: every build's layer cache, per platform, unless the build
+    /// names its own (`--cache-to` / `--cache-from`).
+    cache_repo: Option<CacheRef>,
     actions: VecDeque<Action>,
     dirty_builds: BTreeSet<String>,
     dirty_tasks: BTreeSet<TaskId>,
@@ -246,6 +250,25 @@ pub struct Core {
     /// This coordinator's certificate name, and each agent's certificate digest (provenance).
     identity: String,
     certificates: HashMap<String, String>,
+}
+
+/// The repositories one platform's layer cache is exported to and imported from: the build's
+/// `--cache-to` / `--cache-from`, else the coordinator's `cache_repo` (for both), each below its
+/// reference in a repository of the platform's own ([`CacheRef::for_platform`]). `--no-cache`
+/// imports nothing (the fresh layers are still exported).
+pub fn cache_for(spec: &BuildSpec, default: Option<&CacheRef>, platform: &Platform) -> (Option<String>, Vec<String>) {
+    let parse = |r: &String| CacheRef::parse_ref(r, "cache").ok();
+    let to = spec.cache_to.as_ref().and_then(parse).or_else(|| default.cloned());
+    let mut from: Vec<CacheRef> = spec.cache_from.iter().filter_map(parse).collect();
+    if from.is_empty() {
+        from.extend(default.cloned());
+    }
+    if spec.no_cache {
+        from.clear();
+    }
+    let mut from: Vec<String> = from.iter().map(|c| c.for_platform(platform)).collect();
+    from.dedup();
+    (to.map(|c| c.for_platform(platform)), from)
 }
 
 /// Ended builds kept in memory: as many as `farm builds` can list at once.
@@ -268,6 +291,8 @@ pub enum SubmitError {
     SignWithoutRegistry,
     #[error("{what} is {got}, over the limit of {limit} (config key {key})")]
     Limit { what: String, got: usize, limit: usize, key: &'static str },
+    #[error("{0}")]
+    BadCache(String),
 }
 
 impl Core {
@@ -285,6 +310,7 @@ impl Core {
             grace_ms: heartbeat_timeout_ms,
             max_attempts: max_attempts.max(1),
             limits: Limits::default(),
+            cache_repo: None,
             actions: VecDeque::new(),
             dirty_builds: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
@@ -349,6 +375,12 @@ impl Core {
 
     pub fn with_limits(mut self, limits: Limits) -> Self {
         self.limits = limits;
+        self
+    }
+
+    /// The `cache_repo` every build's platforms import and export their layer cache under.
+    pub fn with_cache_repo(mut self, cache_repo: Option<CacheRef>) -> Self {
+        self.cache_repo = cache_repo;
         self
     }
 
@@ -656,6 +688,11 @@ impl Core {
         ];
         if let Some((what, got, limit, key)) = checks.into_iter().find(|(_, got, limit, _)| got > limit) {
             return Err(SubmitError::Limit { what, got, limit, key });
+        }
+        for (flag, r) in
+            spec.cache_to.iter().map(|r| ("--cache-to", r)).chain(spec.cache_from.iter().map(|r| ("--cache-from", r)))
+        {
+            CacheRef::parse_ref(r, flag).map_err(|e| SubmitError::BadCache(e.to_string()))?;
         }
         let tags: Vec<ImageRef> = spec
             .tags
@@ -1166,6 +1203,7 @@ impl Core {
                         let held = (now, t.platform.clone(), b.spec.context.clone(), emulated);
                         holding.entry(agent.clone()).or_default().push(held);
                     }
+                    let (cache_to, cache_from) = cache_for(&b.spec, self.cache_repo.as_ref(), &t.platform);
                     let assignment = Assignment {
                         task: id,
                         attempt: t.attempt,
@@ -1191,6 +1229,8 @@ impl Core {
                         labels: b.spec.labels.clone(),
                         ssh: b.spec.ssh.clone(),
                         inputs: b.spec.inputs.clone(),
+                        cache_to,
+                        cache_from,
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

@@ -207,7 +207,8 @@ impl Driver {
     ) -> Result<Self, StoreError> {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
             .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() })
-            .with_identity(shared::tls::COORDINATOR_NAME);
+            .with_identity(shared::tls::COORDINATOR_NAME)
+            .with_cache_repo(config.cache_repo.clone());
         let loaded = store.load()?;
         let (builds, tasks) = (loaded.builds.len(), loaded.tasks.len());
         core.recover(now_ms(), loaded);

@@ -56,6 +56,9 @@ pub struct Config {
     /// Sign every index pushed (`sign = true`), as `farm build --sign` asks for one build. Needs
     /// `signing.key` in `ca_dir`.
     pub sign: bool,
+    /// `cache_repo`: every build's layer cache goes to the registry under it, per platform,
+    /// unless the build names its own with `--cache-to` / `--cache-from`.
+    pub cache_repo: Option<shared::cache::CacheRef>,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -78,6 +81,7 @@ impl Config {
             webhooks: vec![],
             notify_secret: None,
             sign: false,
+            cache_repo: None,
         }
     }
 }

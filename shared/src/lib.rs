@@ -1,6 +1,7 @@
 //! The common ground of farm: everything the coordinator, the agents and the CLI must agree on.
 //!
 //! - [`annotation`]: `--annotation` and `--label` as buildx spells them, and the stitched index.
+//! - [`cache`]: the layer cache shared through a registry (`--cache-to`/`--cache-from`, `cache_repo`).
 //! - [`platform`]: OCI platforms (`linux/arm/v7`), parsed and normalised once, so that every side
 //!   compares the same canonical values.
 //! - [`host`]: what this machine runs natively and what it can emulate (pure parsers over uname,
@@ -24,6 +25,7 @@
 //! processes.
 
 pub mod annotation;
+pub mod cache;
 pub mod client;
 pub mod context;
 pub mod cosign;

@@ -110,6 +110,14 @@ pub struct PushReport {
     pub restarted: u32,
 }
 
+/// A containers auth file (`buildah --authfile`) holding `credentials` for `registry`
+/// (host[:port]) only.
+pub fn auth_file(registry: &str, credentials: &Credentials) -> String {
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", credentials.username, credentials.password));
+    serde_json::json!({ "auths": { registry: { "auth": auth } } }).to_string()
+}
+
 /// The name of the file [`docker_config_credentials`] errors are attributed to when the caller did not
 /// read it from a file.
 const CONFIG_JSON: &str = "docker config.json";
@@ -1046,6 +1054,14 @@ mod tests {
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
+    }
+
+    #[test]
+    fn an_auth_file_holds_one_registry() {
+        let c = Credentials { username: "u".into(), password: "p:w".into() };
+        let text = auth_file("reg.lan:5000", &c);
+        assert_eq!(docker_config_credentials(&text, "reg.lan:5000").unwrap(), Some(c));
+        assert_eq!(text, format!("{{\"auths\":{{\"reg.lan:5000\":{{\"auth\":\"{}\"}}}}}}", b64("u:p:w")));
     }
 
     fn creds(u: &str, p: &str) -> Option<Credentials> {

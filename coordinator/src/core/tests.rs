@@ -50,6 +50,8 @@ fn spec(platforms: &[&str]) -> BuildSpec {
         sign: false,
         // Off here: the tests below compare index bytes; provenance has its own tests.
         provenance: shared::proto::ProvenanceMode::Off,
+        cache_to: None,
+        cache_from: vec![],
     }
 }
 
@@ -823,4 +825,40 @@ fn provenance_names_agent_certificate_and_mode_and_a_cached_platform_keeps_its_m
     let out = drain(&mut core);
     assert_eq!(oci::parse_index(&out.stitched[0]).unwrap().len(), 1);
     assert!(core.statements("b3").is_empty());
+}
+
+#[test]
+fn each_platform_gets_its_own_cache_repository_from_the_build_or_the_coordinator() {
+    use shared::cache::CacheRef;
+    let default = CacheRef::parse_ref("reg.lan:5000/farm-cache", "cache_repo").unwrap();
+    let arm: Platform = "linux/arm/v7".parse().unwrap();
+    let mut s = spec(&["linux/arm/v7"]);
+    assert_eq!(super::cache_for(&s, None, &arm), (None, vec![]));
+    assert_eq!(
+        super::cache_for(&s, Some(&default), &arm),
+        (Some("reg.lan:5000/farm-cache/linux-arm-v7".into()), vec!["reg.lan:5000/farm-cache/linux-arm-v7".into()])
+    );
+    s.cache_to = Some("reg.lan:5000/app-cache:main".into());
+    s.cache_from = vec!["reg.lan:5000/app-cache:main".into(), "reg.lan:5000/other".into()];
+    assert_eq!(
+        super::cache_for(&s, Some(&default), &arm),
+        (
+            Some("reg.lan:5000/app-cache/main/linux-arm-v7".into()),
+            vec!["reg.lan:5000/app-cache/main/linux-arm-v7".into(), "reg.lan:5000/other/linux-arm-v7".into()]
+        )
+    );
+    s.no_cache = true;
+    assert_eq!(super::cache_for(&s, Some(&default), &arm).1, Vec::<String>::new());
+}
+
+#[test]
+fn a_bad_cache_reference_is_refused_at_submission() {
+    let mut core = Core::new(3000, 3);
+    let mut s = spec(&["linux/amd64"]);
+    s.cache_from = vec!["no-registry".into()];
+    let e = core.submit(0, "b1", "alice", s, None).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "--cache-from no-registry: names no registry; name yours, e.g. registry.lan:5000/no-registry"
+    );
 }

@@ -10,9 +10,10 @@ use super::ProtoError;
 /// `Assignment` and `AgentInfo` gained entitlements. 4: a build without tags (and an assignment
 /// with an empty repository) means "push nothing: results to the coordinator". 5: `BuildSpec` and
 /// `Assignment` gained annotations and labels; `TaskView` the manifest and duration; `Assignment`
-/// carries the coordinator's context limits; `BuildSpec` and `Assignment` gained `ssh` (ids) and
-/// `inputs` (named contexts, `--pull`, `--network none`, `--add-host`); `Request::SshForward`
-/// relays `RUN --mount=type=ssh`. 6: `BuildSpec` gained `sign`, `notify` and `provenance`.
+/// carries the coordinator's context limits; `BuildSpec` and `Assignment` gained `ssh` (ids),
+/// `inputs` (named contexts, `--pull`, `--network none`, `--add-host`), `cache_to` and
+/// `cache_from` (the layer cache shared through a registry); `Request::SshForward` relays `RUN
+/// --mount=type=ssh`. 6: `BuildSpec` gained `sign`, `notify` and `provenance`.
 pub const PROTOCOL_VERSION: u32 = 6;
 
 const MAGIC: [u8; 4] = *b"FARM";

@@ -205,6 +205,13 @@ pub struct BuildSpec {
     pub sign: bool,
     /// `--provenance`: SLSA provenance attached to each platform (default: `min`).
     pub provenance: ProvenanceMode,
+    /// `--cache-to type=registry,ref=REF`: `REGISTRY/REPOSITORY[:TAG]` (a
+    /// [`crate::cache::CacheRef`]); each platform exports its layer cache below it. None: the
+    /// coordinator's `cache_repo`, if it names one.
+    pub cache_to: Option<String>,
+    /// `--cache-from`: references as `cache_to`, imported from in order. Empty: the coordinator's
+    /// `cache_repo`, if it names one.
+    pub cache_from: Vec<String>,
 }
 
 /// `--provenance`: whether each platform gets a SLSA provenance attestation, and how much it
@@ -289,6 +296,11 @@ pub struct Assignment {
     /// `--build-context`, `--pull`, `--network none`, `--add-host`: what the build reads beyond its
     /// context and how its RUN steps see the network.
     pub inputs: Inputs,
+    /// The repository (no tag) this platform's layer cache is exported to (buildah
+    /// `--cache-to`): the build's or the coordinator's cache reference, per platform.
+    pub cache_to: Option<String>,
+    /// The repositories this platform's layer cache is imported from, in order.
+    pub cache_from: Vec<String>,
 }
 
 /// How big a context may be: the coordinator's configuration, as sent to agents.

@@ -30,6 +30,8 @@ fn spec(mode: ProvenanceMode) -> BuildSpec {
         provenance: mode,
         notify: vec![],
         sign: false,
+        cache_to: None,
+        cache_from: vec![],
     }
 }
 
