@@ -68,11 +68,12 @@ install_prometheus() {
 }
 
 # Debian 13 (trixie) packages that install on Debian 12 as they are (they depend only on libc6 >=
-# 2.34): cosign, which the signing tests verify farm's signatures with. Only these packages come
+# 2.34): cosign and oras, which the signing tests verify farm's signatures and referrers with.
+# Only these packages come
 # from trixie: its package list is read into a private apt directory (the system's sources and
 # lists are untouched), `apt-get download` fetches the .deb and dpkg installs it, so nothing else
 # on the machine is upgraded. Already installed at a 2.x version: left alone.
-TRIXIE_TOOLS=(cosign)
+TRIXIE_TOOLS=(cosign oras)
 install_trixie_tools() {
   local missing=() p
   for p in "${TRIXIE_TOOLS[@]}"; do

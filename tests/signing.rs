@@ -3,6 +3,9 @@
 //! public-key` prints, and no other; an in-toto statement attached with
 //! `shared::signing::attest` passes `cosign verify-attestation --type slsaprovenance1`; the
 //! private key's bytes are in no log, no file outside the CA directory and no registry blob.
+//! A three-platform build on two agents (arm64 native by config on one, arm/v7 emulated on the
+//! x86_64 one) carries provenance that names each platform's agent and mode, found by `oras
+//! discover` through the referrers fallback tags; `buildah pull --platform` still gets each image.
 
 mod common;
 
@@ -52,11 +55,13 @@ fn statement(name: &str, digest: &shared::Digest, builder: &str) -> Vec<u8> {
 #[test]
 fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
     require_tool("cosign");
+    require_tool("oras");
     require_tool("buildah");
     let registry = Registry::start();
     let base = registry.seed_busybox();
     let mut farm = Farm::start(3);
     farm.agent("x86", &["--capacity", "2"]);
+    farm.agent("pi64", &["--native", "linux/arm64", "--emulated", "none"]);
     let ctx = example("hello", farm.tmp.path());
     let ca = farm.ca.path().to_string();
 
@@ -90,10 +95,10 @@ fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
         "{err}"
     );
 
-    // The signed build: two platforms, one agent (arm64 under QEMU).
+    // The signed build: three platforms, two agents (arm64 native on pi64, arm/v7 emulated on x86).
     let mut args = farm.client_args();
     args.push("--sign".into());
-    args.extend(registry.build_flags(&base, "linux/amd64,linux/arm64", "signed:1", &ctx));
+    args.extend(registry.build_flags(&base, "linux/amd64,linux/arm64,linux/arm/v7", "signed:1", &ctx));
     let (ok, out, err) = build(&args);
     assert!(ok, "{out}\n{err}");
     let reference = format!("{}/signed:1", registry.addr);
@@ -148,16 +153,73 @@ fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
             })
             .collect()
     };
-    for image in &images {
+    let (base_digest, _, _) = read_image(&registry, &base);
+    let expected = [("linux/amd64", "x86", false), ("linux/arm64", "pi64", false), ("linux/arm/v7", "x86", true)];
+    assert_eq!(images.len(), 3);
+    for (image, (platform, agent, emulated)) in images.iter().zip(expected) {
+        assert_eq!(image.platform, platform);
         let statements = verify_attestation(&image.digest);
         assert_eq!(statements.len(), 1, "{statements:?}");
         let s = &statements[0];
         assert_eq!(s["predicateType"], SLSA_V1);
         assert_eq!(s["subject"][0]["digest"]["sha256"], image.digest.hex());
-        assert_eq!(s["predicate"]["runDetails"]["builder"]["id"], "farm://coordinator/agents/x86");
-        let emulated = image.platform == "linux/arm64";
-        assert_eq!(s["predicate"]["buildDefinition"]["internalParameters"]["emulated"], emulated, "{s}");
+        assert_eq!(s["predicate"]["runDetails"]["builder"]["id"], format!("farm://coordinator/agents/{agent}"));
+        let internal = &s["predicate"]["buildDefinition"]["internalParameters"];
+        assert_eq!(internal["emulated"], emulated, "{platform}: {s}");
+        let deps = s["predicate"]["buildDefinition"]["resolvedDependencies"].as_array().unwrap();
+        assert!(
+            deps.iter().any(|d| d["digest"]["sha256"] == base_digest.hex()),
+            "{platform}: the base image {base_digest} is not among {deps:?}"
+        );
+        println!(
+            "{platform}: {} ({})",
+            s["predicate"]["runDetails"]["builder"]["id"],
+            if emulated { "emulated" } else { "native" }
+        );
+
+        // oras finds the provenance artifact through the referrers fallback tag.
+        let subject = format!("{}@{}", repo.name(), image.digest);
+        let out = Command::new("oras")
+            .args([
+                "discover",
+                "--plain-http",
+                "--distribution-spec",
+                "v1.1-referrers-tag",
+                "--format",
+                "json",
+                &subject,
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "oras discover {subject}: {}", text(&out));
+        let found: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let kinds: Vec<&str> =
+            found["manifests"].as_array().unwrap().iter().filter_map(|m| m["artifactType"].as_str()).collect();
+        assert_eq!(kinds, ["application/vnd.in-toto+json"], "{found}");
     }
+
+    // A client pulling one platform still gets that platform's image, and it runs.
+    let store = tempfile::tempdir().unwrap();
+    let conf = store.path().join("storage.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            store.path().join("graph").display(),
+            store.path().join("run").display()
+        ),
+    )
+    .unwrap();
+    let buildah = |args: &[&str]| {
+        let out = Command::new("buildah").args(args).env("CONTAINERS_STORAGE_CONF", &conf).output().unwrap();
+        assert!(out.status.success(), "buildah {args:?}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    buildah(&["pull", "--quiet", "--tls-verify=false", "--platform", "linux/arm/v7", &reference]);
+    let ctr = buildah(&["from", "--pull-never", "--platform", "linux/arm/v7", &reference]);
+    assert_eq!(buildah(&["run", "--isolation", "chroot", &ctr, "uname", "-m"]), "armv7l");
+    buildah(&["rm", &ctr]);
+    buildah(&["rmi", "--all", "--force"]);
 
     // attest() appends another statement to the same attestation image; the same one again is not.
     let arm64 = images.iter().find(|i| i.platform == "linux/arm64").unwrap();
