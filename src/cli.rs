@@ -95,6 +95,10 @@ pub struct InspectArgs {
     /// A registry to reach over plain HTTP, HOST:PORT (repeatable); all others use HTTPS
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     pub insecure_registries: Vec<String>,
+    /// Check the image's cosign signature with this public key (`farm signing public-key`
+    /// prints the farm's): verified, unsigned or NOT verified
+    #[arg(long, value_name = "PUBLIC_KEY_FILE")]
+    pub key: Option<std::path::PathBuf>,
 }
 
 #[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]

@@ -19,8 +19,18 @@ pub async fn inspect(args: InspectArgs) -> Result<()> {
     insecure.extend(args.insecure_registries.iter().cloned());
     let credentials = load_docker_credentials(&r.registry)
         .with_context(|| format!("reading registry credentials for {}", r.registry))?;
+    let key = match &args.key {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("--key {}: cannot read the public key file", path.display()))?,
+        ),
+        None => None,
+    };
     let registry = Registry::new(&insecure, credentials);
     let mut found = imagetools::inspect(&registry, &r).await?;
+    if let Some(pem) = &key {
+        found.signature = Some(imagetools::check_signature(&registry, &r, &found.digest, pem).await);
+    }
 
     // What farm knows: only if a coordinator is configured or answers here; silence otherwise.
     let target = crate::target(&args.client, file);

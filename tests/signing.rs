@@ -121,6 +121,20 @@ fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
     assert_eq!(verified[0]["critical"]["identity"]["docker-reference"], format!("{}/signed", registry.addr));
     assert_eq!(verified[0]["critical"]["type"], "cosign container image signature");
 
+    // farm imagetools inspect says, per platform, which agent built it and how, and that the
+    // signature verifies with the key (and not with another farm's, below).
+    let inspect = |key: &Path| {
+        let mut a = vec!["imagetools".to_string(), "inspect".into(), reference.clone()];
+        a.extend(["--insecure-registry".into(), registry.addr.clone(), "--key".into(), key.display().to_string()]);
+        a.extend(farm.client_args());
+        farm_ok(&a.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let shown = inspect(&pub_file);
+    assert!(shown.lines().any(|l| l == "Signature: verified"), "{shown}");
+    for needle in ["native on x86", "native on pi64", "emulated on x86"] {
+        assert!(shown.contains(needle), "{needle} not in:\n{shown}");
+    }
+
     // Another farm's key does not verify it.
     let other = farm.tmp.path().join("other-ca");
     farm_ok(&["ca", "init", "--dir", other.to_str().unwrap()]);
@@ -132,6 +146,11 @@ fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
     let out = cosign(&wrong);
     assert!(!out.status.success(), "another key verified the signature: {}", text(&out));
     assert!(text(&out).contains("no matching signatures"), "{}", text(&out));
+    let shown = inspect(&other_pub);
+    assert!(
+        shown.lines().any(|l| l == "Signature: NOT verified: no signature of this digest verifies with the key"),
+        "{shown}"
+    );
 
     // Each platform's SLSA provenance was signed as a cosign attestation by the coordinator:
     // cosign verify-attestation finds exactly that statement, for that platform only.

@@ -31,6 +31,9 @@ pub struct Inspection {
     pub farm: Option<FarmBuild>,
     /// One per platform: the index's entries, or the single manifest itself.
     pub manifests: Vec<Entry>,
+    /// With `--key`: whether a cosign signature of this digest verifies with that key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
 }
 
 /// One platform's image manifest.
@@ -132,7 +135,16 @@ pub async fn inspect(registry: &Registry, r: &ImageRef) -> Result<Inspection, In
             farm: None,
         });
     }
-    Ok(Inspection { name, media_type, digest, size: bytes.len() as u64, annotations: own, farm: None, manifests })
+    Ok(Inspection {
+        name,
+        media_type,
+        digest,
+        size: bytes.len() as u64,
+        annotations: own,
+        farm: None,
+        manifests,
+        signature: None,
+    })
 }
 
 /// The platform as farm spells it where farm knows it (`linux/arm64/v8` is `linux/arm64`), else
@@ -198,6 +210,33 @@ pub fn utc(ms: u64) -> String {
     }
 }
 
+/// Whether the image (its index or manifest digest) carries a cosign signature, under
+/// `sha256-<hex>.sig` in its repository, that `public_key_pem` verifies and that names this
+/// digest: `verified`, `unsigned`, or `NOT verified: <why>`.
+pub async fn check_signature(registry: &Registry, r: &ImageRef, digest: &Digest, public_key_pem: &str) -> String {
+    let tag = r.with_tag(&crate::cosign::tag_for(digest, crate::cosign::SIG_SUFFIX));
+    let Ok((manifest, _, _)) = registry.fetch_manifest(&tag).await else { return "unsigned".into() };
+    let layers = match crate::cosign::parse_layers(&manifest) {
+        Ok(l) => l,
+        Err(e) => return format!("NOT verified: {tag} is not a cosign signature image ({e})"),
+    };
+    for layer in layers.iter().filter(|l| l.media_type == crate::cosign::SIMPLE_SIGNING) {
+        use base64::Engine as _;
+        let Some(sig) = layer.annotations.get(crate::cosign::SIGNATURE_ANNOTATION) else { continue };
+        let Ok(sig) = base64::engine::general_purpose::STANDARD.decode(sig) else { continue };
+        let Ok(payload) = registry.fetch_blob(r, &layer.digest).await else { continue };
+        let names: Option<String> = serde_json::from_slice::<Value>(&payload)
+            .ok()
+            .and_then(|p| p["critical"]["image"]["docker-manifest-digest"].as_str().map(String::from));
+        if names.as_deref() == Some(digest.as_str())
+            && crate::cosign::verify(public_key_pem, &payload, &sig).unwrap_or(false)
+        {
+            return "verified".into();
+        }
+    }
+    "NOT verified: no signature of this digest verifies with the key".into()
+}
+
 /// As `docker buildx imagetools inspect` prints it, plus sizes, annotations and farm's part.
 pub fn text(i: &Inspection) -> String {
     let mut out = String::new();
@@ -208,6 +247,9 @@ pub fn text(i: &Inspection) -> String {
     line("", "Size", &i.size.to_string());
     if let Some(f) = &i.farm {
         line("", "Farm", &format!("build {} ({})", f.build, utc(f.created_ms)));
+    }
+    if let Some(s) = &i.signature {
+        line("", "Signature", s);
     }
     let annotations = |out: &mut String, indent: &str, title: &str, a: &BTreeMap<String, String>| {
         if !a.is_empty() {
@@ -305,6 +347,7 @@ mod tests {
                 .into(),
             farm: None,
             manifests: vec![entry(d('a'), "linux/amd64"), entry(d('b'), "linux/arm64"), entry(d('c'), "linux/arm/v7")],
+            signature: None,
         };
         // Newest first: a rebuild answered from the cache, then the build that made them.
         let builds = vec![
