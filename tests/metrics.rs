@@ -94,14 +94,16 @@ fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build()
     let mut farm = Farm::start(3);
     let metrics = format!("127.0.0.1:{}", free_tcp_port());
     let config = farm.tmp.path().join("coordinator.toml");
-    // The configured webhook fails once (and is retried); the build's own --notify URL does not.
+    // The configured webhook fails once (and is retried); the build's own --notify URL does not;
+    // a second configured one is down throughout (builds go on regardless).
     let (hook, hooked) = receiver(1);
+    let down = free_tcp_port();
     let (own, owned) = receiver(0);
     std::fs::write(
         &config,
         format!(
             "metrics_listen = \"{metrics}\"\nnotify_secret = \"per-build\"\n[[webhooks]]\nurl = \"{hook}\"\nsecret = \
-             \"s3cret\"\n"
+             \"s3cret\"\n[[webhooks]]\nurl = \"http://127.0.0.1:{down}/nobody-listens\"\n"
         ),
     )
     .unwrap();
@@ -229,4 +231,27 @@ fn prometheus_scrapes_the_coordinator_s_metrics_and_webhooks_hear_of_the_build()
         !series.contains("metrics:1") && !series.contains("\"build\":") && !series.contains("\"tag\":"),
         "a build id or tag became a label"
     );
+
+    // A build under way while the coordinator restarts: its notice still comes, once.
+    let slow = farm.tmp.path().join("slow");
+    std::fs::create_dir_all(&slow).unwrap();
+    std::fs::write(slow.join("Dockerfile"), "ARG BASE\nFROM $BASE\nRUN sleep 4 && echo done > /done\n").unwrap();
+    let mut args = farm.client_args();
+    args.extend(registry.build_flags(&base, "linux/amd64", "slow:1", &slow));
+    let id = submit(&args);
+    wait_until("the slow build to run", Duration::from_secs(60), || {
+        farm.builds()
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["id"] == id)
+            .and_then(|b| (b["platforms"][0]["state"] == "running").then_some(()))
+    });
+    farm.restart_coordinator_env(&[("FARM_CONFIG", config.to_str().unwrap())]);
+    assert_eq!(farm.wait_build_end(&id, Duration::from_secs(120))["state"], "succeeded");
+    let got = hooked.recv_timeout(Duration::from_secs(30)).expect("a notice after the restart");
+    assert_eq!(got.headers["x-farm-signature-256"], hmac_hex("s3cret", &got.body));
+    let notice: serde_json::Value = serde_json::from_slice(&got.body).unwrap();
+    assert_eq!((notice["id"].as_str(), notice["result"].as_str()), (Some(id.as_str()), Some("succeeded")));
+    assert!(hooked.recv_timeout(Duration::from_secs(2)).is_err(), "a second notice for one build");
 }
