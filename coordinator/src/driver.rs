@@ -18,7 +18,7 @@
 //! agent hearing of it.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use shared::proto::{AgentInfo, AgentMsg, BuildEvent, BuildSpec, CoordMsg, Request, Response};
 use shared::registry::RegistryPool;
@@ -181,8 +181,10 @@ fn pem(label: &str, der: &[u8]) -> String {
     out + &format!("-----END {label}-----\n")
 }
 
+/// Now, for the core: monotonic (see [`crate::clock`]), so that a stepped wall clock moves no
+/// deadline.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    crate::clock::now_ms()
 }
 
 /// A short random build id, unique enough to name builds across restarts.

@@ -12,6 +12,7 @@
 //! Entry point: [`Coordinator::bind`] then [`Coordinator::run`] with a shutdown future, as in
 //! mini-redis, so the binary, the tests and the embedded single-machine mode all start it alike.
 
+pub mod clock;
 pub mod core;
 pub mod driver;
 pub mod enroll;

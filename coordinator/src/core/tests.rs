@@ -862,3 +862,24 @@ fn a_bad_cache_reference_is_refused_at_submission() {
         "--cache-from no-registry: names no registry; name yours, e.g. registry.lan:5000/no-registry"
     );
 }
+
+#[test]
+fn a_wall_clock_jump_of_an_hour_expires_no_agent() {
+    use std::time::{Duration, Instant};
+    // The driver reads time from crate::clock: monotonic after one wall-clock reading at start.
+    let start = Instant::now();
+    let clock = crate::clock::Clock::anchored(1_000_000, start);
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(clock.at(start), "pi", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    // Heartbeats every 5 s for a minute while the wall clock is stepped an hour ahead, which the
+    // clock never reads again: no deadline moves, the agent stays online.
+    for s in (5..=60).step_by(5) {
+        let now = clock.at(start + Duration::from_secs(s));
+        core.agent_msg(now, "pi", 1, AgentMsg::Heartbeat(Heartbeat { busy: 0 }));
+        core.handle_timeout(now);
+    }
+    assert_eq!(core.agents()[0].state, shared::proto::AgentState::Online);
+    // What a wall-clock reading an hour ahead would have done: every agent expired at once.
+    core.handle_timeout(clock.at(start + Duration::from_secs(60)) + 3_600_000);
+    assert_eq!(core.agents()[0].state, shared::proto::AgentState::Offline);
+}
