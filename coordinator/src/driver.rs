@@ -20,105 +20,24 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use shared::proto::{AgentInfo, AgentMsg, BuildEvent, BuildSpec, CoordMsg, Request, Response};
+use shared::proto::{BuildEvent, Request, Response};
 use shared::registry::RegistryPool;
 use shared::tls::Identity;
-use shared::{Digest, Platform};
+use shared::Platform;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Action, BuildState, Core};
 use crate::enroll::Security;
+use crate::events::{Event, LogSink, Outbound};
 use crate::fleet::ConnId;
+use crate::gate::Gate;
 use crate::logs::Logs;
-use crate::net::Gate;
 use crate::store::{Batch, Store, StoreError};
 use shared::tls::{CertAuthority, JoinToken, Role};
 use std::sync::Arc;
 
-/// What the driver tells a connection task to do.
-#[derive(Debug)]
-pub enum Outbound {
-    Send(CoordMsg),
-    Close(String),
-}
-
 /// At most this many queued events are handled before their changes are committed together.
 const GROUP_COMMIT_EVENTS: usize = 256;
-
-pub type LogSink = mpsc::UnboundedSender<(Platform, String)>;
-
-#[derive(Debug)]
-pub enum Event {
-    AgentUp {
-        name: String,
-        conn: ConnId,
-        address: String,
-        info: AgentInfo,
-        /// `sha256:<hex>` of the agent's certificate, for provenance.
-        certificate: Option<String>,
-        link: mpsc::UnboundedSender<Outbound>,
-    },
-    Agent {
-        name: String,
-        conn: ConnId,
-        msg: AgentMsg,
-    },
-    AgentDown {
-        name: String,
-        conn: ConnId,
-    },
-    Request {
-        peer: Identity,
-        req: Request,
-        reply: oneshot::Sender<Response>,
-    },
-    /// A build to accept; its events go to `events` until it ends.
-    Submit {
-        peer: Identity,
-        spec: Box<BuildSpec>,
-        /// Base images resolved to digests at submission (`None`: the result cache is not used).
-        bases: Option<Vec<(String, Digest)>>,
-        /// The Dockerfile's digest (and text) and the bases, for provenance.
-        source: shared::provenance::Source,
-        events: mpsc::UnboundedSender<BuildEvent>,
-        reply: oneshot::Sender<Result<String, String>>,
-    },
-    /// Follow an existing build's events.
-    Follow {
-        build: String,
-        events: mpsc::UnboundedSender<BuildEvent>,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    /// Stored log lines, then live ones if `follow`; the sink is dropped when there are no more.
-    Logs {
-        build: String,
-        platform: Option<Platform>,
-        follow: bool,
-        sink: LogSink,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Stitched {
-        build: String,
-        result: Result<Digest, String>,
-        ms: u64,
-    },
-    Join {
-        token_id: String,
-        secret: String,
-        name: String,
-        csr: Vec<u8>,
-        role: Role,
-        reply: oneshot::Sender<Response>,
-    },
-    CacheChecked {
-        task: shared::proto::TaskId,
-        present: bool,
-    },
-    /// A metrics scrape: what the core holds now.
-    Metrics {
-        reply: oneshot::Sender<crate::metrics::Snapshot>,
-    },
-}
 
 /// What a turn produced that may only happen once the turn's changes are on disk.
 #[derive(Default)]

@@ -16,7 +16,9 @@ pub mod clock;
 pub mod core;
 pub mod driver;
 pub mod enroll;
+pub mod events;
 pub mod fleet;
+pub mod gate;
 pub mod logs;
 pub mod metrics;
 pub mod net;
@@ -156,7 +158,7 @@ impl Coordinator {
         let (events, rx) = tokio::sync::mpsc::channel(1024);
         let (tokens, revoked) = self.store.load_security()?;
         let security = enroll::Security::restore(tokens, revoked);
-        let gate = Arc::new(net::Gate::new(security.revoked_names().map(String::from)));
+        let gate = Arc::new(gate::Gate::new(security.revoked_names().map(String::from)));
         let ca = match tls::CertAuthority::open(&self.config.ca_dir) {
             Ok(ca) => Some(ca),
             Err(TlsError::NoCaKey { .. }) => None,

@@ -321,7 +321,7 @@ impl Metrics {
 pub async fn serve(
     listener: tokio::net::TcpListener,
     metrics: std::sync::Arc<Metrics>,
-    events: tokio::sync::mpsc::Sender<crate::driver::Event>,
+    events: tokio::sync::mpsc::Sender<crate::events::Event>,
 ) {
     use axum::http::{header, StatusCode};
     let scrape = move |headers: axum::http::HeaderMap| {
@@ -332,7 +332,7 @@ pub async fn serve(
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.contains("application/openmetrics-text"));
             let (reply, rx) = tokio::sync::oneshot::channel();
-            if events.send(crate::driver::Event::Metrics { reply }).await.is_err() {
+            if events.send(crate::events::Event::Metrics { reply }).await.is_err() {
                 return Err((StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down"));
             }
             let snap = rx.await.map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down"))?;
