@@ -394,13 +394,13 @@ fn first_hour(w: &mut World) {
     w.check("an unreachable coordinator fails within 5 s", took < Duration::from_secs(5), || format!("{took:?}"));
     w.nothing_done_since("a coordinator address where nothing answers", before);
 
-    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--ssh", "default"], &ctx);
+    let run = w.build(&["--platform", "linux/amd64", "-t", &format!("{reg}/app:1"), "--sbom=true"], &ctx);
     w.check("a buildx flag farm lacks exits 2", run.code == Some(2), || run.tail());
     w.only_error(
         "a buildx flag farm lacks is named, with what to do instead",
         &run,
-        "error: farm build has no --ssh (a docker buildx build flag): farm does not forward SSH agents; use \
-         --secret; `farm build --help` lists its flags",
+        "error: farm build has no --sbom (a docker buildx build flag): farm does not attach SBOMs yet; `farm build \
+         --help` lists its flags",
     );
     w.nothing_done_since("a buildx flag farm lacks", before);
 
