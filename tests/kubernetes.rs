@@ -113,7 +113,10 @@ fn quic_is_served_over_a_udp_service() {
         "the Service must carry port 3276 as UDP (QUIC):\n{text}"
     );
     let sts = read(&base().join("coordinator-statefulset.yaml"));
-    assert!(sts.contains("            - name: quic\n              containerPort: 3276\n              protocol: UDP\n"), "{sts}");
+    assert!(
+        sts.contains("            - name: quic\n              containerPort: 3276\n              protocol: UDP\n"),
+        "{sts}"
+    );
     assert!(sts.contains("prometheus.io/port: \"9376\""), "{sts}");
 }
 
@@ -148,11 +151,18 @@ fn every_privileged_container_says_why_above_it() {
                 continue;
             }
             found += 1;
-            assert_eq!(lines[i - 1].trim(), "securityContext:", "{file}:{}: privileged outside a securityContext", i + 1);
+            assert_eq!(
+                lines[i - 1].trim(),
+                "securityContext:",
+                "{file}:{}: privileged outside a securityContext",
+                i + 1
+            );
             let comment: Vec<&str> =
                 lines[..i - 1].iter().rev().take_while(|l| l.trim_start().starts_with('#')).copied().collect();
             let comment = comment.into_iter().rev().collect::<Vec<_>>().join("\n");
-            for why in ["runc", "namespaces", "cgroup", "honest minimum", "--isolation chroot", "shares the pod's /proc"] {
+            for why in
+                ["runc", "namespaces", "cgroup", "honest minimum", "--isolation chroot", "shares the pod's /proc"]
+            {
                 assert!(
                     comment.contains(why),
                     "{file}:{}: the comment above privileged: true does not say {why:?}:\n{comment}",
