@@ -10,7 +10,8 @@
 # --test-deps  also fetch what farm's tests and quick start need: Debian's busybox-static for
 #              amd64, arm64 and armhf (the multi-arch base image, since no outside registry is used),
 #              docker.io (a Docker Engine the tests start themselves), tmux, and cosign 2.x from
-#              Debian 13 (trixie; only that package, nothing else is upgraded)
+#              Debian 13 (trixie; only that package, nothing else is upgraded), and
+#              kubernetes-validate from PyPI in a venv under /opt (python3-venv from apt)
 # Safe to run again: installed packages and correct handlers are left alone.
 set -euo pipefail
 
@@ -65,6 +66,26 @@ install_prometheus() {
   if command -v systemctl >/dev/null && systemctl is-enabled prometheus >/dev/null 2>&1; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
   fi
+}
+
+# kubernetes-validate (PyPI) checks deploy/kubernetes against the Kubernetes schemas (tests/kubernetes.rs).
+# Debian has no package for it: it goes into its own venv under /opt (nothing else from pip touches
+# the system's Python), linked into /usr/local/bin. Already there: left alone.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+install_kubernetes_validate() {
+  local venv=/opt/kubernetes-validate
+  if [[ ! -x $venv/bin/kubernetes-validate ]]; then
+    if ! /usr/bin/python3 -c 'import ensurepip, venv' 2>/dev/null; then
+      log "apt-get install --no-install-recommends python3-venv"
+      export DEBIAN_FRONTEND=noninteractive
+      apt-get install -y -q --no-install-recommends python3-venv || { apt-get update -q && apt-get install -y -q --no-install-recommends python3-venv; }
+    fi
+    log "pip install kubernetes-validate==$KUBERNETES_VALIDATE_VERSION into $venv"
+    rm -rf "$venv"
+    /usr/bin/python3 -m venv "$venv"
+    "$venv/bin/pip" install -q "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+  fi
+  ln -sf "$venv/bin/kubernetes-validate" /usr/local/bin/kubernetes-validate
 }
 
 # Debian 13 (trixie) packages that install on Debian 12 as they are (they depend only on libc6 >=
@@ -187,6 +208,7 @@ else
 fi
 if ((test_deps)); then
   install_prometheus
+  install_kubernetes_validate
   "$(dirname "$0")/../tests/fixtures/busybox-image.sh" prepare
   install_trixie_tools
 fi

@@ -556,3 +556,25 @@ fn names_of_named_contexts_are_accepted_where_stages_are() {
     assert_eq!(df.check_target(None, "Dockerfile").unwrap(), 1);
     assert_eq!(df.base_images(&[]), ["busybox", "extra"]);
 }
+
+/// farm's own image (deploy/Dockerfile, which the Kubernetes manifests run) is one farm's client
+/// accepts: a build stage on the build machine's platform that cross-compiles, then the runtime.
+#[test]
+fn deploy_dockerfile_parses_with_a_build_platform_build_stage() {
+    let text = include_str!("../../../deploy/Dockerfile");
+    let df = parse(text, "deploy/Dockerfile").unwrap_or_else(|e| panic!("deploy/Dockerfile is refused: {e}"));
+    let stages: Vec<(Option<&str>, &str, Option<&str>)> =
+        df.stages.iter().map(|s| (s.name.as_deref(), s.base.as_str(), s.platform.as_deref())).collect();
+    assert_eq!(
+        stages,
+        [(Some("build"), "rust:1-bookworm", Some("$BUILDPLATFORM")), (None, "debian:bookworm-slim", None)]
+    );
+    assert_eq!(base_images(text, &[]), ["rust:1-bookworm", "debian:bookworm-slim"]);
+    let runtime = df.stages.len() - 1;
+    assert_eq!(df.stages_needed_with_args(runtime, &[]), [0, 1]);
+    // Whatever platform the build machine is, the compile runs there, not under QEMU; the runtime
+    // stage is the target platform's.
+    for native in ["linux/amd64", "linux/arm64", "linux/arm/v7"] {
+        assert_eq!(df.build_platform_stages(runtime, &[], native), [0], "on {native}");
+    }
+}
