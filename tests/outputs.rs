@@ -161,17 +161,7 @@ echo "$digest $amd64""#;
     assert_eq!(ci.trim(), format!("{served} {}", images[0].digest));
 
     // --load into a private containers-storage: buildah runs the native image from it.
-    let store = tempfile::tempdir().unwrap();
-    let conf = store.path().join("storage.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-            store.path().join("graph").display(),
-            store.path().join("run").display()
-        ),
-    )
-    .unwrap();
+    let (_store, conf) = private_storage();
     let mut full = vec!["build".to_string(), "--progress".into(), "plain".into()];
     full.extend(farm.client_args());
     full.extend(flags(&registry, &base, PLATFORMS, &["--load", "-t", "hello:load"], &ctx));

@@ -218,17 +218,7 @@ fn a_signed_build_verifies_with_cosign_and_its_key_is_written_nowhere_else() {
     }
 
     // A client pulling one platform still gets that platform's image, and it runs.
-    let store = tempfile::tempdir().unwrap();
-    let conf = store.path().join("storage.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
-            store.path().join("graph").display(),
-            store.path().join("run").display()
-        ),
-    )
-    .unwrap();
+    let (_store, conf) = private_storage();
     let buildah = |args: &[&str]| {
         let out = Command::new("buildah").args(args).env("CONTAINERS_STORAGE_CONF", &conf).output().unwrap();
         assert!(out.status.success(), "buildah {args:?}: {}", text(&out));

@@ -194,20 +194,9 @@ pub fn attach_builds(inspection: &mut Inspection, builds: &[BuildView]) {
     }
 }
 
-/// `2026-12-01 17:30:05 UTC`.
+/// `2026-12-01 17:30:05 UTC`: provenance's RFC 3339 time, as people read it.
 pub fn utc(ms: u64) -> String {
-    match time::OffsetDateTime::from_unix_timestamp((ms / 1000) as i64) {
-        Ok(t) => format!(
-            "{:04}-{:02}-{:02} {:02}:{:02}:{:02} UTC",
-            t.year(),
-            t.month() as u8,
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        ),
-        Err(_) => format!("{ms} ms after the epoch"),
-    }
+    crate::provenance::rfc3339(ms).replacen('T', " ", 1).replace('Z', " UTC")
 }
 
 /// Whether the image (its index or manifest digest) carries a cosign signature, under

@@ -367,3 +367,20 @@ pub fn example(name: &str, into: &Path) -> PathBuf {
     to
 }
 pub mod netns;
+
+/// A containers-storage of its own (vfs, in a temporary directory) for buildah or skopeo run by
+/// a test: `CONTAINERS_STORAGE_CONF` = the returned path. Removed with the returned directory.
+pub fn private_storage() -> (tempfile::TempDir, PathBuf) {
+    let store = tempfile::tempdir().unwrap();
+    let conf = store.path().join("storage.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[storage]\ndriver = \"vfs\"\ngraphroot = \"{}\"\nrunroot = \"{}\"\n",
+            store.path().join("graph").display(),
+            store.path().join("run").display()
+        ),
+    )
+    .unwrap();
+    (store, conf)
+}
