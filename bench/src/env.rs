@@ -89,27 +89,34 @@ impl Env {
         if !procs::have_tool("docker-registry") {
             bail!("docker-registry is not installed: run `deploy/install.sh --test-deps` (as root)");
         }
-        let dir = self.root.join("registry");
-        std::fs::create_dir_all(&dir)?;
+        let (svc, addr) = self.spawn_registry(&self.root.join("registry"), "registry")?;
+        self.registry = Some(Registry { addr: addr.clone(), svc });
+        Ok(addr)
+    }
+
+    /// A docker-registry on a free loopback port, its storage under `dir`, answering before this
+    /// returns; `name` names it in logs and errors.
+    pub fn spawn_registry(&self, dir: &Path, name: &str) -> Result<(Service, String)> {
+        std::fs::create_dir_all(dir)?;
         let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         let addr = format!("127.0.0.1:{port}");
         let config = dir.join("config.yml");
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
+                 rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
                 dir.join("data").display()
             ),
         )?;
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve").arg(&config);
         self.isolate(&mut cmd);
-        let svc = Service::spawn("registry", &mut cmd)?;
-        procs::wait_until("the registry to answer", Duration::from_secs(30), || {
+        let svc = Service::spawn(name, &mut cmd)?;
+        procs::wait_until(&format!("the {name} to answer"), Duration::from_secs(30), || {
             (http_get(&addr, "/v2/").map(|(s, _)| s) == Some(200)).then_some(())
         })?;
-        self.registry = Some(Registry { addr: addr.clone(), svc });
-        Ok(addr)
+        Ok((svc, addr))
     }
 
     pub fn registry_addr(&self) -> &str {

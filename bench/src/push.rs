@@ -20,8 +20,8 @@ use shared::oci::{read_layout, ImageRef, Layout, OCI_MANIFEST};
 use shared::registry::Registry;
 use shared::Digest;
 
-use crate::env::{http_get, path, Env};
-use crate::procs::{self, Service};
+use crate::env::{path, Env};
+use crate::procs;
 use crate::report::{median, Goal, Row, Unit};
 
 const MIB: f64 = 1048576.0;
@@ -99,30 +99,6 @@ fn write_layout(dir: &Path, layers: &[(Digest, u64)]) -> Result<Layout> {
     std::fs::write(dir.join("index.json"), json!({"schemaVersion": 2, "manifests": [manifest]}).to_string())?;
     std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#)?;
     Ok(read_layout(dir)?)
-}
-
-/// A docker-registry of its own on 127.0.0.1:random, storing under `dir`.
-fn start_registry(env: &Env, dir: &Path) -> Result<(Service, String)> {
-    std::fs::create_dir_all(dir)?;
-    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
-    let config = dir.join("config.yml");
-    std::fs::write(
-        &config,
-        format!(
-            "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    \
-             rootdirectory: {}\nhttp:\n  addr: {addr}\n",
-            dir.join("data").display()
-        ),
-    )?;
-    let mut cmd = Command::new("docker-registry");
-    cmd.arg("serve").arg(&config);
-    env.isolate(&mut cmd);
-    let svc = Service::spawn("push registry", &mut cmd)?;
-    procs::wait_until("the push rows' registry to answer", Duration::from_secs(30), || {
-        (http_get(&addr, "/v2/").map(|(s, _)| s) == Some(200)).then_some(())
-    })?;
-    Ok((svc, addr))
 }
 
 /// What a counting proxy in front of the registry saw: bytes sent to the registry, and upload
@@ -235,7 +211,7 @@ async fn measure(env: &Env, reps: usize, layer_bytes: u64, wire: &mut Row, secon
     for rep in 0..reps {
         procs::check_interrupted()?;
         let reg_dir = root.join(format!("registry-{rep}"));
-        let (mut svc, addr) = start_registry(env, &reg_dir)?;
+        let (mut svc, addr) = env.spawn_registry(&reg_dir, "push registry")?;
         let client = Registry::new(std::slice::from_ref(&addr), None);
         let farm_repo: ImageRef = format!("{addr}/farm-{rep}").parse()?;
         for side in if rep % 2 == 0 { ["farm", "skopeo"] } else { ["skopeo", "farm"] } {
