@@ -35,20 +35,7 @@ fn a_coordinator_with_raised_limits_builds_a_context_above_the_defaults() {
 
     let tag = format!("{}/limits:1", registry.addr);
     let mut args = farm.client_args();
-    args.extend(
-        [
-            "--platform",
-            "linux/amd64",
-            "--insecure-registry",
-            &registry.addr,
-            "--build-arg",
-            &format!("BASE={base}"),
-            "-t",
-            &tag,
-            ctx.to_str().unwrap(),
-        ]
-        .map(String::from),
-    );
+    args.extend(registry.build_flags(&base, "linux/amd64", "limits:1", &ctx));
     let (ok, out, err) = build(&args);
     assert!(ok, "the build of a {FILES}-file context failed:\n{out}\n{err}");
     let (_, _, images) = read_image(&registry, &tag);
