@@ -31,7 +31,7 @@ fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// The archive holds one index of three platforms; copied into a second registry with skopeo,
-/// each platform's image says it was built for that platform.
+/// each platform's image says it was built for that platform, and buildah pulls and runs each.
 fn check_archive(archive: &Path, second: &Registry, repo: &str) -> String {
     let raw = run_ok(Command::new("skopeo").args(["inspect", "--raw", &format!("oci-archive:{}", archive.display())]));
     let index: serde_json::Value = serde_json::from_str(&raw).unwrap();
@@ -65,6 +65,17 @@ fn check_archive(archive: &Path, second: &Registry, repo: &str) -> String {
         assert_eq!(image.text("hello/uname"), uname, "{platform}");
         assert_eq!(image.text("hello/platform"), platform);
         assert_eq!(image.text("data/message.txt"), "farm built this");
+    }
+    // A real client pulls each platform from the second registry and runs it.
+    let (_store, conf) = private_storage();
+    let reference = format!("{}/{repo}:1", second.addr);
+    let buildah = |args: &[&str]| run_ok(Command::new("buildah").args(args).env("CONTAINERS_STORAGE_CONF", &conf));
+    for (platform, uname) in expected {
+        buildah(&["pull", "--quiet", "--tls-verify=false", "--platform", platform, &reference]);
+        let ctr = buildah(&["from", "--pull-never", "--platform", platform, &reference]).trim().to_string();
+        assert_eq!(buildah(&["run", "--isolation", "chroot", &ctr, "uname", "-m"]).trim(), uname, "{platform}");
+        buildah(&["rm", &ctr]);
+        buildah(&["rmi", "--all", "--force"]);
     }
     digest.to_string()
 }
