@@ -23,15 +23,14 @@ use std::time::Duration;
 use shared::proto::{BuildEvent, Request, Response};
 use shared::registry::RegistryPool;
 use shared::tls::Identity;
-use shared::Platform;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::core::{Action, BuildState, Core};
 use crate::enroll::Security;
-use crate::events::{Event, LogSink, Outbound};
+use crate::events::{Event, Outbound};
 use crate::fleet::ConnId;
 use crate::gate::Gate;
-use crate::logs::Logs;
+use crate::logs::{LogWriter, Logs};
 use crate::store::{Batch, Store, StoreError};
 use shared::tls::{CertAuthority, JoinToken, Role};
 use std::sync::Arc;
@@ -67,10 +66,10 @@ pub struct Driver {
     /// and what waits on them.
     next_batch: Batch,
     next: AfterCommit,
-    logs: Logs,
+    /// The build logs: written by their own thread, never waited on.
+    logs: LogWriter,
     links: HashMap<ConnId, mpsc::UnboundedSender<Outbound>>,
     followers: HashMap<String, Vec<mpsc::UnboundedSender<BuildEvent>>>,
-    log_followers: HashMap<String, Vec<(Option<Platform>, LogSink)>>,
     events: mpsc::Sender<Event>,
     registries: Arc<RegistryPool>,
     /// The content store: contexts, and the results of builds without tags.
@@ -137,7 +136,9 @@ impl Driver {
         if builds > 0 {
             tracing::info!(builds, tasks, "state recovered from {}", store.path().display());
         }
-        let logs = Logs::new(config.state_dir.join("logs"), config.max_log_bytes_per_task);
+        let dir = config.state_dir.join("logs");
+        let logs = LogWriter::spawn(Logs::new(dir.clone(), config.max_log_bytes_per_task))
+            .map_err(|source| StoreError::CreateDir { path: dir, source })?;
         Ok(Self {
             core,
             security,
@@ -151,7 +152,6 @@ impl Driver {
             logs,
             links: HashMap::new(),
             followers: HashMap::new(),
-            log_followers: HashMap::new(),
             events,
             registries,
             blobs,
@@ -345,12 +345,7 @@ impl Driver {
                         return;
                     }
                 };
-                for line in self.logs.read(&build, platform.as_ref()) {
-                    let _ = sink.send(line);
-                }
-                if follow && live {
-                    self.log_followers.entry(build).or_default().push((platform, sink));
-                }
+                self.logs.follow(&build, platform, sink, follow && live);
                 let _ = reply.send(Ok(()));
             }
             Event::Join { token_id, secret, name, csr, role, reply } => {
@@ -625,11 +620,6 @@ impl Driver {
         }
         if let Some((platform, line)) = event.describe() {
             self.logs.append(&build, &platform, &line);
-            if let Some(f) = self.log_followers.get_mut(&build) {
-                f.retain(|(want, sink)| {
-                    want.as_ref().is_some_and(|w| *w != platform) || sink.send((platform.clone(), line.clone())).is_ok()
-                });
-            }
         }
         if let Some(f) = self.followers.get_mut(&build) {
             f.retain(|tx| tx.send(event.clone()).is_ok());
@@ -637,7 +627,6 @@ impl Driver {
         if event.is_terminal() {
             self.notify(&build, &event);
             self.followers.remove(&build);
-            self.log_followers.remove(&build);
             self.logs.close(&build);
         }
     }

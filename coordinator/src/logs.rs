@@ -3,6 +3,11 @@
 //! One file per build holds the lines a person saw live (each event's `describe()` line,
 //! prefixed with its platform) in the order they happened, so `farm logs` replays exactly what
 //! `farm build` showed. Each platform's share is bounded; past the bound one line says so.
+//!
+//! The files are written by one thread of their own ([`LogWriter`]), never by the driver: the
+//! driver hands it lines and goes on, so a slow disk (a journal commit, a full page cache) never
+//! holds up dispatch. The same thread feeds `farm logs --follow`, so a follower gets the stored
+//! lines and then the live ones in exactly the order they were written.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
@@ -10,6 +15,9 @@ use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::PathBuf;
 
 use shared::Platform;
+use tokio::sync::mpsc;
+
+use crate::events::LogSink;
 
 pub const DEFAULT_MAX_BYTES_PER_TASK: u64 = 8 << 20;
 
@@ -102,6 +110,89 @@ impl Logs {
     }
 }
 
+/// What the driver asks of the log thread.
+enum Command {
+    Append {
+        build: String,
+        platform: Platform,
+        line: String,
+    },
+    /// Stored lines of `build` (of `platform` or all) to `sink`; then live ones too if `live`.
+    Follow {
+        build: String,
+        platform: Option<Platform>,
+        sink: LogSink,
+        live: bool,
+    },
+    Flush,
+    /// The build ended: its file is complete and its followers are told (their sinks close).
+    Close {
+        build: String,
+    },
+}
+
+/// The handle to the thread that owns the build log files: every call returns at once.
+#[derive(Clone)]
+pub struct LogWriter {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl LogWriter {
+    /// Starts the thread; it ends when every handle is dropped, after writing what it was given.
+    pub fn spawn(logs: Logs) -> std::io::Result<LogWriter> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        std::thread::Builder::new().name("farm-logs".into()).spawn(move || {
+            let mut logs = logs;
+            let mut followers: HashMap<String, Vec<(Option<Platform>, LogSink)>> = HashMap::new();
+            while let Some(cmd) = rx.blocking_recv() {
+                match cmd {
+                    Command::Append { build, platform, line } => {
+                        logs.append(&build, &platform, &line);
+                        if let Some(f) = followers.get_mut(&build) {
+                            f.retain(|(want, sink)| {
+                                want.as_ref().is_some_and(|w| *w != platform)
+                                    || sink.send((platform.clone(), line.clone())).is_ok()
+                            });
+                        }
+                    }
+                    Command::Follow { build, platform, sink, live } => {
+                        let stored = logs.read(&build, platform.as_ref());
+                        if stored.into_iter().all(|line| sink.send(line).is_ok()) && live {
+                            followers.entry(build).or_default().push((platform, sink));
+                        }
+                    }
+                    Command::Flush => logs.flush(),
+                    Command::Close { build } => {
+                        logs.close(&build);
+                        followers.remove(&build);
+                    }
+                }
+            }
+            logs.flush();
+        })?;
+        Ok(LogWriter { tx })
+    }
+
+    pub fn append(&self, build: &str, platform: &Platform, line: &str) {
+        let cmd = Command::Append { build: build.into(), platform: platform.clone(), line: line.into() };
+        let _ = self.tx.send(cmd);
+    }
+
+    /// Sends `build`'s stored lines to `sink`, then, if `live`, each line appended after this call
+    /// until the build is closed.
+    pub fn follow(&self, build: &str, platform: Option<Platform>, sink: LogSink, live: bool) {
+        let _ = self.tx.send(Command::Follow { build: build.into(), platform, sink, live });
+    }
+
+    pub fn flush(&self) {
+        let _ = self.tx.send(Command::Flush);
+    }
+
+    pub fn close(&self, build: &str) {
+        let _ = self.tx.send(Command::Close { build: build.into() });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -128,5 +219,31 @@ mod tests {
         assert_eq!(lines.len(), 3, "{lines:?}");
         assert!(lines[2].1.contains("log truncated after 30 bytes"));
         assert!(logs.read("../etc/passwd", None).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_follower_gets_stored_lines_then_live_ones_in_order_until_the_build_closes() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = LogWriter::spawn(Logs::new(dir.path().to_path_buf(), 1 << 20)).unwrap();
+        let a: Platform = "linux/amd64".parse().unwrap();
+        writer.append("b1", &a, "stored");
+        let (sink, mut lines) = mpsc::unbounded_channel();
+        writer.follow("b1", None, sink, true);
+        writer.append("b1", &a, "live");
+        writer.close("b1");
+        let mut got = vec![];
+        while let Some((_, line)) = lines.recv().await {
+            got.push(line);
+        }
+        assert_eq!(got, ["stored", "live"]);
+
+        // An ended build: its stored lines, then the sink closes.
+        let (sink, mut lines) = mpsc::unbounded_channel();
+        writer.follow("b1", None, sink, false);
+        let mut got = vec![];
+        while let Some((_, line)) = lines.recv().await {
+            got.push(line);
+        }
+        assert_eq!(got, ["stored", "live"]);
     }
 }
