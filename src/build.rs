@@ -146,7 +146,7 @@ pub async fn run(args: BuildArgs) -> Result<()> {
             scanned.add_file(&df, text.as_bytes(), path)?;
             Ok(scanned)
         }
-        None => shared::context::scan(&scan_root, &df),
+        None => shared::context::scan_cached(&scan_root, &df, shared::scancache::default_dir().as_deref()),
     })
     .await?
     .with_context(|| format!("reading the build context {}", context.display()))?;

@@ -727,6 +727,8 @@ impl DockerIgnore {
 pub struct Scanned {
     pub manifest: ContextManifest,
     pub sources: HashMap<Digest, PathBuf>,
+    /// How many files this scan read and hashed (the rest came from the scan cache).
+    pub hashed: usize,
 }
 
 impl Scanned {
@@ -755,6 +757,22 @@ impl Scanned {
 /// leading out of the context is refused here, before anything is sent); size limits are left to the
 /// caller, who knows its configuration.
 pub fn scan(root: &Path, dockerfile: &str) -> Result<Scanned, ContextError> {
+    scan_cached(root, dockerfile, None)
+}
+
+/// As [`scan`], hashing only the files whose `stat` changed since the last scan of `root` recorded
+/// in `cache_dir` (see [`crate::scancache`]), and recording this one there: what `farm build` does.
+pub fn scan_cached(root: &Path, dockerfile: &str, cache_dir: Option<&Path>) -> Result<Scanned, ContextError> {
+    scan_cached_at(root, dockerfile, cache_dir, SystemTime::now())
+}
+
+/// [`scan_cached`] at time `now` (what the cache takes as settled depends on it).
+pub fn scan_cached_at(
+    root: &Path,
+    dockerfile: &str,
+    cache_dir: Option<&Path>,
+    now: SystemTime,
+) -> Result<Scanned, ContextError> {
     let meta = fs::metadata(root).map_err(io_err(root))?;
     if !meta.is_dir() {
         return Err(ContextError::NotADirectory { path: root.to_path_buf() });
@@ -772,7 +790,7 @@ pub fn scan(root: &Path, dockerfile: &str) -> Result<Scanned, ContextError> {
         }
         Err(e) => return Err(io_err(&dockerfile_abs)(e)),
     }
-    walk_root(root, vec![dockerfile_rel, ".dockerignore".to_string()])
+    walk_root(root, vec![dockerfile_rel, ".dockerignore".to_string()], cache_dir.map(|d| (d, now)))
 }
 
 /// A named context (`--build-context NAME=DIR`): as [`scan`], honouring `root/.dockerignore`,
@@ -782,24 +800,39 @@ pub fn scan_dir(root: &Path) -> Result<Scanned, ContextError> {
     if !meta.is_dir() {
         return Err(ContextError::NotADirectory { path: root.to_path_buf() });
     }
-    walk_root(root, vec![".dockerignore".to_string()])
+    walk_root(root, vec![".dockerignore".to_string()], None)
 }
 
-fn walk_root(root: &Path, always: Vec<String>) -> Result<Scanned, ContextError> {
+fn walk_root(
+    root: &Path,
+    always: Vec<String>,
+    cache_dir: Option<(&Path, SystemTime)>,
+) -> Result<Scanned, ContextError> {
     let ignore_path = root.join(".dockerignore");
     let ignore = match fs::read(&ignore_path) {
         Ok(bytes) => DockerIgnore::parse(&String::from_utf8_lossy(&bytes))?,
         Err(e) if e.kind() == io::ErrorKind::NotFound => DockerIgnore::default(),
         Err(e) => return Err(io_err(&ignore_path)(e)),
     };
-    let mut walker =
-        Walker { ignore: &ignore, always, entries: Vec::new(), sources: HashMap::new(), buf: vec![0; BUF_SIZE] };
+    let cache = cache_dir.map(|(dir, now)| crate::scancache::ScanCache::load(dir, root, now));
+    let mut walker = Walker {
+        ignore: &ignore,
+        always,
+        entries: Vec::new(),
+        sources: HashMap::new(),
+        buf: vec![0; BUF_SIZE],
+        cache,
+        hashed: 0,
+    };
     walker.walk(root, "")?;
-    let Walker { mut entries, sources, .. } = walker;
+    let Walker { mut entries, sources, cache, hashed, .. } = walker;
+    if let Some(cache) = cache {
+        cache.save();
+    }
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let manifest = ContextManifest { entries };
     manifest.validate(&ContextLimits::unlimited())?;
-    Ok(Scanned { manifest, sources })
+    Ok(Scanned { manifest, sources, hashed })
 }
 
 /// `farm build -` (as `docker build -`): a context sent as a tar (plain or gzip-compressed) on
@@ -839,6 +872,9 @@ struct Walker<'a> {
     entries: Vec<Entry>,
     sources: HashMap<Digest, PathBuf>,
     buf: Vec<u8>,
+    /// Digests of unchanged files from the last scan, when the caller keeps a cache.
+    cache: Option<crate::scancache::ScanCache>,
+    hashed: usize,
 }
 
 impl Walker<'_> {
@@ -872,7 +908,18 @@ impl Walker<'_> {
                 }
                 EntryKind::Dir
             } else if file_type.is_file() {
-                let (digest, size) = self.hash(&abs)?;
+                let stamp = crate::scancache::Stamp::of(&meta);
+                let (digest, size) = match self.cache.as_mut().and_then(|c| c.get(&path, &stamp)) {
+                    Some(digest) => (digest, stamp.size),
+                    None => {
+                        let (digest, size) = self.hash(&abs)?;
+                        self.hashed += 1;
+                        if let Some(c) = self.cache.as_mut() {
+                            c.put(&path, stamp, digest.clone());
+                        }
+                        (digest, size)
+                    }
+                };
                 self.sources.entry(digest.clone()).or_insert(abs);
                 EntryKind::File { size, digest }
             } else if file_type.is_symlink() {
@@ -1451,6 +1498,42 @@ mod tests {
         write(&root.join("target/keep.txt"), b"kept");
         write(&root.join("notes.md"), b"n");
         write(&root.join(".dockerignore"), b"# build output\ntarget\n!target/keep.txt\n**/*.log\nnotes.md\n");
+    }
+
+    #[test]
+    fn a_cached_scan_hashes_only_what_changed_and_never_trusts_a_file_changed_just_now() {
+        let ctx = tempfile::tempdir().unwrap();
+        let cache = tempfile::tempdir().unwrap();
+        fs::write(ctx.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        fs::create_dir(ctx.path().join("src")).unwrap();
+        for i in 0..20 {
+            fs::write(ctx.path().join(format!("src/{i}.txt")), format!("file {i}")).unwrap();
+        }
+        // An hour from now every file is settled: the second scan reads none of them.
+        let later = SystemTime::now() + std::time::Duration::from_secs(3600);
+        let first = scan_cached_at(ctx.path(), "Dockerfile", Some(cache.path()), later).unwrap();
+        assert_eq!(first.hashed, 21);
+        let second = scan_cached_at(ctx.path(), "Dockerfile", Some(cache.path()), later).unwrap();
+        assert_eq!(second.hashed, 0);
+        assert_eq!(second.manifest.digest(), first.manifest.digest());
+        assert_eq!(second.sources.len(), first.sources.len());
+        // A change is seen (its stat differs), and only that file is read.
+        fs::write(ctx.path().join("src/3.txt"), "changed, and longer").unwrap();
+        let third = scan_cached_at(ctx.path(), "Dockerfile", Some(cache.path()), later).unwrap();
+        assert_eq!(third.hashed, 1);
+        assert_eq!(third.manifest.digest(), scan(ctx.path(), "Dockerfile").unwrap().manifest.digest());
+
+        // At the real time, files written within the last second are not recorded, so a rewrite
+        // of the same size in the same clock tick is still read.
+        let fresh = tempfile::tempdir().unwrap();
+        let ctx = tempfile::tempdir().unwrap();
+        fs::write(ctx.path().join("Dockerfile"), "FROM scratch\n").unwrap();
+        fs::write(ctx.path().join("a"), "aaaa").unwrap();
+        scan_cached(ctx.path(), "Dockerfile", Some(fresh.path())).unwrap();
+        fs::write(ctx.path().join("a"), "bbbb").unwrap();
+        let again = scan_cached(ctx.path(), "Dockerfile", Some(fresh.path())).unwrap();
+        assert_eq!(again.hashed, 2);
+        assert_eq!(again.manifest.digest(), scan(ctx.path(), "Dockerfile").unwrap().manifest.digest());
     }
 
     #[test]

@@ -41,6 +41,7 @@ pub mod proto;
 pub mod provenance;
 pub mod quic;
 pub mod registry;
+pub mod scancache;
 pub mod signing;
 pub mod ssh;
 pub mod tls;
