@@ -149,8 +149,8 @@ impl Agent<'_> {
         tracing::info!(coordinator = %self.config.coordinator, "registered as {:?}", self.config.name);
         sh.conn.send_replace(Some(conn.clone()));
         backoff.reset();
-        let mut beat = tokio::time::interval(interval);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let beat = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(beat);
         let mut told_draining = false;
         loop {
             let drain_at = *sh.drain.borrow();
@@ -171,7 +171,8 @@ impl Agent<'_> {
             }
             let deadline = drain_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
             tokio::select! {
-                _ = beat.tick() => {
+                () = &mut beat => {
+                    beat.as_mut().reset(tokio::time::Instant::now() + crate::session::heartbeat_delay(interval, rand::random()));
                     let busy = sh.running.lock().unwrap().values().filter(|e| !e.finished).count() as u32;
                     write_msg(&mut send, &AgentMsg::Heartbeat(Heartbeat { busy }), max).await?;
                 }

@@ -71,6 +71,14 @@ pub fn list(ps: &[Platform]) -> String {
     ps.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
 }
 
+/// The wait before the next heartbeat: between 3/4 of the coordinator's `interval` and all of it,
+/// `jitter` in [0, 1] picking where. Agents that connected together (after a coordinator restart)
+/// then drift apart instead of beating in one burst every interval, and no beat is ever later
+/// than the coordinator asked.
+pub fn heartbeat_delay(interval: Duration, jitter: f64) -> Duration {
+    interval.mul_f64(0.75 + 0.25 * jitter.clamp(0.0, 1.0))
+}
+
 /// Capped exponential backoff with jitter, so that a farm of agents does not reconnect in one
 /// burst when its coordinator comes back.
 #[derive(Debug, Clone)]
@@ -163,6 +171,14 @@ mod tests {
         assert_eq!(full, [200, 400, 800, 1600, 2000, 2000].map(Duration::from_millis).to_vec());
         b.reset();
         assert_eq!(b.next(0.0), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn heartbeats_are_jittered_but_never_late() {
+        let interval = Duration::from_secs(4);
+        assert_eq!(super::heartbeat_delay(interval, 0.0), Duration::from_secs(3));
+        assert_eq!(super::heartbeat_delay(interval, 1.0), interval);
+        assert_eq!(super::heartbeat_delay(interval, 7.0), interval);
     }
 
     #[test]

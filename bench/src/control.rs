@@ -105,11 +105,16 @@ impl ScriptedAgent {
                 }
             }
         });
-        let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + interval, interval);
-        beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Beats on the real agent's schedule (jittered), so the fleet's load looks like a real one's.
+        let next_beat = || tokio::time::Instant::now() + agent::session::heartbeat_delay(interval, rand::random());
+        let beat = tokio::time::sleep_until(next_beat());
+        tokio::pin!(beat);
         let result = loop {
             tokio::select! {
-                _ = beat.tick() => write_msg(&mut send, &AgentMsg::Heartbeat(Heartbeat { busy: 0 }), max).await?,
+                () = &mut beat => {
+                    beat.as_mut().reset(next_beat());
+                    write_msg(&mut send, &AgentMsg::Heartbeat(Heartbeat { busy: 0 }), max).await?
+                }
                 msg = rx.recv() => match msg {
                     Some((at, CoordMsg::Assign(a))) => {
                         seen.assigned.lock().expect("not poisoned").entry(a.build.clone()).or_insert(at);
@@ -300,6 +305,7 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
             let cpu2 = procs::cpu_time(pid).context("coordinator CPU time")?;
             busy_cpu.farm.push(100.0 * (cpu2 - cpu1).as_secs_f64() / dispatch_for.as_secs_f64());
             let latencies = dispatch_latencies(&seen, &submitted)?;
+            p99.note(format!("round {}: the slowest dispatches: {}", round + 1, slowest(&latencies, 4)));
             p50.farm.extend(percentile(&latencies, 50.0));
             p99.farm.extend(percentile(&latencies, 99.0));
             rss.farm.extend(sampler.max_between(from, Instant::now()).map(|b| b as f64 / (1024.0 * 1024.0)));
@@ -374,6 +380,14 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
         Ok(()) => rows.into(),
         Err(e) => rows.into_iter().map(|r| r.failed(&e)).collect(),
     }
+}
+
+/// The `n` slowest of `latencies` (in submission order), as "12.3 ms (#0)": where in the round
+/// the tail happens (at its start: something went cold during the idle window; spread: noise).
+fn slowest(latencies: &[f64], n: usize) -> String {
+    let mut order: Vec<usize> = (0..latencies.len()).collect();
+    order.sort_by(|a, b| latencies[*b].total_cmp(&latencies[*a]));
+    order.iter().take(n).map(|i| format!("{} (#{i})", Unit::Millis.show(latencies[*i]))).collect::<Vec<_>>().join(", ")
 }
 
 /// Milliseconds from each build's submission to its `Assign` being read by a double.
@@ -463,6 +477,8 @@ async fn submit_builds(
     while let Some(r) = workers.join_next().await {
         all.extend(r??);
     }
+    // In submission order, so that a position in the round means something.
+    all.sort_by_key(|(_, t0)| *t0);
     Ok(all)
 }
 
