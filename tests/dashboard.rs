@@ -289,7 +289,8 @@ fn the_dashboard_in_chromium_logs_in_once_watches_a_build_and_cancels_another() 
         if seen.last() != Some(&states) {
             seen.push(states.clone());
         }
-        (browser.text("#state") == "succeeded" && browser.text("#log-state") == "(ended)").then_some(())
+        let done = states.len() == 2 && states.iter().all(|(_, s)| s == "succeeded");
+        (done && browser.text("#state") == "succeeded" && browser.text("#log-state") == "(ended)").then_some(())
     });
     let last = seen.last().unwrap().clone();
     assert_eq!(
