@@ -246,7 +246,7 @@ fn the_dashboard_in_chromium_logs_in_once_watches_a_build_and_cancels_another() 
     let mut agents: Vec<Vec<String>> = agents.as_array().unwrap().iter().map(|a| strings(a)).collect();
     agents.sort();
     assert_eq!(agents, [["pi64", "online", "linux/arm64", "0/1"], ["x86", "online", "linux/amd64", "0/2"]]);
-    assert_eq!(browser.text("#me"), "admin admin");
+    assert_eq!(browser.text("#me"), "admin (admin)");
     println!("overview: {}", browser.screenshot("overview.png").display());
     // The link logged in once: a second use fails with its message.
     let path = &link[link.find("/login").unwrap()..];

@@ -52,6 +52,10 @@ function total(p) {
   return p.phases.reduce((a, ph) => a + ph.ms, 0);
 }
 
+function seconds(ms) {
+  return ms == null ? "" : (ms / 1000).toFixed(1) + " s";
+}
+
 function platformCells(p, scale) {
   return [
     el("span", { class: "platform" }, p.platform),
@@ -59,6 +63,7 @@ function platformCells(p, scale) {
     el("span", { class: "agent" }, p.agent || ""),
     el("span", { class: "placement" }, p.placement),
     timeline(p, scale),
+    el("span", { class: "duration" }, seconds(p.duration_ms)),
   ];
 }
 
@@ -68,7 +73,7 @@ function setRows(tbody, rows) {
 
 async function overview() {
   const o = await getJson("/api/overview");
-  document.getElementById("me").textContent = o.role + " " + o.me;
+  document.getElementById("me").textContent = o.me + " (" + o.role + ")";
   setRows(document.querySelector("#agents tbody"), o.agents.map((a) =>
     el("tr", { class: "agent", "data-agent": a.name },
       el("td", { class: "name" }, a.name),
@@ -133,7 +138,7 @@ document.addEventListener("DOMContentLoaded", () => {
   if (page === "overview") every(1000, overview);
   if (page === "build") {
     const id = document.body.dataset.build;
-    getJson("/api/overview").then((o) => { document.getElementById("me").textContent = o.role + " " + o.me; });
+    getJson("/api/overview").then((o) => { document.getElementById("me").textContent = o.me + " (" + o.role + ")"; });
     every(1000, () => buildPage(id));
     followLog(id);
     document.getElementById("cancel").addEventListener("click", async () => {
