@@ -243,7 +243,7 @@ fn the_dashboard_in_chromium_logs_in_once_watches_a_build_and_cancels_another() 
              r.querySelector('.slots').textContent]);");
         (v.as_array().unwrap().len() == 2).then_some(v)
     });
-    let mut agents: Vec<Vec<String>> = agents.as_array().unwrap().iter().map(|a| strings(a)).collect();
+    let mut agents: Vec<Vec<String>> = agents.as_array().unwrap().iter().map(strings).collect();
     agents.sort();
     assert_eq!(agents, [["pi64", "online", "linux/arm64", "0/1"], ["x86", "online", "linux/amd64", "0/2"]]);
     assert_eq!(browser.text("#me"), "admin (admin)");
@@ -313,7 +313,7 @@ fn the_dashboard_in_chromium_logs_in_once_watches_a_build_and_cancels_another() 
     let rows = browser.js("return Array.from(document.querySelectorAll('#platforms tr.platform')).map(r => \
          [r.dataset.platform, r.querySelector('.agent').textContent, r.querySelector('.placement').textContent, \
          Array.from(r.querySelectorAll('.bar span')).map(s => s.className).join(' ')]);");
-    let rows: Vec<Vec<String>> = rows.as_array().unwrap().iter().map(|r| strings(r)).collect();
+    let rows: Vec<Vec<String>> = rows.as_array().unwrap().iter().map(strings).collect();
     for (row, (platform, agent)) in rows.iter().zip([("linux/amd64", "x86"), ("linux/arm64", "pi64")]) {
         assert_eq!((row[0].as_str(), row[1].as_str(), row[2].as_str()), (platform, agent, "native"));
         for phase in ["sync", "materialise", "build", "export", "push"] {
@@ -352,7 +352,7 @@ fn the_dashboard_in_chromium_logs_in_once_watches_a_build_and_cancels_another() 
     wait_until("both builds on the overview", Duration::from_secs(20), || {
         let v = browser.js("return Array.from(document.querySelectorAll('#builds tr.build')).map(r => \
              [r.dataset.build, r.querySelector('.state').textContent]);");
-        let rows: Vec<Vec<String>> = v.as_array().unwrap().iter().map(|r| strings(r)).collect();
+        let rows: Vec<Vec<String>> = v.as_array().unwrap().iter().map(strings).collect();
         let want = [vec![cancelled.clone(), "cancelled".into()], vec![watched.clone(), "succeeded".into()]];
         (rows == want).then_some(())
     });
@@ -362,8 +362,8 @@ fn the_dashboard_in_chromium_logs_in_once_watches_a_build_and_cancels_another() 
     let (alice_s, bob_s, admin_s) =
         (session(&farm, &dash, "alice"), session(&farm, &dash, "bob"), session(&farm, &dash, "admin"));
     let overview = |s: &str| build_ids(&https(&dash, &farm.ca, "GET", "/api/overview", Some(s)));
-    assert_eq!(overview(&alice_s), [watched.clone()]);
-    assert_eq!(overview(&bob_s), [cancelled.clone()]);
+    assert_eq!(overview(&alice_s), vec![watched.clone()]);
+    assert_eq!(overview(&bob_s), vec![cancelled.clone()]);
     assert_eq!(overview(&admin_s), [cancelled.clone(), watched.clone()]);
     for (method, path) in [
         ("GET", format!("/builds/{watched}")),

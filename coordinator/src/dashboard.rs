@@ -213,42 +213,65 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .find_map(|(k, v)| (k == name).then_some(v))
 }
 
+/// Why a request gets no page: small, so that handlers can use `?`.
+#[derive(Debug)]
+enum Refusal {
+    /// A page without a session: to the login page.
+    Login,
+    /// An API call without a session.
+    NoSession,
+    NotFound(String),
+    Conflict(String),
+    Forbidden(&'static str),
+    ShuttingDown,
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let text = |status: StatusCode, body: String| secure((status, body).into_response());
+        match self {
+            Refusal::Login => secure((StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response()),
+            Refusal::NoSession => text(
+                StatusCode::UNAUTHORIZED,
+                "no dashboard session: log in with the link `farm dashboard` prints\n".into(),
+            ),
+            Refusal::NotFound(m) => text(StatusCode::NOT_FOUND, format!("{m}\n")),
+            Refusal::Conflict(m) => text(StatusCode::CONFLICT, format!("{m}\n")),
+            Refusal::Forbidden(m) => text(StatusCode::FORBIDDEN, format!("{m}\n")),
+            Refusal::ShuttingDown => text(StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down\n".into()),
+        }
+    }
+}
+
+type Answer = Result<Response, Refusal>;
+
 impl App {
     fn who(&self, headers: &HeaderMap) -> Option<Identity> {
         let secret = cookie_value(headers, COOKIE)?;
         self.dashboard.logins.lock().unwrap().session(Instant::now(), secret)
     }
 
-    /// The session's identity, or the answer for a page without one: to the login page.
-    fn page_auth(&self, headers: &HeaderMap) -> Result<Identity, Response> {
-        self.who(headers).ok_or_else(|| secure((StatusCode::SEE_OTHER, [(header::LOCATION, "/login")]).into_response()))
+    /// The session's identity, or (for a page) the way to the login page.
+    fn page_auth(&self, headers: &HeaderMap) -> Result<Identity, Refusal> {
+        self.who(headers).ok_or(Refusal::Login)
     }
 
     /// The session's identity, or 401 for an API call without one.
-    fn api_auth(&self, headers: &HeaderMap) -> Result<Identity, Response> {
-        self.who(headers).ok_or_else(|| {
-            secure(
-                (StatusCode::UNAUTHORIZED, "no dashboard session: log in with the link `farm dashboard` prints\n")
-                    .into_response(),
-            )
-        })
+    fn api_auth(&self, headers: &HeaderMap) -> Result<Identity, Refusal> {
+        self.who(headers).ok_or(Refusal::NoSession)
     }
 
-    async fn snapshot(&self, who: &Identity, build: Option<String>) -> Result<Snapshot, Response> {
+    async fn snapshot(&self, who: &Identity, build: Option<String>) -> Result<Snapshot, Refusal> {
         let owner = (who.role != Role::Admin).then(|| who.name.clone());
         let (reply, rx) = oneshot::channel();
-        let gone = || secure((StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down\n").into_response());
-        self.events.send(Event::Dashboard { owner, build, reply }).await.map_err(|_| gone())?;
-        rx.await.map_err(|_| gone())
+        self.events.send(Event::Dashboard { owner, build, reply }).await.map_err(|_| Refusal::ShuttingDown)?;
+        rx.await.map_err(|_| Refusal::ShuttingDown)
     }
 
     /// The build `id` if `who` may see it; else 404 (a client is not told another's exists).
-    async fn visible_build(&self, who: &Identity, id: &str) -> Result<(BuildView, Vec<PlatformResult>), Response> {
+    async fn visible_build(&self, who: &Identity, id: &str) -> Result<(BuildView, Vec<PlatformResult>), Refusal> {
         let snap = self.snapshot(who, Some(id.to_string())).await?;
-        snap.builds.into_iter().next().ok_or_else(|| {
-            let msg = format!("no build {id} that {who} may see\n");
-            secure((StatusCode::NOT_FOUND, msg).into_response())
-        })
+        snap.builds.into_iter().next().ok_or_else(|| Refusal::NotFound(format!("no build {id} that {who} may see")))
     }
 }
 
@@ -351,120 +374,80 @@ async fn logout(State(app): State<App>, headers: HeaderMap) -> Response {
     )
 }
 
-async fn index(State(app): State<App>, headers: HeaderMap) -> Response {
-    match app.page_auth(&headers) {
-        Ok(_) => html(StatusCode::OK, INDEX.to_string()),
-        Err(r) => r,
-    }
+async fn index(State(app): State<App>, headers: HeaderMap) -> Answer {
+    app.page_auth(&headers)?;
+    Ok(html(StatusCode::OK, INDEX.to_string()))
 }
 
-async fn build_page(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let who = match app.page_auth(&headers) {
-        Ok(who) => who,
-        Err(r) => return r,
-    };
-    match app.visible_build(&who, &id).await {
-        Ok(_) => html(StatusCode::OK, BUILD.replace("{{build}}", &escape(&id))),
-        Err(r) => r,
-    }
+async fn build_page(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    let who = app.page_auth(&headers)?;
+    app.visible_build(&who, &id).await?;
+    Ok(html(StatusCode::OK, BUILD.replace("{{build}}", &escape(&id))))
 }
 
-async fn asset(State(app): State<App>, headers: HeaderMap, Path(name): Path<String>) -> Response {
-    if let Err(r) = app.page_auth(&headers) {
-        return r;
-    }
+async fn asset(State(app): State<App>, headers: HeaderMap, Path(name): Path<String>) -> Answer {
+    app.page_auth(&headers)?;
     let (body, kind) = match name.as_str() {
         "app.js" => (SCRIPT, "text/javascript; charset=utf-8"),
         "style.css" => (STYLE, "text/css; charset=utf-8"),
-        _ => return secure((StatusCode::NOT_FOUND, "no such asset\n").into_response()),
+        _ => return Err(Refusal::NotFound(format!("no asset {name}"))),
     };
-    secure(([(header::CONTENT_TYPE, kind)], body).into_response())
+    Ok(secure(([(header::CONTENT_TYPE, kind)], body).into_response()))
 }
 
-async fn overview(State(app): State<App>, headers: HeaderMap) -> Response {
-    let who = match app.api_auth(&headers) {
-        Ok(who) => who,
-        Err(r) => return r,
-    };
-    let snap = match app.snapshot(&who, None).await {
-        Ok(s) => s,
-        Err(r) => return r,
-    };
+async fn overview(State(app): State<App>, headers: HeaderMap) -> Answer {
+    let who = app.api_auth(&headers)?;
+    let snap = app.snapshot(&who, None).await?;
     let mut queue = std::collections::BTreeMap::<String, usize>::new();
     for p in &snap.queued {
         *queue.entry(p.to_string()).or_default() += 1;
     }
-    json(serde_json::json!({
+    Ok(json(serde_json::json!({
         "me": who.name,
         "role": who.role.to_string(),
         "agents": snap.agents.iter().map(agent_json).collect::<Vec<_>>(),
         "queue": queue,
         "builds": snap.builds.iter().map(|(b, r)| build_json(b, r)).collect::<Vec<_>>(),
-    }))
+    })))
 }
 
-async fn build_api(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let who = match app.api_auth(&headers) {
-        Ok(who) => who,
-        Err(r) => return r,
-    };
-    match app.visible_build(&who, &id).await {
-        Ok((b, r)) => json(build_json(&b, &r)),
-        Err(r) => r,
-    }
+async fn build_api(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    let who = app.api_auth(&headers)?;
+    let (b, r) = app.visible_build(&who, &id).await?;
+    Ok(json(build_json(&b, &r)))
 }
 
-async fn cancel(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
-    let who = match app.api_auth(&headers) {
-        Ok(who) => who,
-        Err(r) => return r,
-    };
+async fn cancel(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    let who = app.api_auth(&headers)?;
     // Only this page's script sends the header (SameSite=Strict already keeps other sites out).
     if headers.get("x-farm-dashboard").is_none() {
-        return secure((StatusCode::FORBIDDEN, "cancel from the dashboard's build page\n").into_response());
+        return Err(Refusal::Forbidden("cancel from the dashboard's build page"));
     }
-    if let Err(r) = app.visible_build(&who, &id).await {
-        return r;
-    }
+    app.visible_build(&who, &id).await?;
     let (reply, rx) = oneshot::channel();
     let req = Request::Cancel { build: id.clone() };
-    if app.events.send(Event::Request { peer: who.clone(), req, reply }).await.is_err() {
-        return secure((StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down\n").into_response());
-    }
-    match rx.await {
-        Ok(shared::proto::Response::Ok) => {
+    app.events.send(Event::Request { peer: who.clone(), req, reply }).await.map_err(|_| Refusal::ShuttingDown)?;
+    match rx.await.map_err(|_| Refusal::ShuttingDown)? {
+        shared::proto::Response::Ok => {
             tracing::info!(build = %id, by = %who, "build cancelled from the dashboard");
-            json(serde_json::json!({"cancelled": id}))
+            Ok(json(serde_json::json!({"cancelled": id})))
         }
-        Ok(shared::proto::Response::Error(e)) => secure((StatusCode::CONFLICT, format!("{e}\n")).into_response()),
-        _ => secure((StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down\n").into_response()),
+        shared::proto::Response::Error(e) => Err(Refusal::Conflict(e)),
+        other => Err(Refusal::Conflict(format!("unexpected answer {other:?}"))),
     }
 }
 
 /// The build's stored log lines, then live ones until it ends, as server-sent events (`log`:
 /// `{"platform", "line"}`; `end` when there are no more).
-async fn logs(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn logs(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
     use axum::response::sse::{Event as Sse, KeepAlive};
-    let who = match app.api_auth(&headers) {
-        Ok(who) => who,
-        Err(r) => return r,
-    };
-    if let Err(r) = app.visible_build(&who, &id).await {
-        return r;
-    }
+    let who = app.api_auth(&headers)?;
+    app.visible_build(&who, &id).await?;
     let (sink, lines) = mpsc::unbounded_channel();
     let (reply, ok) = oneshot::channel();
     let event = Event::Logs { build: id, platform: None, follow: true, sink, reply };
-    if app.events.send(event).await.is_err() {
-        return secure((StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down\n").into_response());
-    }
-    match ok.await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return secure((StatusCode::NOT_FOUND, format!("{e}\n")).into_response()),
-        Err(_) => {
-            return secure((StatusCode::SERVICE_UNAVAILABLE, "the coordinator is shutting down\n").into_response())
-        }
-    }
+    app.events.send(event).await.map_err(|_| Refusal::ShuttingDown)?;
+    ok.await.map_err(|_| Refusal::ShuttingDown)?.map_err(Refusal::NotFound)?;
     let stream = futures_util::stream::unfold(Some(lines), |state| async move {
         let mut lines = state?;
         let (event, next) = match lines.recv().await {
@@ -476,19 +459,16 @@ async fn logs(State(app): State<App>, headers: HeaderMap, Path(id): Path<String>
         };
         Some((Ok::<_, std::convert::Infallible>(event), next))
     });
-    secure(axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default()).into_response())
+    Ok(secure(axum::response::sse::Sse::new(stream).keep_alive(KeepAlive::default()).into_response()))
 }
 
 /// Any other path: to the login page (or 401 for `/api/`) without a session, else 404.
-async fn fallback(State(app): State<App>, headers: HeaderMap, uri: Uri) -> Response {
-    let auth = match uri.path().starts_with("/api/") {
-        true => app.api_auth(&headers),
-        false => app.page_auth(&headers),
+async fn fallback(State(app): State<App>, headers: HeaderMap, uri: Uri) -> Answer {
+    match uri.path().starts_with("/api/") {
+        true => app.api_auth(&headers)?,
+        false => app.page_auth(&headers)?,
     };
-    match auth {
-        Ok(_) => secure((StatusCode::NOT_FOUND, format!("no page {}\n", uri.path())).into_response()),
-        Err(r) => r,
-    }
+    Err(Refusal::NotFound(format!("no page {}", uri.path())))
 }
 
 /// TLS over a TCP listener for axum: handshakes run in their own tasks (a slow one holds up no
