@@ -3,7 +3,8 @@
 //! both agents listed, a real buildah build started from the CLI watched going running →
 //! succeeded with its log lines arriving live, another build cancelled from its page. Without a
 //! session every page redirects to the login page and every API answers 401; a used link fails; a
-//! client sees only its own builds. Screenshots of each page: `target/test-artifacts/dashboard/`.
+//! client sees only its own builds; a coordinator restart ends every session. Screenshots of each
+//! page: `target/test-artifacts/dashboard/`.
 
 mod common;
 
@@ -379,6 +380,10 @@ fn the_dashboard_in_chromium_logs_in_once_watches_a_build_and_cancels_another() 
     }
     let a = https(&dash, &farm.ca, "GET", &format!("/builds/{cancelled}"), Some(&alice_s));
     assert_eq!(a.status, 404, "{a:?}");
+    // Sessions live in the coordinator's memory: a restart logs everyone out.
+    farm.restart_coordinator_env(&[("FARM_CONFIG", config.to_str().unwrap())]);
+    let a = https(&dash, &farm.ca, "GET", "/api/overview", Some(&admin_s));
+    assert_eq!(a.status, 401, "after a restart: {a:?}");
     // Agents cannot ask for a link.
     let out = common::farm(&["dashboard", "--coordinator", &farm.addr, "--ca-dir", farm.ca.path(), "--name", "x86"]);
     assert!(!out.status.success());

@@ -30,6 +30,8 @@ pub const TOKEN_TTL: Duration = Duration::from_secs(60);
 pub const SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// How long a used or expired token is remembered, to say so rather than "not valid".
 const REMEMBER: Duration = Duration::from_secs(600);
+/// At most this many links wait to be used (or are remembered as used) at once.
+pub const MAX_PENDING: usize = 10_000;
 /// The session cookie's name.
 pub const COOKIE: &str = "farm_session";
 
@@ -98,12 +100,19 @@ fn random_secret() -> String {
 }
 
 impl Logins {
-    /// A new login token for `who`, valid once until `now + TOKEN_TTL`.
-    pub fn issue(&mut self, now: Instant, who: Identity) -> String {
+    /// A new login token for `who`, valid once until `now + TOKEN_TTL`; refused while
+    /// [`MAX_PENDING`] others are pending (memory stays bounded whoever asks).
+    pub fn issue(&mut self, now: Instant, who: Identity) -> Result<String, String> {
         self.prune(now);
+        if self.tokens.len() >= MAX_PENDING {
+            return Err(format!(
+                "{MAX_PENDING} dashboard login links are pending already; try again in a few minutes (links are \
+                 forgotten 10 minutes after they expire)"
+            ));
+        }
         let token = random_secret();
         self.tokens.insert(key(&token), Pending { who, expires: now + TOKEN_TTL, used: false });
-        token
+        Ok(token)
     }
 
     /// Exchanges a token for a new session's secret (the cookie's value).
@@ -161,7 +170,7 @@ impl Dashboard {
     }
 
     /// A login token for `who` (an admin or a client).
-    pub fn login_token(&self, who: Identity) -> String {
+    pub fn login_token(&self, who: Identity) -> Result<String, String> {
         self.logins.lock().unwrap().issue(Instant::now(), who)
     }
 }
@@ -574,19 +583,33 @@ mod tests {
     fn a_token_logs_in_once_within_its_minute_and_its_session_names_its_identity() {
         let t0 = Instant::now();
         let mut logins = Logins::default();
-        let token = logins.issue(t0, client("alice"));
+        let token = logins.issue(t0, client("alice")).unwrap();
         let (session, who) = logins.redeem(t0 + Duration::from_secs(59), &token).unwrap();
         assert_eq!(who, client("alice"));
         assert_eq!(logins.session(t0 + Duration::from_secs(60), &session), Some(client("alice")));
         assert_eq!(logins.redeem(t0 + Duration::from_secs(59), &token), Err(LoginError::Used));
         assert_eq!(LoginError::Used.to_string(), USED);
-        let late = logins.issue(t0, client("bob"));
+        let late = logins.issue(t0, client("bob")).unwrap();
         assert_eq!(logins.redeem(t0 + TOKEN_TTL, &late), Err(LoginError::Expired));
         assert_eq!(logins.redeem(t0, "not-a-token"), Err(LoginError::Unknown));
         assert_eq!(logins.session(t0, &token), None, "a token is not a session");
         assert_eq!(logins.session(t0 + SESSION_TTL + Duration::from_secs(60), &session), None);
         logins.logout(&session);
         assert_eq!(logins.session(t0, &session), None);
+    }
+
+    #[test]
+    fn pending_links_are_bounded_and_forgotten_ten_minutes_after_they_expire() {
+        let t0 = Instant::now();
+        let mut logins = Logins::default();
+        for _ in 0..MAX_PENDING {
+            logins.issue(t0, client("spam")).unwrap();
+        }
+        let refused = logins.issue(t0, client("alice")).unwrap_err();
+        assert!(refused.starts_with("10000 dashboard login links are pending already"), "{refused}");
+        let later = t0 + TOKEN_TTL + REMEMBER;
+        assert!(logins.issue(later, client("alice")).is_ok());
+        assert_eq!(logins.tokens.len(), 1);
     }
 
     #[test]

@@ -336,14 +336,13 @@ impl Net {
                 refuse("log into the dashboard (admin and client identities only)")
             }
             Request::DashboardLogin => match &self.dashboard {
-                Some(d) => {
-                    tracing::info!(%peer, "dashboard login token issued");
-                    Response::Dashboard {
-                        port: d.port,
-                        token: d.login_token(peer),
-                        expires_secs: crate::dashboard::TOKEN_TTL.as_secs(),
+                Some(d) => match d.login_token(peer.clone()) {
+                    Ok(token) => {
+                        tracing::info!(%peer, "dashboard login token issued");
+                        Response::Dashboard { port: d.port, token, expires_secs: crate::dashboard::TOKEN_TTL.as_secs() }
                     }
-                }
+                    Err(e) => Response::Error(e),
+                },
                 None => Response::Error(
                     "this coordinator serves no dashboard: set dashboard_listen = \"0.0.0.0:8443\" (or another \
                      address) in its coordinator.toml and restart it"
