@@ -117,6 +117,8 @@ async function buildPage(id) {
 function followLog(id) {
   const log = document.getElementById("log");
   const source = new EventSource("/api/builds/" + encodeURIComponent(id) + "/logs");
+  // Each (re)connection replays the stored lines from the start.
+  source.addEventListener("open", () => log.replaceChildren());
   source.addEventListener("log", (e) => {
     const l = JSON.parse(e.data);
     log.append(el("span", { class: "line", "data-platform": l.platform }, "[" + l.platform + "] " + l.line + "\n"));
