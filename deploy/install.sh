@@ -11,7 +11,8 @@
 #              amd64, arm64 and armhf (the multi-arch base image, since no outside registry is used),
 #              docker.io (a Docker Engine the tests start themselves), tmux, and cosign 2.x from
 #              Debian 13 (trixie; only that package, nothing else is upgraded), and
-#              kubernetes-validate from PyPI in a venv under /opt (python3-venv from apt)
+#              kubernetes-validate from PyPI in a venv under /opt (python3-venv from apt), and
+#              Debian's chromium and chromium-driver (the dashboard test drives headless Chromium)
 # Safe to run again: installed packages and correct handlers are left alone.
 set -euo pipefail
 
@@ -65,6 +66,15 @@ install_prometheus() {
   fi
   if command -v systemctl >/dev/null && systemctl is-enabled prometheus >/dev/null 2>&1; then
     systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+}
+
+# Debian's Chromium and its chromedriver: tests/dashboard.rs drives the web dashboard in headless Chromium.
+install_chromium() {
+  if ! dpkg-query -W -f='${Status}' chromium-driver 2>/dev/null | grep -q 'ok installed'; then
+    log "apt-get install --no-install-recommends chromium chromium-driver"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends chromium chromium-driver || { apt-get update -q && apt-get install -y -q --no-install-recommends chromium chromium-driver; }
   fi
 }
 
@@ -208,6 +218,7 @@ else
 fi
 if ((test_deps)); then
   install_prometheus
+  install_chromium
   install_kubernetes_validate
   "$(dirname "$0")/../tests/fixtures/busybox-image.sh" prepare
   install_trixie_tools

@@ -52,6 +52,8 @@ pub enum Command {
     Logs(LogsArgs),
     /// Stop every task of a build on its agent and mark the build cancelled
     Cancel(CancelArgs),
+    /// Print a one-time link (valid 60 s) that logs this identity into the coordinator's web dashboard
+    Dashboard(DashboardArgs),
     /// Look at images in a registry (as `docker buildx imagetools`)
     #[command(subcommand)]
     Imagetools(ImagetoolsCommand),
@@ -131,6 +133,12 @@ pub struct LogsArgs {
     /// Keep printing new lines until the build ends
     #[arg(short = 'f', long)]
     pub follow: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DashboardArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
 }
 
 #[derive(Args, Debug)]

@@ -42,6 +42,9 @@ pub struct FileConfig {
     pub max_attempts: Option<u32>,
     /// Coordinator: where Prometheus scrapes `GET /metrics` (plain HTTP), e.g. "127.0.0.1:9376".
     pub metrics_listen: Option<String>,
+    /// Coordinator: where the web dashboard is served (HTTPS with the coordinator's certificate),
+    /// e.g. "0.0.0.0:8443"; `farm dashboard` prints a login link.
+    pub dashboard_listen: Option<String>,
     /// Coordinator: `[[webhooks]]` told when any build ends.
     #[serde(default)]
     pub webhooks: Vec<WebhookFile>,

@@ -167,6 +167,24 @@ async fn dispatch(command: Command) -> Result<()> {
             }
         }
         Command::Imagetools(ImagetoolsCommand::Inspect(args)) => imagetools::inspect(args).await,
+        Command::Dashboard(args) => {
+            let file = config::load(args.client.config.config.as_deref(), true)?;
+            let t = target(&args.client, file);
+            let client = connect_to(&t).await?;
+            let resp = client.request(&shared::proto::Request::DashboardLogin).await?;
+            client.finish().await;
+            let shared::proto::Response::Dashboard { port, token, expires_secs } = resp else {
+                bail!("unexpected answer: {resp:?}")
+            };
+            println!("{}", coordinator::dashboard::url(&t.addr, port, &token));
+            eprintln!(
+                "Open this link within {expires_secs} s; it logs in once, as {}. The coordinator's certificate is \
+                 signed by the farm's CA ({}): trust it in the browser, or accept the warning.",
+                t.name,
+                t.ca_dir.join("ca.crt").display()
+            );
+            Ok(())
+        }
         Command::Cancel(args) => {
             let client = connect(&args.client).await?;
             client.request(&shared::proto::Request::Cancel { build: args.build.clone() }).await?;
@@ -272,6 +290,11 @@ async fn coordinator(args: CoordinatorArgs) -> Result<()> {
     if let Some(addr) = &file.metrics_listen {
         cfg.metrics_listen = Some(addr.parse().with_context(|| {
             format!("metrics_listen = {addr:?} is not an IP:PORT address (e.g. \"127.0.0.1:9376\")")
+        })?);
+    }
+    if let Some(addr) = &file.dashboard_listen {
+        cfg.dashboard_listen = Some(addr.parse().with_context(|| {
+            format!("dashboard_listen = {addr:?} is not an IP:PORT address (e.g. \"0.0.0.0:8443\")")
         })?);
     }
     if let Some(max) = file.max_frame_bytes {

@@ -857,6 +857,19 @@ impl Core {
         BuildView { platforms, state: state.into(), ..stored_view(id, b) }
     }
 
+    /// The results of a build's platforms that are done (or cached), for the dashboard's
+    /// timelines: phases, placement, cached.
+    pub fn results(&self, build: &str) -> Vec<PlatformResult> {
+        let Some(b) = self.builds.get(build) else { return vec![] };
+        b.tasks
+            .iter()
+            .filter_map(|t| match &self.tasks[t].state {
+                TaskState::Done(r) => Some(r.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// For a metrics scrape: the agents, one platform per queued task, and how many stale results
     /// were refused so far.
     pub fn metrics_snapshot(&self) -> (Vec<AgentView>, Vec<Platform>, u64) {

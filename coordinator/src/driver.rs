@@ -20,7 +20,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use shared::proto::{BuildEvent, Request, Response};
+use shared::proto::{BuildEvent, BuildView, Request, Response};
 use shared::registry::RegistryPool;
 use shared::tls::Identity;
 use tokio::sync::{mpsc, oneshot};
@@ -37,6 +37,8 @@ use std::sync::Arc;
 
 /// At most this many queued events are handled before their changes are committed together.
 const GROUP_COMMIT_EVENTS: usize = 256;
+/// How many recent builds the dashboard lists.
+const DASHBOARD_BUILDS: usize = 50;
 
 /// What a turn produced that may only happen once the turn's changes are on disk.
 #[derive(Default)]
@@ -353,6 +355,22 @@ impl Driver {
                 self.next.replies.push(Reply::Response(reply, resp));
             }
             Event::CacheChecked { task, present } => self.core.cache_checked(now, task, present),
+            Event::Dashboard { owner, build, reply } => {
+                let (agents, queued, _) = self.core.metrics_snapshot();
+                let mine = |b: &BuildView| owner.as_ref().is_none_or(|o| &b.client == o);
+                let builds = match build {
+                    Some(id) => self.core.build_view(&id).into_iter().filter(mine).collect(),
+                    None => self.core.builds(1000).into_iter().filter(mine).take(DASHBOARD_BUILDS).collect::<Vec<_>>(),
+                };
+                let builds = builds
+                    .into_iter()
+                    .map(|b| {
+                        let r = self.core.results(&b.id);
+                        (b, r)
+                    })
+                    .collect();
+                let _ = reply.send(crate::dashboard::Snapshot { agents, queued, builds });
+            }
             Event::Metrics { reply } => {
                 let (agents, queued, stale_refused) = self.core.metrics_snapshot();
                 let _ = reply.send(crate::metrics::Snapshot { agents, queued, stale_refused });

@@ -85,6 +85,13 @@ pub enum Event {
         task: shared::proto::TaskId,
         present: bool,
     },
+    /// The dashboard: agents, queue and builds (only `owner`'s, unless `None`; only `build`, if
+    /// named).
+    Dashboard {
+        owner: Option<String>,
+        build: Option<String>,
+        reply: oneshot::Sender<crate::dashboard::Snapshot>,
+    },
     /// A metrics scrape: what the core holds now.
     Metrics {
         reply: oneshot::Sender<crate::metrics::Snapshot>,

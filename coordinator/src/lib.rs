@@ -5,6 +5,7 @@
 //! - [`sched`]: where a task runs (native first, QEMU only as a fallback), a pure function;
 //! - [`core`]: builds and tasks: submit, assign, retry, fence, stitch; pure, actions out;
 //! - [`driver`]: the single task that owns the core, feeds it events, commits, then acts;
+//! - [`dashboard`]: the web dashboard over HTTPS (`dashboard_listen`), logged into with `farm dashboard`'s one-time token;
 //! - [`logs`]: build logs on disk, replayable with `farm logs`;
 //! - [`net`]: QUIC accept loop, handshake, per-peer tasks, context transfer; bytes into events.
 //! - [`store`]: the redb file: every table and transaction in one place; commits are durable before anything is acknowledged.
@@ -14,6 +15,7 @@
 
 pub mod clock;
 pub mod core;
+pub mod dashboard;
 pub mod driver;
 pub mod enroll;
 pub mod events;
@@ -52,6 +54,9 @@ pub struct Config {
     pub limits: core::Limits,
     /// `metrics_listen`: where Prometheus scrapes `GET /metrics` (plain HTTP); `None`: off.
     pub metrics_listen: Option<SocketAddr>,
+    /// `dashboard_listen`: where the web dashboard is served (HTTPS, the coordinator's
+    /// certificate); `None`: off.
+    pub dashboard_listen: Option<SocketAddr>,
     /// `[[webhooks]]`: told when any build ends.
     pub webhooks: Vec<webhooks::Webhook>,
     /// `notify_secret`: signs the notices sent to builds' own `--notify` URLs.
@@ -81,6 +86,7 @@ impl Config {
             max_log_bytes_per_task: logs::DEFAULT_MAX_BYTES_PER_TASK,
             limits: core::Limits::default(),
             metrics_listen: None,
+            dashboard_listen: None,
             webhooks: vec![],
             notify_secret: None,
             sign: false,
@@ -110,6 +116,11 @@ pub enum CoordinatorError {
          the key to turn metrics off"
     )]
     Metrics { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "cannot serve the dashboard on {addr} (config key dashboard_listen): {source}; choose a free address, or \
+         remove the key to turn the dashboard off"
+    )]
+    Dashboard { addr: SocketAddr, source: std::io::Error },
 }
 
 /// A coordinator bound to its address, not yet serving.
@@ -119,6 +130,8 @@ pub struct Coordinator {
     blobs: Arc<BlobStore>,
     store: store::Store,
     metrics: Option<std::net::TcpListener>,
+    /// The dashboard's listener and TLS configuration.
+    dashboard: Option<(std::net::TcpListener, rustls::ServerConfig)>,
     /// The farm's signing key (`signing.key` in the CA directory), if it has one.
     signer: Option<shared::cosign::SigningKey>,
 }
@@ -144,11 +157,25 @@ impl Coordinator {
             ),
             None => None,
         };
-        Ok(Self { config, endpoint, blobs, store, metrics, signer })
+        let dashboard = match config.dashboard_listen {
+            Some(addr) => Some((
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                    .map_err(|source| CoordinatorError::Dashboard { addr, source })?,
+                tls::https_server_config(&creds)?,
+            )),
+            None => None,
+        };
+        Ok(Self { config, endpoint, blobs, store, metrics, dashboard, signer })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.endpoint.local_addr().expect("a bound endpoint has an address")
+    }
+
+    /// Where the dashboard listens, if it is on.
+    pub fn dashboard_addr(&self) -> Option<SocketAddr> {
+        self.dashboard.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     /// Serves until `shutdown` resolves, then closes every connection and returns.
@@ -173,6 +200,19 @@ impl Coordinator {
             tracing::info!("metrics at http://{at}/metrics");
             tokio::spawn(metrics::serve(listener, metrics.clone(), events.clone()));
         }
+        let dashboard = match self.dashboard {
+            Some((listener, tls)) => {
+                let addr = self.config.dashboard_listen.unwrap();
+                let listener = tokio::net::TcpListener::from_std(listener)
+                    .map_err(|source| CoordinatorError::Dashboard { addr, source })?;
+                let at = listener.local_addr().map_err(|source| CoordinatorError::Dashboard { addr, source })?;
+                tracing::info!("dashboard at https://{at}/ (log in with the link `farm dashboard` prints)");
+                let dashboard = Arc::new(dashboard::Dashboard::new(at.port()));
+                tokio::spawn(dashboard::serve(listener, tls, dashboard.clone(), events.clone()));
+                Some(dashboard)
+            }
+            None => None,
+        };
         let driver = driver::Driver::new(
             &self.config,
             self.store,
@@ -196,6 +236,7 @@ impl Coordinator {
             registries,
             ssh: Default::default(),
             metrics,
+            dashboard,
         };
         // Every change is committed before it is acknowledged, so stopping needs no final save.
         let result = tokio::select! {

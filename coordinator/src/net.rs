@@ -45,6 +45,8 @@ pub struct Net {
     /// second check); bounded, emptied when full.
     pub accepted: Arc<std::sync::Mutex<std::collections::HashSet<shared::Digest>>>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Issues the dashboard's login tokens, when `dashboard_listen` is set.
+    pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
 }
 
 /// How many accepted context digests [`Net::accepted`] remembers.
@@ -330,6 +332,23 @@ impl Net {
             {
                 refuse("create or revoke tokens or identities (admin identities only)")
             }
+            Request::DashboardLogin if !matches!(peer.role, Role::Admin | Role::Client) => {
+                refuse("log into the dashboard (admin and client identities only)")
+            }
+            Request::DashboardLogin => match &self.dashboard {
+                Some(d) => match d.login_token(peer.clone()) {
+                    Ok(token) => {
+                        tracing::info!(%peer, "dashboard login token issued");
+                        Response::Dashboard { port: d.port, token, expires_secs: crate::dashboard::TOKEN_TTL.as_secs() }
+                    }
+                    Err(e) => Response::Error(e),
+                },
+                None => Response::Error(
+                    "this coordinator serves no dashboard: set dashboard_listen = \"0.0.0.0:8443\" (or another \
+                     address) in its coordinator.toml and restart it"
+                        .into(),
+                ),
+            },
             Request::PutContext(digest) => self.put_context(digest).await,
             Request::HaveBlobs(digests) => Response::Missing(self.store.missing(&digests)),
             Request::PutBlobs => self.put_blobs(&peer, recv).await?,

@@ -609,6 +609,21 @@ pub fn server_config(creds: &Credentials) -> Result<rustls::ServerConfig, TlsErr
     Ok(config)
 }
 
+/// The web dashboard's HTTPS side: the coordinator's own certificate (and the CA after it), no
+/// client certificates (browsers log in with a token instead), TLS 1.2 and 1.3, ALPN `http/1.1`.
+pub fn https_server_config(creds: &Credentials) -> Result<rustls::ServerConfig, TlsError> {
+    let mut chain = creds.chain.clone();
+    if !chain.contains(&creds.ca) {
+        chain.push(creds.ca.clone());
+    }
+    let mut config = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+        .with_no_client_auth()
+        .with_single_cert(chain, creds.key.clone_key())?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(config)
+}
+
 /// Client side: TLS 1.3 only, ALPN `farm/1`, trusts `creds.ca` alone (no system roots) and
 /// presents `creds.chain`.
 pub fn client_config(creds: &Credentials) -> Result<rustls::ClientConfig, TlsError> {

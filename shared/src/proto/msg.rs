@@ -410,6 +410,9 @@ pub enum Request {
         build: String,
         id: String,
     },
+    /// (Admins and clients) a one-time login token for the web dashboard, for the caller's
+    /// identity; answered with [`Response::Dashboard`].
+    DashboardLogin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -425,14 +428,37 @@ pub enum Response {
     Agents(Vec<AgentView>),
     Error(String),
     Missing(Vec<Digest>),
-    Stored { blobs: u64, bytes: u64 },
-    Accepted { build: String },
+    Stored {
+        blobs: u64,
+        bytes: u64,
+    },
+    Accepted {
+        build: String,
+    },
     Event(BuildEvent),
     Builds(Vec<BuildView>),
-    LogLine { platform: Platform, line: String },
+    LogLine {
+        platform: Platform,
+        line: String,
+    },
     Ok,
-    Joined { role: Role, cert_pem: String, ca_pem: String },
-    Token { token: String, id: String, expires_ms: Option<u64> },
+    Joined {
+        role: Role,
+        cert_pem: String,
+        ca_pem: String,
+    },
+    Token {
+        token: String,
+        id: String,
+        expires_ms: Option<u64>,
+    },
+    /// The dashboard's port (on the coordinator's host) and a login token valid once, for
+    /// `expires_secs` seconds: `https://HOST:PORT/login?token=TOKEN`.
+    Dashboard {
+        port: u16,
+        token: String,
+        expires_secs: u64,
+    },
 }
 
 /// One build as `farm builds` shows it.
