@@ -1510,7 +1510,7 @@ impl World {
 
     /// A peer without a certificate (as a joiner connects) sending `req` after the hello.
     fn joiner_request(&self, req: Request) -> String {
-        let ca_sha256 = shared::tls::sha256(self.admin.ca.as_ref());
+        let ca_sha256 = shared::digest::sha256_hex(self.admin.ca.as_ref());
         self.rt.block_on(async {
             let (_endpoint, conn) =
                 shared::quic::connect_to_join(&self.farm.addr, &ca_sha256, &TransportLimits::default())

@@ -107,7 +107,7 @@ fn named_contexts_env_secrets_hosts_no_network_and_a_context_on_stdin() {
     assert_eq!(image.text("x"), "from the named context");
     assert_eq!(image.text("y"), "from the named context");
     assert_eq!(image.text("extra-ls"), "file", ".dockerignore of the named context is honoured");
-    assert_eq!(image.text("tokhash"), shared::tls::sha256(secret.as_bytes()));
+    assert_eq!(image.text("tokhash"), shared::digest::sha256_hex(secret.as_bytes()));
     assert_eq!(image.text("hosts").split_whitespace().collect::<Vec<_>>(), ["10.1.2.3", "db.internal"]);
     // The secret is in no layer, no log, no state file.
     for (path, bytes) in &image.files {

@@ -72,7 +72,7 @@ fn each_platform_carries_slsa_provenance_where_buildx_and_oras_look() {
     assert_eq!(entries.len(), 4, "{index}");
     let certificate = {
         let creds = shared::tls::load_credentials(&farm.ca.dir, "x86").unwrap();
-        format!("sha256:{}", shared::tls::sha256(creds.chain[0].as_ref()))
+        format!("sha256:{}", shared::digest::sha256_hex(creds.chain[0].as_ref()))
     };
     for (i, (platform, emulated)) in [("linux/amd64", false), ("linux/arm64", true)].into_iter().enumerate() {
         let manifest = entries[i]["digest"].as_str().unwrap();

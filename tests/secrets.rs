@@ -73,7 +73,7 @@ fn a_secret_reaches_its_run_and_no_layer_and_a_planted_password_is_written_nowhe
 
     // The RUN saw the secret: the hash it wrote is the secret's.
     let (_, _, images) = read_image(&registry, &format!("{}/secrets:1", registry.addr));
-    let want = shared::tls::sha256(secret_value.as_bytes());
+    let want = shared::digest::sha256_hex(secret_value.as_bytes());
     for image in &images {
         assert_eq!(image.text("secret-hash"), want, "{}", image.platform);
         for (path, bytes) in &image.files {

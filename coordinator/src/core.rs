@@ -99,7 +99,8 @@ struct CacheEntry {
 /// the inputs that change what RUN steps see (named contexts by manifest digest, `--network
 /// none`, `--add-host`). `--pull` is not in it: the base digests already are.
 pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest)]) -> String {
-    let secrets: Vec<(&String, String)> = spec.secrets.iter().map(|s| (&s.id, shared::tls::sha256(&s.value))).collect();
+    let secrets: Vec<(&String, String)> =
+        spec.secrets.iter().map(|s| (&s.id, shared::digest::sha256_hex(&s.value))).collect();
     let inputs = (
         "farm result cache v1",
         &spec.context,
@@ -116,7 +117,7 @@ pub fn cache_key(spec: &BuildSpec, platform: &Platform, bases: &[(String, Digest
         spec.inputs.no_network,
         &spec.inputs.add_hosts,
     );
-    shared::tls::sha256(&postcard::to_allocvec(&inputs).expect("plain data encodes"))
+    shared::digest::sha256_hex(&postcard::to_allocvec(&inputs).expect("plain data encodes"))
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -457,7 +457,7 @@ impl Driver {
         let ttl_ms = Some(ttl_secs.unwrap_or(24 * 3600).saturating_mul(1000));
         let record = self.security.create(now, &id, &secret, role, ttl_ms, uses, &peer.name);
         self.next_batch.put_token(&id, &record);
-        let ca_sha256 = shared::tls::sha256(ca.cert.as_ref());
+        let ca_sha256 = shared::digest::sha256_hex(ca.cert.as_ref());
         let token = JoinToken { ca_sha256, id: id.clone(), secret };
         tracing::info!(token = %id, %role, by = %peer.name, "join token created");
         Response::Token { token: token.to_string(), id, expires_ms: record.expires_ms }

@@ -83,7 +83,7 @@ impl Security {
     ) -> TokenRecord {
         let record = TokenRecord {
             role,
-            secret_sha256: shared::tls::sha256(secret.as_bytes()),
+            secret_sha256: shared::digest::sha256_hex(secret.as_bytes()),
             created_ms: now,
             created_by: by.into(),
             expires_ms: ttl_ms.map(|t| now + t),
@@ -107,7 +107,7 @@ impl Security {
             return Err(JoinError::NameRevoked(name.into()));
         }
         let t = self.tokens.get_mut(id).ok_or_else(|| JoinError::Unknown(id.into()))?;
-        if !same(&t.secret_sha256, &shared::tls::sha256(secret.as_bytes())) {
+        if !same(&t.secret_sha256, &shared::digest::sha256_hex(secret.as_bytes())) {
             return Err(JoinError::Unknown(id.into()));
         }
         if t.revoked {

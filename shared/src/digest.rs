@@ -43,6 +43,12 @@ impl Hasher {
     }
 }
 
+/// Lowercase hex SHA-256 of `data` (64 digits, no `sha256:` prefix): fingerprints and secret
+/// hashes, where a [`Digest`]'s prefix is not wanted.
+pub fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
+}
+
 impl FromStr for Digest {
     type Err = DigestError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

@@ -341,7 +341,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<Identity, QuicError> {
 /// `sha256:<hex>` of the peer's leaf certificate (DER): how provenance names the agent's certificate.
 pub fn peer_certificate_sha256(conn: &quinn::Connection) -> Option<String> {
     let certs = conn.peer_identity()?.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    certs.first().map(|leaf| format!("sha256:{}", tls::sha256(leaf.as_ref())))
+    certs.first().map(|leaf| format!("sha256:{}", crate::digest::sha256_hex(leaf.as_ref())))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 //! Credentials come from Docker's config.json (inline `auth` or `username`/`password` only) and
 //! never appear in `Debug`, `Display` or error messages.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::path::{Path, PathBuf};
@@ -292,6 +292,22 @@ impl RegistryPool {
         let r = Registry::new(insecure, credentials.cloned());
         clients.insert(key, r.clone());
         r
+    }
+
+    /// The lock that orders this process's updates of one `sha256-<hex>` fallback tag (keyed by
+    /// registry, repository and subject); kept only while someone holds or waits for it.
+    fn fallback_tag_turn(key: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+        use std::sync::{Arc, Mutex, Weak};
+        static TURNS: std::sync::LazyLock<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> =
+            std::sync::LazyLock::new(Default::default);
+        let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
+        turns.retain(|_, w| w.strong_count() > 0);
+        if let Some(turn) = turns.get(key).and_then(Weak::upgrade) {
+            return turn;
+        }
+        let turn = Arc::new(tokio::sync::Mutex::new(()));
+        turns.insert(key.to_string(), Arc::downgrade(&turn));
+        turn
     }
 
     #[cfg(test)]
@@ -835,6 +851,24 @@ impl Registry {
 
     /// PUTs a manifest or index under `target` (its digest if it has one, else its tag).
     async fn put_manifest(&self, target: &ImageRef, body: Vec<u8>, media_type: &str) -> Result<(), RegistryError> {
+        // A registry may answer MANIFEST_BLOB_UNKNOWN for a blob that is there: distribution 2.8's
+        // filesystem storage rewrites a repository's blob link in place, so a manifest checked
+        // while another push of the same blob (another build's) rewrites it sees an empty link.
+        // That passes in moments; a blob really missing fails every try.
+        let mut pause = std::time::Duration::from_millis(50);
+        for _ in 0..3 {
+            match self.put_manifest_once(target, body.clone(), media_type).await {
+                Err(RegistryError::Protocol { message, .. }) if message.contains("MANIFEST_BLOB_UNKNOWN") => {
+                    tokio::time::sleep(pause).await;
+                    pause *= 4;
+                }
+                other => return other,
+            }
+        }
+        self.put_manifest_once(target, body, media_type).await
+    }
+
+    async fn put_manifest_once(&self, target: &ImageRef, body: Vec<u8>, media_type: &str) -> Result<(), RegistryError> {
         let content_type =
             media_type.parse().map_err(|_| RegistryError::Usage(format!("invalid media type {media_type:?}")))?;
         let reference = target.to_oci_client();
@@ -950,6 +984,12 @@ impl Registry {
             self.put_manifest(&repo.with_digest(&m.digest()), m.bytes.clone(), &m.media_type).await?;
         }
         for (subject, artifact) in &published.referrers {
+            // The fallback tag is read, changed and written back: builds of this process whose
+            // platform manifests are the same (a reproducible or cached result) take turns, or
+            // one would overwrite the other's referrer (and distribution answers 500 to
+            // concurrent writes of one tag).
+            let turn = fallback_tag_turn(&format!("{}/{}@{subject}", repo.registry, repo.repository));
+            let _turn = turn.lock().await;
             // A registry with the referrers API lists the artifact already (it read its subject);
             // so does a fallback tag that lists it. oci-client falls back to the tag by itself.
             if self.referrers(repo, subject).await.contains(&artifact.digest().as_str().to_owned()) {

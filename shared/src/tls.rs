@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use crate::digest::sha256_hex;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
 };
@@ -22,8 +23,8 @@ use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
+use rustls::SignatureScheme;
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, RootCertStore};
-use rustls::{SignatureScheme, SupportedCipherSuite};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 
@@ -414,11 +415,6 @@ impl FromStr for JoinToken {
     }
 }
 
-/// Lowercase hex SHA-256 of `data`.
-pub fn sha256(data: &[u8]) -> String {
-    sha256_hex(data)
-}
-
 /// Client side of joining: no client certificate yet; the server is trusted only if its chain
 /// carries a CA certificate with the token's fingerprint, and its leaf verifies against it.
 pub fn join_client_config(ca_sha256: &str) -> Result<rustls::ClientConfig, TlsError> {
@@ -488,16 +484,6 @@ impl rustls::client::danger::ServerCertVerifier for PinnedCaVerifier {
 /// SHA-256 of a certificate's DER, as `sha256:<lowercase hex>`.
 pub fn fingerprint(cert: &CertificateDer<'_>) -> String {
     format!("sha256:{}", sha256_hex(cert.as_ref()))
-}
-
-/// Lowercase hex SHA-256, with ring's implementation reached through the rustls suite built on
-/// it (no extra dependency).
-fn sha256_hex(data: &[u8]) -> String {
-    let SupportedCipherSuite::Tls13(suite) = rustls::crypto::ring::cipher_suite::TLS13_AES_128_GCM_SHA256 else {
-        unreachable!("TLS13_AES_128_GCM_SHA256 is a TLS 1.3 suite")
-    };
-    let digest = suite.common.hash_provider.hash(data);
-    digest.as_ref().iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Everything a peer needs to connect: the CA to trust, its own chain and key, and who it is.
