@@ -76,7 +76,9 @@ fn a_cold_agent_reuses_the_layers_another_agent_exported_to_the_registry() {
     let pulled = format!("[linux/amd64] --> Cache pulled from remote {}/farm-cache/linux-amd64:", registry.addr);
     let hits: Vec<&str> = err
         .lines()
-        .filter(|l| l.starts_with(&imported) || l.starts_with(&pulled) || l.starts_with("[linux/amd64] --> Using cache"))
+        .filter(|l| {
+            l.starts_with(&imported) || l.starts_with(&pulled) || l.starts_with("[linux/amd64] --> Using cache")
+        })
         .collect();
     eprintln!("the cold agent's cache hits from the registry:\n{}", hits.join("\n"));
     assert!(err.contains(&imported), "{err}");

@@ -304,10 +304,8 @@ impl<'a> Builds<'a> {
             Unit::Seconds,
             Goal::RatioAtMost(1.0),
         );
-        three.farm_label = format!(
-            "farm build --platform {THREE}, one x86_64 agent of default capacity ({} here)",
-            solo_capacity()
-        );
+        three.farm_label =
+            format!("farm build --platform {THREE}, one x86_64 agent of default capacity ({} here)", solo_capacity());
         three.baseline_label = "buildah build --jobs 3 --manifest + buildah manifest push --all".into();
         let mut trio =
             Row::new("3", "three platforms, three agents (one per platform) vs single host", Unit::Seconds, Goal::None);
@@ -412,9 +410,10 @@ impl<'a> Builds<'a> {
             Unit::Seconds,
             Goal::None,
         );
-        plain.farm_label = "farm build --platform linux/amd64 (layer cache on, as a user gets it), one x86_64 agent of \
+        plain.farm_label =
+            "farm build --platform linux/amd64 (layer cache on, as a user gets it), one x86_64 agent of \
                             default capacity"
-            .into();
+                .into();
         plain.baseline_label = "buildah build (no --layers) + buildah push, same storage setup".into();
         let mut layered = Row::new(
             "1b",
@@ -438,7 +437,8 @@ impl<'a> Builds<'a> {
         let stamp = |side: &str, rep: usize| -> Result<()> {
             let file = ctx.join("deps/prepare.sh");
             let text = std::fs::read_to_string(&file)?;
-            let body: String = text.lines().filter(|l| !l.starts_with("# bench stamp")).map(|l| format!("{l}\n")).collect();
+            let body: String =
+                text.lines().filter(|l| !l.starts_with("# bench stamp")).map(|l| format!("{l}\n")).collect();
             std::fs::write(&file, format!("{body}# bench stamp {side} {rep} {:016x}\n", rand::random::<u64>()))?;
             Ok(())
         };
@@ -452,7 +452,8 @@ impl<'a> Builds<'a> {
                     stamp(side, rep)?;
                     match side {
                         "farm" => {
-                            let f = self.farm_build("linux/amd64", SOLO, &format!("bench-first:r{rep}"), &ctx, false)?;
+                            let f =
+                                self.farm_build("linux/amd64", SOLO, &format!("bench-first:r{rep}"), &ctx, false)?;
                             plain.farm.push(f.wall);
                             layered.farm.push(f.wall);
                             farm_phases_v.push(farm_phases(&f));
@@ -469,7 +470,8 @@ impl<'a> Builds<'a> {
                             plain_phases.push(direct_phases_of(&d));
                         }
                         _ => {
-                            let d = self.direct_build("linux/amd64", &format!("bench-first-layers:r{rep}"), &ctx, false)?;
+                            let d =
+                                self.direct_build("linux/amd64", &format!("bench-first-layers:r{rep}"), &ctx, false)?;
                             layered.baseline.push(d.wall);
                             layered_phases.push(direct_phases_of(&d));
                         }

@@ -1234,11 +1234,8 @@ impl Core {
                     let chain = |repo: &String| {
                         (repo.clone(), b.repository.clone(), b.spec.dockerfile.clone(), b.spec.target.clone())
                     };
-                    let cache_import = cache_from
-                        .first()
-                        .and_then(|r| self.cache_chains.get(&chain(r)))
-                        .cloned()
-                        .unwrap_or_default();
+                    let cache_import =
+                        cache_from.first().and_then(|r| self.cache_chains.get(&chain(r))).cloned().unwrap_or_default();
                     match &cache_to {
                         Some(to) => {
                             self.step_logs.insert(id, (chain(to), shared::cache::StepLog::default()));

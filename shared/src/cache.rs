@@ -197,11 +197,7 @@ impl StepLog {
     /// first build). Layer steps are left to buildah's lazy `--cache-from`.
     pub fn imports(&self) -> Vec<String> {
         let any_hit = self.steps.iter().any(|s| s.hit);
-        self.steps
-            .iter()
-            .filter(|s| !s.adds_layer() && (s.hit || !any_hit))
-            .filter_map(|s| s.pushed.clone())
-            .collect()
+        self.steps.iter().filter(|s| !s.adds_layer() && (s.hit || !any_hit)).filter_map(|s| s.pushed.clone()).collect()
     }
 }
 
@@ -303,8 +299,17 @@ mod tests {
         let mut l = StepLog::default();
         log.lines().for_each(|line| l.line(line));
         assert_eq!(l.steps().len(), 8);
-        assert_eq!(l.pushed().collect::<Vec<_>>(), ["r.lan/c/linux-amd64:k2", "r.lan/c/linux-amd64:k3",
-            "r.lan/c/linux-amd64:k4", "r.lan/c/linux-amd64:k5", "r.lan/c/linux-amd64:k6", "r.lan/c/linux-amd64:k8"]);
+        assert_eq!(
+            l.pushed().collect::<Vec<_>>(),
+            [
+                "r.lan/c/linux-amd64:k2",
+                "r.lan/c/linux-amd64:k3",
+                "r.lan/c/linux-amd64:k4",
+                "r.lan/c/linux-amd64:k5",
+                "r.lan/c/linux-amd64:k6",
+                "r.lan/c/linux-amd64:k8"
+            ]
+        );
         // The hits without a layer; not the ENV and CMD that ran again after the change.
         assert_eq!(l.imports(), ["r.lan/c/linux-amd64:k2", "r.lan/c/linux-amd64:k3"]);
         // A first build hits nothing: every layer-less step it exported.
@@ -316,7 +321,12 @@ mod tests {
         );
         // Single-stage builds have no [i/n]; a RUN's own output is not a step.
         let mut single = StepLog::default();
-        for line in ["STEP 1/2: FROM b", "STEP 2/2: RUN echo 'STEP 9/9: ARG X'", "echo STEP 3/4: ARG Y", "--> Pushing cache r/c:k"] {
+        for line in [
+            "STEP 1/2: FROM b",
+            "STEP 2/2: RUN echo 'STEP 9/9: ARG X'",
+            "echo STEP 3/4: ARG Y",
+            "--> Pushing cache r/c:k",
+        ] {
             single.line(line);
         }
         assert_eq!(single.steps().len(), 2);
