@@ -394,6 +394,7 @@ impl Builder for Buildah {
                 }
             }
             for store in self.stores() {
+                let _ = std::fs::remove_file(store.join(CACHE_KNOWN));
                 let _ = self.output(&store, &["rmi", "--prune"]).await;
             }
             Ok(())

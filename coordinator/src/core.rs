@@ -1238,6 +1238,13 @@ impl Core {
                         cache_from.first().and_then(|r| self.cache_chains.get(&chain(r))).cloned().unwrap_or_default();
                     match &cache_to {
                         Some(to) => {
+                            // Tasks that ended without a result (cancelled, requeued) leave theirs.
+                            if self.step_logs.len() >= HISTORY_KEYS {
+                                let tasks = &self.tasks;
+                                self.step_logs.retain(|t, _| {
+                                    tasks.get(t).is_some_and(|t| matches!(t.state, TaskState::Running { .. }))
+                                });
+                            }
                             self.step_logs.insert(id, (chain(to), shared::cache::StepLog::default()));
                         }
                         None => {
