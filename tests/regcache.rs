@@ -10,8 +10,10 @@ mod common;
 use common::registry::{read_image, Registry};
 use common::*;
 
-const DOCKERFILE: &str = "ARG BASE\nFROM $BASE\nRUN echo one > /one\nRUN echo two > /two\nRUN cat /one /two > /both\n\
-                          COPY data.txt /data.txt\n";
+// `ARG N` inside the stage: buildah 1.28 never pulls such a step from the registry, so the cold
+// agent imports it before building (the coordinator names it); the RUN steps it pulls lazily.
+const DOCKERFILE: &str = "ARG BASE\nFROM $BASE\nARG N=1\nRUN echo one > /one\nRUN echo two > /two\n\
+                          RUN cat /one /two > /both\nCOPY data.txt /data.txt\n";
 
 #[test]
 fn a_cold_agent_reuses_the_layers_another_agent_exported_to_the_registry() {
@@ -50,9 +52,9 @@ fn a_cold_agent_reuses_the_layers_another_agent_exported_to_the_registry() {
     let (ok, out, err) = build(&args("app:1", &[]));
     assert!(ok, "{out}\n{err}");
     assert_eq!(summary(&out)["linux/amd64"].0, "x86a", "{out}");
-    assert_eq!(err.matches("[linux/amd64] --> Pushing cache").count(), 4, "{err}");
+    assert_eq!(err.matches("[linux/amd64] --> Pushing cache").count(), 5, "{err}");
     let cache_tags = registry.tags("farm-cache/linux-amd64");
-    assert_eq!(cache_tags.len(), 4, "one cache image per step: {cache_tags:?}");
+    assert_eq!(cache_tags.len(), 5, "one cache image per step: {cache_tags:?}");
 
     // One file changes; the first agent goes away; a second one, which never built this
     // context, takes the build.
@@ -63,17 +65,25 @@ fn a_cold_agent_reuses_the_layers_another_agent_exported_to_the_registry() {
     let (ok, out, err) = build(&args("app:2", &[]));
     assert!(ok, "{out}\n{err}");
     assert_eq!(summary(&out)["linux/amd64"].0, "x86b", "{out}");
-    // buildah 1.28 pulls no ARG step by key, so a cold store first imports the cache repository
-    // (see agent::builder::import_cache); its steps are then found by history and layers.
+    // buildah 1.28 pulls no ARG step by key: the cold store imports the one the first build
+    // exported (the coordinator names it, see shared::cache::StepLog), then buildah pulls each
+    // unchanged RUN step from the registry as it reaches it.
     let imported = format!(
-        "[linux/amd64] farm: imported the layer cache {}/farm-cache/linux-amd64 into this agent (",
+        "[linux/amd64] farm: imported the layer cache {}/farm-cache/linux-amd64 into this agent: 1 step image(s) of \
+         the previous build (",
         registry.addr
     );
-    let hits: Vec<&str> =
-        err.lines().filter(|l| l.starts_with(&imported) || l.starts_with("[linux/amd64] --> Using cache")).collect();
+    let pulled = format!("[linux/amd64] --> Cache pulled from remote {}/farm-cache/linux-amd64:", registry.addr);
+    let hits: Vec<&str> = err
+        .lines()
+        .filter(|l| {
+            l.starts_with(&imported) || l.starts_with(&pulled) || l.starts_with("[linux/amd64] --> Using cache")
+        })
+        .collect();
     eprintln!("the cold agent's cache hits from the registry:\n{}", hits.join("\n"));
     assert!(err.contains(&imported), "{err}");
-    assert_eq!(err.matches("[linux/amd64] --> Using cache").count(), 3, "the three unchanged RUN steps:\n{err}");
+    assert_eq!(err.matches(&pulled).count(), 3, "the three unchanged RUN steps, from the registry:\n{err}");
+    assert_eq!(err.matches("[linux/amd64] --> Using cache").count(), 4, "ARG N and the three RUN steps:\n{err}");
     assert!(!err.contains("farm: no layer cache imported"), "{err}");
     let (_, _, images) = read_image(&registry, &format!("{}/app:2", registry.addr));
     assert_eq!(images.len(), 1);
@@ -88,8 +98,8 @@ fn a_cold_agent_reuses_the_layers_another_agent_exported_to_the_registry() {
     assert!(ok, "{out}\n{err}");
     // buildah exports the steps it found in its own storage too, so the new cache is whole.
     let pushed = format!("[linux/amd64] --> Pushing cache {}/app-cache/main/linux-amd64:", registry.addr);
-    assert_eq!(err.matches(&pushed).count(), 4, "{err}");
-    assert_eq!(registry.tags("app-cache/main/linux-amd64").len(), 4);
+    assert_eq!(err.matches(&pushed).count(), 5, "{err}");
+    assert_eq!(registry.tags("app-cache/main/linux-amd64").len(), 5);
 
     // A cache registry that cannot be written does not fail the build: it runs again without.
     std::fs::write(ctx.join("data.txt"), "fourth\n").unwrap();

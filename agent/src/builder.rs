@@ -88,6 +88,9 @@ pub struct Job<'a> {
     pub cache_to: Option<&'a str>,
     /// Repositories the layer cache is imported from, in order.
     pub cache_from: &'a [String],
+    /// Cache images to pull before the build unless the store has them (see
+    /// [`shared::cache::StepLog`]).
+    pub cache_import: &'a [String],
     /// Credentials for the cache registry: the build's push credentials, when the cache lives
     /// on the same registry as the image.
     pub cache_credentials: Option<&'a shared::registry::Credentials>,
@@ -366,6 +369,8 @@ impl Builder for Buildah {
         Box::pin(async move {
             if limit == 0 {
                 for store in self.stores() {
+                    // What the store held of the registry cache goes with its images.
+                    let _ = std::fs::remove_file(store.join(CACHE_KNOWN));
                     let _ = self.output(&store, &["rm", "--all"]).await;
                     self.output(&store, &["rmi", "--all", "--force"]).await?;
                 }
@@ -382,12 +387,14 @@ impl Builder for Buildah {
             }
             images.sort();
             for (_, id, store) in images {
+                let _ = std::fs::remove_file(store.join(CACHE_KNOWN));
                 let _ = self.output(&store, &["rmi", "--force", &id]).await;
                 if self.cache_bytes() <= limit {
                     break;
                 }
             }
             for store in self.stores() {
+                let _ = std::fs::remove_file(store.join(CACHE_KNOWN));
                 let _ = self.output(&store, &["rmi", "--prune"]).await;
             }
             Ok(())
@@ -407,6 +414,7 @@ impl Builder for Buildah {
                 let uncached = (job.cache_to.is_some() || !job.cache_from.is_empty()).then(|| Job {
                     cache_to: None,
                     cache_from: &[],
+                    cache_import: &[],
                     ..job.clone()
                 });
                 match (self.build_in(&store, job, log.clone()).await, uncached) {
@@ -527,14 +535,13 @@ impl Buildah {
         alone
     }
 
-    /// buildah 1.28 pulls a step from `--cache-from` by its cache key, but never an `ARG` step
-    /// inside a stage: a cold store commits that step afresh, and every later key differs, so
-    /// nothing after the first `ARG` would come from the registry. A store's first build with a
-    /// cache repository therefore pulls the repository's images (`buildah pull --all-tags`, one
-    /// process): buildah's local lookup matches them by history and layers, `ARG` steps
-    /// included. Later builds in the store rely on `--cache-from` (the store's `cache-imported`
-    /// file lists the repositories it imported). A missing repository (nothing exported yet) or
-    /// a failed pull only costs the cache, and is tried again at the next build.
+    /// Pulls the cache images the coordinator named (`cache_import`: the previous build's
+    /// layer-less steps, see [`shared::cache::StepLog`]) that this store does not have, one
+    /// `buildah pull` each, before the build: buildah 1.28 never pulls those itself, and a cold
+    /// store that misses one takes nothing from the registry for the rest of its stage. The layer
+    /// steps are left to `--cache-from`, which pulls them lazily while they hit. The store's
+    /// `cache-known` file lists what it imported or exported itself (a warm store pulls nothing).
+    /// A failed pull only costs the cache.
     async fn import_cache(
         &self,
         store: &Path,
@@ -545,38 +552,50 @@ impl Buildah {
         log: &mpsc::UnboundedSender<String>,
     ) {
         let Some(repo) = job.cache_from.first() else { return };
-        let marker = store.join("cache-imported");
-        let done = std::fs::read_to_string(&marker).unwrap_or_default();
-        if done.lines().any(|l| l == repo) {
+        let known = std::fs::read_to_string(store.join(CACHE_KNOWN)).unwrap_or_default();
+        let known: std::collections::HashSet<&str> = known.lines().collect();
+        let wanted: Vec<&String> = job
+            .cache_import
+            .iter()
+            .filter(|r| r.strip_prefix(repo.as_str()).is_some_and(|key| key.starts_with(':')))
+            .filter(|r| !known.contains(r.as_str()))
+            .collect();
+        if wanted.is_empty() {
             return;
         }
         let started = std::time::Instant::now();
-        let mut pull = self.command(store);
-        pull.env("CONTAINERS_REGISTRIES_CONF", conf).env("TMPDIR", tmp).args(["pull", "--quiet", "--all-tags"]);
-        if let Some(a) = authfile {
-            pull.arg("--authfile").arg(a);
+        let mut imported = vec![];
+        for r in wanted {
+            let mut pull = self.command(store);
+            pull.env("CONTAINERS_REGISTRIES_CONF", conf).env("TMPDIR", tmp).args(["pull", "--quiet"]);
+            if let Some(a) = authfile {
+                pull.arg("--authfile").arg(a);
+            }
+            pull.arg(format!("docker://{r}")).stdout(Stdio::null()).stderr(Stdio::piped());
+            let out = tokio::select! {
+                out = pull.output() => out,
+                _ = job.cancel.cancelled() => return,
+            };
+            match out {
+                Ok(o) if o.status.success() => imported.push(r.clone()),
+                Ok(o) => {
+                    let err = String::from_utf8_lossy(&o.stderr);
+                    let why = err.lines().rev().find_map(error_line).unwrap_or("buildah pull failed").to_string();
+                    let _ = log.send(format!("farm: no layer cache imported from {r}: {why}"));
+                }
+                Err(e) => {
+                    let _ = log.send(format!("farm: no layer cache imported from {r}: {e}"));
+                }
+            }
         }
-        pull.arg(format!("docker://{repo}")).stdout(Stdio::piped()).stderr(Stdio::piped());
-        let out = tokio::select! {
-            out = pull.output() => out,
-            _ = job.cancel.cancelled() => return,
-        };
-        let line = match out {
-            Ok(o) if o.status.success() => {
-                let _ = std::fs::write(&marker, format!("{done}{repo}\n"));
-                format!(
-                    "farm: imported the layer cache {repo} into this agent ({:.1} s)",
-                    started.elapsed().as_secs_f64()
-                )
-            }
-            Ok(o) => {
-                let err = String::from_utf8_lossy(&o.stderr);
-                let why = err.lines().rev().find_map(error_line).unwrap_or("buildah pull failed").to_string();
-                format!("farm: no layer cache imported from {repo}: {why}")
-            }
-            Err(e) => format!("farm: no layer cache imported from {repo}: {e}"),
-        };
-        let _ = log.send(line);
+        if !imported.is_empty() {
+            remember_cache(store, imported.iter().map(String::as_str));
+            let _ = log.send(format!(
+                "farm: imported the layer cache {repo} into this agent: {} step image(s) of the previous build ({:.1} s)",
+                imported.len(),
+                started.elapsed().as_secs_f64()
+            ));
+        }
     }
 
     async fn build_in(
@@ -644,7 +663,29 @@ impl Buildah {
             if let Some(c) = &cgroup {
                 c.join(&mut build);
             }
-            let built = run(build, &log, "buildah build", &job.cancel).await;
+            // The cache images this build exports are in the store: the next build needs not
+            // import them.
+            let (tee, mut lines) = mpsc::unbounded_channel::<String>();
+            let exported = async {
+                let mut steps = shared::cache::StepLog::default();
+                while let Some(line) = lines.recv().await {
+                    steps.line(&line);
+                    let _ = log.send(line);
+                }
+                steps
+            };
+            let cancel = &job.cancel;
+            let (built, steps) = tokio::join!(
+                async move {
+                    let built = run(build, &tee, "buildah build", cancel).await;
+                    drop(tee);
+                    built
+                },
+                exported
+            );
+            if job.cache_to.is_some() && built.is_ok() {
+                remember_cache(store, steps.pushed());
+            }
             drop(sandbox);
             drop(secrets);
             drop(short_tmp);
@@ -668,6 +709,27 @@ impl Buildah {
             let phase = |name: &str, ms| shared::proto::Phase { name: name.into(), ms };
             Ok(vec![phase("build", build_ms), phase("export", exporting.elapsed().as_millis() as u64)])
         }
+    }
+}
+
+/// The file in a store that lists the cache images (`REPOSITORY:KEY`) it holds.
+const CACHE_KNOWN: &str = "cache-known";
+
+/// Adds `refs` to the store's list of the cache images it holds.
+fn remember_cache<'a>(store: &Path, refs: impl Iterator<Item = &'a str>) {
+    use std::io::Write as _;
+    let text: String = refs.map(|r| format!("{r}\n")).collect();
+    if text.is_empty() {
+        return;
+    }
+    let path = store.join(CACHE_KNOWN);
+    let appended = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()));
+    if let Err(e) = appended {
+        tracing::warn!("recording the cache images of {}: {e}", store.display());
     }
 }
 

@@ -738,6 +738,7 @@ mod tests {
             contexts,
             cache_to: None,
             cache_from: &[],
+            cache_import: &[],
             cache_credentials: None,
         };
         let plain = job(&inputs, &[]);

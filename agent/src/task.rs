@@ -227,6 +227,7 @@ impl Runner {
             contexts: &contexts,
             cache_to: a.cache_to.as_deref(),
             cache_from: &a.cache_from,
+            cache_import: &a.cache_import,
             cache_credentials: a.credentials.as_ref().filter(|_| {
                 let image_registry = shared::cache::registry_of(&a.repository);
                 a.cache_to.iter().chain(&a.cache_from).any(|r| shared::cache::registry_of(r) == image_registry)

@@ -79,6 +79,7 @@ fn framing(c: &mut Criterion) {
         inputs: Default::default(),
         cache_to: None,
         cache_from: vec![],
+        cache_import: vec![],
     }));
     let wire = shared::proto::encode(&assign, DEFAULT_MAX_FRAME).expect("encodes");
     c.bench_function("proto/decode an assignment", |b| {

@@ -24,8 +24,11 @@ pub const THREE: &str = "linux/amd64,linux/arm64,linux/arm/v7";
 /// configured as native for one platform (on this machine the ARM ones still run under QEMU).
 pub const SOLO: &str = "solo";
 pub const TRIO: [(&str, &str); 3] = [("x86", "linux/amd64"), ("pi64", "linux/arm64"), ("pi32", "linux/arm/v7")];
-/// The single agent's capacity: the same parallelism as `buildah build --jobs 3`.
-pub const SOLO_CAPACITY: &str = "3";
+/// The single agent's capacity: its default (`farm agent` without `--capacity`, detected from
+/// the host's cores and memory), as a user gets it.
+pub fn solo_capacity() -> u32 {
+    agent::default_capacity()
+}
 
 pub struct Builds<'a> {
     pub env: &'a Env,
@@ -183,9 +186,22 @@ impl<'a> Builds<'a> {
     /// host builds and publishes a multi-arch image without farm. Like farm builds, a failed
     /// build is remembered for the notes and run again (up to [`ATTEMPTS`] times).
     pub fn direct_build(&self, platforms: &str, tag: &str, ctx: &Path, no_cache: bool) -> Result<DirectRun> {
+        self.direct_build_with(platforms, tag, ctx, no_cache, true)
+    }
+
+    /// [`Builds::direct_build`], with or without `--layers` (without: buildah commits each
+    /// stage once, as `buildah build` does by default, and keeps no layer cache).
+    pub fn direct_build_with(
+        &self,
+        platforms: &str,
+        tag: &str,
+        ctx: &Path,
+        no_cache: bool,
+        layers: bool,
+    ) -> Result<DirectRun> {
         let mut attempt = 1;
         loop {
-            match self.direct_build_once(platforms, tag, ctx, no_cache)? {
+            match self.direct_build_once(platforms, tag, ctx, no_cache, layers)? {
                 Ok(run) => return Ok(run),
                 Err((why, full)) => {
                     eprintln!("farm-bench: buildah build {tag} failed (attempt {attempt}): {why}");
@@ -205,12 +221,17 @@ impl<'a> Builds<'a> {
         tag: &str,
         ctx: &Path,
         no_cache: bool,
+        layers: bool,
     ) -> Result<Result<DirectRun, (String, anyhow::Error)>> {
         procs::check_interrupted()?;
         let image = format!("{}/{tag}", self.registry);
         let multi = platforms.contains(',');
         let mut build = self.buildah();
-        build.args(["build", "--layers", "--platform", platforms]);
+        build.arg("build");
+        if layers {
+            build.arg("--layers");
+        }
+        build.args(["--platform", platforms]);
         if no_cache {
             build.arg("--no-cache");
         }
@@ -283,7 +304,8 @@ impl<'a> Builds<'a> {
             Unit::Seconds,
             Goal::RatioAtMost(1.0),
         );
-        three.farm_label = format!("farm build --platform {THREE}, one x86_64 agent of capacity {SOLO_CAPACITY}");
+        three.farm_label =
+            format!("farm build --platform {THREE}, one x86_64 agent of default capacity ({} here)", solo_capacity());
         three.baseline_label = "buildah build --jobs 3 --manifest + buildah manifest push --all".into();
         let mut trio =
             Row::new("3", "three platforms, three agents (one per platform) vs single host", Unit::Seconds, Goal::None);
@@ -373,6 +395,104 @@ impl<'a> Builds<'a> {
                 .into_iter()
                 .map(|r| if r.farm.len() < self.reps || r.baseline.len() < self.reps { r.failed(&e) } else { r })
                 .collect(),
+        }
+    }
+
+    /// Rows 1a-1b: one platform, a first build (nothing of it in any layer cache: every step
+    /// from `COPY deps/` on runs, as `deps/prepare.sh` changes to a content of its own before
+    /// each build), farm with its defaults (layer cache on) against a plain `buildah build` (no
+    /// `--layers`: one commit per stage, no cache kept) + push (1a), and against `buildah build
+    /// --layers` + push (1b), all three in the same repetitions.
+    pub fn first_builds(&self) -> Vec<Row> {
+        let mut plain = Row::new(
+            "1a",
+            "one platform, first build (cold layer cache): farm's defaults vs plain buildah build + push",
+            Unit::Seconds,
+            Goal::None,
+        );
+        plain.farm_label =
+            "farm build --platform linux/amd64 (layer cache on, as a user gets it), one x86_64 agent of \
+                            default capacity"
+                .into();
+        plain.baseline_label = "buildah build (no --layers) + buildah push, same storage setup".into();
+        let mut layered = Row::new(
+            "1b",
+            "the same first build: farm's defaults vs buildah build --layers + push",
+            Unit::Seconds,
+            Goal::None,
+        );
+        layered.farm_label = plain.farm_label.clone();
+        layered.baseline_label = "buildah build --layers + buildah push, same storage setup".into();
+        for r in [&mut plain, &mut layered] {
+            r.note(
+                "cache state: base image already in every storage; before every build deps/prepare.sh changes to a \
+                 content of its own, so each side runs every step from COPY deps/ on (the layer-less ARG/WORKDIR \
+                 steps before it may hit)",
+            );
+        }
+        let ctx = match self.context("ctx-first") {
+            Ok(c) => c,
+            Err(e) => return vec![plain.failed(&e), layered.failed(&e)],
+        };
+        let stamp = |side: &str, rep: usize| -> Result<()> {
+            let file = ctx.join("deps/prepare.sh");
+            let text = std::fs::read_to_string(&file)?;
+            let body: String =
+                text.lines().filter(|l| !l.starts_with("# bench stamp")).map(|l| format!("{l}\n")).collect();
+            std::fs::write(&file, format!("{body}# bench stamp {side} {rep} {:016x}\n", rand::random::<u64>()))?;
+            Ok(())
+        };
+        let (mut farm_phases_v, mut plain_phases, mut layered_phases) = (vec![], vec![], vec![]);
+        let result: Result<()> = (|| {
+            for rep in 0..self.reps {
+                eprintln!("farm-bench: rows 1a-1b, repetition {}/{}", rep + 1, self.reps);
+                let mut order = ["farm", "plain", "layers"];
+                order.rotate_left(rep % 3);
+                for side in order {
+                    stamp(side, rep)?;
+                    match side {
+                        "farm" => {
+                            let f =
+                                self.farm_build("linux/amd64", SOLO, &format!("bench-first:r{rep}"), &ctx, false)?;
+                            plain.farm.push(f.wall);
+                            layered.farm.push(f.wall);
+                            farm_phases_v.push(farm_phases(&f));
+                        }
+                        "plain" => {
+                            let d = self.direct_build_with(
+                                "linux/amd64",
+                                &format!("bench-first-plain:r{rep}"),
+                                &ctx,
+                                false,
+                                false,
+                            )?;
+                            plain.baseline.push(d.wall);
+                            plain_phases.push(direct_phases_of(&d));
+                        }
+                        _ => {
+                            let d =
+                                self.direct_build("linux/amd64", &format!("bench-first-layers:r{rep}"), &ctx, false)?;
+                            layered.baseline.push(d.wall);
+                            layered_phases.push(direct_phases_of(&d));
+                        }
+                    }
+                }
+            }
+            Ok(())
+        })();
+        let failures = self.take_failures();
+        if !failures.is_empty() {
+            for r in [&mut plain, &mut layered] {
+                r.note(format!("builds that failed and were run again: {}", failures.join("; ")));
+            }
+        }
+        plain.breakdown = median_phases(&farm_phases_v);
+        plain.baseline_breakdown = median_phases(&plain_phases);
+        layered.breakdown = median_phases(&farm_phases_v);
+        layered.baseline_breakdown = median_phases(&layered_phases);
+        match result {
+            Ok(()) => vec![plain, layered],
+            Err(e) => vec![plain.failed(&e), layered.failed(&e)],
         }
     }
 
@@ -476,8 +596,9 @@ impl<'a> Builds<'a> {
             Goal::RatioAtMost(0.5),
         );
         row.farm_label = format!(
-            "farm build --platform {THREE}, one x86_64 agent of capacity {SOLO_CAPACITY}: the build stage runs \
-             natively for every platform"
+            "farm build --platform {THREE}, one x86_64 agent of default capacity ({} here): the build stage runs \
+             natively for every platform",
+            solo_capacity()
         );
         row.baseline_label = "buildah build --platform ... --jobs 3 --manifest + buildah manifest push --all (buildah \
                               1.28 runs the build stage under QEMU for ARM)"

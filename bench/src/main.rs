@@ -250,7 +250,8 @@ async fn run(env: &mut Env, groups: &BTreeSet<Group>, sizes: &Sizes, exe: &Path)
 
     if groups.contains(&Group::Builds) {
         let c = coordinator.clone().expect("started above");
-        env.start_agent(&c, builds::SOLO, &["--capacity", builds::SOLO_CAPACITY, "--label", "bench=solo"])?;
+        // The default capacity, as a user's agent gets it (detected from cores and memory).
+        env.start_agent(&c, builds::SOLO, &["--label", "bench=solo"])?;
         for (name, platform) in builds::TRIO {
             env.start_agent(&c, name, &["--native", platform, "--emulated", "none", "--label", "bench=trio"])?;
         }
@@ -259,6 +260,8 @@ async fn run(env: &mut Env, groups: &BTreeSet<Group>, sizes: &Sizes, exe: &Path)
         env.wait_online(&c, &names, Duration::from_secs(60)).await?;
         let b = builds::Builds::new(env, c, base.clone(), sizes.workload_n, sizes.reps, sizes.warm_up)?;
         rows.extend(b.clean_builds());
+        procs::check_interrupted()?;
+        rows.extend(b.first_builds());
         procs::check_interrupted()?;
         rows.extend(b.rebuilds());
         procs::check_interrupted()?;

@@ -80,8 +80,8 @@ async fn measure(
         let b = Builds::new(env, c.clone(), base.to_string(), n, reps, warm_up)?;
         stamp("first", 0)?;
         b.farm_build(PLATFORM, "rcwarm", "bench-rc:first", &ctx, false)?;
-        // Its second build imports the repository its first one created (an agent's first build
-        // with a cache repository imports it; the first found none): not part of a warm rebuild.
+        // A second one, so that the warm agent's rebuilds are rebuilds of a rebuild (the first
+        // found no cache anywhere).
         stamp("first", 1)?;
         b.farm_build(PLATFORM, "rcwarm", "bench-rc:second", &ctx, false)?;
     }
@@ -116,7 +116,11 @@ async fn measure(
             let _ = std::fs::remove_dir_all(env.root.join(format!("agent-{name}")));
             if side == "shared" {
                 let count = |needle: &str| f.events.iter().filter(|e| e.event.to_string().contains(needle)).count();
-                hits.push((count("farm: imported the layer cache"), count("--> Using cache")));
+                hits.push((
+                    count("farm: imported the layer cache"),
+                    count("--> Cache pulled from remote"),
+                    count("--> Using cache"),
+                ));
                 shared.farm.push(f.wall);
                 cold.farm.push(f.wall);
                 shared_phases.push(farm_phases(&f));
@@ -130,7 +134,10 @@ async fn measure(
     shared.baseline_breakdown = median_phases(&warm_phases);
     cold.breakdown = median_phases(&shared_phases);
     cold.baseline_breakdown = median_phases(&cold_phases);
-    shared.note(format!("the cold agent's (cache imports, steps answered from cache), per repetition: {hits:?}"));
+    shared.note(format!(
+        "the cold agent's (imports of the previous build's layer-less step images, steps pulled from the registry \
+         by buildah, steps answered from cache), per repetition: {hits:?}"
+    ));
     env.stop_service(&format!("agent {WARM}"));
     env.stop_service("coordinator-regcache");
     Ok(())

@@ -240,6 +240,12 @@ pub struct Core {
     /// The coordinator's `cache_repo`: every build's layer cache, per platform, unless the build
     /// names its own (`--cache-to` / `--cache-from`).
     cache_repo: Option<CacheRef>,
+    /// (cache repository, image repository, Dockerfile, target) → the cache images a cold agent
+    /// imports before building it: what the last build of it exported for its layer-less steps
+    /// ([`shared::cache::StepLog::imports`]). In memory only, at most [`HISTORY_KEYS`] keys.
+    cache_chains: HashMap<ChainKey, Vec<String>>,
+    /// Running tasks that export a layer cache: their chain's key and their log so far.
+    step_logs: HashMap<TaskId, (ChainKey, shared::cache::StepLog)>,
     actions: VecDeque<Action>,
     dirty_builds: BTreeSet<String>,
     dirty_tasks: BTreeSet<TaskId>,
@@ -252,6 +258,10 @@ pub struct Core {
     identity: String,
     certificates: HashMap<String, String>,
 }
+
+/// Which builds share a cache chain: the platform's cache repository, the image's repository,
+/// the Dockerfile and the target.
+type ChainKey = (String, String, String, Option<String>);
 
 /// The repositories one platform's layer cache is exported to and imported from: the build's
 /// `--cache-to` / `--cache-from`, else the coordinator's `cache_repo` (for both), each below its
@@ -312,6 +322,8 @@ impl Core {
             max_attempts: max_attempts.max(1),
             limits: Limits::default(),
             cache_repo: None,
+            cache_chains: HashMap::new(),
+            step_logs: HashMap::new(),
             actions: VecDeque::new(),
             dirty_builds: BTreeSet::new(),
             dirty_tasks: BTreeSet::new(),
@@ -545,6 +557,9 @@ impl Core {
                     t.tail.push_back(line.clone());
                     let event = BuildEvent::Log { platform: t.platform.clone(), line };
                     let build = t.build.clone();
+                    if let (Some((_, steps)), BuildEvent::Log { line, .. }) = (self.step_logs.get_mut(&task), &event) {
+                        steps.line(line);
+                    }
                     self.actions.push_back(Action::Emit { build, event });
                 }
             }
@@ -559,6 +574,7 @@ impl Core {
                 t.state = TaskState::Failed(error.clone());
                 let (build, platform) = (t.build.clone(), t.platform.clone());
                 let last_lines = t.tail.iter().cloned().collect();
+                self.step_logs.remove(&task);
                 self.dirty_tasks.insert(task);
                 self.emit(
                     &build,
@@ -974,6 +990,17 @@ impl Core {
             finished_ms: now,
         };
         let statement = provenance::statement(&manifest.digest, &b.spec, &b.source, &run);
+        if let Some((key, steps)) = self.step_logs.remove(&task) {
+            // A build that exported nothing (buildah's cache export failed and it ran again
+            // without) leaves the last chain as it was.
+            if steps.pushed().next().is_some() {
+                if self.cache_chains.len() >= HISTORY_KEYS && !self.cache_chains.contains_key(&key) {
+                    let evict = self.cache_chains.keys().next().cloned().expect("not empty");
+                    self.cache_chains.remove(&evict);
+                }
+                self.cache_chains.insert(key, steps.imports());
+            }
+        }
         let t = self.tasks.get_mut(&task).expect("the current task exists");
         t.statement = Some(statement);
         let result = PlatformResult {
@@ -1218,6 +1245,26 @@ impl Core {
                         holding.entry(agent.clone()).or_default().push(held);
                     }
                     let (cache_to, cache_from) = cache_for(&b.spec, self.cache_repo.as_ref(), &t.platform);
+                    let chain = |repo: &String| {
+                        (repo.clone(), b.repository.clone(), b.spec.dockerfile.clone(), b.spec.target.clone())
+                    };
+                    let cache_import =
+                        cache_from.first().and_then(|r| self.cache_chains.get(&chain(r))).cloned().unwrap_or_default();
+                    match &cache_to {
+                        Some(to) => {
+                            // Tasks that ended without a result (cancelled, requeued) leave theirs.
+                            if self.step_logs.len() >= HISTORY_KEYS {
+                                let tasks = &self.tasks;
+                                self.step_logs.retain(|t, _| {
+                                    tasks.get(t).is_some_and(|t| matches!(t.state, TaskState::Running { .. }))
+                                });
+                            }
+                            self.step_logs.insert(id, (chain(to), shared::cache::StepLog::default()));
+                        }
+                        None => {
+                            self.step_logs.remove(&id);
+                        }
+                    }
                     let assignment = Assignment {
                         task: id,
                         attempt: t.attempt,
@@ -1245,6 +1292,7 @@ impl Core {
                         inputs: b.spec.inputs.clone(),
                         cache_to,
                         cache_from,
+                        cache_import,
                     };
                     let event = BuildEvent::Started {
                         platform: t.platform.clone(),

@@ -133,6 +133,86 @@ pub fn registry_of(repository: &str) -> &str {
     repository.split('/').next().unwrap_or(repository)
 }
 
+/// One step of a build as buildah's log shows it (`STEP n/m: INSTRUCTION`): whether a cache
+/// answered it (`--> Using cache`, `--> Cache pulled from remote`) and the reference it was
+/// exported as (`--> Pushing cache REPOSITORY:KEY`).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Step {
+    pub instruction: String,
+    pub hit: bool,
+    pub pushed: Option<String>,
+}
+
+impl Step {
+    /// RUN, COPY and ADD add a layer; buildah 1.28 looks those up in `--cache-from` by key.
+    pub fn adds_layer(&self) -> bool {
+        let word = self.instruction.split_whitespace().next().unwrap_or("");
+        ["RUN", "COPY", "ADD"].iter().any(|w| word.eq_ignore_ascii_case(w))
+    }
+}
+
+/// The steps of one build, read from its log line by line ([`StepLog::line`]).
+///
+/// Why farm reads them: buildah 1.28 pulls a step from `--cache-from` by its cache key only for
+/// steps that add a layer (RUN, COPY, ADD), and only while every earlier step of the stage was a
+/// cache hit. A cold store misses the first `ARG`, `ENV`, `WORKDIR`... of a stage (nothing pulls
+/// it), so nothing after it comes from the registry. Importing those layer-less steps' images
+/// before the build (they hold no layer of their own: a manifest and a config each) makes them
+/// local hits, and buildah then pulls the layer steps lazily, one by one, only while they hit.
+/// [`StepLog::imports`] names them.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StepLog {
+    steps: Vec<Step>,
+}
+
+impl StepLog {
+    /// Reads one line of buildah's output (any prefix before `STEP` or `-->` is ignored).
+    pub fn line(&mut self, line: &str) {
+        if let Some(instruction) = step_instruction(line) {
+            self.steps.push(Step { instruction: instruction.to_string(), ..Step::default() });
+            return;
+        }
+        let Some(at) = line.find("--> ") else { return };
+        let said = &line[at + 4..];
+        let Some(step) = self.steps.last_mut() else { return };
+        if said.starts_with("Using cache ") || said.starts_with("Cache pulled from remote ") {
+            step.hit = true;
+        } else if let Some(r) = said.strip_prefix("Pushing cache ") {
+            step.pushed = Some(r.trim().to_string());
+        }
+    }
+
+    pub fn steps(&self) -> &[Step] {
+        &self.steps
+    }
+
+    /// Every reference this build exported.
+    pub fn pushed(&self) -> impl Iterator<Item = &str> {
+        self.steps.iter().filter_map(|s| s.pushed.as_deref())
+    }
+
+    /// The exported images a cold store should import before the next build of the same
+    /// Dockerfile: the layer-less steps (see [`StepLog`]) that were cache hits in this build
+    /// (those that ran again are likely to change again), or all of them when nothing hit (a
+    /// first build). Layer steps are left to buildah's lazy `--cache-from`.
+    pub fn imports(&self) -> Vec<String> {
+        let any_hit = self.steps.iter().any(|s| s.hit);
+        self.steps.iter().filter(|s| !s.adds_layer() && (s.hit || !any_hit)).filter_map(|s| s.pushed.clone()).collect()
+    }
+}
+
+/// `ARG N=1` from `[1/2] STEP 3/8: ARG N=1` (or `STEP 3/8: ARG N=1`).
+fn step_instruction(line: &str) -> Option<&str> {
+    let at = line.find("STEP ")?;
+    if !line[..at].trim().is_empty() && !line[..at].trim_end().ends_with(']') {
+        return None;
+    }
+    let (count, instruction) = line[at + 5..].split_once(": ")?;
+    let (n, m) = count.split_once('/')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(n) && digits(m)).then_some(instruction.trim())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +271,66 @@ mod tests {
     #[test]
     fn registry_of_a_repository() {
         assert_eq!(registry_of("127.0.0.1:5000/c/linux-amd64"), "127.0.0.1:5000");
+    }
+
+    #[test]
+    fn a_build_log_names_the_layerless_steps_a_cold_store_imports() {
+        let log = "[1/2] STEP 1/8: FROM 127.0.0.1:5000/busybox:latest AS build
+[1/2] STEP 2/8: ARG TARGETPLATFORM
+--> Using cache 6e85439e0d04
+--> Pushing cache r.lan/c/linux-amd64:k2
+--> 6e85439e0d0
+[1/2] STEP 3/8: WORKDIR /work
+--> Using cache bd0c683a1981
+--> Pushing cache r.lan/c/linux-amd64:k3
+[1/2] STEP 4/8: COPY deps/ deps/
+--> Cache pulled from remote r.lan/c/linux-amd64:k4
+--> Using cache 2a78b434a682
+--> Pushing cache r.lan/c/linux-amd64:k4
+[1/2] STEP 5/8: COPY . .
+--> Pushing cache r.lan/c/linux-amd64:k5
+[1/2] STEP 6/8: ENV X=1
+--> Pushing cache r.lan/c/linux-amd64:k6
+[2/2] STEP 1/2: FROM 127.0.0.1:5000/busybox:latest
+[2/2] STEP 2/2: CMD [\"cat\", \"/app/summary\"]
+[2/2] COMMIT app
+--> Pushing cache r.lan/c/linux-amd64:k8
+";
+        let mut l = StepLog::default();
+        log.lines().for_each(|line| l.line(line));
+        assert_eq!(l.steps().len(), 8);
+        assert_eq!(
+            l.pushed().collect::<Vec<_>>(),
+            [
+                "r.lan/c/linux-amd64:k2",
+                "r.lan/c/linux-amd64:k3",
+                "r.lan/c/linux-amd64:k4",
+                "r.lan/c/linux-amd64:k5",
+                "r.lan/c/linux-amd64:k6",
+                "r.lan/c/linux-amd64:k8"
+            ]
+        );
+        // The hits without a layer; not the ENV and CMD that ran again after the change.
+        assert_eq!(l.imports(), ["r.lan/c/linux-amd64:k2", "r.lan/c/linux-amd64:k3"]);
+        // A first build hits nothing: every layer-less step it exported.
+        let mut first = StepLog::default();
+        log.lines().filter(|l| !l.contains("Using cache") && !l.contains("pulled")).for_each(|line| first.line(line));
+        assert_eq!(
+            first.imports(),
+            ["r.lan/c/linux-amd64:k2", "r.lan/c/linux-amd64:k3", "r.lan/c/linux-amd64:k6", "r.lan/c/linux-amd64:k8"]
+        );
+        // Single-stage builds have no [i/n]; a RUN's own output is not a step.
+        let mut single = StepLog::default();
+        for line in [
+            "STEP 1/2: FROM b",
+            "STEP 2/2: RUN echo 'STEP 9/9: ARG X'",
+            "echo STEP 3/4: ARG Y",
+            "--> Pushing cache r/c:k",
+        ] {
+            single.line(line);
+        }
+        assert_eq!(single.steps().len(), 2);
+        assert!(single.steps()[1].adds_layer());
+        assert!(single.imports().is_empty());
     }
 }

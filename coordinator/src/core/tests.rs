@@ -883,3 +883,55 @@ fn a_wall_clock_jump_of_an_hour_expires_no_agent() {
     core.handle_timeout(clock.at(start + Duration::from_secs(60)) + 3_600_000);
     assert_eq!(core.agents()[0].state, shared::proto::AgentState::Offline);
 }
+
+#[test]
+fn the_next_build_of_a_dockerfile_imports_the_layerless_steps_the_last_one_exported() {
+    use shared::cache::CacheRef;
+    let repo = "reg.lan:5000/farm-cache/linux-amd64";
+    let mut core = Core::new(15_000, 3)
+        .with_cache_repo(Some(CacheRef::parse_ref("reg.lan:5000/farm-cache", "cache_repo").unwrap()));
+    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64"], &[], &[]));
+    drain(&mut core);
+    let assigned = |core: &mut Core| {
+        let mut found = None;
+        while let Some(a) = core.poll_action() {
+            if let Action::Send { msg: CoordMsg::Assign(a), .. } = a {
+                found = Some(*a);
+            }
+        }
+        found.expect("an assignment")
+    };
+    let mut s = spec(&["linux/amd64"]);
+    core.submit(0, "b1", "admin", s.clone(), None).unwrap();
+    let a = assigned(&mut core);
+    assert_eq!(a.cache_import, Vec::<String>::new(), "nothing exported yet");
+    let log = [
+        "[1/2] STEP 1/4: FROM busybox AS build".to_string(),
+        "[1/2] STEP 2/4: ARG N=1".into(),
+        format!("--> Pushing cache {repo}:k2"),
+        "[1/2] STEP 3/4: RUN echo".into(),
+        format!("--> Pushing cache {repo}:k3"),
+        "[2/2] STEP 1/2: FROM busybox".into(),
+        "[2/2] STEP 2/2: CMD [\"sh\"]".into(),
+        "[2/2] COMMIT app".into(),
+        format!("--> Pushing cache {repo}:k5"),
+    ];
+    for line in log {
+        core.agent_msg(1, "x86", 1, AgentMsg::TaskLog { task: a.task, attempt: a.attempt, line });
+    }
+    let done = AgentMsg::TaskDone { task: a.task, attempt: a.attempt, manifest: manifest(1), timings: vec![] };
+    core.agent_msg(2, "x86", 1, done);
+    drain(&mut core);
+    // Another context of the same Dockerfile and image: the layer-less steps of a first build.
+    s.context = digest(7);
+    core.submit(3, "b2", "admin", s.clone(), None).unwrap();
+    let a = assigned(&mut core);
+    assert_eq!(a.cache_import, [format!("{repo}:k2"), format!("{repo}:k5")]);
+    // Another image's build shares none of it.
+    s.context = digest(8);
+    s.tags = vec!["127.0.0.1:5000/other:1".into()];
+    core.agent_msg(4, "x86", 1, AgentMsg::TaskFailed { task: a.task, attempt: a.attempt, error: "x".into() });
+    drain(&mut core);
+    core.submit(5, "b3", "admin", s, None).unwrap();
+    assert_eq!(assigned(&mut core).cache_import, Vec::<String>::new());
+}

@@ -301,6 +301,10 @@ pub struct Assignment {
     pub cache_to: Option<String>,
     /// The repositories this platform's layer cache is imported from, in order.
     pub cache_from: Vec<String>,
+    /// Cache images (`REPOSITORY:KEY` under `cache_from`) to pull before building, unless the
+    /// agent's store has them: the layer-less steps of the previous build of this Dockerfile
+    /// that buildah 1.28 does not pull itself ([`crate::cache::StepLog`]).
+    pub cache_import: Vec<String>,
 }
 
 /// How big a context may be: the coordinator's configuration, as sent to agents.
