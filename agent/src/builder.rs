@@ -628,7 +628,13 @@ impl Buildah {
                 .transpose()
                 .map_err(|source| BuilderError::Io { path: tmp.0.clone(), source })?;
             build.env("CONTAINERS_REGISTRIES_CONF", &conf).env("TMPDIR", short_tmp.as_ref().map_or(&tmp.0, |l| &l.0));
-            build.arg("build").arg("--layers").arg("--rm").arg("--force-rm");
+            build.arg("build").arg("--rm").arg("--force-rm");
+            // Each step is committed as an image of its own only where it can serve as a cache:
+            // `--no-cache` with nothing to export builds as `buildah build --no-cache` does,
+            // committing the final image alone.
+            if !job.no_cache || job.cache_to.is_some() {
+                build.arg("--layers");
+            }
             cross.add_args(&mut build, &job);
             input_args(&mut build, &job);
             for (k, v) in job.build_args {
