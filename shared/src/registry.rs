@@ -294,22 +294,6 @@ impl RegistryPool {
         r
     }
 
-    /// The lock that orders this process's updates of one `sha256-<hex>` fallback tag (keyed by
-    /// registry, repository and subject); kept only while someone holds or waits for it.
-    fn fallback_tag_turn(key: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
-        use std::sync::{Arc, Mutex, Weak};
-        static TURNS: std::sync::LazyLock<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> =
-            std::sync::LazyLock::new(Default::default);
-        let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
-        turns.retain(|_, w| w.strong_count() > 0);
-        if let Some(turn) = turns.get(key).and_then(Weak::upgrade) {
-            return turn;
-        }
-        let turn = Arc::new(tokio::sync::Mutex::new(()));
-        turns.insert(key.to_string(), Arc::downgrade(&turn));
-        turn
-    }
-
     #[cfg(test)]
     fn len(&self) -> usize {
         self.clients.lock().unwrap_or_else(|p| p.into_inner()).len()
@@ -1078,6 +1062,22 @@ enum Failure {
 enum Started {
     Mounted,
     Session(reqwest::Url),
+}
+
+/// The lock that orders this process's updates of one `sha256-<hex>` fallback tag (keyed by
+/// registry, repository and subject); kept only while someone holds or waits for it.
+fn fallback_tag_turn(key: &str) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::sync::{Arc, Mutex, Weak};
+    static TURNS: std::sync::LazyLock<Mutex<HashMap<String, Weak<tokio::sync::Mutex<()>>>>> =
+        std::sync::LazyLock::new(Default::default);
+    let mut turns = TURNS.lock().unwrap_or_else(|e| e.into_inner());
+    turns.retain(|_, w| w.strong_count() > 0);
+    if let Some(turn) = turns.get(key).and_then(Weak::upgrade) {
+        return turn;
+    }
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    turns.insert(key.to_string(), Arc::downgrade(&turn));
+    turn
 }
 
 #[cfg(test)]
