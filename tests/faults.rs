@@ -859,3 +859,101 @@ fn two_missed_heartbeats_do_not_mark_an_agent_lost() {
          quits offline {offline:?} after going quiet"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Faults that took a farm out of service quietly: one identity run twice, a full disk on either
+// side, and a cancelled task that still published. Builds here are `FROM scratch` (no base image,
+// so no registry unless the test pushes to one).
+
+const AMD64_ONLY: [&str; 4] = ["--native", "linux/amd64", "--emulated", "none"];
+
+/// A `FROM scratch` context that copies `payload` (a file of `size` bytes, made of `byte`).
+fn scratch_context(root: &Path, name: &str, size: usize, byte: u8) -> PathBuf {
+    let ctx = root.join(name);
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY payload /payload\n").unwrap();
+    std::fs::write(ctx.join("payload"), vec![byte; size]).unwrap();
+    ctx
+}
+
+/// `farm build` flags that build `ctx` for linux/amd64 into an OCI archive at `dest` (no registry).
+fn oci_args(farm: &Farm, ctx: &Path, dest: &Path) -> Vec<String> {
+    let mut args = farm.client_args();
+    let out = format!("type=oci,dest={}", dest.display());
+    args.extend(["--platform", "linux/amd64", "-o", &out, ctx.to_str().unwrap()].map(String::from));
+    args
+}
+
+/// Lines of `proc`'s log containing `needle`.
+fn count_lines(proc: &Proc, needle: &str) -> usize {
+    proc.log().lines().filter(|l| l.contains(needle)).count()
+}
+
+// 5. One identity run twice (a config copied to a second machine): the second is refused, both
+//    sides name the other's address, `farm agents` shows it, builds keep running on the first,
+//    and once the first is gone the second takes the name over.
+
+#[test]
+fn a_second_agent_with_the_same_identity_is_refused_while_the_first_is_alive() {
+    let mut farm = Farm::start(TIMEOUT_SECS);
+    farm.agent("a1", &AMD64_ONLY);
+    let first = agent(&agents_json(&farm.addr, &farm.ca), "a1").unwrap()["address"].as_str().unwrap().to_string();
+    let copy = farm.spawn_agent("agent a1 (copy)", "a1", &farm.tmp.path().join("agent-a1-copy"), &AMD64_ONLY);
+
+    let refusal = format!(
+        "agent identity \"a1\" is already connected from {first} and answering heartbeats: two agents are running \
+         with the same certificate (a config copied to a second machine?); stop one of them, or give this one its \
+         own identity (`farm agent join --name NEW_NAME`)"
+    );
+    copy.wait_for_line(&["coordinator refused registration: ", &refusal], Duration::from_secs(30));
+    let listed = wait_until("farm agents to show the conflict", Duration::from_secs(20), || {
+        agent(&agents_json(&farm.addr, &farm.ca), "a1").filter(|a| !a["conflict"].is_null()).cloned()
+    });
+    assert_eq!((listed["state"].as_str(), listed["address"].as_str()), (Some("online"), Some(first.as_str())));
+    let second = listed["conflict"]["address"].as_str().unwrap().to_string();
+    assert!(second.starts_with("127.0.0.1:") && second != first, "{listed}");
+    farm.coordinator.wait_for_line(&["agent refused: ", &refusal, &second], Duration::from_secs(10));
+    let told = format!(
+        "another agent with this identity (\"a1\") tried to connect to the coordinator from {second} and was \
+         refused: two agents are running with the same certificate; stop that one, or give it its own identity \
+         (`farm agent join --name NEW_NAME` on that machine)"
+    );
+    farm.agents["a1"].wait_for_line(&[&told], Duration::from_secs(10));
+    let mut table = vec!["agents".to_string()];
+    table.extend(farm.client_args());
+    let table = farm_ok(&table.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(table.lines().next().unwrap().trim_end().ends_with("CONFLICT"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("a1 ")).unwrap();
+    assert!(row.contains(&format!("{second} refused ")), "{table}");
+
+    // No hot loop: the copy backs off, longer each time it is refused.
+    let delays = wait_until("the copy to be refused 4 times", Duration::from_secs(30), || {
+        let d: Vec<f64> = copy
+            .log()
+            .lines()
+            .filter_map(|l| l.split("reconnecting in ").nth(1))
+            .map(|s| s.split_whitespace().next().unwrap().trim_end_matches('s').parse().unwrap())
+            .collect();
+        (d.len() >= 4).then_some(d)
+    });
+    assert!(delays[3] >= 0.8 && delays[3] > delays[0], "the refused agent must back off: {delays:?}");
+
+    // Builds keep running on the first.
+    let ctx = scratch_context(farm.tmp.path(), "dup", 1024, b'x');
+    let (ok, out, err) = build(&oci_args(&farm, &ctx, &farm.tmp.path().join("dup.tar")));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(summary(&out)["linux/amd64"].0, "a1");
+    assert_eq!(count_lines(&farm.agents["a1"], "task succeeded"), 1);
+    assert_eq!(count_lines(&copy, "task assigned"), 0);
+    assert_eq!(count_lines(&farm.agents["a1"], "session ended"), 0, "the first was never evicted");
+
+    // The first goes (killed: its connection just falls silent); the copy takes the name over.
+    farm.agents.get_mut("a1").unwrap().kill();
+    let killed = Instant::now();
+    copy.wait_for_line(&["registered as \"a1\""], Duration::from_secs(TIMEOUT_SECS + 20));
+    eprintln!("the copy took the name over {:?} after the first was killed", killed.elapsed());
+    let listed = agent(&agents_json(&farm.addr, &farm.ca), "a1").unwrap().clone();
+    assert_eq!(listed["state"], "online");
+    assert_ne!(listed["address"].as_str(), Some(first.as_str()));
+    assert!(listed["conflict"].is_null(), "{listed}");
+}

@@ -200,6 +200,12 @@ impl Agent<'_> {
                         }
                     }
                     Some(CoordMsg::Refused { reason }) => return Err(SessionError::Refused(reason)),
+                    Some(CoordMsg::Duplicate { address }) => tracing::warn!(
+                        "another agent with this identity ({:?}) tried to connect to the coordinator from {address} \
+                         and was refused: two agents are running with the same certificate; stop that one, or \
+                         give it its own identity (`farm agent join --name NEW_NAME` on that machine)",
+                        self.config.name
+                    ),
                     Some(other) => tracing::debug!("ignoring {other:?}"),
                     None => return Err(SessionError::Closed),
                 },

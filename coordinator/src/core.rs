@@ -53,6 +53,12 @@ pub enum Action {
         conn: ConnId,
         reason: String,
     },
+    /// Refuse a registration: tell the agent on `conn` why (`CoordMsg::Refused`), let that reach
+    /// it, then close the connection.
+    Refuse {
+        conn: ConnId,
+        reason: String,
+    },
     Emit {
         build: String,
         event: BuildEvent,
@@ -488,11 +494,32 @@ impl Core {
         self.schedule(now);
     }
 
-    pub fn agent_up(&mut self, now: u64, name: &str, conn: ConnId, address: String, info: AgentInfo) {
+    /// An agent registered on `conn` from `address`. `Err` (the reason, also sent to the agent)
+    /// if another connection alive with the same identity holds the name: the second process is
+    /// refused, the first keeps running its builds, and is told who was refused.
+    pub fn agent_up(
+        &mut self,
+        now: u64,
+        name: &str,
+        conn: ConnId,
+        address: String,
+        info: AgentInfo,
+    ) -> Result<(), String> {
+        let registered = self.fleet.register(now, name, conn, address.clone(), info);
+        if let Registered::Refused { holder, address: holder_address } = registered {
+            let reason = format!(
+                "agent identity {name:?} is already connected from {holder_address} and answering heartbeats: \
+                 two agents are running with the same certificate (a config copied to a second machine?); stop \
+                 one of them, or give this one its own identity (`farm agent join --name NEW_NAME`)"
+            );
+            self.actions.push_back(Action::Refuse { conn, reason: reason.clone() });
+            self.actions.push_back(Action::Send { conn: holder, msg: CoordMsg::Duplicate { address } });
+            return Err(reason);
+        }
         let interval = self.fleet.heartbeat_interval_ms();
         self.actions.push_back(Action::Send { conn, msg: CoordMsg::Registered { heartbeat_interval_ms: interval } });
         self.dirty_agents.insert(name.into());
-        if let Registered::Replaced(old) = self.fleet.register(now, name, conn, address, info) {
+        if let Registered::Replaced(old) = registered {
             self.actions.push_back(Action::Close {
                 conn: old,
                 reason: "replaced by a newer connection of the same agent".into(),
@@ -508,6 +535,7 @@ impl Core {
             }
         }
         self.schedule(now);
+        Ok(())
     }
 
     pub fn agent_down(&mut self, now: u64, name: &str, conn: ConnId) -> bool {

@@ -255,6 +255,16 @@ impl Net {
                         conn.close(2u32.into(), reason.as_bytes());
                         break Ok(());
                     }
+                    Some(Outbound::Refuse(reason)) => {
+                        let refused = shared::proto::CoordMsg::Refused { reason: reason.clone() };
+                        if write_msg(send, &refused, self.max_frame).await.is_ok() {
+                            let _ = send.finish();
+                            // Let the refusal reach the agent (which closes on reading it) first.
+                            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                        }
+                        conn.close(2u32.into(), reason.as_bytes());
+                        break Ok(());
+                    }
                     None => break Ok(()),
                 },
             }

@@ -297,6 +297,15 @@ impl Farm {
         self.wait_agent(name, "online")
     }
 
+    /// Starts another `farm agent` process with agent `name`'s existing identity (no new
+    /// certificate) and work directory `work`; it is not waited for.
+    pub fn spawn_agent(&self, label: &str, name: &str, work: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec!["agent", "--coordinator", &self.addr, "--ca-dir", self.ca.path(), "--name", name];
+        args.extend(["--work-dir", work.to_str().unwrap()]);
+        args.extend(extra);
+        Proc::farm(label, &args)
+    }
+
     pub fn wait_agent(&self, name: &str, state: &str) -> serde_json::Value {
         wait_until(&format!("agent {name} to be {state}"), Duration::from_secs(self.timeout_secs + 20), || {
             let list = agents_json(&self.addr, &self.ca);
