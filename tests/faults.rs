@@ -865,6 +865,8 @@ fn two_missed_heartbeats_do_not_mark_an_agent_lost() {
 // side, and a cancelled task that still published. Builds here are `FROM scratch` (no base image,
 // so no registry unless the test pushes to one).
 
+use common::faults::Tmpfs;
+
 const AMD64_ONLY: [&str; 4] = ["--native", "linux/amd64", "--emulated", "none"];
 
 /// A `FROM scratch` context that copies `payload` (a file of `size` bytes, made of `byte`).
@@ -956,4 +958,55 @@ fn a_second_agent_with_the_same_identity_is_refused_while_the_first_is_alive() {
     assert_eq!(listed["state"], "online");
     assert_ne!(listed["address"].as_str(), Some(first.as_str()));
     assert!(listed["conflict"].is_null(), "{listed}");
+}
+
+// 6. The coordinator's disk is full: a context that does not fit is refused before it is sent,
+//    the client is told where and how much more is needed, the operator gets a log line, and what
+//    was stored before is intact.
+
+#[test]
+fn a_context_too_big_for_the_coordinators_disk_is_refused_with_the_space_it_needs() {
+    let mut tmpfs = None;
+    let mut farm = Farm::start_prepared(TIMEOUT_SECS, |dir| tmpfs = Some(Tmpfs::mount(dir, "20m")));
+    let state = farm.tmp.path().join("coordinator");
+    farm.agent("a1", &AMD64_ONLY);
+    let small = scratch_context(farm.tmp.path(), "small", 1024, b's');
+    let (ok, out, err) = build(&oci_args(&farm, &small, &farm.tmp.path().join("small.tar")));
+    assert!(ok, "{out}\n{err}");
+
+    let big = scratch_context(farm.tmp.path(), "big", 40 << 20, b'b');
+    let (ok, out, err) = build(&oci_args(&farm, &big, &farm.tmp.path().join("big.tar")));
+    assert!(!ok, "a 40 MB context cannot fit in a 20 MB state dir:\n{out}\n{err}");
+    let prefix = format!("coordinator out of disk space in {} (needs ", state.display());
+    let line = err.lines().find(|l| l.contains(&prefix)).unwrap_or_else(|| panic!("no out-of-space error:\n{err}"));
+    let rest = line.split(&prefix).nth(1).unwrap();
+    let needs: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+    let free: u64 = rest.split("MB, ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    // The payload: the Dockerfile is stored already (the small context has the same one).
+    assert_eq!(
+        rest,
+        format!(
+            "{needs} MB more): the context's missing files take 40 MB, {free} MB are free; free space there or move \
+             the coordinator's --state-dir to a larger disk"
+        )
+    );
+    // 40 MB plus a 4 MB reserve, less what is free (rounded).
+    assert!((44 - free..=45 - free).contains(&needs), "{line}");
+    assert!(!err.contains("stopped by peer"), "{err}");
+    farm.coordinator.wait_for_line(&["context refused: ", &prefix], Duration::from_secs(10));
+
+    // Nothing stored is harmed: after a restart the first build is still there, and builds go on.
+    let first = farm.builds()[0]["id"].as_str().unwrap().to_string();
+    farm.restart_coordinator();
+    let builds = farm.builds();
+    let kept = builds.as_array().unwrap().iter().find(|b| b["id"] == first.as_str()).unwrap();
+    assert_eq!(kept["state"], "succeeded", "{builds}");
+    farm.wait_agent("a1", "online");
+    let again = scratch_context(farm.tmp.path(), "again", 2048, b'a');
+    let (ok, out, err) = build(&oci_args(&farm, &again, &farm.tmp.path().join("again.tar")));
+    assert!(ok, "{out}\n{err}");
+
+    farm.coordinator.kill();
+    farm.agents.clear();
+    drop(tmpfs);
 }

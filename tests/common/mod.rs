@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod faults;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};
@@ -223,7 +224,14 @@ pub struct Farm {
 
 impl Farm {
     pub fn start(timeout_secs: u64) -> Farm {
+        Self::start_prepared(timeout_secs, |_| ())
+    }
+
+    /// [`Farm::start`], with `prepare` called on the coordinator's state directory (not yet
+    /// created) before the coordinator starts: e.g. to mount a small file system there.
+    pub fn start_prepared(timeout_secs: u64, prepare: impl FnOnce(&Path)) -> Farm {
         let tmp = tempfile::tempdir().unwrap();
+        prepare(&tmp.path().join("coordinator"));
         let ca = Ca::init(tmp.path());
         let port = free_udp_port();
         let addr = format!("127.0.0.1:{port}");
