@@ -1010,3 +1010,47 @@ fn a_context_too_big_for_the_coordinators_disk_is_refused_with_the_space_it_need
     farm.agents.clear();
     drop(tmpfs);
 }
+
+// 7. An agent's disk is full while it fetches a context: not a flaky link (no 120 s wait), the
+//    task goes to the other agent at once, and the message names the work dir and free space.
+
+#[test]
+fn an_agent_whose_disk_is_full_hands_the_task_to_another_at_once() {
+    let mut farm = Farm::start(TIMEOUT_SECS);
+    // "full" sorts first, so it gets the task while both are idle.
+    let work = farm.tmp.path().join("agent-full");
+    let tmpfs = Tmpfs::mount(&work, "16m");
+    farm.agent("full", &AMD64_ONLY);
+    farm.agent("roomy", &AMD64_ONLY);
+    let ctx = scratch_context(farm.tmp.path(), "ctx", 24 << 20, b'c');
+    let started = Instant::now();
+    let (ok, out, err) = build(&oci_args(&farm, &ctx, &farm.tmp.path().join("out.tar")));
+    let took = started.elapsed();
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(summary(&out)["linux/amd64"].0, "roomy", "{out}\n{err}");
+    let prefix = format!(
+        "[linux/amd64] agent full cannot run it: agent full is out of disk space in its work directory {} (",
+        work.display()
+    );
+    let line = err.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no hand-over:\n{err}"));
+    let rest = line.strip_prefix(&prefix).unwrap();
+    let free: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+    let needs: u64 = rest.split("needs ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(
+        rest,
+        format!(
+            "{free} MB free, needs {needs} MB more) fetching the build context; free space there (or lower its \
+             cache_limit) or move its --work-dir to a larger disk; retrying (attempt 2 of 3)"
+        )
+    );
+    // The context twice (store, and the copy the build reads) and the reserve, less what is free.
+    assert!(free < 16 && (52 - free..=53 - free).contains(&needs), "{line}");
+    assert!(took < Duration::from_secs(60), "the hand-over must not wait out a link's patience: {took:?}");
+    farm.agents["full"].wait_for_line(
+        &["cannot run the task, handing it on: agent full is out of disk space"],
+        Duration::from_secs(5),
+    );
+
+    farm.agents.clear();
+    drop(tmpfs);
+}

@@ -179,7 +179,7 @@ impl Agent<'_> {
                 () = tokio::time::sleep_until(deadline) => {}
                 Some(msg) = sh.outbox.recv() => {
                     write_msg(&mut send, &msg, max).await?;
-                    if let AgentMsg::TaskDone { task, .. } | AgentMsg::TaskFailed { task, .. } = &msg {
+                    if let AgentMsg::TaskDone { task, .. } | AgentMsg::TaskFailed { task, .. } | AgentMsg::Unfit { task, .. } = &msg {
                         let mut r = sh.running.lock().unwrap();
                         if r.get(task).is_some_and(|e| e.finished) {
                             r.remove(task);
@@ -255,6 +255,10 @@ impl Agent<'_> {
                 Err(TaskError::Builder(BuilderError::Cancelled)) => {
                     tracing::info!(task, attempt, "task stopped");
                     return;
+                }
+                Err(TaskError::NoSpace(error)) => {
+                    tracing::warn!(task, attempt, "cannot run the task, handing it on: {error}");
+                    AgentMsg::Unfit { task, attempt, error }
                 }
                 Err(e) => {
                     tracing::warn!(task, attempt, "task failed: {e}");

@@ -239,6 +239,9 @@ pub struct Core {
     cache: HashMap<String, CacheEntry>,
     /// Running tasks whose agent must confirm them by this time, or lose them.
     claims: BTreeMap<TaskId, u64>,
+    /// Agents that said they cannot run a task (`AgentMsg::Unfit`: a full disk): it is not placed
+    /// on them again. In memory only.
+    unfit: HashMap<TaskId, BTreeSet<String>>,
     grace_ms: u64,
     max_attempts: u32,
     limits: Limits,
@@ -313,6 +316,7 @@ impl Core {
             stale_refused: 0,
             cache: HashMap::new(),
             claims: BTreeMap::new(),
+            unfit: HashMap::new(),
             grace_ms: heartbeat_timeout_ms,
             max_attempts: max_attempts.max(1),
             limits: Limits::default(),
@@ -462,6 +466,7 @@ impl Core {
                 for t in &b.tasks {
                     self.tasks.remove(t);
                     self.claims.remove(t);
+                    self.unfit.remove(t);
                 }
             }
         }
@@ -577,6 +582,19 @@ impl Core {
             }
             AgentMsg::TaskDone { task, attempt, manifest, timings } => {
                 self.task_done(now, task, attempt, name, conn, manifest, timings)
+            }
+            AgentMsg::Unfit { task, attempt, error } => {
+                if self.current(task, attempt, name, conn).is_none() {
+                    self.stale_refused += 1;
+                    return;
+                }
+                self.unfit.entry(task).or_default().insert(name.to_string());
+                if self.another_agent_could_run(task) {
+                    self.requeue(task, &format!("agent {name} cannot run it: {error}"));
+                    self.schedule(now);
+                } else {
+                    self.agent_msg(now, name, conn, AgentMsg::TaskFailed { task, attempt, error });
+                }
             }
             AgentMsg::TaskFailed { task, attempt, error } => {
                 let Some(t) = self.current(task, attempt, name, conn) else {
@@ -1099,6 +1117,34 @@ impl Core {
         }
     }
 
+    /// Whether an online agent other than those that said they cannot run `task` could take it
+    /// (platform, emulation policy, labels, entitlements), busy or not.
+    fn another_agent_could_run(&self, task: TaskId) -> bool {
+        let t = &self.tasks[&task];
+        let b = &self.builds[&t.build];
+        let unfit = self.unfit.get(&task);
+        let need = sched::Need {
+            platform: &t.platform,
+            require: &b.spec.require,
+            emulation: if b.spec.emulation == Emulation::Fastest { Emulation::Fallback } else { b.spec.emulation },
+            entitlements: &b.spec.entitlements,
+            warm: None,
+        };
+        let candidates =
+            self.fleet.online().filter(|(name, _)| !unfit.is_some_and(|u| u.contains(*name))).map(|(name, info)| {
+                Candidate {
+                    name,
+                    native: &info.native,
+                    emulated: &info.emulated,
+                    labels: &info.labels,
+                    allowed: &info.allowed,
+                    free: 1,
+                    estimate: None,
+                }
+            });
+        matches!(sched::place(&need, candidates), Placement::Run { .. })
+    }
+
     /// Ends a build that has not succeeded: its other tasks are cancelled, on their agents too.
     fn fail_build(&mut self, build: &str, end: BuildState) {
         let Some(b) = self.builds.get_mut(build) else { return };
@@ -1189,40 +1235,44 @@ impl Core {
                 entitlements: &b.spec.entitlements,
                 warm,
             };
-            let candidates = self.fleet.online().map(|(name, info)| {
-                let busy = running.get(name).copied().unwrap_or(0);
-                let free = info.capacity.saturating_sub(busy);
-                let estimate = (b.spec.emulation == Emulation::Fastest)
-                    .then(|| {
-                        let emulated = !info.native.contains(&t.platform);
-                        let build_ms = self.expected_ms(&t.platform, &b.spec.context, name, emulated)?;
-                        let busy_ms = if free > 0 {
-                            0
-                        } else {
-                            let held = holding.get(name).map(Vec::as_slice).unwrap_or_default();
-                            held.iter()
-                                .map(|(since, p, c, e)| {
-                                    // How long a task with no recorded duration has left is
-                                    // anyone's guess: as long as this one, say.
-                                    self.expected_ms(p, c, name, *e)
-                                        .map_or(build_ms, |expected| (since + expected).saturating_sub(now))
-                                })
-                                .min()
-                                .unwrap_or(0)
-                        };
-                        Some(sched::Estimate { build_ms, busy_ms, running: busy })
-                    })
-                    .flatten();
-                Candidate {
-                    name,
-                    native: &info.native,
-                    emulated: &info.emulated,
-                    labels: &info.labels,
-                    allowed: &info.allowed,
-                    free,
-                    estimate,
-                }
-            });
+            let unfit = self.unfit.get(&id);
+            let candidates =
+                self.fleet.online().filter(move |(name, _)| !unfit.is_some_and(|u| u.contains(*name))).map(
+                    |(name, info)| {
+                        let busy = running.get(name).copied().unwrap_or(0);
+                        let free = info.capacity.saturating_sub(busy);
+                        let estimate = (b.spec.emulation == Emulation::Fastest)
+                            .then(|| {
+                                let emulated = !info.native.contains(&t.platform);
+                                let build_ms = self.expected_ms(&t.platform, &b.spec.context, name, emulated)?;
+                                let busy_ms = if free > 0 {
+                                    0
+                                } else {
+                                    let held = holding.get(name).map(Vec::as_slice).unwrap_or_default();
+                                    held.iter()
+                                        .map(|(since, p, c, e)| {
+                                            // How long a task with no recorded duration has left is
+                                            // anyone's guess: as long as this one, say.
+                                            self.expected_ms(p, c, name, *e)
+                                                .map_or(build_ms, |expected| (since + expected).saturating_sub(now))
+                                        })
+                                        .min()
+                                        .unwrap_or(0)
+                                };
+                                Some(sched::Estimate { build_ms, busy_ms, running: busy })
+                            })
+                            .flatten();
+                        Candidate {
+                            name,
+                            native: &info.native,
+                            emulated: &info.emulated,
+                            labels: &info.labels,
+                            allowed: &info.allowed,
+                            free,
+                            estimate,
+                        }
+                    },
+                );
             match sched::place(&need, candidates) {
                 Placement::Run { agent, emulated, why } => {
                     let conn = self.fleet.conn_of(&agent).expect("candidates are online");

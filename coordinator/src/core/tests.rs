@@ -440,6 +440,40 @@ fn a_second_agent_with_a_live_identity_is_refused_and_the_first_keeps_its_task()
 }
 
 #[test]
+fn an_agent_without_disk_space_hands_its_task_on_or_fails_it_when_nobody_else_can() {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.agent_up(0, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (conn, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    let (full, other) = if conn == 1 { ("a", 2) } else { ("b", 1) };
+    let error = format!("agent {full} is out of disk space in its work directory /w (3 MB free)");
+    core.agent_msg(1, full, conn, AgentMsg::Unfit { task, attempt, error: error.clone() });
+    let out = drain(&mut core);
+    assert_eq!((out.assigned[0].0, out.assigned[0].1, out.assigned[0].2), (other, task, attempt + 1));
+    let retry = format!("agent {full} cannot run it: {error}; retrying (attempt 2 of 3)");
+    assert!(out.events.iter().any(|e| matches!(e, BuildEvent::Retrying { reason, .. } if *reason == retry)), "{out:?}");
+
+    // A busy agent can take it later: b2's task waits for it rather than going back to the full one.
+    core.submit(2, "b2", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (conn2, task2, attempt2, _, _) = drain(&mut core).assigned[0].clone();
+    assert_eq!(conn2, conn, "the other agent is busy with b1");
+    core.agent_msg(3, full, conn, AgentMsg::Unfit { task: task2, attempt: attempt2, error: error.clone() });
+    assert!(drain(&mut core).assigned.is_empty(), "not to the agent whose disk is full");
+
+    // Nobody else could take it: the task fails at once with the agent's message.
+    let mut alone = Core::new(15_000, 3);
+    alone.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    alone.submit(0, "b3", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (_, task, attempt, _, _) = drain(&mut alone).assigned[0].clone();
+    alone.agent_msg(1, "a", 1, AgentMsg::Unfit { task, attempt, error: error.clone() });
+    let out = drain(&mut alone);
+    assert!(out.assigned.is_empty());
+    let failed = format!("linux/arm64 failed: {error}");
+    assert!(out.events.iter().any(|e| matches!(e, BuildEvent::Failed { error } if *error == failed)), "{out:?}");
+}
+
+#[test]
 fn limits_refuse_oversized_builds_naming_the_limit_and_its_key() {
     let mut core = three_agent_farm().with_limits(Limits {
         max_builds_per_client: 1,

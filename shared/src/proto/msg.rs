@@ -126,6 +126,13 @@ pub enum AgentMsg {
         task: TaskId,
         attempt: u32,
     },
+    /// The agent cannot run this task through no fault of the build (its disk is full): run it on
+    /// another agent if one can take it, else fail it with `error`.
+    Unfit {
+        task: TaskId,
+        attempt: u32,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -619,6 +626,7 @@ mod tests {
         round_trip(CoordMsg::Registered { heartbeat_interval_ms: 3000 });
         round_trip(CoordMsg::Refused { reason: "no".into() });
         round_trip(CoordMsg::Duplicate { address: "127.0.0.1:4000".into() });
+        round_trip(AgentMsg::Unfit { task: 1, attempt: 2, error: "disk full".into() });
         round_trip(Request::Echo("hi".into()));
         round_trip(Request::ListAgents);
         round_trip(Response::Error("bad".into()));
