@@ -865,7 +865,7 @@ fn two_missed_heartbeats_do_not_mark_an_agent_lost() {
 // side, and a cancelled task that still published. Builds here are `FROM scratch` (no base image,
 // so no registry unless the test pushes to one).
 
-use common::faults::Tmpfs;
+use common::faults::{HoldProxy, Tmpfs};
 
 const AMD64_ONLY: [&str; 4] = ["--native", "linux/amd64", "--emulated", "none"];
 
@@ -1053,4 +1053,38 @@ fn an_agent_whose_disk_is_full_hands_the_task_to_another_at_once() {
 
     farm.agents.clear();
     drop(tmpfs);
+}
+
+// 8. A task cancelled while its image is being pushed publishes nothing: the push stops where it
+//    is, and its manifest (which goes last) is never written.
+
+#[test]
+fn a_task_cancelled_while_pushing_pushes_no_manifest() {
+    let registry = Registry::start();
+    let proxy = HoldProxy::start(&registry.addr);
+    let mut farm = Farm::start(TIMEOUT_SECS);
+    farm.agent("a1", &AMD64_ONLY);
+    let ctx = scratch_context(farm.tmp.path(), "ctx", 4096, b'p');
+    let mut args = farm.client_args();
+    let tag = format!("{}/cancelled:1", proxy.addr);
+    args.extend(["--platform", "linux/amd64", "--insecure-registry", &proxy.addr, "-t", &tag].map(String::from));
+    args.push(ctx.to_str().unwrap().into());
+    let id = submit(&args);
+
+    wait_until("the agent to start uploading", Duration::from_secs(120), || proxy.holding_an_upload().then_some(()));
+    let mut cancel = vec!["cancel".to_string(), id.clone()];
+    cancel.extend(farm.client_args());
+    farm_ok(&cancel.iter().map(String::as_str).collect::<Vec<_>>());
+    let a1 = &farm.agents["a1"];
+    a1.wait_for_line(&["task cancelled by the coordinator"], Duration::from_secs(20));
+    proxy.release();
+    let ended = wait_until("the agent to end the task", Duration::from_secs(60), || {
+        let log = a1.log();
+        ["task stopped", "task succeeded"].into_iter().find(|l| log.contains(l))
+    });
+    assert_eq!(ended, "task stopped", "a cancelled task must not finish its push:\n{}", a1.log());
+    assert_eq!(farm.wait_build_end(&id, Duration::from_secs(10))["state"], "cancelled");
+    let manifests: Vec<String> = proxy.requests().into_iter().filter(|r| r.contains("/manifests/")).collect();
+    assert!(manifests.is_empty(), "a cancelled task pushed a manifest: {manifests:?}");
+    assert!(registry.tags("cancelled").is_empty());
 }

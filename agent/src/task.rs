@@ -233,7 +233,7 @@ impl Runner {
             insecure_registries: &a.insecure_registries,
             output: &output,
             name: &name,
-            cancel,
+            cancel: cancel.clone(),
             secrets: &a.secrets,
             mirrors: &self.mirrors,
             memory: self.memory.as_ref(),
@@ -257,9 +257,18 @@ impl Runner {
         laps.clock = std::time::Instant::now();
 
         let layout = oci::read_layout(&output)?;
+        // A task cancelled from here on (a stale attempt, a cancelled build) publishes nothing: the
+        // push or upload stops where it is, before its manifest (which goes last) is written.
+        let cancelled = || TaskError::Builder(BuilderError::Cancelled);
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
         if a.repository.is_empty() {
             // A build without tags pushes nothing: the image goes to the coordinator's store.
-            let (sent, bytes, had) = self.upload_layout(conn, &layout).await?;
+            let (sent, bytes, had) = tokio::select! {
+                r = self.upload_layout(conn, &layout) => r?,
+                () = cancel.cancelled() => return Err(cancelled()),
+            };
             laps.lap("upload");
             say(format!(
                 "farm: uploaded {} to the coordinator ({sent} blobs, {bytes} bytes; {had} already there)",
@@ -276,7 +285,10 @@ impl Runner {
             Registry::new(&a.insecure_registries, a.credentials.clone()).with_locations(self.locations.clone());
         // The base images' layers may be in their repositories of the same registry: mounted from there.
         let sources = base_image_refs(&context.join(&a.dockerfile), &a.build_args);
-        let report = registry.push_layout_from(&layout, &repo, &sources).await?;
+        let report = tokio::select! {
+            r = registry.push_layout_from(&layout, &repo, &sources) => r?,
+            () = cancel.cancelled() => return Err(cancelled()),
+        };
         laps.lap("push");
         let mut retried = String::new();
         if report.resumed + report.restarted > 0 {
