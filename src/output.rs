@@ -19,8 +19,9 @@ pub fn agents(agents: &[AgentView], format: Format, now_ms: u64) -> Result<Strin
         }
         return Ok(serde_json::to_string_pretty(&rows)? + "\n");
     }
-    let header = ["NAME", "STATE", "NATIVE", "EMULATED", "LABELS", "CAPACITY", "MEMORY", "BUSY", "LAST SEEN"];
-    let rows: Vec<[String; 9]> = agents
+    let header =
+        ["NAME", "STATE", "NATIVE", "EMULATED", "LABELS", "CAPACITY", "MEMORY", "BUSY", "LAST SEEN", "CONFLICT"];
+    let rows: Vec<[String; 10]> = agents
         .iter()
         .map(|a| {
             [
@@ -33,6 +34,10 @@ pub fn agents(agents: &[AgentView], format: Format, now_ms: u64) -> Result<Strin
                 a.memory_limit.map(agent::cgroup::format_size).unwrap_or_else(|| "-".into()),
                 a.busy.to_string(),
                 ago(now_ms.saturating_sub(a.last_seen_ms)),
+                // A second agent with this identity, refused (two machines share one certificate).
+                a.conflict
+                    .as_ref()
+                    .map_or("-".into(), |c| format!("{} refused {}", c.address, ago(now_ms.saturating_sub(c.at_ms)))),
             ]
         })
         .collect();

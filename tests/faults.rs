@@ -859,3 +859,232 @@ fn two_missed_heartbeats_do_not_mark_an_agent_lost() {
          quits offline {offline:?} after going quiet"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Faults that took a farm out of service quietly: one identity run twice, a full disk on either
+// side, and a cancelled task that still published. Builds here are `FROM scratch` (no base image,
+// so no registry unless the test pushes to one).
+
+use common::faults::{HoldProxy, Tmpfs};
+
+const AMD64_ONLY: [&str; 4] = ["--native", "linux/amd64", "--emulated", "none"];
+
+/// A `FROM scratch` context that copies `payload` (a file of `size` bytes, made of `byte`).
+fn scratch_context(root: &Path, name: &str, size: usize, byte: u8) -> PathBuf {
+    let ctx = root.join(name);
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY payload /payload\n").unwrap();
+    std::fs::write(ctx.join("payload"), vec![byte; size]).unwrap();
+    ctx
+}
+
+/// `farm build` flags that build `ctx` for linux/amd64 into an OCI archive at `dest` (no registry).
+fn oci_args(farm: &Farm, ctx: &Path, dest: &Path) -> Vec<String> {
+    let mut args = farm.client_args();
+    let out = format!("type=oci,dest={}", dest.display());
+    args.extend(["--platform", "linux/amd64", "-o", &out, ctx.to_str().unwrap()].map(String::from));
+    args
+}
+
+/// Lines of `proc`'s log containing `needle`.
+fn count_lines(proc: &Proc, needle: &str) -> usize {
+    proc.log().lines().filter(|l| l.contains(needle)).count()
+}
+
+// 5. One identity run twice (a config copied to a second machine): the second is refused, both
+//    sides name the other's address, `farm agents` shows it, builds keep running on the first,
+//    and once the first is gone the second takes the name over.
+
+#[test]
+fn a_second_agent_with_the_same_identity_is_refused_while_the_first_is_alive() {
+    let mut farm = Farm::start(TIMEOUT_SECS);
+    farm.agent("a1", &AMD64_ONLY);
+    let first = agent(&agents_json(&farm.addr, &farm.ca), "a1").unwrap()["address"].as_str().unwrap().to_string();
+    let copy = farm.spawn_agent("agent a1 (copy)", "a1", &farm.tmp.path().join("agent-a1-copy"), &AMD64_ONLY);
+
+    let refusal = format!(
+        "agent identity \"a1\" is already connected from {first} and answering heartbeats: two agents are running \
+         with the same certificate (a config copied to a second machine?); stop one of them, or give this one its \
+         own identity (`farm agent join --name NEW_NAME`)"
+    );
+    copy.wait_for_line(&["coordinator refused registration: ", &refusal], Duration::from_secs(30));
+    let listed = wait_until("farm agents to show the conflict", Duration::from_secs(20), || {
+        agent(&agents_json(&farm.addr, &farm.ca), "a1").filter(|a| !a["conflict"].is_null()).cloned()
+    });
+    assert_eq!((listed["state"].as_str(), listed["address"].as_str()), (Some("online"), Some(first.as_str())));
+    let second = listed["conflict"]["address"].as_str().unwrap().to_string();
+    assert!(second.starts_with("127.0.0.1:") && second != first, "{listed}");
+    farm.coordinator.wait_for_line(&["agent refused: ", &refusal, &second], Duration::from_secs(10));
+    let told = format!(
+        "another agent with this identity (\"a1\") tried to connect to the coordinator from {second} and was \
+         refused: two agents are running with the same certificate; stop that one, or give it its own identity \
+         (`farm agent join --name NEW_NAME` on that machine)"
+    );
+    farm.agents["a1"].wait_for_line(&[&told], Duration::from_secs(10));
+    let mut table = vec!["agents".to_string()];
+    table.extend(farm.client_args());
+    let table = farm_ok(&table.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(table.lines().next().unwrap().trim_end().ends_with("CONFLICT"), "{table}");
+    let row = table.lines().find(|l| l.starts_with("a1 ")).unwrap();
+    assert!(row.contains(&format!("{second} refused ")), "{table}");
+
+    // No hot loop: the copy backs off, longer each time it is refused.
+    let delays = wait_until("the copy to be refused 4 times", Duration::from_secs(30), || {
+        let d: Vec<f64> = copy
+            .log()
+            .lines()
+            .filter_map(|l| l.split("reconnecting in ").nth(1))
+            .map(|s| s.split_whitespace().next().unwrap().trim_end_matches('s').parse().unwrap())
+            .collect();
+        (d.len() >= 4).then_some(d)
+    });
+    assert!(delays[3] >= 0.8 && delays[3] > delays[0], "the refused agent must back off: {delays:?}");
+
+    // Builds keep running on the first.
+    let ctx = scratch_context(farm.tmp.path(), "dup", 1024, b'x');
+    let (ok, out, err) = build(&oci_args(&farm, &ctx, &farm.tmp.path().join("dup.tar")));
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(summary(&out)["linux/amd64"].0, "a1");
+    assert_eq!(count_lines(&farm.agents["a1"], "task succeeded"), 1);
+    assert_eq!(count_lines(&copy, "task assigned"), 0);
+    assert_eq!(count_lines(&farm.agents["a1"], "session ended"), 0, "the first was never evicted");
+
+    // The first goes (killed: its connection just falls silent); the copy takes the name over.
+    farm.agents.get_mut("a1").unwrap().kill();
+    let killed = Instant::now();
+    copy.wait_for_line(&["registered as \"a1\""], Duration::from_secs(TIMEOUT_SECS + 20));
+    eprintln!("the copy took the name over {:?} after the first was killed", killed.elapsed());
+    let listed = agent(&agents_json(&farm.addr, &farm.ca), "a1").unwrap().clone();
+    assert_eq!(listed["state"], "online");
+    assert_ne!(listed["address"].as_str(), Some(first.as_str()));
+    assert!(listed["conflict"].is_null(), "{listed}");
+}
+
+// 6. The coordinator's disk is full: a context that does not fit is refused before it is sent,
+//    the client is told where and how much more is needed, the operator gets a log line, and what
+//    was stored before is intact.
+
+#[test]
+fn a_context_too_big_for_the_coordinators_disk_is_refused_with_the_space_it_needs() {
+    let mut tmpfs = None;
+    let mut farm = Farm::start_prepared(TIMEOUT_SECS, |dir| tmpfs = Some(Tmpfs::mount(dir, "20m")));
+    let state = farm.tmp.path().join("coordinator");
+    farm.agent("a1", &AMD64_ONLY);
+    let small = scratch_context(farm.tmp.path(), "small", 1024, b's');
+    let (ok, out, err) = build(&oci_args(&farm, &small, &farm.tmp.path().join("small.tar")));
+    assert!(ok, "{out}\n{err}");
+
+    let big = scratch_context(farm.tmp.path(), "big", 40 << 20, b'b');
+    let (ok, out, err) = build(&oci_args(&farm, &big, &farm.tmp.path().join("big.tar")));
+    assert!(!ok, "a 40 MB context cannot fit in a 20 MB state dir:\n{out}\n{err}");
+    let prefix = format!("coordinator out of disk space in {} (needs ", state.display());
+    let line = err.lines().find(|l| l.contains(&prefix)).unwrap_or_else(|| panic!("no out-of-space error:\n{err}"));
+    let rest = line.split(&prefix).nth(1).unwrap();
+    let needs: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+    let free: u64 = rest.split("MB, ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    // The payload: the Dockerfile is stored already (the small context has the same one).
+    assert_eq!(
+        rest,
+        format!(
+            "{needs} MB more): the context's missing files take 40 MB, {free} MB are free; free space there or move \
+             the coordinator's --state-dir to a larger disk"
+        )
+    );
+    // 40 MB plus a 4 MB reserve, less what is free (rounded).
+    assert!((44 - free..=45 - free).contains(&needs), "{line}");
+    assert!(!err.contains("stopped by peer"), "{err}");
+    farm.coordinator.wait_for_line(&["context refused: ", &prefix], Duration::from_secs(10));
+
+    // Nothing stored is harmed: after a restart the first build is still there, and builds go on.
+    let first = farm.builds()[0]["id"].as_str().unwrap().to_string();
+    farm.restart_coordinator();
+    let builds = farm.builds();
+    let kept = builds.as_array().unwrap().iter().find(|b| b["id"] == first.as_str()).unwrap();
+    assert_eq!(kept["state"], "succeeded", "{builds}");
+    farm.wait_agent("a1", "online");
+    let again = scratch_context(farm.tmp.path(), "again", 2048, b'a');
+    let (ok, out, err) = build(&oci_args(&farm, &again, &farm.tmp.path().join("again.tar")));
+    assert!(ok, "{out}\n{err}");
+
+    farm.coordinator.kill();
+    farm.agents.clear();
+    drop(tmpfs);
+}
+
+// 7. An agent's disk is full while it fetches a context: not a flaky link (no 120 s wait), the
+//    task goes to the other agent at once, and the message names the work dir and free space.
+
+#[test]
+fn an_agent_whose_disk_is_full_hands_the_task_to_another_at_once() {
+    let mut farm = Farm::start(TIMEOUT_SECS);
+    // "full" sorts first, so it gets the task while both are idle.
+    let work = farm.tmp.path().join("agent-full");
+    let tmpfs = Tmpfs::mount(&work, "16m");
+    farm.agent("full", &AMD64_ONLY);
+    farm.agent("roomy", &AMD64_ONLY);
+    let ctx = scratch_context(farm.tmp.path(), "ctx", 24 << 20, b'c');
+    let started = Instant::now();
+    let (ok, out, err) = build(&oci_args(&farm, &ctx, &farm.tmp.path().join("out.tar")));
+    let took = started.elapsed();
+    assert!(ok, "{out}\n{err}");
+    assert_eq!(summary(&out)["linux/amd64"].0, "roomy", "{out}\n{err}");
+    let prefix = format!(
+        "[linux/amd64] agent full cannot run it: agent full is out of disk space in its work directory {} (",
+        work.display()
+    );
+    let line = err.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no hand-over:\n{err}"));
+    let rest = line.strip_prefix(&prefix).unwrap();
+    let free: u64 = rest.split(' ').next().unwrap().parse().unwrap();
+    let needs: u64 = rest.split("needs ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+    assert_eq!(
+        rest,
+        format!(
+            "{free} MB free, needs {needs} MB more) fetching the build context; free space there (or lower its \
+             cache_limit) or move its --work-dir to a larger disk; retrying (attempt 2 of 3)"
+        )
+    );
+    // The context twice (store, and the copy the build reads) and the reserve, less what is free.
+    assert!(free < 16 && (52 - free..=53 - free).contains(&needs), "{line}");
+    assert!(took < Duration::from_secs(60), "the hand-over must not wait out a link's patience: {took:?}");
+    farm.agents["full"].wait_for_line(
+        &["cannot run the task, handing it on: agent full is out of disk space"],
+        Duration::from_secs(5),
+    );
+
+    farm.agents.clear();
+    drop(tmpfs);
+}
+
+// 8. A task cancelled while its image is being pushed publishes nothing: the push stops where it
+//    is, and its manifest (which goes last) is never written.
+
+#[test]
+fn a_task_cancelled_while_pushing_pushes_no_manifest() {
+    let registry = Registry::start();
+    let proxy = HoldProxy::start(&registry.addr);
+    let mut farm = Farm::start(TIMEOUT_SECS);
+    farm.agent("a1", &AMD64_ONLY);
+    let ctx = scratch_context(farm.tmp.path(), "ctx", 4096, b'p');
+    let mut args = farm.client_args();
+    let tag = format!("{}/cancelled:1", proxy.addr);
+    args.extend(["--platform", "linux/amd64", "--insecure-registry", &proxy.addr, "-t", &tag].map(String::from));
+    args.push(ctx.to_str().unwrap().into());
+    let id = submit(&args);
+
+    wait_until("the agent to start uploading", Duration::from_secs(120), || proxy.holding_an_upload().then_some(()));
+    let mut cancel = vec!["cancel".to_string(), id.clone()];
+    cancel.extend(farm.client_args());
+    farm_ok(&cancel.iter().map(String::as_str).collect::<Vec<_>>());
+    let a1 = &farm.agents["a1"];
+    a1.wait_for_line(&["task cancelled by the coordinator"], Duration::from_secs(20));
+    proxy.release();
+    let ended = wait_until("the agent to end the task", Duration::from_secs(60), || {
+        let log = a1.log();
+        ["task stopped", "task succeeded"].into_iter().find(|l| log.contains(l))
+    });
+    assert_eq!(ended, "task stopped", "a cancelled task must not finish its push:\n{}", a1.log());
+    assert_eq!(farm.wait_build_end(&id, Duration::from_secs(10))["state"], "cancelled");
+    let manifests: Vec<String> = proxy.requests().into_iter().filter(|r| r.contains("/manifests/")).collect();
+    assert!(manifests.is_empty(), "a cancelled task pushed a manifest: {manifests:?}");
+    assert!(registry.tags("cancelled").is_empty());
+}

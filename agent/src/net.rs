@@ -180,7 +180,7 @@ impl Agent<'_> {
                 () = tokio::time::sleep_until(deadline) => {}
                 Some(msg) = sh.outbox.recv() => {
                     write_msg(&mut send, &msg, max).await?;
-                    if let AgentMsg::TaskDone { task, .. } | AgentMsg::TaskFailed { task, .. } = &msg {
+                    if let AgentMsg::TaskDone { task, .. } | AgentMsg::TaskFailed { task, .. } | AgentMsg::Unfit { task, .. } = &msg {
                         let mut r = sh.running.lock().unwrap();
                         if r.get(task).is_some_and(|e| e.finished) {
                             r.remove(task);
@@ -201,6 +201,12 @@ impl Agent<'_> {
                         }
                     }
                     Some(CoordMsg::Refused { reason }) => return Err(SessionError::Refused(reason)),
+                    Some(CoordMsg::Duplicate { address }) => tracing::warn!(
+                        "another agent with this identity ({:?}) tried to connect to the coordinator from {address} \
+                         and was refused: two agents are running with the same certificate; stop that one, or \
+                         give it its own identity (`farm agent join --name NEW_NAME` on that machine)",
+                        self.config.name
+                    ),
                     Some(other) => tracing::debug!("ignoring {other:?}"),
                     None => return Err(SessionError::Closed),
                 },
@@ -250,6 +256,10 @@ impl Agent<'_> {
                 Err(TaskError::Builder(BuilderError::Cancelled)) => {
                     tracing::info!(task, attempt, "task stopped");
                     return;
+                }
+                Err(TaskError::NoSpace(error)) => {
+                    tracing::warn!(task, attempt, "cannot run the task, handing it on: {error}");
+                    AgentMsg::Unfit { task, attempt, error }
                 }
                 Err(e) => {
                     tracing::warn!(task, attempt, "task failed: {e}");

@@ -32,6 +32,9 @@ pub enum TaskError {
     Oci(#[from] oci::OciError),
     #[error("pushing the image: {0}")]
     Registry(#[from] shared::registry::RegistryError),
+    /// This agent's disk is full: not the build's fault, so the task may run on another agent.
+    #[error("{0}")]
+    NoSpace(String),
     #[error("{0}")]
     Other(String),
 }
@@ -56,8 +59,21 @@ pub type Conn = tokio::sync::watch::Receiver<Option<quinn::Connection>>;
 pub const FETCH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
 
 impl TaskError {
+    /// Whether a write failed because the disk is full (a full disk is not a flaky link).
+    fn is_no_space(&self) -> bool {
+        match self {
+            TaskError::NoSpace(_) => true,
+            TaskError::Proto(ProtoError::Io(e)) => shared::disk::is_no_space(e),
+            TaskError::Context(e) => e.is_no_space(),
+            _ => false,
+        }
+    }
+
     /// Failures of the link, not of the build.
     fn is_transient(&self) -> bool {
+        if self.is_no_space() {
+            return false;
+        }
         matches!(self, TaskError::Connection(_) | TaskError::Proto(ProtoError::Io(_) | ProtoError::Truncated { .. }))
     }
 }
@@ -157,11 +173,12 @@ impl Runner {
         say(format!("farm: building {} on agent {} ({mode})", a.platform, self.name));
         let _ = std::fs::remove_dir_all(dir);
         let limits = a.context_limits.into();
-        let manifest = self.fetch_context(conn, &a.context, &limits).await?;
+        let full = |e: TaskError| self.no_space_in("fetching the build context", e);
+        let manifest = self.fetch_context(conn, &a.context, &limits).await.map_err(full)?;
         // Named contexts (`--build-context NAME=DIR`) come the same way, each into its own directory.
         let mut named = Vec::new();
         for c in &a.inputs.contexts {
-            named.push(self.fetch_context(conn, &c.context, &limits).await?);
+            named.push(self.fetch_context(conn, &c.context, &limits).await.map_err(full)?);
         }
         laps.lap("context sync");
         let context = dir.join("context");
@@ -176,7 +193,8 @@ impl Runner {
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || todo.iter().try_for_each(|(m, dest)| materialise(m, &store, dest)))
             .await
-            .map_err(|e| TaskError::Other(format!("materialising the context: {e}")))??;
+            .map_err(|e| TaskError::Other(format!("materialising the context: {e}")))?
+            .map_err(|e| self.no_space_in("copying the build context into place", e.into()))?;
         laps.lap("materialise");
 
         let (log, mut lines) = mpsc::unbounded_channel();
@@ -215,7 +233,7 @@ impl Runner {
             insecure_registries: &a.insecure_registries,
             output: &output,
             name: &name,
-            cancel,
+            cancel: cancel.clone(),
             secrets: &a.secrets,
             mirrors: &self.mirrors,
             memory: self.memory.as_ref(),
@@ -240,9 +258,18 @@ impl Runner {
         laps.clock = std::time::Instant::now();
 
         let layout = oci::read_layout(&output)?;
+        // A task cancelled from here on (a stale attempt, a cancelled build) publishes nothing: the
+        // push or upload stops where it is, before its manifest (which goes last) is written.
+        let cancelled = || TaskError::Builder(BuilderError::Cancelled);
+        if cancel.is_cancelled() {
+            return Err(cancelled());
+        }
         if a.repository.is_empty() {
             // A build without tags pushes nothing: the image goes to the coordinator's store.
-            let (sent, bytes, had) = self.upload_layout(conn, &layout).await?;
+            let (sent, bytes, had) = tokio::select! {
+                r = self.upload_layout(conn, &layout) => r?,
+                () = cancel.cancelled() => return Err(cancelled()),
+            };
             laps.lap("upload");
             say(format!(
                 "farm: uploaded {} to the coordinator ({sent} blobs, {bytes} bytes; {had} already there)",
@@ -259,7 +286,10 @@ impl Runner {
             Registry::new(&a.insecure_registries, a.credentials.clone()).with_locations(self.locations.clone());
         // The base images' layers may be in their repositories of the same registry: mounted from there.
         let sources = base_image_refs(&context.join(&a.dockerfile), &a.build_args);
-        let report = registry.push_layout_from(&layout, &repo, &sources).await?;
+        let report = tokio::select! {
+            r = registry.push_layout_from(&layout, &repo, &sources) => r?,
+            () = cancel.cancelled() => return Err(cancelled()),
+        };
         laps.lap("push");
         let mut retried = String::new();
         if report.resumed + report.restarted > 0 {
@@ -388,12 +418,42 @@ impl Runner {
         }
         let manifest = self.store.get_manifest(digest)?;
         let manifest = manifest.into_valid(limits)?;
-        let wanted: Vec<Digest> = manifest.blobs().into_iter().map(|(d, _)| d).collect();
+        let blobs = manifest.blobs();
+        let wanted: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
         let missing = self.store.missing(&wanted);
+        // Room for the missing files and for the copy the build reads: refused before fetching
+        // a byte, rather than half way through.
+        let sizes: std::collections::HashMap<&Digest, u64> = blobs.iter().map(|(d, s)| (d, *s)).collect();
+        let needed = missing.iter().map(|d| sizes[d]).sum::<u64>() + manifest.total_size();
+        if let Ok(free) = shared::disk::free_bytes(self.store.root()) {
+            if let Some(short) = shared::disk::shortfall(needed, free) {
+                return Err(TaskError::NoSpace(self.no_space_message("fetching the build context", free, Some(short))));
+            }
+        }
         if !missing.is_empty() {
             self.get_blobs(conn, &missing).await?;
         }
         Ok(manifest)
+    }
+
+    /// `e`, or if it says the disk is full, what is full, how much is free, and the fix.
+    fn no_space_in(&self, doing: &str, e: TaskError) -> TaskError {
+        if !e.is_no_space() || matches!(e, TaskError::NoSpace(_)) {
+            return e;
+        }
+        let free = shared::disk::free_bytes(self.store.root()).unwrap_or(0);
+        TaskError::NoSpace(self.no_space_message(doing, free, None))
+    }
+
+    fn no_space_message(&self, doing: &str, free: u64, short: Option<u64>) -> String {
+        let needs = short.map(|s| format!(", needs {} MB more", shared::disk::mb_up(s))).unwrap_or_default();
+        format!(
+            "agent {} is out of disk space in its work directory {} ({} MB free{needs}) {doing}; free space \
+             there (or lower its cache_limit) or move its --work-dir to a larger disk",
+            self.name,
+            self.work_dir.display(),
+            shared::disk::mb_down(free)
+        )
     }
 
     /// Fetches `digests` from the coordinator into the store, each verified by its digest.

@@ -53,6 +53,12 @@ pub enum Action {
         conn: ConnId,
         reason: String,
     },
+    /// Refuse a registration: tell the agent on `conn` why (`CoordMsg::Refused`), let that reach
+    /// it, then close the connection.
+    Refuse {
+        conn: ConnId,
+        reason: String,
+    },
     Emit {
         build: String,
         event: BuildEvent,
@@ -234,6 +240,9 @@ pub struct Core {
     cache: HashMap<String, CacheEntry>,
     /// Running tasks whose agent must confirm them by this time, or lose them.
     claims: BTreeMap<TaskId, u64>,
+    /// Agents that said they cannot run a task (`AgentMsg::Unfit`: a full disk): it is not placed
+    /// on them again. In memory only.
+    unfit: HashMap<TaskId, BTreeSet<String>>,
     grace_ms: u64,
     max_attempts: u32,
     limits: Limits,
@@ -318,6 +327,7 @@ impl Core {
             stale_refused: 0,
             cache: HashMap::new(),
             claims: BTreeMap::new(),
+            unfit: HashMap::new(),
             grace_ms: heartbeat_timeout_ms,
             max_attempts: max_attempts.max(1),
             limits: Limits::default(),
@@ -469,6 +479,7 @@ impl Core {
                 for t in &b.tasks {
                     self.tasks.remove(t);
                     self.claims.remove(t);
+                    self.unfit.remove(t);
                 }
             }
         }
@@ -501,11 +512,32 @@ impl Core {
         self.schedule(now);
     }
 
-    pub fn agent_up(&mut self, now: u64, name: &str, conn: ConnId, address: String, info: AgentInfo) {
+    /// An agent registered on `conn` from `address`. `Err` (the reason, also sent to the agent)
+    /// if another connection alive with the same identity holds the name: the second process is
+    /// refused, the first keeps running its builds, and is told who was refused.
+    pub fn agent_up(
+        &mut self,
+        now: u64,
+        name: &str,
+        conn: ConnId,
+        address: String,
+        info: AgentInfo,
+    ) -> Result<(), String> {
+        let registered = self.fleet.register(now, name, conn, address.clone(), info);
+        if let Registered::Refused { holder, address: holder_address } = registered {
+            let reason = format!(
+                "agent identity {name:?} is already connected from {holder_address} and answering heartbeats: \
+                 two agents are running with the same certificate (a config copied to a second machine?); stop \
+                 one of them, or give this one its own identity (`farm agent join --name NEW_NAME`)"
+            );
+            self.actions.push_back(Action::Refuse { conn, reason: reason.clone() });
+            self.actions.push_back(Action::Send { conn: holder, msg: CoordMsg::Duplicate { address } });
+            return Err(reason);
+        }
         let interval = self.fleet.heartbeat_interval_ms();
         self.actions.push_back(Action::Send { conn, msg: CoordMsg::Registered { heartbeat_interval_ms: interval } });
         self.dirty_agents.insert(name.into());
-        if let Registered::Replaced(old) = self.fleet.register(now, name, conn, address, info) {
+        if let Registered::Replaced(old) = registered {
             self.actions.push_back(Action::Close {
                 conn: old,
                 reason: "replaced by a newer connection of the same agent".into(),
@@ -521,6 +553,7 @@ impl Core {
             }
         }
         self.schedule(now);
+        Ok(())
     }
 
     pub fn agent_down(&mut self, now: u64, name: &str, conn: ConnId) -> bool {
@@ -565,6 +598,19 @@ impl Core {
             }
             AgentMsg::TaskDone { task, attempt, manifest, timings } => {
                 self.task_done(now, task, attempt, name, conn, manifest, timings)
+            }
+            AgentMsg::Unfit { task, attempt, error } => {
+                if self.current(task, attempt, name, conn).is_none() {
+                    self.stale_refused += 1;
+                    return;
+                }
+                self.unfit.entry(task).or_default().insert(name.to_string());
+                if self.another_agent_could_run(task) {
+                    self.requeue(task, &format!("agent {name} cannot run it: {error}"));
+                    self.schedule(now);
+                } else {
+                    self.agent_msg(now, name, conn, AgentMsg::TaskFailed { task, attempt, error });
+                }
             }
             AgentMsg::TaskFailed { task, attempt, error } => {
                 let Some(t) = self.current(task, attempt, name, conn) else {
@@ -1112,6 +1158,34 @@ impl Core {
         }
     }
 
+    /// Whether an online agent other than those that said they cannot run `task` could take it
+    /// (platform, emulation policy, labels, entitlements), busy or not.
+    fn another_agent_could_run(&self, task: TaskId) -> bool {
+        let t = &self.tasks[&task];
+        let b = &self.builds[&t.build];
+        let unfit = self.unfit.get(&task);
+        let need = sched::Need {
+            platform: &t.platform,
+            require: &b.spec.require,
+            emulation: if b.spec.emulation == Emulation::Fastest { Emulation::Fallback } else { b.spec.emulation },
+            entitlements: &b.spec.entitlements,
+            warm: None,
+        };
+        let candidates =
+            self.fleet.online().filter(|(name, _)| !unfit.is_some_and(|u| u.contains(*name))).map(|(name, info)| {
+                Candidate {
+                    name,
+                    native: &info.native,
+                    emulated: &info.emulated,
+                    labels: &info.labels,
+                    allowed: &info.allowed,
+                    free: 1,
+                    estimate: None,
+                }
+            });
+        matches!(sched::place(&need, candidates), Placement::Run { .. })
+    }
+
     /// Ends a build that has not succeeded: its other tasks are cancelled, on their agents too.
     fn fail_build(&mut self, build: &str, end: BuildState) {
         let Some(b) = self.builds.get_mut(build) else { return };
@@ -1202,40 +1276,44 @@ impl Core {
                 entitlements: &b.spec.entitlements,
                 warm,
             };
-            let candidates = self.fleet.online().map(|(name, info)| {
-                let busy = running.get(name).copied().unwrap_or(0);
-                let free = info.capacity.saturating_sub(busy);
-                let estimate = (b.spec.emulation == Emulation::Fastest)
-                    .then(|| {
-                        let emulated = !info.native.contains(&t.platform);
-                        let build_ms = self.expected_ms(&t.platform, &b.spec.context, name, emulated)?;
-                        let busy_ms = if free > 0 {
-                            0
-                        } else {
-                            let held = holding.get(name).map(Vec::as_slice).unwrap_or_default();
-                            held.iter()
-                                .map(|(since, p, c, e)| {
-                                    // How long a task with no recorded duration has left is
-                                    // anyone's guess: as long as this one, say.
-                                    self.expected_ms(p, c, name, *e)
-                                        .map_or(build_ms, |expected| (since + expected).saturating_sub(now))
-                                })
-                                .min()
-                                .unwrap_or(0)
-                        };
-                        Some(sched::Estimate { build_ms, busy_ms, running: busy })
-                    })
-                    .flatten();
-                Candidate {
-                    name,
-                    native: &info.native,
-                    emulated: &info.emulated,
-                    labels: &info.labels,
-                    allowed: &info.allowed,
-                    free,
-                    estimate,
-                }
-            });
+            let unfit = self.unfit.get(&id);
+            let candidates =
+                self.fleet.online().filter(move |(name, _)| !unfit.is_some_and(|u| u.contains(*name))).map(
+                    |(name, info)| {
+                        let busy = running.get(name).copied().unwrap_or(0);
+                        let free = info.capacity.saturating_sub(busy);
+                        let estimate = (b.spec.emulation == Emulation::Fastest)
+                            .then(|| {
+                                let emulated = !info.native.contains(&t.platform);
+                                let build_ms = self.expected_ms(&t.platform, &b.spec.context, name, emulated)?;
+                                let busy_ms = if free > 0 {
+                                    0
+                                } else {
+                                    let held = holding.get(name).map(Vec::as_slice).unwrap_or_default();
+                                    held.iter()
+                                        .map(|(since, p, c, e)| {
+                                            // How long a task with no recorded duration has left is
+                                            // anyone's guess: as long as this one, say.
+                                            self.expected_ms(p, c, name, *e)
+                                                .map_or(build_ms, |expected| (since + expected).saturating_sub(now))
+                                        })
+                                        .min()
+                                        .unwrap_or(0)
+                                };
+                                Some(sched::Estimate { build_ms, busy_ms, running: busy })
+                            })
+                            .flatten();
+                        Candidate {
+                            name,
+                            native: &info.native,
+                            emulated: &info.emulated,
+                            labels: &info.labels,
+                            allowed: &info.allowed,
+                            free,
+                            estimate,
+                        }
+                    },
+                );
             match sched::place(&need, candidates) {
                 Placement::Run { agent, emulated, why } => {
                     let conn = self.fleet.conn_of(&agent).expect("candidates are online");

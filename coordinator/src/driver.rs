@@ -209,14 +209,15 @@ impl Driver {
         let now = now_ms();
         match ev {
             Event::AgentUp { name, conn, address, info, certificate, link } => {
-                tracing::info!(
-                    agent = %name, %address,
-                    native = %join(&info.native), emulated = %join(&info.emulated),
-                    capacity = info.capacity, "agent online"
-                );
                 self.links.insert(conn, link);
-                self.core.agent_certificate(&name, certificate);
-                self.core.agent_up(now, &name, conn, address, info);
+                let (native, emulated, capacity) = (join(&info.native), join(&info.emulated), info.capacity);
+                match self.core.agent_up(now, &name, conn, address.clone(), info) {
+                    Ok(()) => {
+                        tracing::info!(agent = %name, %address, %native, %emulated, capacity, "agent online");
+                        self.core.agent_certificate(&name, certificate);
+                    }
+                    Err(reason) => tracing::warn!(agent = %name, %address, "agent refused: {reason}"),
+                }
             }
             Event::Agent { name, conn, msg } => self.core.agent_msg(now, &name, conn, msg),
             Event::AgentDown { name, conn } => {
@@ -492,7 +493,7 @@ impl Driver {
         self.next_batch.extend(self.core.take_batch());
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Send { .. } | Action::Close { .. } => self.act(action),
+                Action::Send { .. } | Action::Close { .. } | Action::Refuse { .. } => self.act(action),
                 later => self.next.actions.push(later),
             }
         }
@@ -560,6 +561,11 @@ impl Driver {
             Action::Close { conn, reason } => {
                 if let Some(link) = self.links.remove(&conn) {
                     let _ = link.send(Outbound::Close(reason));
+                }
+            }
+            Action::Refuse { conn, reason } => {
+                if let Some(link) = self.links.remove(&conn) {
+                    let _ = link.send(Outbound::Refuse(reason));
                 }
             }
             Action::Emit { build, event } => self.emit(build, event),

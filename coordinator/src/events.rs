@@ -13,6 +13,8 @@ use crate::fleet::ConnId;
 pub enum Outbound {
     Send(CoordMsg),
     Close(String),
+    /// Refuse the registration: send `CoordMsg::Refused`, let it reach the agent, then close.
+    Refuse(String),
 }
 
 /// Where a build's log lines go for `farm logs`.

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use shared::proto::{AgentInfo, AgentState, AgentView, Heartbeat};
+use shared::proto::{AgentConflict, AgentInfo, AgentState, AgentView, Heartbeat};
 
 /// Identifies one accepted connection for the lifetime of the coordinator process.
 pub type ConnId = u64;
@@ -30,6 +30,8 @@ struct Agent {
     address: String,
     /// Shutting down: takes no new work.
     draining: bool,
+    /// The last second connection with this identity refused while this one held the name.
+    conflict: Option<AgentConflict>,
 }
 
 #[derive(Debug)]
@@ -47,8 +49,16 @@ pub struct Fleet {
 pub enum Registered {
     New,
     Returned,
-    /// The same name was live on another connection, which must now be closed.
+    /// The same name was on another connection that has gone quiet, which must now be closed.
     Replaced(ConnId),
+    /// The same name is live on another connection (it answers heartbeats): two processes run with
+    /// one identity. This registration is refused; the holder keeps the name and its work.
+    Refused {
+        /// The connection that holds the name.
+        holder: ConnId,
+        /// Where the holder connected from.
+        address: String,
+    },
 }
 
 impl Fleet {
@@ -62,8 +72,27 @@ impl Fleet {
         (self.timeout_ms / 5).clamp(100, 5_000)
     }
 
+    /// How recently an agent's connection must have heartbeaten to count as alive when a second
+    /// connection claims its name: two lost beats are weather (as for expiry), three are not.
+    pub fn alive_ms(&self) -> u64 {
+        3 * self.heartbeat_interval_ms()
+    }
+
+    /// Registers `name` on `conn`. If another connection holds the name and is alive (it
+    /// heartbeated within [`Fleet::alive_ms`]), this one is refused: two processes run with one
+    /// identity, and evicting each other would take both out of service. A holder gone quiet (an
+    /// agent that lost its link, or was killed, and comes back) is replaced, as it should be.
     pub fn register(&mut self, now: u64, name: &str, conn: ConnId, address: String, info: AgentInfo) -> Registered {
-        let fresh = Agent { info, conn: Some(conn), last_seen: now, busy: 0, address, draining: false };
+        let alive_ms = self.alive_ms();
+        if let Some(a) = self.agents.get_mut(name) {
+            if let Some(holder) = a.conn.filter(|c| *c != conn) {
+                if now.saturating_sub(a.last_seen) < alive_ms {
+                    a.conflict = Some(AgentConflict { address, at_ms: now });
+                    return Registered::Refused { holder, address: a.address.clone() };
+                }
+            }
+        }
+        let fresh = Agent { info, conn: Some(conn), last_seen: now, busy: 0, address, draining: false, conflict: None };
         let deadline = now + self.timeout_ms;
         self.earliest = Some(self.earliest.map_or(deadline, |e| e.min(deadline)));
         match self.agents.insert(name.to_string(), fresh) {
@@ -125,8 +154,15 @@ impl Fleet {
 
     /// An agent known from a previous run, offline until it connects.
     pub fn restore(&mut self, name: &str, r: AgentRecord) {
-        let agent =
-            Agent { info: r.info, conn: None, last_seen: r.last_seen, busy: 0, address: r.address, draining: false };
+        let agent = Agent {
+            info: r.info,
+            conn: None,
+            last_seen: r.last_seen,
+            busy: 0,
+            address: r.address,
+            draining: false,
+            conflict: None,
+        };
         self.agents.entry(name.to_string()).or_insert(agent);
     }
 
@@ -192,6 +228,7 @@ impl Fleet {
                 builder_version: a.info.builder_version.clone(),
                 farm_version: a.info.farm_version.clone(),
                 memory_limit: a.info.memory_limit,
+                conflict: a.conflict.clone().filter(|_| a.conn.is_some()),
             })
             .collect()
     }
@@ -262,14 +299,48 @@ mod tests {
     fn stale_connection_cannot_touch_the_new_session() {
         let mut f = Fleet::new(10_000);
         f.register(0, "pi", 1, "a".into(), info());
-        assert_eq!(f.register(5, "pi", 2, "b".into(), info()), Registered::Replaced(1));
-        assert!(!f.heartbeat(6, "pi", 1, &Heartbeat { busy: 0 }));
+        let quiet = f.alive_ms();
+        assert_eq!(f.register(quiet, "pi", 2, "b".into(), info()), Registered::Replaced(1));
+        assert!(!f.heartbeat(quiet + 1, "pi", 1, &Heartbeat { busy: 0 }));
         assert!(!f.disconnect("pi", 1));
         assert!(f.is_online("pi"));
         assert!(f.disconnect("pi", 2));
         assert!(!f.is_online("pi"));
-        assert_eq!(f.register(7, "pi", 3, "c".into(), info()), Registered::Returned);
+        assert_eq!(f.register(quiet + 2, "pi", 3, "c".into(), info()), Registered::Returned);
         assert_eq!(f.view()[0].address, "c");
+    }
+
+    #[test]
+    fn a_second_connection_of_a_live_identity_is_refused_and_the_first_keeps_it() {
+        let mut f = Fleet::new(15_000);
+        let alive = f.alive_ms();
+        assert_eq!(alive, 9_000);
+        f.register(0, "pi", 1, "10.0.0.1:5000".into(), info());
+        assert!(f.heartbeat(3_000, "pi", 1, &Heartbeat { busy: 1 }));
+        let refused = f.register(3_000 + alive - 1, "pi", 2, "10.0.0.2:6000".into(), info());
+        assert_eq!(refused, Registered::Refused { holder: 1, address: "10.0.0.1:5000".into() });
+        // The holder keeps the name, its address and its work; the conflict is shown.
+        assert_eq!(f.conn_of("pi"), Some(1));
+        let v = &f.view()[0];
+        assert_eq!((v.state, v.address.as_str(), v.busy), (AgentState::Online, "10.0.0.1:5000", 1));
+        assert_eq!(v.conflict, Some(AgentConflict { address: "10.0.0.2:6000".into(), at_ms: 3_000 + alive - 1 }));
+        assert!(f.heartbeat(6_000, "pi", 1, &Heartbeat { busy: 1 }));
+        assert!(matches!(f.register(7_000, "pi", 2, "10.0.0.2:6000".into(), info()), Registered::Refused { .. }));
+    }
+
+    #[test]
+    fn a_holder_gone_quiet_is_replaced_by_the_returning_agent() {
+        let mut f = Fleet::new(15_000);
+        f.register(0, "pi", 1, "10.0.0.1:5000".into(), info());
+        assert!(matches!(f.register(1_000, "pi", 2, "10.0.0.1:5001".into(), info()), Registered::Refused { .. }));
+        // No beat for three intervals: the first connection is presumed gone (a killed agent, a
+        // dropped link), and the agent coming back takes over at once, before the expiry.
+        assert_eq!(f.register(f.alive_ms(), "pi", 2, "10.0.0.1:5001".into(), info()), Registered::Replaced(1));
+        let v = &f.view()[0];
+        assert_eq!((v.address.as_str(), v.conflict.clone()), ("10.0.0.1:5001", None));
+        // Offline: nobody holds the name, so anyone with the identity gets in.
+        assert!(f.disconnect("pi", 2));
+        assert_eq!(f.register(f.alive_ms() + 1, "pi", 3, "x".into(), info()), Registered::Returned);
     }
 
     #[test]

@@ -230,6 +230,7 @@ impl Coordinator {
             max_frame: self.config.max_frame_bytes,
             events,
             store: self.blobs.clone(),
+            state_dir: self.config.state_dir.clone(),
             limits: self.config.context_limits.clone(),
             accepted: Default::default(),
             gate,

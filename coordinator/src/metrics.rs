@@ -457,6 +457,7 @@ mod tests {
                 builder_version: "1.28.2".into(),
                 farm_version: "0.1.0".into(),
                 memory_limit: None,
+                conflict: None,
             }],
             queued: vec![arm.clone(), arm.clone()],
             stale_refused: 2,

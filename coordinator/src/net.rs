@@ -35,6 +35,8 @@ pub struct Net {
     pub max_frame: usize,
     pub events: mpsc::Sender<Event>,
     pub store: Arc<BlobStore>,
+    /// Where the store and the database live: named when the disk is full.
+    pub state_dir: std::path::PathBuf,
     pub limits: ContextLimits,
     pub gate: Arc<Gate>,
     /// Registry clients, shared with the driver.
@@ -257,6 +259,16 @@ impl Net {
                         conn.close(2u32.into(), reason.as_bytes());
                         break Ok(());
                     }
+                    Some(Outbound::Refuse(reason)) => {
+                        let refused = shared::proto::CoordMsg::Refused { reason: reason.clone() };
+                        if write_msg(send, &refused, self.max_frame).await.is_ok() {
+                            let _ = send.finish();
+                            // Let the refusal reach the agent (which closes on reading it) first.
+                            let _ = tokio::time::timeout(Duration::from_secs(5), conn.closed()).await;
+                        }
+                        conn.close(2u32.into(), reason.as_bytes());
+                        break Ok(());
+                    }
                     None => break Ok(()),
                 },
             }
@@ -384,10 +396,44 @@ impl Net {
         if !self.store.has(&digest) {
             return Response::Missing(vec![digest]);
         }
-        match self.check_context(&digest).await {
-            Ok(wanted) => Response::Missing(self.store.missing(&wanted)),
-            Err(e) => Response::Error(format!("build context refused: {e}")),
+        let wanted = match self.check_context(&digest).await {
+            Ok(wanted) => wanted,
+            Err(e) => return Response::Error(format!("build context refused: {e}")),
+        };
+        let digests: Vec<shared::Digest> = wanted.iter().map(|(d, _)| d.clone()).collect();
+        let missing = self.store.missing(&digests);
+        // Refused before a byte is sent, rather than half way through the upload.
+        let sizes: std::collections::HashMap<&shared::Digest, u64> = wanted.iter().map(|(d, s)| (d, *s)).collect();
+        let needed: u64 = missing.iter().map(|d| sizes.get(d).copied().unwrap_or(0)).sum();
+        match shared::disk::free_bytes(self.store.root()) {
+            Ok(free) => {
+                if let Some(short) = shared::disk::shortfall(needed, free) {
+                    let msg = self.out_of_space(
+                        short,
+                        &format!(
+                            "the context's missing files take {} MB, {} MB are free",
+                            shared::disk::mb_up(needed),
+                            shared::disk::mb_down(free)
+                        ),
+                    );
+                    tracing::warn!(context = %digest, "context refused: {msg}");
+                    return Response::Error(msg);
+                }
+            }
+            Err(e) => tracing::warn!("cannot tell the free space in {}: {e}", self.state_dir.display()),
         }
+        Response::Missing(missing)
+    }
+
+    /// What a client is told when the state directory's disk is full: the directory, how much more
+    /// it needs, `detail`, and the fix.
+    fn out_of_space(&self, short: u64, detail: &str) -> String {
+        format!(
+            "coordinator out of disk space in {} (needs {} MB more): {detail}; free space there or move the \
+             coordinator's --state-dir to a larger disk",
+            self.state_dir.display(),
+            shared::disk::mb_up(short)
+        )
     }
 
     /// Whether `digest` names a context manifest this coordinator holds and accepts.
@@ -398,12 +444,12 @@ impl Net {
     /// Reads and validates a stored manifest (off the runtime's threads: it may list many
     /// thousands of files), remembering it as accepted; the files it lists. A refused manifest's
     /// blob stays (blobs are content, not claims), but no build can name it.
-    async fn check_context(&self, digest: &shared::Digest) -> Result<Vec<shared::Digest>, String> {
+    async fn check_context(&self, digest: &shared::Digest) -> Result<Vec<(shared::Digest, u64)>, String> {
         let (store, limits, d) = (self.store.clone(), self.limits.clone(), digest.clone());
         let checked = tokio::task::spawn_blocking(move || {
             let manifest = store.get_manifest(&d)?;
             manifest.validate(&limits)?;
-            Ok::<_, shared::context::ContextError>(manifest.blobs().into_iter().map(|(d, _)| d).collect())
+            Ok::<_, shared::context::ContextError>(manifest.blobs())
         })
         .await
         .map_err(|e| format!("checking the context manifest: {e}"))?
@@ -421,7 +467,10 @@ impl Net {
     async fn put_blobs(&self, peer: &Identity, recv: &mut quinn::RecvStream) -> Result<Response, ProtoError> {
         let mut sink = BlobSink::new(self.store.clone());
         let (mut blobs, mut bytes) = (0u64, 0u64);
+        // Bytes of the blob under way not yet received when the sink stopped.
+        let mut unstored = 0u64;
         'blobs: while let Some(header) = read_msg::<BlobHeader, _>(recv, self.max_frame).await? {
+            unstored = header.size;
             if !sink.start(header.digest.clone()).await {
                 break;
             }
@@ -434,6 +483,7 @@ impl Net {
                         got: (header.size - left) as usize,
                     })?;
                 left -= chunk.bytes.len() as u64;
+                unstored = left;
                 if !sink.bytes(chunk.bytes).await {
                     break 'blobs;
                 }
@@ -441,15 +491,23 @@ impl Net {
             if !sink.end().await {
                 break;
             }
+            unstored = 0;
             blobs += 1;
             bytes += header.size;
         }
-        match sink.finish().await {
-            Ok(stored) if stored == blobs => {}
-            Ok(stored) => {
-                return Ok(Response::Error(format!("upload refused: only {stored} of {blobs} files could be stored")))
+        let refused = match sink.finish().await {
+            Ok(stored) if stored == blobs => None,
+            Ok(stored) => Some(format!("upload refused: only {stored} of {blobs} files could be stored")),
+            Err(e) if e.is_no_space() => {
+                let free = shared::disk::free_bytes(self.store.root()).unwrap_or(0);
+                let short = shared::disk::shortfall(unstored, free).unwrap_or(unstored).max(1);
+                Some(self.out_of_space(short, &format!("{} MB are free", shared::disk::mb_down(free))))
             }
-            Err(e) => return Ok(Response::Error(format!("upload refused: {e}"))),
+            Err(e) => Some(format!("upload refused: {e}")),
+        };
+        if let Some(msg) = refused {
+            tracing::warn!(client = %peer.name, "context files refused: {msg}");
+            return Ok(Response::Error(msg));
         }
         tracing::info!(client = %peer.name, blobs, bytes, "context files received");
         self.metrics.context_bytes("in", bytes);

@@ -8,6 +8,9 @@ use crate::quic::{self, QuicError, TransportLimits};
 use crate::tls::Credentials;
 use crate::Digest;
 
+/// How long a refused upload's answer is waited for once the coordinator stopped reading it.
+const REFUSAL_PATIENCE: std::time::Duration = std::time::Duration::from_secs(5);
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(transparent)]
@@ -151,6 +154,20 @@ impl Client {
         }
     }
 
+    /// A write to a request stream failed: if the coordinator stopped reading because it refused
+    /// the request (a full disk), its answer is waiting on `recv` and is the error to report.
+    async fn refusal(&self, recv: &mut quinn::RecvStream, failed: ClientError) -> ClientError {
+        if matches!(failed, ClientError::Changed(_) | ClientError::Remote { .. }) {
+            return failed;
+        }
+        match tokio::time::timeout(REFUSAL_PATIENCE, expect_msg::<Response, _>(recv, self.max_frame, "a response"))
+            .await
+        {
+            Ok(Ok(Response::Error(message))) => ClientError::Remote { target: self.target.clone(), message },
+            _ => failed,
+        }
+    }
+
     /// Offers a context manifest: the files the coordinator lacks, once it holds and accepted the
     /// manifest. The manifest travels as a blob (sent only if the coordinator lacks it), so its size
     /// is bounded by the coordinator's context limits, not by a frame.
@@ -163,10 +180,13 @@ impl Client {
         }
         let (mut send, mut recv) = self.open(&Request::PutBlobs).await?;
         let size = bytes.len() as u64;
-        write_msg(&mut send, &BlobHeader { digest: digest.clone(), size }, self.max_frame)
-            .await
-            .map_err(|e| self.stream_error(e))?;
-        write_raw(&mut send, &mut &bytes[..], size).await.map_err(|e| self.stream_error(e))?;
+        let sent = async {
+            write_msg(&mut send, &BlobHeader { digest: digest.clone(), size }, self.max_frame).await?;
+            write_raw(&mut send, &mut &bytes[..], size).await
+        };
+        if let Err(e) = sent.await {
+            return Err(self.refusal(&mut recv, self.stream_error(e)).await);
+        }
         let _ = send.finish();
         match self.answer(&mut recv).await? {
             Response::Stored { .. } => {}
@@ -195,21 +215,28 @@ impl Client {
             return Ok(upload);
         }
         let (mut send, mut recv) = self.open(&Request::PutBlobs).await?;
-        for digest in missing {
-            let (Some(path), Some(&size)) = (scanned.sources.get(&digest), sizes.get(&digest)) else {
-                return Err(ClientError::Remote {
-                    target: self.target.clone(),
-                    message: format!("asked for {digest}, which is not in this context"),
-                });
-            };
-            let mut file = tokio::fs::File::open(path).await.map_err(|e| self.stream_error(e.into()))?;
-            write_msg(&mut send, &BlobHeader { digest, size }, self.max_frame)
-                .await
-                .map_err(|e| self.stream_error(e))?;
-            write_raw(&mut send, &mut file, size).await.map_err(|e| match e {
-                ProtoError::Truncated { .. } => ClientError::Changed(path.clone()),
-                e => self.stream_error(e),
-            })?;
+        let sent: Result<(), ClientError> = async {
+            for digest in missing {
+                let (Some(path), Some(&size)) = (scanned.sources.get(&digest), sizes.get(&digest)) else {
+                    return Err(ClientError::Remote {
+                        target: self.target.clone(),
+                        message: format!("asked for {digest}, which is not in this context"),
+                    });
+                };
+                let mut file = tokio::fs::File::open(path).await.map_err(|e| self.stream_error(e.into()))?;
+                write_msg(&mut send, &BlobHeader { digest, size }, self.max_frame)
+                    .await
+                    .map_err(|e| self.stream_error(e))?;
+                write_raw(&mut send, &mut file, size).await.map_err(|e| match e {
+                    ProtoError::Truncated { .. } => ClientError::Changed(path.clone()),
+                    e => self.stream_error(e),
+                })?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = sent {
+            return Err(self.refusal(&mut recv, e).await);
         }
         let _ = send.finish();
         match self.answer(&mut recv).await? {

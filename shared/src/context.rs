@@ -176,6 +176,13 @@ pub enum ContextError {
     Sink(&'static str),
 }
 
+impl ContextError {
+    /// Whether this is a write that failed because the disk is full.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, ContextError::Io { source, .. } if crate::disk::is_no_space(source))
+    }
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ContextError + '_ {
     move |source| ContextError::Io { path: path.to_path_buf(), source }
 }
@@ -1002,6 +1009,11 @@ impl BlobStore {
             fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         }
         Ok(BlobStore { root: root.to_path_buf() })
+    }
+
+    /// The store's directory.
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn path(&self, d: &Digest) -> PathBuf {

@@ -13,6 +13,7 @@
 //! - [`client`]: the connecting side (handshake, one stream per request), for agents and the CLI.
 //! - [`context`]: build contexts as content-addressed manifests: `.dockerignore`, scanning, validation
 //!   on receipt, the blob store, and materialising a context into an agent's work directory.
+//! - [`disk`]: free space (`statvfs`), "disk full" errors, and whether something fits (pure).
 //! - [`imagetools`]: `farm imagetools inspect` (an image's index and platforms, and farm's part).
 //! - [`inputs`]: `farm build`'s input flags (named contexts, secrets, network, extra hosts), parsed.
 //! - [`oci`]: image references, descriptors, deterministic image indexes and buildah's OCI layouts.
@@ -30,6 +31,7 @@ pub mod client;
 pub mod context;
 pub mod cosign;
 pub mod digest;
+pub mod disk;
 pub mod dockerfile;
 pub mod export;
 pub mod host;

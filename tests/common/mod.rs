@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod docker;
+pub mod faults;
 pub mod registry;
 
 use std::io::{BufRead, BufReader};
@@ -223,7 +224,14 @@ pub struct Farm {
 
 impl Farm {
     pub fn start(timeout_secs: u64) -> Farm {
+        Self::start_prepared(timeout_secs, |_| ())
+    }
+
+    /// [`Farm::start`], with `prepare` called on the coordinator's state directory (not yet
+    /// created) before the coordinator starts: e.g. to mount a small file system there.
+    pub fn start_prepared(timeout_secs: u64, prepare: impl FnOnce(&Path)) -> Farm {
         let tmp = tempfile::tempdir().unwrap();
+        prepare(&tmp.path().join("coordinator"));
         let ca = Ca::init(tmp.path());
         let port = free_udp_port();
         let addr = format!("127.0.0.1:{port}");
@@ -295,6 +303,15 @@ impl Farm {
         args.extend(extra);
         self.agents.insert(name.into(), Proc::farm(&format!("agent {name}"), &args));
         self.wait_agent(name, "online")
+    }
+
+    /// Starts another `farm agent` process with agent `name`'s existing identity (no new
+    /// certificate) and work directory `work`; it is not waited for.
+    pub fn spawn_agent(&self, label: &str, name: &str, work: &Path, extra: &[&str]) -> Proc {
+        let mut args = vec!["agent", "--coordinator", &self.addr, "--ca-dir", self.ca.path(), "--name", name];
+        args.extend(["--work-dir", work.to_str().unwrap()]);
+        args.extend(extra);
+        Proc::farm(label, &args)
     }
 
     pub fn wait_agent(&self, name: &str, state: &str) -> serde_json::Value {

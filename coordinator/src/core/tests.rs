@@ -63,6 +63,7 @@ struct Out {
     events: Vec<BuildEvent>,
     stitched: Vec<Vec<u8>>,
     closed: Vec<ConnId>,
+    refused: Vec<ConnId>,
     checks: Vec<(TaskId, Digest)>,
 }
 
@@ -78,6 +79,7 @@ fn drain(core: &mut Core) -> Out {
             Action::Emit { event, .. } => out.events.push(event),
             Action::Stitch { index, .. } => out.stitched.push(index),
             Action::Close { conn, .. } => out.closed.push(conn),
+            Action::Refuse { conn, .. } => out.refused.push(conn),
             Action::CheckCached { task, digest, .. } => out.checks.push((task, digest)),
         }
     }
@@ -90,9 +92,10 @@ fn manifest(n: u8) -> ManifestRef {
 
 fn three_agent_farm() -> Core {
     let mut core = Core::new(15_000, 3);
-    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64", "linux/386"], &["linux/arm64", "linux/arm/v7"], &[]));
-    core.agent_up(0, "pi64", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
-    core.agent_up(0, "pi32", 3, "c".into(), info(&["linux/arm/v7"], &[], &[]));
+    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64", "linux/386"], &["linux/arm64", "linux/arm/v7"], &[]))
+        .unwrap();
+    core.agent_up(0, "pi64", 2, "b".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.agent_up(0, "pi32", 3, "c".into(), info(&["linux/arm/v7"], &[], &[])).unwrap();
     drain(&mut core);
     core
 }
@@ -152,7 +155,7 @@ fn without_its_native_agent_a_platform_is_emulated_and_with_emulation_never_it_w
         out.events
     );
     // The native agent returns: the waiting task goes to it.
-    core.agent_up(20, "pi32", 4, "c".into(), info(&["linux/arm/v7"], &[], &[]));
+    core.agent_up(20, "pi32", 4, "c".into(), info(&["linux/arm/v7"], &[], &[])).unwrap();
     let out = drain(&mut core);
     assert_eq!(out.assigned.len(), 1);
     assert_eq!((out.assigned[0].0, out.assigned[0].4), (4, false));
@@ -179,7 +182,7 @@ fn a_busy_native_agent_queues_the_task_and_the_waiting_reason_is_told_once() {
 #[test]
 fn required_labels_pick_the_labelled_agent() {
     let mut core = three_agent_farm();
-    core.agent_up(0, "jetson", 9, "j".into(), info(&["linux/arm64"], &[], &[("gpu", "nvidia")]));
+    core.agent_up(0, "jetson", 9, "j".into(), info(&["linux/arm64"], &[], &[("gpu", "nvidia")])).unwrap();
     drain(&mut core);
     let mut s = spec(&["linux/arm64"]);
     s.require.insert("gpu".into(), "nvidia".into());
@@ -215,8 +218,8 @@ fn a_failed_platform_fails_the_build_cancels_the_others_and_pushes_nothing() {
 #[test]
 fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
     let mut core = Core::new(15_000, 3);
-    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
-    core.agent_up(0, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.agent_up(0, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     drain(&mut core);
     core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     let first = drain(&mut core).assigned[0].clone();
@@ -236,7 +239,7 @@ fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
     let (conn2, task2, attempt2, _, _) = out.assigned[0].clone();
     assert_eq!((conn2, task2, attempt2), (3 - lost_conn, task, attempt + 1));
     // The presumed-dead agent comes back and reports its stale attempt: refused, no stitch.
-    core.agent_up(16_000, lost, 7, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(16_000, lost, 7, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     drain(&mut core);
     for _ in 0..1000 {
         core.agent_msg(16_001, lost, 7, AgentMsg::TaskDone { task, attempt, manifest: manifest(9), timings: vec![] });
@@ -257,12 +260,12 @@ fn a_lost_agent_s_task_is_retried_elsewhere_and_its_late_result_is_refused() {
 #[test]
 fn too_many_lost_attempts_fail_the_build() {
     let mut core = Core::new(1_000, 2);
-    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     drain(&mut core);
     core.handle_timeout(1_000);
     drain(&mut core);
-    core.agent_up(1_500, "a", 2, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(1_500, "a", 2, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     assert_eq!(drain(&mut core).assigned[0].2, 2);
     core.handle_timeout(2_500);
     let out = drain(&mut core);
@@ -300,7 +303,7 @@ fn a_restarted_coordinator_keeps_queued_tasks_and_lets_agents_confirm_running_on
     let dir = tempfile::tempdir().unwrap();
     let store = crate::store::Store::open(dir.path()).unwrap();
     let mut core = Core::new(15_000, 3);
-    core.agent_up(0, "pi64", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "pi64", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     let mut s = spec(&["linux/arm64", "linux/riscv64"]);
     s.credentials = Some(Credentials { username: "bob".into(), password: "hunter2".into() });
     core.submit(0, "b1", "admin", s, None).unwrap();
@@ -318,7 +321,7 @@ fn a_restarted_coordinator_keeps_queued_tasks_and_lets_agents_confirm_running_on
     assert_eq!(builds[0].platforms[0].state, "running");
     assert_eq!(builds[0].platforms[1].state, "queued");
     // The agent returns and says it still holds the task: it carries on, same attempt.
-    core.agent_up(101_000, "pi64", 5, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(101_000, "pi64", 5, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     core.agent_msg(101_001, "pi64", 5, AgentMsg::Holding(vec![Held { task, attempt }]));
     let out = drain(&mut core);
     assert!(out.assigned.is_empty() && out.cancelled.is_empty(), "{out:?}");
@@ -336,7 +339,7 @@ fn running_tasks_nobody_confirms_are_requeued_after_the_grace_period() {
     let dir = tempfile::tempdir().unwrap();
     let store = crate::store::Store::open(dir.path()).unwrap();
     let mut core = Core::new(15_000, 3);
-    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     drain(&mut core);
     persist(&mut core, &store);
@@ -345,7 +348,7 @@ fn running_tasks_nobody_confirms_are_requeued_after_the_grace_period() {
     core.handle_timeout(64_999);
     assert!(drain(&mut core).events.is_empty());
     // Another agent is there; the old one never comes back.
-    core.agent_up(60_000, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(60_000, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     drain(&mut core);
     core.handle_timeout(65_000);
     let out = drain(&mut core);
@@ -359,12 +362,14 @@ fn running_tasks_nobody_confirms_are_requeued_after_the_grace_period() {
 #[test]
 fn an_agent_that_comes_back_without_its_task_loses_it_and_stale_holdings_are_cancelled() {
     let mut core = Core::new(15_000, 3);
-    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
-    // Reconnects (new connection) having restarted: it holds nothing, but claims an old task.
-    core.agent_up(10, "a", 2, "a".into(), info(&["linux/arm64"], &[], &[]));
-    core.agent_msg(11, "a", 2, AgentMsg::Holding(vec![Held { task: 999, attempt: 1 }]));
+    // Reconnects (new connection) having restarted, once its old connection has gone quiet: it
+    // holds nothing, but claims an old task.
+    let quiet = core.fleet.alive_ms();
+    core.agent_up(quiet, "a", 2, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.agent_msg(quiet + 1, "a", 2, AgentMsg::Holding(vec![Held { task: 999, attempt: 1 }]));
     let out = drain(&mut core);
     assert_eq!(out.cancelled, vec![(2, 999)]);
     assert!(out
@@ -392,7 +397,7 @@ fn cancel_stops_running_tasks_on_their_agents_and_ends_the_build() {
 #[test]
 fn a_draining_agent_gets_no_new_work_and_released_tasks_run_elsewhere() {
     let mut core = Core::new(15_000, 3);
-    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
     let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
     core.agent_msg(1, "a", 1, AgentMsg::Draining);
@@ -402,11 +407,70 @@ fn a_draining_agent_gets_no_new_work_and_released_tasks_run_elsewhere() {
     assert_eq!(core.agents()[0].state, shared::proto::AgentState::Draining);
     let mut two_slots = info(&["linux/arm64"], &[], &[]);
     two_slots.capacity = 2;
-    core.agent_up(3, "b", 2, "b".into(), two_slots);
+    core.agent_up(3, "b", 2, "b".into(), two_slots).unwrap();
     assert_eq!(drain(&mut core).assigned.len(), 1, "b2 goes to b");
     core.agent_msg(4, "a", 1, AgentMsg::Release { task, attempt });
     let out = drain(&mut core);
     assert!(out.assigned.iter().any(|a| a.0 == 2 && a.1 == task && a.2 == attempt + 1), "{out:?}");
+}
+
+#[test]
+fn a_second_agent_with_a_live_identity_is_refused_and_the_first_keeps_its_task() {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "a", 1, "10.0.0.1:5000".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (_, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    core.agent_msg(3_000, "a", 1, AgentMsg::Heartbeat(Heartbeat { busy: 1 }));
+    let refused = core.agent_up(4_000, "a", 2, "10.0.0.2:6000".into(), info(&["linux/arm64"], &[], &[]));
+    let reason = refused.unwrap_err();
+    assert!(reason.starts_with("agent identity \"a\" is already connected from 10.0.0.1:5000 and answering heartbeats"));
+    let mut told = vec![];
+    while let Some(a) = core.poll_action() {
+        match a {
+            Action::Refuse { conn, reason: r } => told.push((conn, r)),
+            Action::Send { conn, msg: CoordMsg::Duplicate { address } } => told.push((conn, address)),
+            other => panic!("nothing else happens: {other:?}"),
+        }
+    }
+    assert_eq!(told, vec![(2, reason), (1, "10.0.0.2:6000".to_string())]);
+    // The first keeps the task: its result counts.
+    core.agent_msg(5_000, "a", 1, AgentMsg::TaskDone { task, attempt, manifest: manifest(1), timings: vec![] });
+    assert_eq!(drain(&mut core).stitched.len(), 1);
+    assert_eq!(core.agents()[0].conflict.as_ref().map(|c| c.address.as_str()), Some("10.0.0.2:6000"));
+}
+
+#[test]
+fn an_agent_without_disk_space_hands_its_task_on_or_fails_it_when_nobody_else_can() {
+    let mut core = Core::new(15_000, 3);
+    core.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.agent_up(0, "b", 2, "b".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    core.submit(0, "b1", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (conn, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+    let (full, other) = if conn == 1 { ("a", 2) } else { ("b", 1) };
+    let error = format!("agent {full} is out of disk space in its work directory /w (3 MB free)");
+    core.agent_msg(1, full, conn, AgentMsg::Unfit { task, attempt, error: error.clone() });
+    let out = drain(&mut core);
+    assert_eq!((out.assigned[0].0, out.assigned[0].1, out.assigned[0].2), (other, task, attempt + 1));
+    let retry = format!("agent {full} cannot run it: {error}; retrying (attempt 2 of 3)");
+    assert!(out.events.iter().any(|e| matches!(e, BuildEvent::Retrying { reason, .. } if *reason == retry)), "{out:?}");
+
+    // A busy agent can take it later: b2's task waits for it rather than going back to the full one.
+    core.submit(2, "b2", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (conn2, task2, attempt2, _, _) = drain(&mut core).assigned[0].clone();
+    assert_eq!(conn2, conn, "the other agent is busy with b1");
+    core.agent_msg(3, full, conn, AgentMsg::Unfit { task: task2, attempt: attempt2, error: error.clone() });
+    assert!(drain(&mut core).assigned.is_empty(), "not to the agent whose disk is full");
+
+    // Nobody else could take it: the task fails at once with the agent's message.
+    let mut alone = Core::new(15_000, 3);
+    alone.agent_up(0, "a", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
+    alone.submit(0, "b3", "admin", spec(&["linux/arm64"]), None).unwrap();
+    let (_, task, attempt, _, _) = drain(&mut alone).assigned[0].clone();
+    alone.agent_msg(1, "a", 1, AgentMsg::Unfit { task, attempt, error: error.clone() });
+    let out = drain(&mut alone);
+    assert!(out.assigned.is_empty());
+    let failed = format!("linux/arm64 failed: {error}");
+    assert!(out.events.iter().any(|e| matches!(e, BuildEvent::Failed { error } if *error == failed)), "{out:?}");
 }
 
 #[test]
@@ -490,7 +554,7 @@ fn a_cached_result_answers_only_builds_whose_required_labels_an_agent_of_that_bu
     let mut jetson = info(&["linux/arm64"], &[], &[("builder", "docker")]);
     jetson.builder = "docker".into();
     jetson.builder_version = "20.10.24".into();
-    core.agent_up(1, "jetson", 4, "d".into(), jetson);
+    core.agent_up(1, "jetson", 4, "d".into(), jetson).unwrap();
     drain(&mut core);
     // Requiring builder=docker: pi64's result is not that builder's; jetson builds it.
     let mut on_docker = spec(&["linux/arm64"]);
@@ -556,7 +620,7 @@ fn task_ids_of_a_new_run_never_meet_those_of_an_earlier_one() {
     let (_, unwritten, ..) = drain(&mut core).assigned[0].clone();
     let mut again = restart(&store, 2);
     again.start_epoch(store.begin_epoch().unwrap());
-    again.agent_up(2, "x86", 9, "a".into(), info(&["linux/amd64"], &[], &[]));
+    again.agent_up(2, "x86", 9, "a".into(), info(&["linux/amd64"], &[], &[])).unwrap();
     again.submit(2, "b3", "admin", spec(&["linux/amd64"]), None).unwrap();
     let (_, next, ..) = drain(&mut again).assigned[0].clone();
     assert!(next > unwritten && next >= 2 << 40, "{next} reuses an id of the crashed run");
@@ -573,7 +637,7 @@ fn a_build_is_queued_until_a_platform_reaches_an_agent_and_found_by_a_unique_pre
     both.sort();
     assert_eq!(both, ["b1aaaa", "b1bbbb"]);
     assert!(core.has_client("alice") && !core.has_client("bob"));
-    core.agent_up(1, "pi64", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(1, "pi64", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     drain(&mut core);
     let states: Vec<String> = core.builds(10).into_iter().map(|b| b.state).collect();
     assert!(states.contains(&"running".to_string()), "{states:?}");
@@ -582,8 +646,8 @@ fn a_build_is_queued_until_a_platform_reaches_an_agent_and_found_by_a_unique_pre
 #[test]
 fn fastest_uses_the_recorded_durations_and_emulates_on_an_idle_agent_when_the_native_one_is_busy() {
     let mut core = Core::new(15_000, 3);
-    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64"], &["linux/arm64"], &[]));
-    core.agent_up(0, "pi64", 2, "b".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64"], &["linux/arm64"], &[])).unwrap();
+    core.agent_up(0, "pi64", 2, "b".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     drain(&mut core);
     let arm = |n: &str, context: u8, emulation: Emulation| {
         let mut s = spec(&["linux/arm64"]);
@@ -609,7 +673,7 @@ fn fastest_uses_the_recorded_durations_and_emulates_on_an_idle_agent_when_the_na
     let out = drain(&mut core);
     assert_eq!((out.assigned[0].0, out.assigned[0].4), (1, true));
     done(&mut core, 732_000, "x86", 1, &out);
-    core.agent_up(733_000, "pi64", 3, "b".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(733_000, "pi64", 3, "b".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     drain(&mut core);
     // pi64 is busy with another context; fastest sends context 0 to the idle emulator and says why.
     let (id, s) = arm("b3", 7, Emulation::Fallback);
@@ -870,7 +934,7 @@ fn a_wall_clock_jump_of_an_hour_expires_no_agent() {
     let start = Instant::now();
     let clock = crate::clock::Clock::anchored(1_000_000, start);
     let mut core = Core::new(15_000, 3);
-    core.agent_up(clock.at(start), "pi", 1, "a".into(), info(&["linux/arm64"], &[], &[]));
+    core.agent_up(clock.at(start), "pi", 1, "a".into(), info(&["linux/arm64"], &[], &[])).unwrap();
     // Heartbeats every 5 s for a minute while the wall clock is stepped an hour ahead, which the
     // clock never reads again: no deadline moves, the agent stays online.
     for s in (5..=60).step_by(5) {

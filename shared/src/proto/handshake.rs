@@ -13,8 +13,10 @@ use super::ProtoError;
 /// carries the coordinator's context limits; `BuildSpec` and `Assignment` gained `ssh` (ids),
 /// `inputs` (named contexts, `--pull`, `--network none`, `--add-host`), `cache_to` and
 /// `cache_from` (the layer cache shared through a registry); `Request::SshForward` relays `RUN
-/// --mount=type=ssh`. 6: `BuildSpec` gained `sign`, `notify` and `provenance`.
-pub const PROTOCOL_VERSION: u32 = 6;
+/// --mount=type=ssh`. 6: `BuildSpec` gained `sign`, `notify` and `provenance`. 7: `AgentView`
+/// gained `conflict`, `CoordMsg::Duplicate` (a second agent with the same identity was refused)
+/// and `AgentMsg::Unfit` (an agent that cannot run a task, e.g. its disk is full, hands it on).
+pub const PROTOCOL_VERSION: u32 = 7;
 
 const MAGIC: [u8; 4] = *b"FARM";
 

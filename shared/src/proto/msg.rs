@@ -126,6 +126,13 @@ pub enum AgentMsg {
         task: TaskId,
         attempt: u32,
     },
+    /// The agent cannot run this task through no fault of the build (its disk is full): run it on
+    /// another agent if one can take it, else fail it with `error`.
+    Unfit {
+        task: TaskId,
+        attempt: u32,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -149,6 +156,11 @@ pub enum CoordMsg {
     Cancel {
         task: TaskId,
         attempt: u32,
+    },
+    /// Another agent with this agent's identity tried to register from `address` and was refused
+    /// (this connection holds the name): the agent should log it, naming that address.
+    Duplicate {
+        address: String,
     },
 }
 
@@ -598,6 +610,18 @@ pub struct AgentView {
     pub farm_version: String,
     /// Bytes each build may use (`memory_limit`); `None`: no limit.
     pub memory_limit: Option<u64>,
+    /// Another process with this identity tried to register while this one was connected, and
+    /// was refused: two agents run with the same certificate.
+    pub conflict: Option<AgentConflict>,
+}
+
+/// The last refused registration of a second agent with an online agent's identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentConflict {
+    /// Where the refused one connected from.
+    pub address: String,
+    /// Unix time in milliseconds of its last refused attempt.
+    pub at_ms: u64,
 }
 
 #[cfg(test)]
@@ -631,6 +655,8 @@ mod tests {
         round_trip(AgentMsg::Heartbeat(Heartbeat { busy: 3 }));
         round_trip(CoordMsg::Registered { heartbeat_interval_ms: 3000 });
         round_trip(CoordMsg::Refused { reason: "no".into() });
+        round_trip(CoordMsg::Duplicate { address: "127.0.0.1:4000".into() });
+        round_trip(AgentMsg::Unfit { task: 1, attempt: 2, error: "disk full".into() });
         round_trip(Request::Echo("hi".into()));
         round_trip(Request::ListAgents);
         round_trip(Response::Error("bad".into()));
@@ -648,6 +674,7 @@ mod tests {
             builder_version: "1.28.2".into(),
             farm_version: "0.1.0".into(),
             memory_limit: Some(2 << 30),
+            conflict: Some(AgentConflict { address: "127.0.0.1:5001".into(), at_ms: 1_700_000_000_500 }),
         }]));
     }
 
