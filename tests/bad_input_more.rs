@@ -1,0 +1,127 @@
+//! End to end: more bad input, each refused up front with the exact message its user sees, through
+//! the real `farm` binary: tags that carry a digest, platform lists with nothing in them, an empty
+//! Dockerfile, and a flood of refused TLS handshakes (one log line per peer, every one counted in
+//! the metrics).
+//!
+//! The CLI cases run against a coordinator (and check that it received nothing: no context, no
+//! build) and, where the CLI would otherwise start one, against the farm embedded in the command.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use common::*;
+
+/// Variables that would point a CLI run at another farm or config than the test's.
+const FARM_ENV: &[&str] = &[
+    "FARM_CONFIG",
+    "FARM_COORDINATOR",
+    "FARM_CA_DIR",
+    "FARM_NAME",
+    "FARM_TOKEN",
+    "FARM_STATE_DIR",
+    "XDG_CONFIG_HOME",
+    "XDG_STATE_HOME",
+];
+
+const DIGEST: &str = "sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+/// `farm ARGS` run in `dir` with HOME = `home` and no farm variables.
+fn cli(home: &Path, dir: &Path, args: &[&str]) -> Output {
+    let mut cmd = Command::new(farm_bin());
+    cmd.args(args).current_dir(dir).env("HOME", home).env("FARM_LOG", "warn").env("NO_COLOR", "1");
+    for v in FARM_ENV {
+        cmd.env_remove(v);
+    }
+    cmd.stdin(std::process::Stdio::null()).output().expect("run farm")
+}
+
+/// The line the CLI failed with (its last `error: ` line), after checking that it failed.
+fn refusal(what: &str, out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "{what}: farm succeeded, printing\n{}\n{stderr}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    stderr.lines().rev().find(|l| l.starts_with("error: ")).unwrap_or_default().to_string()
+}
+
+/// A context directory `name` under `root` holding `dockerfile` as its Dockerfile.
+fn context(root: &Path, name: &str, dockerfile: &str) -> PathBuf {
+    let dir = root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("Dockerfile"), dockerfile).unwrap();
+    dir
+}
+
+/// A coordinator (no agent needed: nothing may reach it) and a HOME for the CLI.
+struct Setup {
+    farm: Farm,
+    home: tempfile::TempDir,
+}
+
+impl Setup {
+    fn start() -> Setup {
+        Setup { farm: Farm::start(3), home: tempfile::tempdir().unwrap() }
+    }
+
+    /// `farm build --wait=false` against the coordinator: without the refusal it would submit
+    /// and print a build id.
+    fn build(&self, dir: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["build".to_string(), "--wait=false".into()];
+        args.extend(self.farm.client_args());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        cli(self.home.path(), dir, &args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    /// `farm build` with no coordinator configured or reachable: the farm embedded in the command.
+    fn embedded(&self, dir: &Path, extra: &[&str]) -> Output {
+        let mut args = vec!["build", "--embedded", "--progress", "plain"];
+        args.extend(extra);
+        cli(self.home.path(), dir, &args)
+    }
+
+    /// The coordinator received no context and accepted no build.
+    fn received_nothing(&self, what: &str) {
+        let log = self.farm.coordinator.log();
+        for line in ["context files received", "build accepted"] {
+            assert!(!log.contains(line), "{what}: the coordinator logged {line:?}:\n{log}");
+        }
+        assert_eq!(self.farm.builds(), serde_json::json!([]), "{what}: a build was recorded");
+    }
+}
+
+#[test]
+fn a_tag_with_a_digest_is_refused_before_anything_is_sent() {
+    let s = Setup::start();
+    let ctx = context(s.home.path(), "ctx", "FROM scratch\nCOPY Dockerfile /\n");
+    let ctx_arg = ctx.to_str().unwrap();
+    let pinned = format!("127.0.0.1:5000/app:1@{DIGEST}");
+    let digest_only = format!("127.0.0.1:5000/app@{DIGEST}");
+    let cases = [
+        (
+            &pinned,
+            format!(
+                "error: invalid tag \"{pinned}\": a tag to push to cannot pin a digest: the pushed image gets a digest \
+                 of its own and the tag \"1\" would move to it; drop \"@{DIGEST}\" (-t 127.0.0.1:5000/app:1)"
+            ),
+        ),
+        (
+            &digest_only,
+            format!(
+                "error: invalid tag \"{digest_only}\": it names a digest, not a tag to push the image under; give a \
+                 tag instead (e.g. -t 127.0.0.1:5000/app:latest)"
+            ),
+        ),
+    ];
+    for (tag, want) in &cases {
+        let flags = ["--platform", "linux/amd64,linux/arm64", "-t", tag.as_str(), ctx_arg];
+        let got = refusal(&format!("-t {tag} with a coordinator"), &s.build(&ctx, &flags));
+        assert_eq!(got, *want, "-t {tag} with a coordinator");
+        let got = refusal(&format!("-t {tag} embedded"), &s.embedded(&ctx, &flags));
+        assert_eq!(got, *want, "-t {tag} in the embedded farm");
+    }
+    s.received_nothing("tags with digests");
+}
