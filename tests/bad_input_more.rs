@@ -125,3 +125,40 @@ fn a_tag_with_a_digest_is_refused_before_anything_is_sent() {
     }
     s.received_nothing("tags with digests");
 }
+
+#[test]
+fn an_empty_platform_list_or_a_stray_comma_is_refused_not_built_for_the_default_platform() {
+    let s = Setup::start();
+    let ctx = context(s.home.path(), "ctx", "FROM scratch\nCOPY Dockerfile /\n");
+    let ctx_arg = ctx.to_str().unwrap();
+    let accepted = "linux/amd64, linux/386, linux/arm64, linux/arm/v7, linux/arm/v6, linux/riscv64, linux/ppc64le, \
+                    linux/s390x";
+    let empty = format!(
+        "error: empty platform list \"\": name one or more platforms, comma-separated, from {accepted} (or leave the \
+         flag out to build for this machine's platform)"
+    );
+    let cases = [
+        ("", empty.clone()),
+        (
+            "linux/amd64,",
+            "error: empty platform in the list \"linux/amd64,\": remove the stray comma, or name a platform there".into(),
+        ),
+        (
+            "linux/amd64,,linux/arm64",
+            "error: empty platform in the list \"linux/amd64,,linux/arm64\": remove the stray comma, or name a platform \
+             there"
+                .into(),
+        ),
+    ];
+    for (platforms, want) in &cases {
+        let flags = ["--platform", platforms, "-t", "127.0.0.1:5000/app:1", ctx_arg];
+        let got = refusal(&format!("--platform {platforms:?}"), &s.build(&ctx, &flags));
+        assert_eq!(got, *want, "--platform {platforms:?} with a coordinator");
+    }
+    let got = refusal(
+        "--platform \"\" embedded",
+        &s.embedded(&ctx, &["--platform", "", "-t", "127.0.0.1:5000/a:1", ctx_arg]),
+    );
+    assert_eq!(got, empty, "--platform \"\" in the embedded farm");
+    s.received_nothing("empty platforms");
+}
