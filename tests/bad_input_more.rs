@@ -162,3 +162,24 @@ fn an_empty_platform_list_or_a_stray_comma_is_refused_not_built_for_the_default_
     assert_eq!(got, empty, "--platform \"\" in the embedded farm");
     s.received_nothing("empty platforms");
 }
+
+#[test]
+fn an_empty_dockerfile_is_refused_by_the_client_naming_the_users_file() {
+    let s = Setup::start();
+    let ctx = context(s.home.path(), "ctx", "");
+    std::fs::create_dir_all(ctx.join("ci")).unwrap();
+    std::fs::write(ctx.join("ci/Containerfile"), "").unwrap();
+    let no_from = "no FROM instruction: a Dockerfile starts a stage with FROM <image>, e.g. FROM busybox:1.36";
+    // Run from inside the context, as `farm build .`: the path as the user gave it.
+    for (extra, shown) in [(&[][..], "./Dockerfile"), (&["-f", "ci/Containerfile"][..], "ci/Containerfile")] {
+        let mut flags = vec!["--platform", "linux/amd64", "-t", "127.0.0.1:5000/app:1"];
+        flags.extend(extra);
+        flags.push(".");
+        let want = format!("error: {shown}: {no_from}");
+        let got = refusal(&format!("an empty {shown}"), &s.build(&ctx, &flags));
+        assert_eq!(got, want, "an empty {shown} with a coordinator");
+        let got = refusal(&format!("an empty {shown} embedded"), &s.embedded(&ctx, &flags));
+        assert_eq!(got, want, "an empty {shown} in the embedded farm");
+    }
+    s.received_nothing("an empty Dockerfile");
+}
