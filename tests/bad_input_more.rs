@@ -8,8 +8,10 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::*;
 
@@ -161,6 +163,68 @@ fn an_empty_platform_list_or_a_stray_comma_is_refused_not_built_for_the_default_
     );
     assert_eq!(got, empty, "--platform \"\" in the embedded farm");
     s.received_nothing("empty platforms");
+}
+
+/// `GET /metrics` from the coordinator's metrics listener: the exposition text.
+fn scrape(addr: &str) -> String {
+    let mut s = std::net::TcpStream::connect(addr).unwrap_or_else(|e| panic!("metrics at {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text
+}
+
+/// The value of the sample `name` (with its labels, as exposed), if it is there.
+fn sample(exposition: &str, name: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+#[test]
+fn a_flood_of_refused_tls_handshakes_logs_one_line_per_peer_and_counts_every_one() {
+    const HANDSHAKES: usize = 200;
+    let mut farm = Farm::start(3);
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let config = farm.tmp.path().join("coordinator.toml");
+    std::fs::write(&config, format!("metrics_listen = \"{metrics}\"\n")).unwrap();
+    farm.restart_coordinator_env(&[("FARM_CONFIG", config.to_str().unwrap())]);
+    farm.coordinator.wait_for_line(&["metrics at"], Duration::from_secs(10));
+
+    // A client that trusts this farm's CA but presents a certificate another farm's CA signed.
+    let other = Ca::init(&farm.tmp.path().join("other-farm"));
+    let mut creds = shared::tls::load_credentials(&other.dir, "admin").unwrap();
+    creds.ca = shared::tls::load_credentials(&farm.ca.dir, "admin").unwrap().ca;
+
+    let before = farm.coordinator.log().lines().count();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let refused = runtime.block_on(async {
+        let mut refused = 0;
+        for _ in 0..HANDSHAKES {
+            let limits = shared::quic::TransportLimits::default();
+            let connected =
+                shared::client::Client::connect(&farm.addr, &creds, &limits, shared::proto::DEFAULT_MAX_FRAME).await;
+            match connected {
+                Err(e) if e.to_string().contains("refused this certificate (unknown CA)") => refused += 1,
+                other => panic!("expected the coordinator to refuse the certificate, got {:?}", other.err()),
+            }
+        }
+        refused
+    });
+    assert_eq!(refused, HANDSHAKES);
+
+    // Every refusal is counted...
+    let name = "farm_tls_refusals_total{reason=\"unknown_ca\"}";
+    let counted =
+        poll_until(Duration::from_secs(30), || sample(&scrape(&metrics), name).filter(|n| *n >= HANDSHAKES as f64));
+    assert_eq!(counted, Some(HANDSHAKES as f64), "{name} in\n{}", scrape(&metrics));
+    // ...and logged once: the first, saying who the peer claimed to be, the fix, and that the rest
+    // are only counted.
+    let log = farm.coordinator.log();
+    let added: Vec<&str> = log.lines().skip(before).collect();
+    assert_eq!(added.len(), 1, "{HANDSHAKES} refused handshakes logged these lines:\n{}", added.join("\n"));
+    let want = "WARN shared::tls: refused admin \"admin\": certificate not signed by this farm's CA (UnknownIssuer); \
+                issue one with `farm ca issue` (the same refusal again is logged at most every 300 s)";
+    assert!(added[0].ends_with(want), "expected a line ending with\n    {want}\ngot\n    {}", added[0]);
 }
 
 #[test]

@@ -196,6 +196,7 @@ impl Coordinator {
             registries,
             ssh: Default::default(),
             metrics,
+            refusals: Default::default(),
         };
         // Every change is committed before it is acknowledged, so stopping needs no final save.
         let result = tokio::select! {

@@ -40,6 +40,7 @@ pub mod platform;
 pub mod proto;
 pub mod provenance;
 pub mod quic;
+pub mod refusals;
 pub mod registry;
 pub mod signing;
 pub mod ssh;
