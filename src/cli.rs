@@ -1,5 +1,9 @@
 //! Flags, as clap structs. Every value that a config file can also set is an `Option` here, so
 //! that "given on the command line or in the environment" can win over the file.
+//!
+//! The doc comments here are clap's help text, written for a terminal (`[:TAG]`, `<os>`), not
+//! for rustdoc, which would read them as links and HTML tags.
+#![allow(rustdoc::broken_intra_doc_links, rustdoc::invalid_html_tags)]
 
 use std::path::PathBuf;
 

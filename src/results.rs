@@ -62,7 +62,7 @@ pub fn plan(args: &BuildArgs, platforms: &[Platform]) -> Result<Plan> {
     if stdout == 1 && args.progress == Progress::Json {
         bail!("-o ...,dest=- writes the image to stdout, where --progress json writes too; use --progress plain");
     }
-    let tags = args.tags.iter().map(|t| t.parse::<ImageRef>()).collect::<Result<Vec<_>, _>>()?;
+    let tags = args.tags.iter().map(|t| oci::push_tag(t)).collect::<Result<Vec<_>, _>>()?;
     let annotations = annotation::parse_annotations(&args.annotations, platforms)?;
     let labels = annotation::parse_labels(&args.labels)?;
     for (flag, path) in [("--metadata-file", &args.metadata_file), ("--iidfile", &args.iidfile)] {

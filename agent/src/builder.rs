@@ -170,7 +170,7 @@ pub trait Builder: Send + Sync {
 /// between builds.
 ///
 /// Nothing outlives a build: buildah runs in its own PID and mount namespaces (see
-/// [`Buildah::command`]), so its processes and overlay mounts end with it however it ends;
+/// `Buildah::command`), so its processes and overlay mounts end with it however it ends;
 /// `--force-rm` removes its containers when a step fails; its temporary files are in a
 /// directory of its own, removed after it. What a killed buildah leaves in its store (containers
 /// and their mount counts) is swept once no build of this agent uses that store, and at agent

@@ -7,7 +7,7 @@
 //! prune`.
 //!
 //! Killing the `docker build` client ends its BuildKit session, and the engine then cancels the
-//! build and kills its RUN processes: cancel needs nothing more than [`crate::builder::run`]'s
+//! build and kills its RUN processes: cancel needs nothing more than `crate::builder::run`'s
 //! SIGTERM.
 
 use std::collections::{BTreeSet, HashMap};

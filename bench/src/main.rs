@@ -11,7 +11,7 @@
 //!   agent's idle RSS (rows 8-13);
 //! - [`regcache`]: a cold agent with the layer cache shared through the registry (rows 16a-16b);
 //! - [`events`]: reading `farm build --progress json` back into phases;
-//! - [`report`]: medians, goals, the table and the JSON; [`procs`], [`env`]: processes and the
+//! - [`report`]: medians, goals, the table and the JSON; [`procs`], [`env`](mod@env): processes and the
 //!   bench's own world.
 
 mod builds;

@@ -760,7 +760,7 @@ impl Core {
         let tags: Vec<ImageRef> = spec
             .tags
             .iter()
-            .map(|t| t.parse::<ImageRef>())
+            .map(|t| shared::oci::push_tag(t))
             .collect::<Result<_, _>>()
             .map_err(|e| SubmitError::BadTag(e.to_string()))?;
         // No tags: nothing goes to a registry; the agents upload to the content store and the

@@ -238,6 +238,7 @@ impl Coordinator {
             ssh: Default::default(),
             metrics,
             dashboard,
+            refusals: Default::default(),
         };
         // Every change is committed before it is acknowledged, so stopping needs no final save.
         let result = tokio::select! {

@@ -57,6 +57,11 @@ struct DirectionLabel {
     direction: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
 /// What the core holds at a scrape.
 #[derive(Debug)]
 pub struct Snapshot {
@@ -90,6 +95,7 @@ pub struct Metrics {
     build_duration: Histogram,
     context_bytes: Family<DirectionLabel, Counter>,
     stale_refused: Counter,
+    tls_refusals: Family<ReasonLabel, Counter>,
     store_commit: Histogram,
     rss: Gauge,
     cpu: Counter<f64, std::sync::atomic::AtomicU64>,
@@ -122,6 +128,7 @@ impl Metrics {
             build_duration: seconds_buckets(),
             context_bytes: Family::default(),
             stale_refused: Counter::default(),
+            tls_refusals: Family::default(),
             store_commit: Histogram::new(exponential_buckets(0.0001, 2.0, 16)),
             rss: Gauge::default(),
             cpu: Counter::default(),
@@ -169,6 +176,12 @@ impl Metrics {
              attempt's), refused",
             m.stale_refused.clone(),
         );
+        registry.register(
+            "farm_tls_refusals",
+            "Connections refused at the TLS handshake or for a revoked certificate, by reason (unknown_ca|revoked|\
+             no_certificate|bad_certificate|other); the log has only the first of each peer's",
+            m.tls_refusals.clone(),
+        );
         registry.register_with_unit(
             "farm_store_commit",
             "Time to commit one batch of state to disk",
@@ -195,6 +208,11 @@ impl Metrics {
     /// Bytes moved through the content store.
     pub fn context_bytes(&self, direction: &str, bytes: u64) {
         self.context_bytes.get_or_create(&DirectionLabel { direction: direction.into() }).inc_by(bytes);
+    }
+
+    /// A connection refused at the TLS handshake (or for a revoked certificate).
+    pub fn tls_refused(&self, reason: shared::refusals::Reason) {
+        self.tls_refusals.get_or_create(&ReasonLabel { reason: reason.label() }).inc();
     }
 
     pub fn store_commit(&self, seconds: f64) {

@@ -49,6 +49,8 @@ pub struct Net {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Issues the dashboard's login tokens, when `dashboard_listen` is set.
     pub dashboard: Option<Arc<crate::dashboard::Dashboard>>,
+    /// Which refused connections to log (the first of each peer's; every one is counted).
+    pub refusals: Arc<std::sync::Mutex<shared::refusals::RefusalLog>>,
 }
 
 /// How many accepted context digests [`Net::accepted`] remembers.
@@ -109,10 +111,13 @@ impl Net {
             let net = self.clone();
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
-                match net.handle(incoming, conn_id).await {
+                match net.clone().handle(incoming, conn_id).await {
                     Ok(()) => {}
                     Err(e) if e.is_routine() => tracing::debug!(%remote, "connection ended: {e}"),
-                    Err(e) => tracing::warn!(%remote, "connection ended: {e}"),
+                    Err(e) => match e.refusal() {
+                        Some(reason) => net.refused(remote, reason, &e),
+                        None => tracing::warn!(%remote, "connection ended: {e}"),
+                    },
                 }
             });
         }
@@ -123,7 +128,7 @@ impl Net {
         let identity = shared::quic::peer_identity_if_any(&conn)?;
         if let Some(id) = identity.as_ref().filter(|id| self.gate.is_revoked(&id.name)) {
             conn.close(3u32.into(), b"this certificate was revoked");
-            return Err(PeerError::Refused(format!("{id} refused: its certificate was revoked")));
+            return Err(PeerError::Revoked(format!("{id} refused: its certificate was revoked")));
         }
         let address = conn.remote_address().to_string();
         let (mut send, recv) = tokio::time::timeout(HANDSHAKE_TIMEOUT, async {
@@ -719,7 +724,43 @@ impl Net {
     }
 }
 
+impl Net {
+    /// A refused connection: counted, and logged if it is the first of its peer's in a while.
+    fn refused(&self, remote: std::net::SocketAddr, reason: shared::refusals::Reason, e: &PeerError) {
+        self.metrics.tls_refused(reason);
+        if matches!(reason, shared::refusals::Reason::UnknownCa | shared::refusals::Reason::BadCertificate) {
+            // The certificate verifier has logged who the peer claimed to be, and the fix.
+            tracing::debug!(%remote, "connection refused: {e}");
+            return;
+        }
+        let ip = remote.ip();
+        let presented = match e {
+            PeerError::Revoked(who) => who.clone(),
+            _ => reason.label().to_string(),
+        };
+        match self.refusals.lock().unwrap().note((ip, presented), std::time::Instant::now()) {
+            Some(0) => tracing::warn!(
+                %remote,
+                "connection refused: {e} (further refusals like it from {ip} are counted in farm_tls_refusals_total \
+                 and logged at most every {} s)",
+                shared::refusals::QUIET.as_secs()
+            ),
+            Some(n) => tracing::warn!(%remote, "connection refused: {e} ({n} more from {ip} since its last line)"),
+            None => tracing::debug!(%remote, "connection refused: {e}"),
+        }
+    }
+}
+
 impl PeerError {
+    /// Why the connection was refused, if it was: a failed TLS handshake or a revoked certificate.
+    fn refusal(&self) -> Option<shared::refusals::Reason> {
+        match self {
+            PeerError::Handshake(e) => Some(shared::refusals::Reason::of_handshake_error(&e.to_string())),
+            PeerError::Revoked(_) => Some(shared::refusals::Reason::Revoked),
+            _ => None,
+        }
+    }
+
     /// A peer that went away (closed, timed out, reset): nothing an operator should act on.
     fn is_routine(&self) -> bool {
         use quinn::ConnectionError as E;
@@ -748,4 +789,6 @@ enum PeerError {
     HandshakeTimeout(Duration),
     #[error("{0}")]
     Refused(String),
+    #[error("{0}")]
+    Revoked(String),
 }

@@ -42,6 +42,7 @@ pub mod platform;
 pub mod proto;
 pub mod provenance;
 pub mod quic;
+pub mod refusals;
 pub mod registry;
 pub mod scancache;
 pub mod signing;

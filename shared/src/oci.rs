@@ -95,6 +95,24 @@ impl FromStr for ImageRef {
     }
 }
 
+/// A `-t` value: a reference to push the built image under, so a tag and no digest. A digest is
+/// known only once the image is built: `repo@sha256:…` names no tag to push under, and
+/// `repo:tag@sha256:…` would move the tag to another digest than the one written.
+pub fn push_tag(input: &str) -> Result<ImageRef, ImageRefError> {
+    let r: ImageRef = input.parse()?;
+    let Some((without, digest)) = input.rsplit_once('@').filter(|_| r.digest.is_some()) else { return Ok(r) };
+    let reason = match &r.tag {
+        Some(tag) => format!(
+            "a tag to push to cannot pin a digest: the pushed image gets a digest of its own and the tag \"{tag}\" \
+             would move to it; drop \"@{digest}\" (-t {without})"
+        ),
+        None => format!(
+            "it names a digest, not a tag to push the image under; give a tag instead (e.g. -t {without}:latest)"
+        ),
+    };
+    Err(ImageRefError { input: input.to_owned(), reason })
+}
+
 fn parse_ref(input: &str) -> Result<ImageRef, String> {
     if input.is_empty() {
         return Err("the reference is empty; expected [registry[:port]/]repository[:tag][@digest]".into());
@@ -520,6 +538,29 @@ mod tests {
         let r = parse(&format!("reg.lan/app:1@{digest}"));
         assert_eq!((r.tag.as_deref(), r.digest.as_ref()), (Some("1"), Some(&digest)));
         assert_eq!(parse(&format!("{}:{}", "a".repeat(10), "t".repeat(128))).tag.unwrap().len(), 128);
+    }
+
+    #[test]
+    fn push_tags_refuse_digests_and_say_what_to_write() {
+        let digest = d('a');
+        assert_eq!(push_tag("reg.lan/app:1").unwrap(), parse("reg.lan/app:1"));
+        assert_eq!(push_tag("reg.lan/app").unwrap(), parse("reg.lan/app"));
+        assert_eq!(
+            push_tag(&format!("reg.lan/app:1@{digest}")).unwrap_err().to_string(),
+            format!(
+                "invalid tag \"reg.lan/app:1@{digest}\": a tag to push to cannot pin a digest: the pushed image gets a \
+                 digest of its own and the tag \"1\" would move to it; drop \"@{digest}\" (-t reg.lan/app:1)"
+            )
+        );
+        assert_eq!(
+            push_tag(&format!("reg.lan/app@{digest}")).unwrap_err().to_string(),
+            format!(
+                "invalid tag \"reg.lan/app@{digest}\": it names a digest, not a tag to push the image under; give a tag \
+                 instead (e.g. -t reg.lan/app:latest)"
+            )
+        );
+        // What does not parse is refused as parsing refuses it.
+        assert_eq!(push_tag("reg.lan/App:1").unwrap_err(), "reg.lan/App:1".parse::<ImageRef>().unwrap_err());
     }
 
     #[test]

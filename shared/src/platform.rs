@@ -67,6 +67,14 @@ pub enum PlatformError {
     Unknown(String),
     #[error("platform {platform} is listed twice (as {first:?} and {second:?})")]
     Duplicate { platform: String, first: String, second: String },
+    #[error(
+        "empty platform list {0:?}: name one or more platforms, comma-separated, from {accepted} (or leave the \
+         flag out to build for this machine's platform)",
+        accepted = SUPPORTED.join(", ")
+    )]
+    EmptyList(String),
+    #[error("empty platform in the list {0:?}: remove the stray comma, or name a platform there")]
+    BlankItem(String),
 }
 
 impl Platform {
@@ -87,12 +95,19 @@ impl Platform {
         (self.os(), self.architecture(), self.variant())
     }
 
-    /// Parses a comma-separated list (`"linux/amd64, arm64,"`), keeping the given order.
-    /// Blank items are skipped, so an empty string yields an empty list; two items that
-    /// normalise to the same platform are an error.
+    /// Parses a comma-separated list (`"linux/amd64, arm64"`), keeping the given order. Items
+    /// are trimmed; a blank list or a blank item (`""`, `"linux/amd64,"`, `"a,,b"`) is an error,
+    /// as is a list naming one platform twice (after normalisation): a list that quietly
+    /// meant fewer platforms than it seemed to would build the wrong image.
     pub fn parse_list(s: &str) -> Result<Vec<Platform>, PlatformError> {
+        if s.trim().is_empty() {
+            return Err(PlatformError::EmptyList(s.to_owned()));
+        }
         let mut seen: Vec<(Platform, &str)> = Vec::new();
-        for item in s.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        for item in s.split(',').map(str::trim) {
+            if item.is_empty() {
+                return Err(PlatformError::BlankItem(s.to_owned()));
+            }
             let platform: Platform = item.parse()?;
             if let Some((_, first)) = seen.iter().find(|(p, _)| *p == platform) {
                 return Err(PlatformError::Duplicate {
@@ -391,13 +406,39 @@ mod tests {
     }
 
     #[test]
-    fn parse_list_trims_skips_blanks_and_keeps_order() {
-        let list = Platform::parse_list(" linux/arm64 ,amd64,, armhf , ").unwrap();
+    fn parse_list_trims_and_keeps_order() {
+        let list = Platform::parse_list(" linux/arm64 ,amd64, armhf ").unwrap();
         let shown: Vec<String> = list.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["linux/arm64", "linux/amd64", "linux/arm/v7"]);
-        assert_eq!(Platform::parse_list("").unwrap(), []);
-        assert_eq!(Platform::parse_list(" , ,").unwrap(), []);
         assert_eq!(Platform::parse_list(&SUPPORTED.join(",")).unwrap().len(), SUPPORTED.len());
+    }
+
+    #[test]
+    fn parse_list_refuses_blank_lists_and_blank_items() {
+        for blank in ["", " ", " , ,"] {
+            let err = Platform::parse_list(blank).unwrap_err();
+            let want = if blank.trim().is_empty() && !blank.contains(',') {
+                PlatformError::EmptyList(blank.into())
+            } else {
+                PlatformError::BlankItem(blank.into())
+            };
+            assert_eq!(err, want, "{blank:?}");
+        }
+        assert_eq!(
+            Platform::parse_list("").unwrap_err().to_string(),
+            format!(
+                "empty platform list \"\": name one or more platforms, comma-separated, from {} (or leave the flag out \
+                 to build for this machine's platform)",
+                SUPPORTED.join(", ")
+            )
+        );
+        for stray in ["linux/amd64,", ",linux/amd64", "amd64,,arm64", "amd64, ,arm64"] {
+            assert_eq!(Platform::parse_list(stray).unwrap_err(), PlatformError::BlankItem(stray.into()), "{stray:?}");
+        }
+        assert_eq!(
+            Platform::parse_list("linux/amd64,").unwrap_err().to_string(),
+            "empty platform in the list \"linux/amd64,\": remove the stray comma, or name a platform there"
+        );
     }
 
     #[test]

@@ -217,7 +217,7 @@ fn endpoint_config(creds: &Credentials) -> quinn::EndpointConfig {
     config
 }
 
-/// Connects to `target` ("host:port", "1.2.3.4:port" or "[::1]:port") and verifies the server
+/// Connects to `target` (`host:port`, `1.2.3.4:port` or `[::1]:port`) and verifies the server
 /// against the farm's CA under the name `host`. Returns the endpoint too: the connection lives
 /// only as long as it.
 ///

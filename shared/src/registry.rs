@@ -111,7 +111,7 @@ pub struct PushReport {
 }
 
 /// A containers auth file (`buildah --authfile`) holding `credentials` for `registry`
-/// (host[:port]) only.
+/// (`host[:port]`) only.
 pub fn auth_file(registry: &str, credentials: &Credentials) -> String {
     let auth =
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", credentials.username, credentials.password));
@@ -129,7 +129,7 @@ fn auths_key_host(key: &str) -> String {
     rest.split('/').next().unwrap_or_default().to_ascii_lowercase()
 }
 
-/// Finds credentials for `registry` (host[:port], as in an [`ImageRef`]) in the text of a Docker
+/// Finds credentials for `registry` (`host[:port]`, as in an [`ImageRef`]) in the text of a Docker
 /// config.json: `auths[<key>].auth` (base64 of `user:pass`) or `auths[<key>].username`/`password`,
 /// where the key is the registry itself, or it with `https://`/`http://` in front and/or a path such
 /// as `/v1/` or `/v2/` behind; for docker.io also `index.docker.io` (`https://index.docker.io/v1/`,
@@ -464,7 +464,7 @@ impl Registry {
     }
 
     /// Pushes an OCI layout to `repo` by digest: the layers and the config blob, up to
-    /// [`PARALLEL_BLOBS`] at once, each first checked with a HEAD and sent only if the registry
+    /// `PARALLEL_BLOBS` at once, each first checked with a HEAD and sent only if the registry
     /// lacks it; a missing blob is mounted from another repository of the same registry when one
     /// is known to hold it (this client's [`BlobLocations`], then `sources`, e.g. the base images'
     /// repositories), else uploaded in chunks streamed from disk, resumed after a failure. Then

@@ -582,7 +582,7 @@ pub fn server_config(creds: &Credentials) -> Result<rustls::ServerConfig, TlsErr
     let inner = WebPkiClientVerifier::builder_with_provider(Arc::new(roots(creds)?), provider.clone())
         .allow_unauthenticated()
         .build()?;
-    let verifier = Arc::new(LoggingClientVerifier { inner });
+    let verifier = Arc::new(LoggingClientVerifier { inner, logged: Default::default() });
     let mut chain = creds.chain.clone();
     if !chain.contains(&creds.ca) {
         chain.push(creds.ca.clone());
@@ -633,9 +633,12 @@ fn roots(creds: &Credentials) -> Result<RootCertStore, TlsError> {
 
 /// The WebPki verifier, plus one log line per refused client saying who it claimed to be and
 /// how to fix it: without it, a refused agent only shows up as a handshake error on its side.
+/// The same refusal again is logged at most every [`crate::refusals::QUIET`] (a peer retrying
+/// in a loop would flood the log); the coordinator counts every one in its metrics.
 #[derive(Debug)]
 struct LoggingClientVerifier {
     inner: Arc<dyn ClientCertVerifier>,
+    logged: std::sync::Mutex<crate::refusals::RefusalLog<String>>,
 }
 
 impl ClientCertVerifier for LoggingClientVerifier {
@@ -657,9 +660,18 @@ impl ClientCertVerifier for LoggingClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)
-            .inspect_err(|err| tracing::warn!("{}", refusal_message(end_entity, err)))
+        self.inner.verify_client_cert(end_entity, intermediates, now).inspect_err(|err| {
+            let message = refusal_message(end_entity, err);
+            let log = self.logged.lock().unwrap().note(message.clone(), std::time::Instant::now());
+            match log {
+                Some(0) => tracing::warn!(
+                    "{message} (the same refusal again is logged at most every {} s)",
+                    crate::refusals::QUIET.as_secs()
+                ),
+                Some(n) => tracing::warn!("{message} ({n} more since its last line)"),
+                None => tracing::debug!("{message}"),
+            }
+        })
     }
 
     fn verify_tls12_signature(

@@ -285,6 +285,15 @@ fn bad_submissions_are_refused_with_the_fix() {
     let mut s = spec(&["linux/amd64"]);
     s.tags = vec!["Bad Tag".into()];
     assert!(matches!(core.submit(0, "b", "admin", s, None), Err(SubmitError::BadTag(_))));
+    // A digest in a tag is refused before any task is queued (a client that skips the CLI's check).
+    let digest = format!("sha256:{}", "a".repeat(64));
+    for tag in [format!("127.0.0.1:5000/app:1@{digest}"), format!("127.0.0.1:5000/app@{digest}")] {
+        let mut s = spec(&["linux/amd64"]);
+        s.tags = vec![tag.clone()];
+        let err = core.submit(0, "b", "admin", s, None).unwrap_err();
+        assert_eq!(err, SubmitError::BadTag(shared::oci::push_tag(&tag).unwrap_err().to_string()), "{tag}");
+    }
+    assert!(!core.builds.contains_key("b"), "a refused build is not kept");
 }
 
 /// Commits what the core changed into a real store, as the driver does.
@@ -954,7 +963,7 @@ fn the_next_build_of_a_dockerfile_imports_the_layerless_steps_the_last_one_expor
     let repo = "reg.lan:5000/farm-cache/linux-amd64";
     let mut core = Core::new(15_000, 3)
         .with_cache_repo(Some(CacheRef::parse_ref("reg.lan:5000/farm-cache", "cache_repo").unwrap()));
-    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64"], &[], &[]));
+    core.agent_up(0, "x86", 1, "a".into(), info(&["linux/amd64"], &[], &[])).unwrap();
     drain(&mut core);
     let assigned = |core: &mut Core| {
         let mut found = None;

@@ -110,7 +110,7 @@ impl BlobLocations {
     }
 
     /// The repositories to try mounting `digest` into `target` from: the known ones, then `hints`
-    /// (in the same registry), never `target` itself, at most [`MAX_MOUNT_SOURCES`].
+    /// (in the same registry), never `target` itself, at most `MAX_MOUNT_SOURCES`.
     pub fn sources(&self, target: &ImageRef, digest: &Digest, hints: &[ImageRef]) -> Vec<String> {
         let known = self.lock().get(&(target.registry.clone(), digest.clone())).cloned().unwrap_or_default();
         let hinted = hints.iter().filter(|h| h.registry == target.registry).map(|h| h.repository.clone());
