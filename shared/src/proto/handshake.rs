@@ -106,9 +106,13 @@ mod tests {
         assert!(msg.contains("9.9.9") && msg.contains(crate::FARM_VERSION), "{msg}");
         assert!(msg.contains(&format!("protocol {}", PROTOCOL_VERSION + 1)), "{msg}");
         // A reply from a newer coordinator is refused by us too, naming both versions.
-        let newer = HelloReply { protocol: 7, farm_version: "2.0.0".into(), ..HelloReply::to(&Hello::ours()) };
+        let newer = HelloReply {
+            protocol: PROTOCOL_VERSION + 1,
+            farm_version: "2.0.0".into(),
+            ..HelloReply::to(&Hello::ours())
+        };
         let err = newer.into_result().unwrap_err().to_string();
-        assert!(err.contains("2.0.0") && err.contains("protocol 7"), "{err}");
+        assert!(err.contains("2.0.0") && err.contains(&format!("protocol {}", PROTOCOL_VERSION + 1)), "{err}");
     }
 
     #[test]
