@@ -5,8 +5,7 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 /// A tmpfs of `size` (`20m`) mounted on a directory (created), lazily unmounted on drop (the
 /// processes using it may still run). Needs root, as the tests run.
@@ -43,8 +42,8 @@ impl Drop for Tmpfs {
 /// until [`HoldProxy::release`].
 pub struct HoldProxy {
     pub addr: String,
-    hold: Arc<AtomicBool>,
-    held: Arc<AtomicBool>,
+    /// (still holding, an upload is being held back), and the release's wake-up.
+    gate: Arc<(Mutex<(bool, bool)>, Condvar)>,
     requests: Arc<Mutex<Vec<String>>>,
 }
 
@@ -54,22 +53,17 @@ impl HoldProxy {
     pub fn start(upstream: &str) -> HoldProxy {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let proxy = HoldProxy {
-            addr,
-            hold: Arc::new(AtomicBool::new(true)),
-            held: Arc::new(AtomicBool::new(false)),
-            requests: Arc::default(),
-        };
-        let (hold, held, requests, upstream) =
-            (proxy.hold.clone(), proxy.held.clone(), proxy.requests.clone(), upstream.to_string());
+        let proxy =
+            HoldProxy { addr, gate: Arc::new((Mutex::new((true, false)), Condvar::new())), requests: Arc::default() };
+        let (gate, requests, upstream) = (proxy.gate.clone(), proxy.requests.clone(), upstream.to_string());
         std::thread::spawn(move || {
             for client in listener.incoming() {
                 let Ok(client) = client else { return };
                 let Ok(server) = TcpStream::connect(&upstream) else { continue };
                 let (c2, s2) = (client.try_clone().unwrap(), server.try_clone().unwrap());
                 std::thread::spawn(move || copy(s2, c2));
-                let (hold, held, requests) = (hold.clone(), held.clone(), requests.clone());
-                std::thread::spawn(move || upload_side(client, server, &hold, &held, &requests));
+                let (gate, requests) = (gate.clone(), requests.clone());
+                std::thread::spawn(move || upload_side(client, server, &gate, &requests));
             }
         });
         proxy
@@ -77,12 +71,13 @@ impl HoldProxy {
 
     /// Whether an upload is being held back now.
     pub fn holding_an_upload(&self) -> bool {
-        self.held.load(Ordering::SeqCst)
+        self.gate.0.lock().unwrap().1
     }
 
     /// Lets every held and later request through.
     pub fn release(&self) {
-        self.hold.store(false, Ordering::SeqCst);
+        self.gate.0.lock().unwrap().0 = false;
+        self.gate.1.notify_all();
     }
 
     /// The request lines forwarded so far (`PUT /v2/app/manifests/sha256:... HTTP/1.1`).
@@ -99,8 +94,7 @@ fn copy(mut from: TcpStream, mut to: TcpStream) {
 fn upload_side(
     mut client: TcpStream,
     mut server: TcpStream,
-    hold: &AtomicBool,
-    held: &AtomicBool,
+    gate: &(Mutex<(bool, bool)>, Condvar),
     requests: &Mutex<Vec<String>>,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
@@ -114,10 +108,13 @@ fn upload_side(
         let lines: Vec<String> =
             text.lines().filter(|l| METHODS.iter().any(|m| l.starts_with(m))).map(String::from).collect();
         if lines.iter().any(|l| l.contains("/blobs/uploads/")) {
-            // A poll interval, not a synchronisation: the test's release decides.
-            while hold.load(Ordering::SeqCst) {
-                held.store(true, Ordering::SeqCst);
-                std::thread::sleep(std::time::Duration::from_millis(20));
+            // Wait for the test's release; the test sees that an upload is held.
+            let mut state = gate.0.lock().unwrap();
+            if state.0 {
+                state.1 = true;
+            }
+            while state.0 {
+                state = gate.1.wait(state).unwrap();
             }
         }
         requests.lock().unwrap().extend(lines);
