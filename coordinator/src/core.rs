@@ -1171,18 +1171,11 @@ impl Core {
             entitlements: &b.spec.entitlements,
             warm: None,
         };
-        let candidates =
-            self.fleet.online().filter(|(name, _)| !unfit.is_some_and(|u| u.contains(*name))).map(|(name, info)| {
-                Candidate {
-                    name,
-                    native: &info.native,
-                    emulated: &info.emulated,
-                    labels: &info.labels,
-                    allowed: &info.allowed,
-                    free: 1,
-                    estimate: None,
-                }
-            });
+        let candidates = self
+            .fleet
+            .online()
+            .filter(|(name, _)| !unfit.is_some_and(|u| u.contains(*name)))
+            .map(|(name, info)| Candidate::of(name, info, 1, None));
         matches!(sched::place(&need, candidates), Placement::Run { .. })
     }
 
@@ -1303,15 +1296,7 @@ impl Core {
                                 Some(sched::Estimate { build_ms, busy_ms, running: busy })
                             })
                             .flatten();
-                        Candidate {
-                            name,
-                            native: &info.native,
-                            emulated: &info.emulated,
-                            labels: &info.labels,
-                            allowed: &info.allowed,
-                            free,
-                            estimate,
-                        }
+                        Candidate::of(name, info, free, estimate)
                     },
                 );
             match sched::place(&need, candidates) {

@@ -17,7 +17,7 @@
 use std::collections::BTreeMap;
 
 pub use shared::proto::Emulation;
-use shared::proto::Entitlement;
+use shared::proto::{AgentInfo, Entitlement};
 use shared::Platform;
 
 /// One online agent as the scheduler sees it.
@@ -34,6 +34,21 @@ pub struct Candidate<'a> {
     /// `--emulation fastest` only: what farm expects of this agent for the task, if it has a
     /// recorded duration to go by.
     pub estimate: Option<Estimate>,
+}
+
+impl<'a> Candidate<'a> {
+    /// Agent `name`, as it registered (`info`), with `free` slots.
+    pub fn of(name: &'a str, info: &'a AgentInfo, free: u32, estimate: Option<Estimate>) -> Candidate<'a> {
+        Candidate {
+            name,
+            native: &info.native,
+            emulated: &info.emulated,
+            labels: &info.labels,
+            allowed: &info.allowed,
+            free,
+            estimate,
+        }
+    }
 }
 
 /// How long an agent is expected to take for a task, and to free a slot for it.
