@@ -708,6 +708,36 @@ impl Registry {
         Some((offset, next))
     }
 
+    /// Whether `target`'s repository has blob `digest` (HEAD). A 5xx or a dropped connection is
+    /// asked again a few times and then taken as "no": distribution 2.8's filesystem storage
+    /// rewrites a repository's blob link in place, so a HEAD that meets another push of the same
+    /// blob (another build's) can get a 500, and uploading a blob that is there is harmless.
+    async fn blob_present(&self, target: &ImageRef, digest: &Digest, what: &str) -> Result<bool, RegistryError> {
+        const ATTEMPTS: u32 = 3;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let e = match self.client.blob_exists(&target.to_oci_client(), digest.as_str()).await {
+                Ok(exists) => return Ok(exists),
+                Err(e) => e,
+            };
+            let transient = match status_of(&e) {
+                Some(code) => code >= 500 || matches!(code, 408 | 429),
+                None => matches!(e, OciDistributionError::RequestError(_)),
+            };
+            if !transient {
+                return Err(self.error(target, "push", what, e));
+            }
+            let why = root_cause(&e);
+            if attempt >= ATTEMPTS {
+                tracing::warn!("asking whether {what} exists: {why} ({attempt} times); uploading it");
+                return Ok(false);
+            }
+            tracing::debug!("asking whether {what} exists: {why}; asking again");
+            tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+        }
+    }
+
     /// Pushes one blob of the layout at `dir` unless `target`'s repository has it: a mount if a
     /// source may hold it, else an upload.
     async fn push_layout_blob(
@@ -719,12 +749,7 @@ impl Registry {
         auth: &Option<HeaderValue>,
     ) -> Result<Pushed, RegistryError> {
         let what = format!("blob {} in {}", blob.digest, target.name());
-        let exists = self
-            .client
-            .blob_exists(&target.to_oci_client(), blob.digest.as_str())
-            .await
-            .map_err(|e| self.error(target, "push", &what, e))?;
-        if exists {
+        if self.blob_present(target, &blob.digest, &what).await? {
             self.locations.remember(target, &blob.digest);
             return Ok(Pushed::Present);
         }
@@ -800,9 +825,7 @@ impl Registry {
             };
             let backoff = failed(why)?;
             // A commit whose answer was lost may have stored the blob.
-            if offset == blob.size
-                && self.client.blob_exists(&target.to_oci_client(), blob.digest.as_str()).await.unwrap_or(false)
-            {
+            if offset == blob.size && self.blob_present(target, &blob.digest, &what).await.unwrap_or(false) {
                 break;
             }
             let status = self.upload_status(target, auth, &url).await;
@@ -1594,5 +1617,85 @@ mod tests {
             assert!(got == layer, "{repository}: the stored layer is the layer");
             assert!(direct.has_manifest(&at_registry, &layout.manifest.digest).await.unwrap(), "{repository}");
         }
+    }
+
+    /// A proxy to `upstream` that answers the first `fail` `HEAD …/blobs/…` requests with a 500
+    /// itself, as distribution 2.8 does when the HEAD meets another push of the same blob, and
+    /// forwards every other request on a connection of its own. Counts the 500s it gave.
+    fn flaky_head_proxy(upstream: String, fail: usize) -> (String, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let failed = Arc::new(AtomicUsize::new(0));
+        let counter = failed.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(mut client) = client else { return };
+                let (upstream, counter) = (upstream.clone(), counter.clone());
+                std::thread::spawn(move || loop {
+                    // One request: its head, then as many body bytes as it declares.
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        match client.read(&mut byte) {
+                            Ok(1) => head.push(byte[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let length = text
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok())
+                        .unwrap_or(0);
+                    let mut body = vec![0; length];
+                    if client.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    if text.starts_with("HEAD ")
+                        && text.lines().next().unwrap_or("").contains("/blobs/sha256:")
+                        && counter.fetch_add(1, Ordering::SeqCst) < fail
+                    {
+                        let answer = "HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n";
+                        if client.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                        continue;
+                    }
+                    // Forward on a fresh connection the registry closes after its answer.
+                    let head = text.replacen("\r\n", "\r\nConnection: close\r\n", 1);
+                    let Ok(mut server) = TcpStream::connect(&upstream) else { return };
+                    if server.write_all(head.as_bytes()).and_then(|()| server.write_all(&body)).is_err() {
+                        return;
+                    }
+                    let _ = std::io::copy(&mut server, &mut client);
+                    return;
+                });
+            }
+        });
+        (addr, failed)
+    }
+
+    /// A registry that answers 500 to "do you have this blob?" (distribution 2.8 does while
+    /// another build pushes the same blob): the push asks again and completes, and the layer at
+    /// the registry is the layer.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_500_to_a_blob_check_is_asked_again_and_the_push_completes() {
+        let server = TestRegistry::start();
+        let t = tempfile::tempdir().unwrap();
+        let layer = noise(64 << 10, 3);
+        let layout = tiny_layout(t.path(), std::slice::from_ref(&layer));
+        let (proxy, failed) = flaky_head_proxy(server.addr.clone(), 2);
+        let registry = Registry::new(std::slice::from_ref(&proxy), None);
+        let repo: ImageRef = format!("{proxy}/farm/flaky").parse().unwrap();
+        let report = registry.push_layout(&layout, &repo).await.expect("the push completes despite two 500s");
+        assert!(failed.load(Ordering::SeqCst) > 2, "the proxy answered 500 twice, then forwarded");
+        assert_eq!(report.blobs_uploaded, 2, "the layer and the config");
+        let direct = Registry::new(std::slice::from_ref(&server.addr), None);
+        let at_registry: ImageRef = format!("{}/farm/flaky", server.addr).parse().unwrap();
+        let got = direct.fetch_blob(&at_registry, &layout.layers[0].digest).await.unwrap();
+        assert!(got == layer, "the stored layer is the layer");
+        assert!(direct.has_manifest(&at_registry, &layout.manifest.digest).await.unwrap());
     }
 }
