@@ -49,21 +49,24 @@ pub struct Plan {
 #[derive(Default)]
 struct Seen {
     registered: AtomicUsize,
+    /// Results reported so far, by all doubles: which of the manifests the next one reports.
+    results: AtomicUsize,
     /// Build id → when its first `Assign` was read.
     assigned: Mutex<HashMap<String, Instant>>,
     errors: Mutex<Vec<String>>,
 }
 
 /// ScriptedAgent: a double of a real agent: registers, heartbeats, and answers every assignment
-/// at once without building. It reports `manifest` (a real manifest in the build's repository)
-/// as its result, so that the coordinator's stitching succeeds.
+/// at once without building. It reports one of `manifests` (real manifests in the build's
+/// repository, each reported once per round of the list) as its result, so that the
+/// coordinator's stitching succeeds.
 pub struct ScriptedAgent {
     pub name: String,
     config: quinn::ClientConfig,
     endpoint: quinn::Endpoint,
     coordinator: SocketAddr,
     platform: Platform,
-    manifest: ManifestRef,
+    manifests: Arc<Vec<ManifestRef>>,
 }
 
 impl ScriptedAgent {
@@ -118,10 +121,11 @@ impl ScriptedAgent {
                 msg = rx.recv() => match msg {
                     Some((at, CoordMsg::Assign(a))) => {
                         seen.assigned.lock().expect("not poisoned").entry(a.build.clone()).or_insert(at);
+                        let n = seen.results.fetch_add(1, Ordering::SeqCst);
                         let done = AgentMsg::TaskDone {
                             task: a.task,
                             attempt: a.attempt,
-                            manifest: self.manifest.clone(),
+                            manifest: self.manifests[n % self.manifests.len()].clone(),
                             timings: vec![],
                         };
                         write_msg(&mut send, &done, max).await?;
@@ -150,6 +154,44 @@ pub async fn fixture_manifest(registry: &str, repo: &str) -> Result<ManifestRef>
     Ok(ManifestRef { media_type: amd64.media_type, digest: amd64.digest, size: amd64.size })
 }
 
+/// `count` manifests of the busybox fixture's amd64 image that differ only in an annotation,
+/// pushed to `repo` by digest: what the doubles report, one build each. Real builds of
+/// different inputs give different images; one manifest reported by every build would pile
+/// every build's provenance onto a single subject's `sha256-<hex>` fallback tag, an index that
+/// grows with each build and that every stitch reads and writes back whole.
+pub async fn fixture_manifests(registry: &str, repo: &str, count: usize) -> Result<Vec<ManifestRef>> {
+    let one = fixture_manifest(registry, repo).await?;
+    let client = Arc::new(shared::registry::Registry::new(&[registry.to_string()], None));
+    let base: shared::oci::ImageRef = format!("{registry}/{repo}").parse()?;
+    let (bytes, _, _) =
+        client.fetch_manifest(&base.with_digest(&one.digest)).await.context("the fixture's manifest")?;
+    let template: serde_json::Value = serde_json::from_slice(&bytes)?;
+    let bodies: Vec<Vec<u8>> = (0..count)
+        .map(|i| {
+            let mut m = template.clone();
+            m["annotations"]["org.example.farm-bench.result"] = serde_json::Value::String(i.to_string());
+            serde_json::to_vec(&m)
+        })
+        .collect::<Result<_, _>>()?;
+    let gate = Arc::new(Semaphore::new(8));
+    let mut pushes = tokio::task::JoinSet::new();
+    for (i, body) in bodies.into_iter().enumerate() {
+        let (client, base, gate, media_type) = (client.clone(), base.clone(), gate.clone(), one.media_type.clone());
+        pushes.spawn(async move {
+            let _permit = gate.acquire_owned().await?;
+            let digest = shared::Digest::of(&body);
+            client.push_manifest(&base.with_digest(&digest), &body, &media_type).await?;
+            anyhow::Ok((i, ManifestRef { media_type, digest, size: body.len() as u64 }))
+        });
+    }
+    let mut out = vec![None; count];
+    while let Some(r) = pushes.join_next().await {
+        let (i, m) = r??;
+        out[i] = Some(m);
+    }
+    Ok(out.into_iter().flatten().collect())
+}
+
 pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
     let n = plan.agents;
     let mut p50 = Row::new("8", &format!("control plane: dispatch latency p50, {n} agents"), Unit::Millis, Goal::None);
@@ -160,7 +202,8 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
     let mut busy_cpu = Row::new("12", "coordinator CPU while dispatching", Unit::Percent, Goal::None);
     let what = format!(
         "{n} ScriptedAgents (doubles of the agent, {AGENTS_PER_ENDPOINT} per UDP endpoint, all in the bench process), \
-         native linux/riscv64, capacity 1, heartbeating at the interval the coordinator asks"
+         native linux/riscv64, capacity 1, heartbeating at the interval the coordinator asks, each build's result \
+         a manifest of its own (pushed before the rounds)"
     );
     p50.farm_label = format!("median over rounds of each round's p50; submit → Assign read by the double; {what}");
     p99.farm_label = "median over rounds of each round's p99".into();
@@ -178,7 +221,8 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
         let coordinator = env.start_coordinator("coordinator-cp")?;
         let pid = env.service_pid("coordinator-cp").context("coordinator pid")?;
         let registry = env.registry_addr().to_string();
-        let manifest = fixture_manifest(&registry, repo).await?;
+        let results = plan.rounds * (plan.builds_per_round + plan.unloaded_builds);
+        let manifests = Arc::new(fixture_manifests(&registry, repo, results).await?);
         let platform: Platform = "linux/riscv64".parse().map_err(|e| anyhow::anyhow!("{e}"))?;
         let addr: SocketAddr = coordinator.parse()?;
 
@@ -223,7 +267,7 @@ pub async fn control_plane(env: &mut Env, repo: &str, plan: &Plan) -> Vec<Row> {
                 endpoint: endpoints[i / AGENTS_PER_ENDPOINT].clone(),
                 coordinator: addr,
                 platform: platform.clone(),
-                manifest: manifest.clone(),
+                manifests: manifests.clone(),
             };
             let permit = gate.clone().acquire_owned().await?;
             let (seen, stopped) = (seen.clone(), stopped.clone());
