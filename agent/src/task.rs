@@ -416,8 +416,7 @@ impl Runner {
         if !self.store.has(digest) {
             self.get_blobs(conn, std::slice::from_ref(digest)).await?;
         }
-        let manifest = self.store.get_manifest(digest)?;
-        let manifest = manifest.into_valid(limits)?;
+        let manifest = self.store.get_manifest(digest, limits)?;
         let blobs = manifest.blobs();
         let wanted: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
         let missing = self.store.missing(&wanted);

@@ -83,10 +83,22 @@ impl ContextManifest {
         Digest::of(&self.to_bytes())
     }
 
-    /// The manifest as stored and sent: its postcard encoding.
+    /// The manifest as stored and sent: its postcard encoding, the only one (what [`digest`] hashes,
+    /// [`BlobStore::put_manifest`] stores and the client's offer sends).
+    ///
+    /// [`digest`]: ContextManifest::digest
+    /// [`BlobStore::put_manifest`]: super::BlobStore::put_manifest
     pub fn to_bytes(&self) -> Vec<u8> {
         // Strings, integers and enums always encode; postcard fails only on unsupported serde types.
         postcard::to_stdvec(self).expect("a manifest always encodes")
+    }
+
+    /// The manifest whose encoding (see [`ContextManifest::to_bytes`]) is `bytes`, stored under
+    /// `digest`: decoded, not validated. Only the store decodes manifests, and hands out only
+    /// validated ones ([`BlobStore::get_manifest`](super::BlobStore::get_manifest)).
+    pub(super) fn decode(digest: &Digest, bytes: &[u8]) -> Result<ContextManifest, ContextError> {
+        postcard::from_bytes(bytes)
+            .map_err(|e| ContextError::BadManifest { digest: digest.clone(), reason: format!("not a manifest ({e})") })
     }
 
     /// Every distinct file digest with its size, in manifest order.

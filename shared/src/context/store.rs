@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{io_err, ContextError, ContextManifest, BUF_SIZE, MAX_MANIFEST_BYTES};
+use super::{
+    io_err, ContextError, ContextLimits, ContextManifest, EntryKind, ValidManifest, BUF_SIZE, MAX_MANIFEST_BYTES,
+};
 use crate::digest::{Digest, Hasher};
 
 /// A directory of blobs named by digest: `<root>/sha256/<first two hex>/<hex>`. Writes go to a temp
@@ -76,16 +78,32 @@ impl BlobStore {
         }
     }
 
-    /// Stores a context manifest as a blob (its postcard encoding, whose digest is
-    /// [`ContextManifest::digest`]) and returns that digest. Manifests travel between the CLI, the
-    /// coordinator and agents as blobs, so a context of any allowed size fits no frame limit.
-    pub fn put_manifest(&self, m: &ContextManifest) -> Result<Digest, ContextError> {
+    /// Stores a validated context manifest as a blob (its encoding, [`ContextManifest::to_bytes`],
+    /// whose digest is [`ContextManifest::digest`]) and returns that digest. Manifests travel
+    /// between the CLI, the coordinator and agents as blobs, so a context of any allowed size fits
+    /// no frame limit.
+    pub fn put_manifest(&self, m: &ValidManifest) -> Result<Digest, ContextError> {
         self.put(&m.to_bytes())
     }
 
-    /// The manifest stored under `d`, decoded but not validated (see [`ContextManifest::into_valid`]).
-    /// At most [`MAX_MANIFEST_BYTES`] are read.
-    pub fn get_manifest(&self, d: &Digest) -> Result<ContextManifest, ContextError> {
+    /// The manifest stored under `d`, decoded and validated under `limits` (the receiving side's):
+    /// the one way a manifest comes out of a store. At most [`MAX_MANIFEST_BYTES`] are read.
+    pub fn get_manifest(&self, d: &Digest, limits: &ContextLimits) -> Result<ValidManifest, ContextError> {
+        self.read_manifest(d)?.into_valid(limits)
+    }
+
+    /// The digest of the file at `path` in the manifest stored under `d`, if it lists a file
+    /// there. The manifest is not validated: for a lookup that writes nothing, in a manifest the
+    /// caller validated when it arrived (the coordinator finding a build's Dockerfile).
+    pub fn manifest_file(&self, d: &Digest, path: &str) -> Result<Option<Digest>, ContextError> {
+        let manifest = self.read_manifest(d)?;
+        Ok(manifest.entries.into_iter().find(|e| e.path == path).and_then(|e| match e.kind {
+            EntryKind::File { digest, .. } => Some(digest),
+            _ => None,
+        }))
+    }
+
+    fn read_manifest(&self, d: &Digest) -> Result<ContextManifest, ContextError> {
         let path = self.path(d);
         let size = fs::metadata(&path).map_err(|e| match e.kind() {
             io::ErrorKind::NotFound => ContextError::MissingBlob(d.clone()),
@@ -98,8 +116,7 @@ impl BlobStore {
             });
         }
         let bytes = fs::read(&path).map_err(io_err(&path))?;
-        postcard::from_bytes(&bytes)
-            .map_err(|e| ContextError::BadManifest { digest: d.clone(), reason: format!("not a manifest ({e})") })
+        ContextManifest::decode(d, &bytes)
     }
 
     /// Stores a small blob held in memory and returns its digest.
@@ -313,6 +330,43 @@ impl BlobSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::Entry;
+
+    #[test]
+    fn manifests_go_in_validated_and_come_out_validated() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(tmp.path()).unwrap();
+        let limits = ContextLimits::default();
+        let file = |path: &str, bytes: &[u8]| Entry {
+            path: path.into(),
+            mode: 0o644,
+            kind: EntryKind::File { size: bytes.len() as u64, digest: Digest::of(bytes) },
+        };
+        let dir = Entry { path: "src".into(), mode: 0o755, kind: EntryKind::Dir };
+        let m = ContextManifest { entries: vec![file("Dockerfile", b"FROM x\n"), dir] };
+        let valid = m.clone().into_valid(&limits).unwrap();
+
+        let d = store.put_manifest(&valid).unwrap();
+        assert_eq!(d, m.digest());
+        assert_eq!(fs::read(store.path(&d)).unwrap(), m.to_bytes());
+        assert_eq!(store.get_manifest(&d, &limits).unwrap(), valid);
+        assert_eq!(store.manifest_file(&d, "Dockerfile").unwrap(), Some(Digest::of(b"FROM x\n")));
+        assert_eq!(store.manifest_file(&d, "src").unwrap(), None, "a directory is no file");
+        assert_eq!(store.manifest_file(&d, "nope").unwrap(), None);
+
+        // Whatever is stored, only a manifest valid under the reader's limits comes out.
+        let tight = ContextLimits { max_files: 1, ..Default::default() };
+        let err = store.get_manifest(&d, &tight).unwrap_err();
+        assert!(matches!(err, ContextError::TooManyFiles { count: 2, limit: 1 }), "{err:?}");
+        let escaping = store.put(&ContextManifest { entries: vec![file("../x", b"x")] }.to_bytes()).unwrap();
+        let err = store.get_manifest(&escaping, &limits).unwrap_err();
+        assert_eq!(err.to_string(), r#"context path "../x" leaves the context (".." is not allowed)"#);
+        let junk = store.put(b"\xff\xff\xff").unwrap();
+        let err = store.get_manifest(&junk, &limits).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("context manifest {junk}: not a manifest (")), "{err}");
+        let absent = Digest::of(b"absent");
+        assert!(matches!(store.get_manifest(&absent, &limits), Err(ContextError::MissingBlob(d)) if d == absent));
+    }
 
     #[test]
     fn blob_store_put_has_missing() {
