@@ -66,8 +66,8 @@ enum Ended {
 }
 
 struct Shared {
-    /// The current session's connection, for tasks fetching their context.
-    conn: watch::Sender<Option<quinn::Connection>>,
+    /// The current session, for tasks fetching their context and uploading images.
+    conn: watch::Sender<Option<shared::client::Link>>,
     running: Running,
     out: mpsc::UnboundedSender<AgentMsg>,
     outbox: mpsc::UnboundedReceiver<AgentMsg>,
@@ -147,7 +147,7 @@ impl Agent<'_> {
             sh.running.lock().unwrap().iter().map(|(task, e)| Held { task: *task, attempt: e.attempt }).collect();
         write_msg(&mut send, &AgentMsg::Holding(held), max).await?;
         tracing::info!(coordinator = %self.config.coordinator, "registered as {:?}", self.config.name);
-        sh.conn.send_replace(Some(conn.clone()));
+        sh.conn.send_replace(Some(shared::client::Link::new(conn.clone(), max)));
         backoff.reset();
         let beat = tokio::time::sleep(Duration::ZERO);
         tokio::pin!(beat);

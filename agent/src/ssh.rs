@@ -83,7 +83,7 @@ async fn relay(
         .map_err(|_| "the agent is shutting down".to_string())?
         .clone()
         .expect("waited for a session");
-    let (send, recv) = shared::client::open_ssh_forward(&session, build, id, max).await?;
+    let (send, recv) = shared::client::open_ssh_forward(session.connection(), build, id, max).await?;
     let (r, w) = stream.into_split();
     shared::proto::io::splice(r, w, recv, send).await.map(|_| ()).map_err(|e| format!("relay ended: {e}"))
 }

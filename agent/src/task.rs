@@ -5,10 +5,10 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use shared::client::{Link, LinkError};
 use shared::context::{materialise, BlobStore, ContextError, ContextLimits, ValidManifest};
 use shared::oci::{self, ImageRef};
-use shared::proto::io::{expect_msg, read_raw, write_msg};
-use shared::proto::{AgentMsg, Assignment, BlobHeader, ManifestRef, Phase, ProtoError, Request, Response};
+use shared::proto::{AgentMsg, Assignment, ManifestRef, Phase};
 use shared::registry::Registry;
 use shared::Digest;
 use tokio::sync::mpsc;
@@ -20,12 +20,9 @@ use crate::builder::{Builder, BuilderError, Job};
 pub enum TaskError {
     #[error("build context: {0}")]
     Context(#[from] ContextError),
-    #[error("fetching the context from the coordinator: {0}")]
-    Proto(#[from] ProtoError),
-    #[error("fetching the context from the coordinator: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    #[error("the coordinator answered {0}")]
-    Unexpected(String),
+    /// A request to the coordinator failed (fetching the context, uploading the image).
+    #[error(transparent)]
+    Link(LinkError),
     #[error(transparent)]
     Builder(#[from] BuilderError),
     #[error("reading the built image: {0}")]
@@ -52,18 +49,28 @@ impl Laps {
     }
 }
 
-/// The agent's current connection to the coordinator, if any; it changes with every session.
-pub type Conn = tokio::sync::watch::Receiver<Option<quinn::Connection>>;
+/// The agent's current session with the coordinator, if any; it changes with every session.
+pub type Conn = tokio::sync::watch::Receiver<Option<Link>>;
 
 /// How long a task waits for a session to fetch its context.
 pub const FETCH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(120);
+
+impl From<LinkError> for TaskError {
+    fn from(e: LinkError) -> Self {
+        match e {
+            LinkError::Context(e) => TaskError::Context(e),
+            LinkError::NoSpace(message) => TaskError::NoSpace(message),
+            e => TaskError::Link(e),
+        }
+    }
+}
 
 impl TaskError {
     /// Whether a write failed because the disk is full (a full disk is not a flaky link).
     fn is_no_space(&self) -> bool {
         match self {
             TaskError::NoSpace(_) => true,
-            TaskError::Proto(ProtoError::Io(e)) => shared::disk::is_no_space(e),
+            TaskError::Link(e) => e.is_no_space(),
             TaskError::Context(e) => e.is_no_space(),
             _ => false,
         }
@@ -71,10 +78,7 @@ impl TaskError {
 
     /// Failures of the link, not of the build.
     fn is_transient(&self) -> bool {
-        if self.is_no_space() {
-            return false;
-        }
-        matches!(self, TaskError::Connection(_) | TaskError::Proto(ProtoError::Io(_) | ProtoError::Truncated { .. }))
+        matches!(self, TaskError::Link(e) if e.is_transient())
     }
 }
 
@@ -323,19 +327,12 @@ impl Runner {
 
     async fn upload_once(
         &self,
-        conn: &quinn::Connection,
+        link: &Link,
         dir: &std::path::Path,
         blobs: &[(Digest, u64)],
     ) -> Result<(usize, u64, usize), TaskError> {
-        let max = self.max_frame;
         let digests: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_msg(&mut send, &Request::HaveBlobs(digests), max).await?;
-        let _ = send.finish();
-        let missing = match expect_msg(&mut recv, max, "the missing blobs").await? {
-            Response::Missing(m) => m,
-            other => return Err(TaskError::Unexpected(format!("{other:?}"))),
-        };
+        let missing = link.missing_blobs(digests).await?;
         let mut unique = std::collections::HashSet::new();
         let total = blobs.iter().filter(|(d, _)| unique.insert(d.clone())).count();
         if missing.is_empty() {
@@ -349,38 +346,12 @@ impl Runner {
         let manifest_missing = todo.last().map(|(d, _)| d) == blobs.last().map(|(d, _)| d);
         let manifest = if manifest_missing { todo.pop() } else { None };
         let streams = spread(&todo, PARALLEL_BLOB_STREAMS);
-        let uploads = streams.iter().map(|group| self.put_blobs(conn, dir, group));
+        let uploads = streams.iter().map(|group| link.put_layout_blobs(dir, group));
         let mut bytes: u64 = futures_util::future::try_join_all(uploads).await?.into_iter().sum();
         if let Some(manifest) = manifest {
-            bytes += self.put_blobs(conn, dir, std::slice::from_ref(&manifest)).await?;
+            bytes += link.put_layout_blobs(dir, std::slice::from_ref(&manifest)).await?;
         }
         Ok((missing.len(), bytes, total - missing.len()))
-    }
-
-    /// Sends `blobs` from the layout at `dir` on one `PutBlobs` stream; the bytes sent.
-    async fn put_blobs(
-        &self,
-        conn: &quinn::Connection,
-        dir: &std::path::Path,
-        blobs: &[(Digest, u64)],
-    ) -> Result<u64, TaskError> {
-        let max = self.max_frame;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_msg(&mut send, &Request::PutBlobs, max).await?;
-        let mut bytes = 0;
-        for (digest, size) in blobs {
-            let mut file = tokio::fs::File::open(oci::blob_path(dir, digest))
-                .await
-                .map_err(|e| TaskError::Other(format!("reading the built image: {e}")))?;
-            write_msg(&mut send, &BlobHeader { digest: digest.clone(), size: *size }, max).await?;
-            shared::proto::io::write_raw(&mut send, &mut file, *size).await?;
-            bytes += size;
-        }
-        let _ = send.finish();
-        match expect_msg(&mut recv, max, "the upload's result").await? {
-            Response::Stored { blobs: n, .. } if n as usize == blobs.len() => Ok(bytes),
-            other => Err(TaskError::Unexpected(format!("{other:?} to the image upload"))),
-        }
     }
 
     /// Trims the layer cache to its limit if no build is running (else the next idle moment will).
@@ -408,32 +379,20 @@ impl Runner {
 
     async fn fetch_once(
         &self,
-        conn: &quinn::Connection,
+        link: &Link,
         digest: &Digest,
         limits: &ContextLimits,
     ) -> Result<ValidManifest, TaskError> {
-        // The manifest is a blob like the files it lists: fetched once, verified by its digest.
-        if !self.store.has(digest) {
-            self.get_blobs(conn, std::slice::from_ref(digest)).await?;
-        }
-        let manifest = self.store.get_manifest(digest)?;
-        let manifest = manifest.into_valid(limits)?;
-        let blobs = manifest.blobs();
-        let wanted: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
-        let missing = self.store.missing(&wanted);
         // Room for the missing files and for the copy the build reads: refused before fetching
         // a byte, rather than half way through.
-        let sizes: std::collections::HashMap<&Digest, u64> = blobs.iter().map(|(d, s)| (d, *s)).collect();
-        let needed = missing.iter().map(|d| sizes[d]).sum::<u64>() + manifest.total_size();
-        if let Ok(free) = shared::disk::free_bytes(self.store.root()) {
-            if let Some(short) = shared::disk::shortfall(needed, free) {
-                return Err(TaskError::NoSpace(self.no_space_message("fetching the build context", free, Some(short))));
-            }
-        }
-        if !missing.is_empty() {
-            self.get_blobs(conn, &missing).await?;
-        }
-        Ok(manifest)
+        let room = |needed| match shared::disk::free_bytes(self.store.root()) {
+            Ok(free) => match shared::disk::shortfall(needed, free) {
+                Some(short) => Err(self.no_space_message("fetching the build context", free, Some(short))),
+                None => Ok(()),
+            },
+            Err(_) => Ok(()),
+        };
+        Ok(link.fetch_context(digest, &self.store, limits, room).await?)
     }
 
     /// `e`, or if it says the disk is full, what is full, how much is free, and the fix.
@@ -455,24 +414,6 @@ impl Runner {
             shared::disk::mb_down(free)
         )
     }
-
-    /// Fetches `digests` from the coordinator into the store, each verified by its digest.
-    async fn get_blobs(&self, conn: &quinn::Connection, digests: &[Digest]) -> Result<(), TaskError> {
-        let max = self.max_frame;
-        let (mut send, mut recv) = conn.open_bi().await?;
-        write_msg(&mut send, &Request::GetBlobs(digests.to_vec()), max).await?;
-        let _ = send.finish();
-        for want in digests {
-            let header: BlobHeader = expect_msg(&mut recv, max, "a blob").await?;
-            if &header.digest != want {
-                return Err(TaskError::Unexpected(format!("blob {} instead of {want}", header.digest)));
-            }
-            let mut writer = self.store.writer(header.digest.clone())?;
-            read_raw(&mut recv, header.size, &mut writer).await?;
-            writer.commit()?;
-        }
-        Ok(())
-    }
 }
 
 /// Runs `attempt` over the current session; when the link fails on the way (a coordinator
@@ -480,7 +421,7 @@ impl Runner {
 /// for up to [`FETCH_PATIENCE`]. `what` completes "no connection to the coordinator to ...".
 async fn across_sessions<T, F, Fut>(conn: &Conn, what: &str, mut attempt: F) -> Result<T, TaskError>
 where
-    F: FnMut(quinn::Connection) -> Fut,
+    F: FnMut(Link) -> Fut,
     Fut: std::future::Future<Output = Result<T, TaskError>>,
 {
     let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
@@ -490,11 +431,11 @@ where
             Ok(Ok(c)) => c.clone().expect("waited for Some"),
             _ => return Err(TaskError::Other(format!("no connection to the coordinator to {what}"))),
         };
-        let id = current.stable_id();
+        let id = current.session_id();
         match attempt(current).await {
             Err(e) if e.is_transient() && tokio::time::Instant::now() < deadline => {
                 tracing::info!("{what}: {e}; resuming on the next session");
-                let changed = conns.wait_for(|c| c.as_ref().is_none_or(|c| c.stable_id() != id));
+                let changed = conns.wait_for(|c| c.as_ref().is_none_or(|c| c.session_id() != id));
                 let _ = tokio::time::timeout_at(deadline, changed).await;
             }
             r => return r,

@@ -452,9 +452,7 @@ impl Net {
     async fn check_context(&self, digest: &shared::Digest) -> Result<Vec<(shared::Digest, u64)>, String> {
         let (store, limits, d) = (self.store.clone(), self.limits.clone(), digest.clone());
         let checked = tokio::task::spawn_blocking(move || {
-            let manifest = store.get_manifest(&d)?;
-            manifest.validate(&limits)?;
-            Ok::<_, shared::context::ContextError>(manifest.blobs())
+            Ok::<_, shared::context::ContextError>(store.get_manifest(&d, &limits)?.blobs())
         })
         .await
         .map_err(|e| format!("checking the context manifest: {e}"))?
@@ -660,11 +658,10 @@ impl Net {
     }
 
     fn dockerfile(&self, spec: &shared::proto::BuildSpec) -> Option<(shared::Digest, String)> {
-        let manifest = self.store.get_manifest(&spec.context).ok()?;
-        let entry = manifest.entries.iter().find(|e| e.path == spec.dockerfile)?;
-        let shared::context::EntryKind::File { digest, .. } = &entry.kind else { return None };
-        let text = String::from_utf8(std::fs::read(self.store.path(digest)).ok()?).ok()?;
-        Some((digest.clone(), text))
+        // The context was validated when it was offered (`context_accepted`): a lookup needs no second check.
+        let digest = self.store.manifest_file(&spec.context, &spec.dockerfile).ok()??;
+        let text = String::from_utf8(std::fs::read(self.store.path(&digest)).ok()?).ok()?;
+        Some((digest, text))
     }
 
     async fn resolve_bases(

@@ -378,6 +378,146 @@ pub async fn join(
     }
 }
 
+/// (Agents) What failed in a request a task made of the coordinator over a session.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("fetching the context from the coordinator: {0}")]
+    Proto(#[from] ProtoError),
+    #[error("fetching the context from the coordinator: {0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("the coordinator answered {0}")]
+    Unexpected(String),
+    #[error("build context: {0}")]
+    Context(#[from] crate::context::ContextError),
+    #[error("reading the built image: {0}")]
+    Image(std::io::Error),
+    /// The receiving side has no room for what it would fetch (the message says where and how much).
+    #[error("{0}")]
+    NoSpace(String),
+}
+
+impl LinkError {
+    /// Whether a write failed because the disk is full (a full disk is not a flaky link).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            LinkError::NoSpace(_) => true,
+            LinkError::Proto(ProtoError::Io(e)) => crate::disk::is_no_space(e),
+            LinkError::Context(e) => e.is_no_space(),
+            _ => false,
+        }
+    }
+
+    /// A failure of the link, not of what was asked: the request may succeed on the next session.
+    pub fn is_transient(&self) -> bool {
+        if self.is_no_space() {
+            return false;
+        }
+        matches!(self, LinkError::Connection(_) | LinkError::Proto(ProtoError::Io(_) | ProtoError::Truncated { .. }))
+    }
+}
+
+/// (Agents) A task's side of one session with the coordinator: fetching a build context (the
+/// receiving end of [`Client::upload_context`]) and uploading a built image's blobs. One request
+/// per stream; a new session means a new `Link`.
+#[derive(Debug, Clone)]
+pub struct Link {
+    conn: quinn::Connection,
+    max_frame: usize,
+}
+
+impl Link {
+    pub fn new(conn: quinn::Connection, max_frame: usize) -> Self {
+        Link { conn, max_frame }
+    }
+
+    /// Which session this is: another connection has another id.
+    pub fn session_id(&self) -> usize {
+        self.conn.stable_id()
+    }
+
+    /// The session's connection, for the streams [`open_ssh_forward`] opens.
+    pub fn connection(&self) -> &quinn::Connection {
+        &self.conn
+    }
+
+    /// Fetches the context `digest` into `store`: its manifest first (a blob like the files it
+    /// lists, verified by its digest), validated under `limits` (the coordinator's, under which it
+    /// accepted the context) before any file is fetched; then the files `store` lacks. `room` is
+    /// asked first whether `needed` bytes fit (the missing files plus the copy the build reads); its
+    /// `Err(message)` stops the fetch with [`LinkError::NoSpace`] before a byte is fetched.
+    pub async fn fetch_context(
+        &self,
+        digest: &Digest,
+        store: &crate::context::BlobStore,
+        limits: &crate::context::ContextLimits,
+        room: impl FnOnce(u64) -> Result<(), String>,
+    ) -> Result<crate::context::ValidManifest, LinkError> {
+        if !store.has(digest) {
+            self.get_blobs(std::slice::from_ref(digest), store).await?;
+        }
+        let manifest = store.get_manifest(digest, limits)?;
+        let blobs = manifest.blobs();
+        let wanted: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
+        let missing = store.missing(&wanted);
+        let sizes: std::collections::HashMap<&Digest, u64> = blobs.iter().map(|(d, s)| (d, *s)).collect();
+        let needed = missing.iter().map(|d| sizes[d]).sum::<u64>() + manifest.total_size();
+        room(needed).map_err(LinkError::NoSpace)?;
+        if !missing.is_empty() {
+            self.get_blobs(&missing, store).await?;
+        }
+        Ok(manifest)
+    }
+
+    /// Fetches `digests` from the coordinator into `store`, each verified by its digest.
+    pub async fn get_blobs(&self, digests: &[Digest], store: &crate::context::BlobStore) -> Result<(), LinkError> {
+        let max = self.max_frame;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_msg(&mut send, &Request::GetBlobs(digests.to_vec()), max).await?;
+        let _ = send.finish();
+        for want in digests {
+            let header: BlobHeader = expect_msg(&mut recv, max, "a blob").await?;
+            if &header.digest != want {
+                return Err(LinkError::Unexpected(format!("blob {} instead of {want}", header.digest)));
+            }
+            let mut writer = store.writer(header.digest.clone())?;
+            crate::proto::io::read_raw(&mut recv, header.size, &mut writer).await?;
+            writer.commit()?;
+        }
+        Ok(())
+    }
+
+    /// Which of `digests` the coordinator's store lacks (`HaveBlobs`).
+    pub async fn missing_blobs(&self, digests: Vec<Digest>) -> Result<Vec<Digest>, LinkError> {
+        let max = self.max_frame;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_msg(&mut send, &Request::HaveBlobs(digests), max).await?;
+        let _ = send.finish();
+        match expect_msg(&mut recv, max, "the missing blobs").await? {
+            Response::Missing(m) => Ok(m),
+            other => Err(LinkError::Unexpected(format!("{other:?}"))),
+        }
+    }
+
+    /// Sends `blobs` of the OCI layout at `dir` on one `PutBlobs` stream; the bytes sent.
+    pub async fn put_layout_blobs(&self, dir: &std::path::Path, blobs: &[(Digest, u64)]) -> Result<u64, LinkError> {
+        let max = self.max_frame;
+        let (mut send, mut recv) = self.conn.open_bi().await?;
+        write_msg(&mut send, &Request::PutBlobs, max).await?;
+        let mut bytes = 0;
+        for (digest, size) in blobs {
+            let mut file = tokio::fs::File::open(crate::oci::blob_path(dir, digest)).await.map_err(LinkError::Image)?;
+            write_msg(&mut send, &BlobHeader { digest: digest.clone(), size: *size }, max).await?;
+            write_raw(&mut send, &mut file, *size).await?;
+            bytes += size;
+        }
+        let _ = send.finish();
+        match expect_msg(&mut recv, max, "the upload's result").await? {
+            Response::Stored { blobs: n, .. } if n as usize == blobs.len() => Ok(bytes),
+            other => Err(LinkError::Unexpected(format!("{other:?} to the image upload"))),
+        }
+    }
+}
+
 /// How long a peer may take to say which `--ssh` id a forward stream is for.
 const SSH_REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
