@@ -15,6 +15,7 @@
 //! (`AgentMsg::Holding`). What it holds carries on; what it does not is requeued.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use shared::annotation::{self, AnnotationKind};
@@ -94,8 +95,8 @@ pub enum Action {
 struct CacheEntry {
     manifest: ManifestRef,
     builder_version: String,
-    /// The provenance statement of the build that made it.
-    statement: Option<Vec<u8>>,
+    /// The provenance statement of the build that made it (the same bytes its task holds).
+    statement: Option<Arc<[u8]>>,
 }
 
 /// Names everything a task's result depends on: context, Dockerfile, args, target, platform, the
@@ -215,9 +216,9 @@ pub struct Task {
     #[serde(default)]
     builder_version: Option<String>,
     /// The in-toto statement of the build that made a `Done` result (a cached one: the earlier
-    /// build's).
+    /// build's). Shared with the result cache's entry: one copy per result, not two.
     #[serde(default)]
-    statement: Option<Vec<u8>>,
+    statement: Option<Arc<[u8]>>,
     /// The last wait reason told to the client, so it is told once, not at every pass.
     #[serde(skip)]
     waiting: Option<String>,
@@ -237,6 +238,8 @@ pub struct Core {
     history: HashMap<(Platform, Digest), BTreeMap<String, (bool, u64)>>,
     /// Results refused because their attempt was no longer current (for the metrics).
     stale_refused: u64,
+    /// The result cache: at most [`HISTORY_KEYS`] entries in memory (rebuilt from the store's
+    /// tasks at start).
     cache: HashMap<String, CacheEntry>,
     /// Running tasks whose agent must confirm them by this time, or lose them.
     claims: BTreeMap<TaskId, u64>,
@@ -376,7 +379,7 @@ impl Core {
             .filter_map(|id| match &self.tasks[id] {
                 Task { state: TaskState::Done(r), statement: Some(s), .. } => Some(provenance::Attestation {
                     subject: Descriptor::new(&r.manifest.media_type, r.manifest.digest.clone(), r.manifest.size),
-                    statement: s.clone(),
+                    statement: s.to_vec(),
                 }),
                 _ => None,
             })
@@ -640,6 +643,10 @@ impl Core {
                 builder_version: version.clone(),
                 statement: t.statement.clone(),
             };
+            if self.cache.len() >= HISTORY_KEYS && !self.cache.contains_key(key) {
+                let evict = self.cache.keys().next().cloned().expect("not empty");
+                self.cache.remove(&evict);
+            }
             self.cache.insert(key.clone(), entry);
         }
     }
@@ -1048,7 +1055,7 @@ impl Core {
             }
         }
         let t = self.tasks.get_mut(&task).expect("the current task exists");
-        t.statement = Some(statement);
+        t.statement = Some(statement.into());
         let result = PlatformResult {
             platform: t.platform.clone(),
             manifest,

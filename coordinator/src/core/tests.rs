@@ -1008,3 +1008,32 @@ fn the_next_build_of_a_dockerfile_imports_the_layerless_steps_the_last_one_expor
     core.submit(5, "b3", "admin", s, None).unwrap();
     assert_eq!(assigned(&mut core).cache_import, Vec::<String>::new());
 }
+
+#[test]
+fn the_result_cache_keeps_at_most_its_bound_and_shares_each_statement_with_its_task() {
+    let mut core = three_agent_farm().with_ended_builds_kept(4);
+    let bases = || Some(vec![]);
+    let builds = HISTORY_KEYS + 10;
+    for i in 0..builds {
+        let mut s = spec(&["linux/arm64"]);
+        s.build_args = vec![("N".into(), i.to_string())];
+        let id = format!("b{i}");
+        core.submit(i as u64, &id, "admin", s, bases()).unwrap();
+        let (conn, task, attempt, _, _) = drain(&mut core).assigned[0].clone();
+        core.agent_msg(
+            i as u64,
+            "pi64",
+            conn,
+            AgentMsg::TaskDone { task, attempt, manifest: manifest(3), timings: vec![] },
+        );
+        core.stitched(&id, Ok(digest(99)), i as u64);
+        drain(&mut core);
+        core.take_batch();
+    }
+    assert_eq!(core.cache.len(), HISTORY_KEYS, "{builds} distinct results, at most {HISTORY_KEYS} remembered");
+    // The newest result's statement: one allocation, held by its task and its cache entry.
+    let (_, t) = core.tasks.iter().next_back().unwrap();
+    let entry = &core.cache[t.cache_key.as_ref().unwrap()];
+    let (a, b) = (t.statement.as_ref().unwrap(), entry.statement.as_ref().unwrap());
+    assert!(Arc::ptr_eq(a, b), "the cache entry shares its task's statement");
+}
