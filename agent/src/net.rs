@@ -9,15 +9,17 @@
 //!
 //! Shutdown (SIGTERM) drains: the coordinator is told to assign nothing more, running tasks get
 //! until the drain limit to finish, and what is left is cancelled and handed back.
+//!
+//! Which tasks are held, and the drain, are decided by `session::Tasks` (pure, behind one lock);
+//! this module only does what it returns.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use shared::client::{handshake, HandshakeError};
 use shared::proto::io::{reader, write_msg};
-use shared::proto::{AgentInfo, AgentMsg, Assignment, CoordMsg, Heartbeat, Held, ProtoError, TaskId};
+use shared::proto::{AgentInfo, AgentMsg, Assignment, CoordMsg, Heartbeat, ProtoError};
 use shared::quic::QuicError;
 use shared::tls::Credentials;
 use tokio::sync::{mpsc, watch};
@@ -25,7 +27,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::builder::BuilderError;
-use crate::session::Backoff;
+use crate::session::{Assigned, Backoff, DrainStep};
 use crate::task::{Runner, TaskError};
 use crate::Config;
 
@@ -43,15 +45,8 @@ pub enum SessionError {
     Closed,
 }
 
-struct Entry {
-    attempt: u32,
-    cancel: CancellationToken,
-    /// The result is queued in the outbox, not yet written to a session.
-    finished: bool,
-}
-
-/// Tasks this agent holds, by id.
-type Running = Arc<Mutex<HashMap<TaskId, Entry>>>;
+/// Tasks this agent holds (each with what cancels it) and its drain limit.
+type Tasks = Arc<Mutex<crate::session::Tasks<CancellationToken, Instant>>>;
 
 pub(crate) struct Agent<'a> {
     pub config: &'a Config,
@@ -68,41 +63,43 @@ enum Ended {
 struct Shared {
     /// The current session, for tasks fetching their context and uploading images.
     conn: watch::Sender<Option<shared::client::Link>>,
-    running: Running,
+    tasks: Tasks,
     out: mpsc::UnboundedSender<AgentMsg>,
     outbox: mpsc::UnboundedReceiver<AgentMsg>,
-    drain: watch::Receiver<Option<Instant>>,
+    /// Changes when the drain starts (the limit itself is in `tasks`).
+    drain: watch::Receiver<()>,
 }
 
 impl Agent<'_> {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
         let mut backoff = Backoff::new(Duration::from_millis(200), self.config.reconnect_max);
-        let (drain_tx, drain) = watch::channel(None);
+        let (drain_tx, drain) = watch::channel(());
         let limit = self.config.drain_timeout;
+        let tasks = Tasks::default();
+        let draining = tasks.clone();
         tokio::spawn(async move {
             shutdown.await;
             tracing::info!("shutting down: finishing running tasks (drain limit {} s)", limit.as_secs());
-            let _ = drain_tx.send(Some(Instant::now() + limit));
+            draining.lock().unwrap().drain(Instant::now() + limit);
+            drain_tx.send_replace(());
         });
         let (out, outbox) = mpsc::unbounded_channel();
-        let mut sh = Shared { conn: watch::channel(None).0, running: Arc::default(), out, outbox, drain };
+        let mut sh = Shared { conn: watch::channel(None).0, tasks, out, outbox, drain };
         loop {
             match self.session(&mut backoff, &mut sh).await {
                 Ok(Ended::Drained) => break,
                 Err(e) => tracing::warn!(coordinator = %self.config.coordinator, "session ended: {e}"),
             }
-            let deadline = *sh.drain.borrow();
-            if let Some(deadline) = deadline {
-                if sh.running.lock().unwrap().is_empty() || Instant::now() >= deadline {
-                    break;
-                }
+            if sh.tasks.lock().unwrap().done_draining(Instant::now()) {
+                break;
             }
             let delay = backoff.next(rand::random());
             tracing::info!(coordinator = %self.config.coordinator, "reconnecting in {:.1}s", delay.as_secs_f64());
             tokio::time::sleep(delay).await;
         }
-        for (_, e) in sh.running.lock().unwrap().drain() {
-            e.cancel.cancel();
+        let stop = sh.tasks.lock().unwrap().stop_all();
+        for cancel in stop {
+            cancel.cancel();
         }
         tracing::info!("agent stopped");
     }
@@ -143,8 +140,7 @@ impl Agent<'_> {
             CoordMsg::Refused { reason } => return Err(SessionError::Refused(reason)),
             other => return Err(ProtoError::Unexpected { expected: "Registered", got: format!("{other:?}") }.into()),
         };
-        let held: Vec<Held> =
-            sh.running.lock().unwrap().iter().map(|(task, e)| Held { task: *task, attempt: e.attempt }).collect();
+        let held = sh.tasks.lock().unwrap().reconnected();
         write_msg(&mut send, &AgentMsg::Holding(held), max).await?;
         tracing::info!(coordinator = %self.config.coordinator, "registered as {:?}", self.config.name);
         sh.conn.send_replace(Some(shared::client::Link::new(conn.clone(), max)));
@@ -153,50 +149,62 @@ impl Agent<'_> {
         tokio::pin!(beat);
         let mut told_draining = false;
         loop {
-            let drain_at = *sh.drain.borrow();
-            if let Some(deadline) = drain_at {
-                if !told_draining {
-                    write_msg(&mut send, &AgentMsg::Draining, max).await?;
-                    told_draining = true;
-                }
-                if sh.running.lock().unwrap().is_empty() {
+            let step = sh.tasks.lock().unwrap().drain_step(Instant::now());
+            if step != DrainStep::No && !told_draining {
+                write_msg(&mut send, &AgentMsg::Draining, max).await?;
+                told_draining = true;
+            }
+            let deadline = match step {
+                DrainStep::No => Instant::now() + Duration::from_secs(3600),
+                DrainStep::Wait(limit) => limit,
+                DrainStep::Finished => {
                     Self::goodbye(conn, &mut send).await;
                     return Ok(Ended::Drained);
                 }
-                if Instant::now() >= deadline {
+                DrainStep::LimitReached => {
                     self.hand_back(&mut send, sh).await?;
                     Self::goodbye(conn, &mut send).await;
                     return Ok(Ended::Drained);
                 }
-            }
-            let deadline = drain_at.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            };
             tokio::select! {
                 () = &mut beat => {
                     beat.as_mut().reset(tokio::time::Instant::now() + crate::session::heartbeat_delay(interval, rand::random()));
-                    let busy = sh.running.lock().unwrap().values().filter(|e| !e.finished).count() as u32;
+                    let busy = sh.tasks.lock().unwrap().busy();
                     write_msg(&mut send, &AgentMsg::Heartbeat(Heartbeat { busy }), max).await?;
                 }
                 _ = sh.drain.changed() => {}
                 () = tokio::time::sleep_until(deadline) => {}
                 Some(msg) = sh.outbox.recv() => {
                     write_msg(&mut send, &msg, max).await?;
-                    if let AgentMsg::TaskDone { task, .. } | AgentMsg::TaskFailed { task, .. } | AgentMsg::Unfit { task, .. } = &msg {
-                        let mut r = sh.running.lock().unwrap();
-                        if r.get(task).is_some_and(|e| e.finished) {
-                            r.remove(task);
-                        }
+                    if let AgentMsg::TaskDone { task, attempt, .. }
+                    | AgentMsg::TaskFailed { task, attempt, .. }
+                    | AgentMsg::Unfit { task, attempt, .. } = &msg
+                    {
+                        sh.tasks.lock().unwrap().sent(*task, *attempt);
                     }
                 }
                 msg = incoming.recv() => match msg.unwrap_or(Ok(None))? {
-                    Some(CoordMsg::Assign(a)) if drain_at.is_some() => {
-                        write_msg(&mut send, &AgentMsg::Release { task: a.task, attempt: a.attempt }, max).await?;
+                    Some(CoordMsg::Assign(a)) => {
+                        let cancel = CancellationToken::new();
+                        let assigned = sh.tasks.lock().unwrap().assigned(a.task, a.attempt, cancel.clone());
+                        match assigned {
+                            Assigned::Start => self.start(*a, cancel, sh),
+                            Assigned::Refuse => {
+                                // The drain may have begun since the top of the loop: the
+                                // coordinator hears of it first, so it does not assign it here again.
+                                if !told_draining {
+                                    write_msg(&mut send, &AgentMsg::Draining, max).await?;
+                                    told_draining = true;
+                                }
+                                write_msg(&mut send, &AgentMsg::Release { task: a.task, attempt: a.attempt }, max).await?;
+                            }
+                        }
                     }
-                    Some(CoordMsg::Assign(a)) => self.start(*a, sh),
                     Some(CoordMsg::Cancel { task, attempt }) => {
-                        let mut r = sh.running.lock().unwrap();
-                        if r.get(&task).is_some_and(|e| e.attempt == attempt && !e.finished) {
-                            let e = r.remove(&task).expect("checked");
-                            e.cancel.cancel();
+                        let stop = sh.tasks.lock().unwrap().cancelled(task, attempt);
+                        if let Some(cancel) = stop {
+                            cancel.cancel();
                             tracing::info!(task, attempt, "task cancelled by the coordinator");
                         }
                     }
@@ -227,26 +235,25 @@ impl Agent<'_> {
         while let Ok(msg) = sh.outbox.try_recv() {
             write_msg(send, &msg, max).await?;
         }
-        let left: Vec<(TaskId, Entry)> = sh.running.lock().unwrap().drain().collect();
-        for (task, e) in left {
-            e.cancel.cancel();
-            if !e.finished {
-                tracing::info!(task, "drain limit reached: handing the task back");
-                write_msg(send, &AgentMsg::Release { task, attempt: e.attempt }, max).await?;
-            }
+        let back = sh.tasks.lock().unwrap().hand_back();
+        for cancel in back.stop {
+            cancel.cancel();
+        }
+        for held in back.release {
+            tracing::info!(task = held.task, "drain limit reached: handing the task back");
+            write_msg(send, &AgentMsg::Release { task: held.task, attempt: held.attempt }, max).await?;
         }
         Ok(())
     }
 
-    fn start(&self, a: Assignment, sh: &Shared) {
+    /// Runs an assignment `Tasks` has taken (`Assigned::Start`), stopped by `cancel`.
+    fn start(&self, a: Assignment, cancel: CancellationToken, sh: &Shared) {
         let conn = sh.conn.subscribe();
         let (task, attempt) = (a.task, a.attempt);
         tracing::info!(task, attempt, platform = %a.platform, emulated = a.emulated, "task assigned");
         let runner = self.runner.clone();
-        let running = sh.running.clone();
+        let tasks = sh.tasks.clone();
         let out = sh.out.clone();
-        let cancel = CancellationToken::new();
-        running.lock().unwrap().insert(task, Entry { attempt, cancel: cancel.clone(), finished: false });
         tokio::spawn(async move {
             let msg = match runner.run(&a, &conn, &out, cancel).await {
                 Ok((manifest, timings)) => {
@@ -266,13 +273,7 @@ impl Agent<'_> {
                     AgentMsg::TaskFailed { task, attempt, error: e.to_string() }
                 }
             };
-            let idle = {
-                let mut r = running.lock().unwrap();
-                if let Some(e) = r.get_mut(&task).filter(|e| e.attempt == attempt) {
-                    e.finished = true;
-                }
-                r.values().all(|e| e.finished)
-            };
+            let idle = tasks.lock().unwrap().finished(task, attempt);
             let _ = out.send(msg);
             if idle {
                 runner.prune_if_idle().await;
