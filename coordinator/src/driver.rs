@@ -31,6 +31,7 @@ use crate::events::{Event, Outbound};
 use crate::fleet::ConnId;
 use crate::gate::Gate;
 use crate::logs::{LogWriter, Logs};
+use crate::lookup::{Looked, StoreReader, Then};
 use crate::store::{Batch, Store, StoreError};
 use shared::tls::{CertAuthority, JoinToken, Role};
 use std::sync::Arc;
@@ -70,6 +71,10 @@ pub struct Driver {
     next: AfterCommit,
     /// The build logs: written by their own thread, never waited on.
     logs: LogWriter,
+    /// Looks builds up in the store on blocking threads (those not in memory, or named by a
+    /// prefix); its answers come back on `looked`.
+    reader: StoreReader,
+    looked: mpsc::UnboundedReceiver<Looked>,
     links: HashMap<ConnId, mpsc::UnboundedSender<Outbound>>,
     followers: HashMap<String, Vec<mpsc::UnboundedSender<BuildEvent>>>,
     events: mpsc::Sender<Event>,
@@ -130,7 +135,8 @@ impl Driver {
         let mut core = Core::new(config.heartbeat_timeout.as_millis() as u64, config.max_attempts)
             .with_limits(crate::core::Limits { context: config.context_limits.wire(), ..config.limits.clone() })
             .with_identity(shared::tls::COORDINATOR_NAME)
-            .with_cache_repo(config.cache_repo.clone());
+            .with_cache_repo(config.cache_repo.clone())
+            .with_ended_builds_kept(config.keep_ended_builds);
         let loaded = store.load()?;
         let (builds, tasks) = (loaded.builds.len(), loaded.tasks.len());
         core.recover(now_ms(), loaded);
@@ -141,17 +147,21 @@ impl Driver {
         let dir = config.state_dir.join("logs");
         let logs = LogWriter::spawn(Logs::new(dir.clone(), config.max_log_bytes_per_task))
             .map_err(|source| StoreError::CreateDir { path: dir, source })?;
+        let store = Arc::new(store);
+        let (reader, looked) = StoreReader::new(store.clone());
         Ok(Self {
             core,
             security,
             ca,
             gate,
-            store: Arc::new(store),
+            store,
             committing: None,
             in_flight: AfterCommit::default(),
             next_batch: Batch::default(),
             next: AfterCommit::default(),
             logs,
+            reader,
+            looked,
             links: HashMap::new(),
             followers: HashMap::new(),
             events,
@@ -189,6 +199,7 @@ impl Driver {
                     None => return Ok(()),
                 },
                 () = sleep_opt(wake) => self.core.handle_timeout(now_ms()),
+                Some(looked) = self.looked.recv() => self.looked(looked),
                 done = commit_done(&mut self.committing), if self.committing.is_some() => {
                     self.committing = None;
                     match done {
@@ -226,6 +237,19 @@ impl Driver {
                     tracing::warn!(agent = %name, "agent offline: connection closed");
                 }
             }
+            // Not a build in memory: the store is asked off this task, and the answer comes back.
+            Event::Request { req: Request::GetBuild { build }, reply, .. }
+                if self.core.build_state(&build).is_none() =>
+            {
+                let in_memory =
+                    self.in_memory_with_prefix(&build).iter().filter_map(|id| self.core.build_view(id)).collect();
+                self.reader.view(build, in_memory, reply);
+            }
+            Event::Request { peer, req: Request::Cancel { build }, reply }
+                if self.core.build_state(&build).is_none() =>
+            {
+                self.look_up(build, Then::Cancel { peer, reply });
+            }
             Event::Request { peer, req, reply } => {
                 let resp = match req {
                     Request::Echo(s) => Response::Echo(s),
@@ -253,24 +277,12 @@ impl Driver {
                             ))
                         }
                     }
-                    Request::GetBuild { build } => match self.resolve(&build) {
-                        Ok(id) => match self.core.build_view(&id) {
-                            Some(view) => Response::Builds(vec![view]),
-                            None => match self.store.get_build::<crate::core::Build>(&id) {
-                                Ok(Some(b)) => Response::Builds(vec![crate::core::stored_view(&id, &b)]),
-                                Ok(None) => Response::Error(format!("no build {id}; `farm builds` lists them")),
-                                Err(e) => Response::Error(format!("reading build {id} from the store: {e}")),
-                            },
-                        },
-                        Err(e) => Response::Error(e),
+                    // In memory (the guards above took the rest).
+                    Request::GetBuild { build } => match self.core.build_view(&build) {
+                        Some(view) => Response::Builds(vec![view]),
+                        None => Response::Error(format!("no build {build}; `farm builds` lists them")),
                     },
-                    Request::Cancel { build } => match self.cancel(now, &build) {
-                        Ok(build) => {
-                            tracing::info!(%build, client = %peer.name, "build cancelled");
-                            Response::Ok
-                        }
-                        Err(e) => Response::Error(e),
-                    },
+                    Request::Cancel { build } => self.cancel(now, &peer, build),
                     Request::SshForward { build, id } => {
                         if self.core.runs_task_of(&peer.name, &build) {
                             Response::Ok
@@ -312,45 +324,14 @@ impl Driver {
                 };
                 self.next.replies.push(Reply::Submitted(reply, result));
             }
-            Event::Follow { build, events, reply } => {
-                let build = match self.resolve(&build) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
-                let r = match self.core.build_state(&build) {
-                    None if self.stored(&build) => Err(format!("build {build} has already ended")),
-                    None => Err(format!("no build {build}; `farm builds` lists them")),
-                    Some(BuildState::Running | BuildState::Stitching) => {
-                        self.followers.entry(build).or_default().push(events);
-                        Ok(())
-                    }
-                    Some(_) => Err(format!("build {build} has already ended")),
-                };
-                let _ = reply.send(r);
-            }
-            Event::Logs { build, platform, follow, sink, reply } => {
-                let build = match self.resolve(&build) {
-                    Ok(id) => id,
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                        return;
-                    }
-                };
-                let live = match self.core.build_state(&build) {
-                    Some(state) => matches!(state, BuildState::Running | BuildState::Stitching),
-                    // Ended long ago: out of memory, still in the store, its log still on disk.
-                    None if self.stored(&build) => false,
-                    None => {
-                        let _ = reply.send(Err(format!("no build {build}; `farm builds` lists them")));
-                        return;
-                    }
-                };
-                self.logs.follow(&build, platform, sink, follow && live);
-                let _ = reply.send(Ok(()));
-            }
+            Event::Follow { build, events, reply } => match self.core.build_state(&build) {
+                Some(_) => self.follow(build, events, reply),
+                None => self.look_up(build, Then::Follow { events, reply }),
+            },
+            Event::Logs { build, platform, follow, sink, reply } => match self.core.build_state(&build) {
+                Some(_) => self.serve_logs(build, platform, follow, sink, reply),
+                None => self.look_up(build, Then::Logs { platform, follow, sink, reply }),
+            },
             Event::Join { token_id, secret, name, csr, role, reply } => {
                 let resp = self.join(now, &token_id, &secret, &name, &csr, role);
                 self.next.replies.push(Reply::Response(reply, resp));
@@ -386,38 +367,86 @@ impl Driver {
         }
     }
 
-    /// Whether the store knows `build` (an unreadable store answers no, and says why in the log).
-    /// The full id of the build `wanted` names: itself, or the one build whose id starts with it.
-    fn resolve(&self, wanted: &str) -> Result<String, String> {
-        if self.core.build_state(wanted).is_some() || self.stored(wanted) {
-            return Ok(wanted.to_string());
-        }
-        let mut ids = Vec::new();
-        if !wanted.is_empty() {
-            ids = self.core.builds_with_prefix(wanted);
-            ids.extend(self.store.builds_with_prefix(wanted, 10).unwrap_or_default());
-            ids.sort();
-            ids.dedup();
-        }
-        match ids.as_slice() {
-            [] => Err(format!("no build {wanted}; `farm builds` lists them")),
-            [one] => Ok(one.clone()),
-            many => Err(format!(
-                "build id {wanted:?} is ambiguous: {} builds start with it ({}); give more of the id",
-                many.len(),
-                many.join(", ")
-            )),
+    /// Hands `wanted`, which is not the id of a build in memory, to the store reader with the ids
+    /// of the builds in memory that start with it; [`Self::looked`] takes the answer.
+    fn look_up(&self, wanted: String, then: Then) {
+        let in_memory = self.in_memory_with_prefix(&wanted);
+        self.reader.resolve(wanted, in_memory, then);
+    }
+
+    fn in_memory_with_prefix(&self, wanted: &str) -> Vec<String> {
+        if wanted.is_empty() {
+            vec![]
+        } else {
+            self.core.builds_with_prefix(wanted)
         }
     }
 
-    /// Cancels the build `wanted` names; returns its full id.
-    fn cancel(&mut self, now: u64, wanted: &str) -> Result<String, String> {
-        let id = self.resolve(wanted)?;
-        match self.core.cancel(now, &id) {
-            Ok(()) => Ok(id),
-            Err(_) if self.core.build_state(&id).is_none() => Err(format!("build {id} has already ended")),
-            Err(e) => Err(e),
+    /// What the store reader found: a reply to send once what came before is on disk, or the
+    /// full id of the build a request named, to act on as if the request had named it.
+    fn looked(&mut self, looked: Looked) {
+        match looked {
+            Looked::Reply(reply, resp) => self.next.replies.push(Reply::Response(reply, resp)),
+            Looked::Resolved(Err(e), then) => match then {
+                Then::Cancel { reply, .. } => self.next.replies.push(Reply::Response(reply, Response::Error(e))),
+                Then::Follow { reply, .. } | Then::Logs { reply, .. } => {
+                    let _ = reply.send(Err(e));
+                }
+            },
+            Looked::Resolved(Ok(id), then) => match then {
+                Then::Cancel { peer, reply } => {
+                    let resp = self.cancel(now_ms(), &peer, id);
+                    self.next.replies.push(Reply::Response(reply, resp));
+                }
+                Then::Follow { events, reply } => self.follow(id, events, reply),
+                Then::Logs { platform, follow, sink, reply } => self.serve_logs(id, platform, follow, sink, reply),
+            },
         }
+    }
+
+    /// Cancels build `id` (its full id: in memory, or found in the store).
+    fn cancel(&mut self, now: u64, peer: &Identity, id: String) -> Response {
+        match self.core.cancel(now, &id) {
+            Ok(()) => {
+                tracing::info!(build = %id, client = %peer.name, "build cancelled");
+                Response::Ok
+            }
+            Err(_) if self.core.build_state(&id).is_none() => Response::Error(format!("build {id} has already ended")),
+            Err(e) => Response::Error(e),
+        }
+    }
+
+    /// Follows build `id` (its full id). Not in memory, it was found in the store: it ended (only
+    /// ended builds leave memory).
+    fn follow(
+        &mut self,
+        id: String,
+        events: mpsc::UnboundedSender<BuildEvent>,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        let r = match self.core.build_state(&id) {
+            Some(BuildState::Running | BuildState::Stitching) => {
+                self.followers.entry(id).or_default().push(events);
+                Ok(())
+            }
+            _ => Err(format!("build {id} has already ended")),
+        };
+        let _ = reply.send(r);
+    }
+
+    /// Has the log thread send build `id`'s stored log lines (its full id; not in memory, it
+    /// ended long ago and its log is still on disk), then live ones if it runs and `follow`.
+    fn serve_logs(
+        &mut self,
+        id: String,
+        platform: Option<shared::Platform>,
+        follow: bool,
+        sink: crate::events::LogSink,
+        reply: oneshot::Sender<Result<(), String>>,
+    ) {
+        let live = matches!(self.core.build_state(&id), Some(BuildState::Running | BuildState::Stitching));
+        self.logs.follow(&id, platform, sink, follow && live);
+        let _ = reply.send(Ok(()));
     }
 
     fn revoke(&mut self, now: u64, peer: &Identity, name: String) -> Response {
@@ -432,13 +461,6 @@ impl Driver {
     /// or submitted a build still in memory.
     fn known_identity(&self, name: &str) -> bool {
         self.gate.has_seen(name) || self.core.agents().iter().any(|a| a.name == name) || self.core.has_client(name)
-    }
-
-    fn stored(&self, build: &str) -> bool {
-        self.store.has_build(build).unwrap_or_else(|e| {
-            tracing::warn!(%build, "looking the build up in the store failed: {e}");
-            false
-        })
     }
 
     fn create_token(
@@ -705,6 +727,9 @@ fn crash_point(point: &str) {
 fn failpoint(var: &str, point: &str) -> bool {
     std::env::var(var).is_ok_and(|p| p == point)
 }
+
+#[cfg(test)]
+mod tests;
 
 async fn commit_done(
     committing: &mut Option<tokio::task::JoinHandle<Result<(), StoreError>>>,

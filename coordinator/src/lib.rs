@@ -7,6 +7,7 @@
 //! - [`driver`]: the single task that owns the core, feeds it events, commits, then acts;
 //! - [`dashboard`]: the web dashboard over HTTPS (`dashboard_listen`), logged into with `farm dashboard`'s one-time token;
 //! - [`logs`]: build logs on disk, replayable with `farm logs`;
+//! - [`lookup`]: builds looked up in the store (by prefix, or ended long ago) off the driver's task;
 //! - [`net`]: QUIC accept loop, handshake, per-peer tasks, context transfer; bytes into events.
 //! - [`store`]: the redb file: every table and transaction in one place; commits are durable before anything is acknowledged.
 //!
@@ -22,6 +23,7 @@ pub mod events;
 pub mod fleet;
 pub mod gate;
 pub mod logs;
+pub mod lookup;
 pub mod metrics;
 pub mod net;
 pub mod sched;
@@ -67,6 +69,8 @@ pub struct Config {
     /// `cache_repo`: every build's layer cache goes to the registry under it, per platform,
     /// unless the build names its own with `--cache-to` / `--cache-from`.
     pub cache_repo: Option<shared::cache::CacheRef>,
+    /// How many ended builds stay in memory (older ones are read from the store when asked for).
+    pub keep_ended_builds: usize,
 }
 
 pub const DEFAULT_PORT: u16 = 3276;
@@ -91,6 +95,7 @@ impl Config {
             notify_secret: None,
             sign: false,
             cache_repo: None,
+            keep_ended_builds: core::KEEP_ENDED_BUILDS,
         }
     }
 }
