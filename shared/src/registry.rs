@@ -26,8 +26,8 @@ use serde_json::Value;
 
 use crate::digest::Digest;
 use crate::oci::{
-    blob_path, Descriptor, ImageRef, Layout, OciError, DOCKER_HUB, DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX,
-    OCI_MANIFEST,
+    blob_path, parse_index, Descriptor, ImageRef, Layout, OciError, DOCKER_HUB, DOCKER_LIST, DOCKER_MANIFEST,
+    OCI_INDEX, OCI_MANIFEST,
 };
 use crate::provenance::{self, Published};
 
@@ -250,6 +250,9 @@ pub struct Registry {
     http: Arc<OnceLock<reqwest::Client>>,
     locations: BlobLocations,
     chunk: u64,
+    /// Registries (host) that answered 404 to the referrers API: their referrers are read from
+    /// the `sha256-<hex>` fallback tag straight away, without asking the API again.
+    no_referrers_api: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 /// Registry clients kept for reuse, one per (plain-HTTP registries, credentials): building one
@@ -385,6 +388,7 @@ impl Registry {
             http: Arc::default(),
             locations: BlobLocations::default(),
             chunk: CHUNK,
+            no_referrers_api: Arc::default(),
         }
     }
 
@@ -998,8 +1002,9 @@ impl Registry {
             let turn = fallback_tag_turn(&format!("{}/{}@{subject}", repo.registry, repo.repository));
             let _turn = turn.lock().await;
             // A registry with the referrers API lists the artifact already (it read its subject);
-            // so does a fallback tag that lists it. oci-client falls back to the tag by itself.
-            if self.referrers(repo, subject).await.contains(&artifact.digest().as_str().to_owned()) {
+            // so does a fallback tag that lists it.
+            let artifact_digest = artifact.digest().as_str().to_owned();
+            if self.referrers_api(repo, subject).await.is_some_and(|listed| listed.contains(&artifact_digest)) {
                 continue;
             }
             let tag = repo.with_tag(&provenance::fallback_tag(subject));
@@ -1008,19 +1013,42 @@ impl Registry {
                 Err(RegistryError::NotFound { .. }) => None,
                 Err(e) => return Err(e),
             };
+            if existing.as_deref().is_some_and(|index| {
+                parse_index(index).is_ok_and(|listed| listed.iter().any(|d| d.digest.as_str() == artifact_digest))
+            }) {
+                continue;
+            }
             let index = provenance::referrers_index(existing.as_deref(), artifact);
             self.put_manifest(&tag, index, OCI_INDEX).await?;
         }
         Ok(())
     }
 
-    /// The digests of `repo@subject`'s referrers: the referrers API's answer, else (a 404) those
-    /// its `sha256-<hex>` fallback tag lists; none if neither answers.
-    async fn referrers(&self, repo: &ImageRef, subject: &Digest) -> Vec<String> {
-        match self.client.pull_referrers(&repo.with_digest(subject).to_oci_client(), None).await {
-            Ok(index) => index.manifests.into_iter().map(|m| m.digest).collect(),
-            Err(_) => vec![],
+    /// The digests of `repo@subject`'s referrers as the registry's referrers API
+    /// (`GET /v2/<name>/referrers/<digest>`) lists them; `None` if it has no such API (a 404,
+    /// remembered for this registry) or did not answer.
+    async fn referrers_api(&self, repo: &ImageRef, subject: &Digest) -> Option<Vec<String>> {
+        let host = self.base_url(repo);
+        if self.no_referrers_api.lock().expect("not poisoned").contains(&host) {
+            return None;
         }
+        let url = reqwest::Url::parse(&format!("{host}/v2/{}/referrers/{subject}", repo.repository)).ok()?;
+        let auth = self.upload_auth(repo).await.ok()?;
+        let r = self
+            .request(reqwest::Method::GET, url, repo, &auth)
+            .header(reqwest::header::ACCEPT, OCI_INDEX)
+            .send()
+            .await
+            .ok()?;
+        if r.status() == reqwest::StatusCode::NOT_FOUND {
+            self.no_referrers_api.lock().expect("not poisoned").insert(host);
+            return None;
+        }
+        if !r.status().is_success() {
+            return None;
+        }
+        let body = r.bytes().await.ok()?;
+        Some(parse_index(&body).ok()?.into_iter().map(|d| d.digest.as_str().to_owned()).collect())
     }
 
     /// Whether `repo@digest` exists (HEAD on the manifest).
@@ -1112,8 +1140,9 @@ mod tests {
     use std::time::Instant;
 
     use super::*;
-    use crate::oci::{config_platform, image_index, parse_index, read_layout, OciPlatform};
+    use crate::oci::{config_platform, image_index, read_layout, OciPlatform};
     use crate::platform::Platform;
+    use crate::provenance;
 
     fn b64(s: &str) -> String {
         base64::engine::general_purpose::STANDARD.encode(s)
@@ -1697,5 +1726,35 @@ mod tests {
         let got = direct.fetch_blob(&at_registry, &layout.layers[0].digest).await.unwrap();
         assert!(got == layer, "the stored layer is the layer");
         assert!(direct.has_manifest(&at_registry, &layout.manifest.digest).await.unwrap());
+    }
+
+    /// Two builds' provenance for one platform manifest (a reproducible or cached result): the
+    /// `sha256-<hex>` fallback tag lists both artifacts, once each, however often either is
+    /// pushed; after distribution's first 404 the referrers API is not asked again.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn provenance_of_one_subject_accumulates_in_its_fallback_tag_once_per_artifact() {
+        let server = TestRegistry::start();
+        let t = tempfile::tempdir().unwrap();
+        let layout = tiny_layout(t.path(), &[noise(1 << 10, 5)]);
+        let registry = Registry::new(std::slice::from_ref(&server.addr), None);
+        let repo: ImageRef = format!("{}/farm/reproducible", server.addr).parse().unwrap();
+        registry.push_layout(&layout, &repo).await.unwrap();
+        let subject = Descriptor::new(OCI_MANIFEST, layout.manifest.digest.clone(), layout.manifest.size);
+        let platform: crate::platform::Platform = "linux/amd64".parse().unwrap();
+        let published = |statement: &str| {
+            let attestation =
+                provenance::Attestation { subject: subject.clone(), statement: statement.as_bytes().to_vec() };
+            provenance::stitch(&[(platform.clone(), subject.clone())], &[], &[attestation])
+        };
+        let (first, second) = (published(r#"{"build":1}"#), published(r#"{"build":2}"#));
+        for p in [&first, &second, &first, &second] {
+            registry.push_provenance(&repo, p).await.unwrap();
+        }
+        assert!(registry.no_referrers_api.lock().unwrap().contains(&format!("http://{}", server.addr)));
+        let tag = repo.with_tag(&provenance::fallback_tag(&subject.digest));
+        let (bytes, _, _) = registry.fetch_manifest(&tag).await.unwrap();
+        let listed: Vec<Digest> = parse_index(&bytes).unwrap().into_iter().map(|d| d.digest).collect();
+        let artifacts: Vec<Digest> = [&first, &second].iter().map(|p| p.referrers[0].1.digest()).collect();
+        assert_eq!(listed, artifacts, "each build's artifact, once, in the order pushed");
     }
 }
