@@ -2,7 +2,7 @@
 //! `Pair`: [`Sim::step`] jumps the clock to the next deadline (the core's [`Core::poll_timeout`]
 //! or the next scripted agent event), delivers it, and carries the core's actions to the agents
 //! the way the driver and a real agent would. No wall clock, no sleeps, no runtime: the
-//! control-plane faults (lost agents, stale results, drains, restarts) run here in microseconds.
+//! control-plane faults (lost agents, stale results, drains, restarts) run here in milliseconds.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -223,7 +223,7 @@ impl Sim {
         self.trace.push(format!("{:>8} {line}", self.now));
     }
 
-    fn connect(&mut self, i: usize, returning: bool) {
+    fn connect(&mut self, i: usize, kept: bool) {
         let conn = self.next_conn;
         self.next_conn += 1;
         self.conns.insert(conn, i);
@@ -236,7 +236,7 @@ impl Sim {
         let a = &mut self.agents[i];
         a.conn = Some(conn);
         a.silent = false;
-        if !returning {
+        if !kept {
             a.held.clear();
         }
         // As a real agent: `Holding` names every task held, finished or not; then queued results go.
@@ -466,7 +466,7 @@ impl Sim {
             .collect()
     }
 
-    /// Which agent produced the `Done` result of each platform of `build`, with its attempt's task.
+    /// (platform, agent) of every `PlatformDone` event of `build`, in order.
     pub fn done_by(&self, build: &str) -> Vec<(String, String)> {
         self.events
             .get(build)
