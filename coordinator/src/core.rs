@@ -1453,4 +1453,6 @@ fn task_view(t: &Task) -> TaskView {
 }
 
 #[cfg(test)]
+mod sim;
+#[cfg(test)]
 mod tests;

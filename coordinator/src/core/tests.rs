@@ -13,7 +13,7 @@ fn digest(n: u8) -> Digest {
     Digest::of(&[n])
 }
 
-fn info(native: &[&str], emulated: &[&str], labels: &[(&str, &str)]) -> AgentInfo {
+pub(super) fn info(native: &[&str], emulated: &[&str], labels: &[(&str, &str)]) -> AgentInfo {
     AgentInfo {
         native: native.iter().map(|s| p(s)).collect(),
         emulated: emulated.iter().map(|s| p(s)).collect(),
@@ -27,7 +27,7 @@ fn info(native: &[&str], emulated: &[&str], labels: &[(&str, &str)]) -> AgentInf
     }
 }
 
-fn spec(platforms: &[&str]) -> BuildSpec {
+pub(super) fn spec(platforms: &[&str]) -> BuildSpec {
     BuildSpec {
         platforms: platforms.iter().map(|s| p(s)).collect(),
         tags: vec!["127.0.0.1:5000/hello:1".into()],
