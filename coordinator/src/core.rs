@@ -1455,4 +1455,4 @@ fn task_view(t: &Task) -> TaskView {
 #[cfg(test)]
 mod sim;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -27,7 +27,7 @@ pub(super) fn info(native: &[&str], emulated: &[&str], labels: &[(&str, &str)]) 
     }
 }
 
-pub(super) fn spec(platforms: &[&str]) -> BuildSpec {
+pub(crate) fn spec(platforms: &[&str]) -> BuildSpec {
     BuildSpec {
         platforms: platforms.iter().map(|s| p(s)).collect(),
         tags: vec!["127.0.0.1:5000/hello:1".into()],

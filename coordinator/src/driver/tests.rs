@@ -1,33 +1,16 @@
 //! The driver over a real store, without sockets: requests about builds that left its memory.
 
 use super::*;
-use shared::proto::{BuildSpec, Emulation, ProvenanceMode};
+use shared::proto::BuildSpec;
 use shared::{Digest, Platform};
 
+/// The core tests' one-platform spec, without tags or registries: nothing here is pushed.
 fn spec() -> BuildSpec {
     BuildSpec {
-        platforms: vec!["linux/amd64".parse().unwrap()],
         tags: vec![],
-        dockerfile: "Dockerfile".into(),
-        build_args: vec![],
-        target: None,
-        no_cache: false,
-        emulation: Emulation::Fallback,
-        require: Default::default(),
-        context: Digest::of(b"context"),
         insecure_registries: vec![],
-        credentials: None,
-        secrets: vec![],
-        entitlements: vec![],
-        annotations: vec![],
-        labels: vec![],
-        ssh: vec![],
-        inputs: Default::default(),
-        notify: vec![],
-        sign: false,
-        provenance: ProvenanceMode::Off,
-        cache_to: None,
-        cache_from: vec![],
+        context: Digest::of(b"context"),
+        ..crate::core::tests::spec(&["linux/amd64"])
     }
 }
 
