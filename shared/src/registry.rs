@@ -325,6 +325,11 @@ fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     cause.to_string()
 }
 
+/// An answer worth asking again: the registry failed (5xx), timed out (408) or is rate-limiting (429).
+fn transient_status(code: u16) -> bool {
+    code >= 500 || matches!(code, 408 | 429)
+}
+
 /// The HTTP status an oci-client error stands for, if any.
 fn status_of(e: &OciDistributionError) -> Option<u16> {
     match e {
@@ -595,7 +600,7 @@ impl Registry {
                 let code = response.status().as_u16();
                 let url = response.url().to_string();
                 let message = response.text().await.unwrap_or_default();
-                if code >= 500 || matches!(code, 408 | 416 | 429) {
+                if transient_status(code) || code == 416 {
                     return Failure::Retry(format!("HTTP {code} {}", message.trim()));
                 }
                 Failure::Fatal(self.error(
@@ -726,7 +731,7 @@ impl Registry {
                 Err(e) => e,
             };
             let transient = match status_of(&e) {
-                Some(code) => code >= 500 || matches!(code, 408 | 429),
+                Some(code) => transient_status(code),
                 None => matches!(e, OciDistributionError::RequestError(_)),
             };
             if !transient {
