@@ -283,19 +283,11 @@ impl Client {
         }
         let (mut send, mut recv) = self.open(&Request::GetBlobs(missing.clone())).await?;
         let _ = send.finish();
-        let mut bytes = 0;
-        for want in &missing {
-            let header: BlobHeader =
-                expect_msg(&mut recv, self.max_frame, "a blob").await.map_err(|e| self.stream_error(e))?;
-            if &header.digest != want {
-                return Err(self.unexpected("the blob asked for", Response::Missing(vec![header.digest])));
-            }
-            let mut writer = store.writer(header.digest.clone()).map_err(|e| self.local(e))?;
-            crate::proto::io::read_raw(&mut recv, header.size, &mut writer).await.map_err(|e| self.stream_error(e))?;
-            writer.commit().map_err(|e| self.local(e))?;
-            bytes += header.size;
-        }
-        Ok(bytes)
+        receive_blobs(&mut recv, self.max_frame, &missing, store).await.map_err(|e| match e {
+            Received::Proto(e) => self.stream_error(e),
+            Received::Other { got, .. } => self.unexpected("the blob asked for", Response::Missing(vec![got])),
+            Received::Store(e) => self.local(e),
+        })
     }
 
     fn local(&self, e: crate::context::ContextError) -> ClientError {
@@ -474,15 +466,11 @@ impl Link {
         let (mut send, mut recv) = self.conn.open_bi().await?;
         write_msg(&mut send, &Request::GetBlobs(digests.to_vec()), max).await?;
         let _ = send.finish();
-        for want in digests {
-            let header: BlobHeader = expect_msg(&mut recv, max, "a blob").await?;
-            if &header.digest != want {
-                return Err(LinkError::Unexpected(format!("blob {} instead of {want}", header.digest)));
-            }
-            let mut writer = store.writer(header.digest.clone())?;
-            crate::proto::io::read_raw(&mut recv, header.size, &mut writer).await?;
-            writer.commit()?;
-        }
+        receive_blobs(&mut recv, max, digests, store).await.map_err(|e| match e {
+            Received::Proto(e) => LinkError::Proto(e),
+            Received::Other { want, got } => LinkError::Unexpected(format!("blob {got} instead of {want}")),
+            Received::Store(e) => LinkError::Context(e),
+        })?;
         Ok(())
     }
 
@@ -516,6 +504,39 @@ impl Link {
             other => Err(LinkError::Unexpected(format!("{other:?} to the image upload"))),
         }
     }
+}
+
+/// What went wrong receiving the answer to a `GetBlobs`.
+enum Received {
+    Proto(ProtoError),
+    /// The coordinator sent blob `got` where `want` was due.
+    Other {
+        want: Digest,
+        got: Digest,
+    },
+    Store(crate::context::ContextError),
+}
+
+/// Receives the blobs `wanted`, in that order, from the answer to a `GetBlobs` into `store`,
+/// which verifies each against its digest; the bytes received. The CLI's and the agent's fetch.
+async fn receive_blobs(
+    recv: &mut quinn::RecvStream,
+    max: usize,
+    wanted: &[Digest],
+    store: &crate::context::BlobStore,
+) -> Result<u64, Received> {
+    let mut bytes = 0;
+    for want in wanted {
+        let header: BlobHeader = expect_msg(recv, max, "a blob").await.map_err(Received::Proto)?;
+        if &header.digest != want {
+            return Err(Received::Other { want: want.clone(), got: header.digest });
+        }
+        let mut writer = store.writer(header.digest.clone()).map_err(Received::Store)?;
+        crate::proto::io::read_raw(recv, header.size, &mut writer).await.map_err(Received::Proto)?;
+        writer.commit().map_err(Received::Store)?;
+        bytes += header.size;
+    }
+    Ok(bytes)
 }
 
 /// How long a peer may take to say which `--ssh` id a forward stream is for.
