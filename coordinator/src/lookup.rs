@@ -102,9 +102,8 @@ fn resolve(store: &Store, wanted: &str, mut ids: Vec<String>) -> Result<String, 
     if stored {
         return Ok(wanted.to_string());
     }
-    if wanted.is_empty() {
-        ids.clear();
-    } else {
+    // An empty prefix names no build (the driver passes no ids for it either).
+    if !wanted.is_empty() {
         ids.extend(store.builds_with_prefix(wanted, 10).unwrap_or_default());
         ids.sort();
         ids.dedup();
